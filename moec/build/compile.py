@@ -1,0 +1,91 @@
+"""Compile an ONNX model into an artifact directory for one target."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import onnx
+import tvm
+from tvm import relax
+
+import moec
+from moec.build.artifact import FORMAT, LIBRARY, MANIFEST, WEIGHTS, staged_directory
+from moec.frontend.importer import ImportedModel, import_model
+from moec.frontend.loader import load_model
+from moec.targets import TargetSpec, load_target
+
+
+def _value_info(value: onnx.ValueInfoProto) -> dict[str, Any]:
+    tensor = value.type.tensor_type
+    dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+            for d in tensor.shape.dim]
+    return {"name": value.name, "shape": dims,
+            "dtype": onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name}
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """Graph inputs that are real inputs (not initializers listed as inputs)."""
+    initializers = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in initializers]
+
+
+def build_manifest(imported: ImportedModel, target: TargetSpec, model_path: Path,
+                   param_names: list[str]) -> dict[str, Any]:
+    """The manifest: what the artifact computes and how it was built."""
+    layers = []
+    for layer in imported.layers:
+        entry = layer.describe()
+        offset = 0
+        plan = []
+        for expert in range(layer.num_experts):
+            plan.append({"expert": expert, "kept": True, "precision": "fp32", "offset": offset})
+            offset += layer.expert_bytes()
+        entry["plan"] = plan
+        layers.append(entry)
+    return {
+        "format": FORMAT,
+        "moec_version": moec.__version__,
+        "tvm_version": tvm.__version__,
+        "model": {"path": str(model_path),
+                  "sha256": hashlib.sha256(Path(model_path).read_bytes()).hexdigest()},
+        "target": target.describe(),
+        "inputs": [_value_info(v) for v in graph_inputs(imported.original)],
+        "outputs": [_value_info(v) for v in imported.original.graph.output],
+        "params": param_names,
+        "library": LIBRARY,
+        "weights": WEIGHTS,
+        "layers": layers,
+    }
+
+
+def compile_model(model_path: str | Path, target_name: str, out_dir: str | Path, *,
+                  force: bool = False, log: Callable[[str], None] = lambda _: None) -> Path:
+    """Compile ``model_path`` for ``target_name`` into ``out_dir``; return ``out_dir``."""
+    model_path, out_dir = Path(model_path), Path(out_dir)
+    target = load_target(target_name)
+    if out_dir.exists() and not force:
+        from moec.errors import MoecError
+        raise MoecError(f"{out_dir}: output directory exists; pass --force to replace it")
+    log(f"loading {model_path}")
+    imported = import_model(load_model(model_path))
+    log(f"found {len(imported.blocks)} MoE layer(s); lifting to Relax")
+    mod = imported.to_relax(target.schedule)
+    mod, params = relax.frontend.detach_params(mod)
+    num_inputs = int(mod["main"].attrs["num_input"])
+    param_vars = mod["main"].params[num_inputs:]
+    param_names = [v.name for v in param_vars]
+    log(f"compiling for {target.name} ({target.tvm_config.get('mcpu', target.tvm_config['kind'])})")
+    with target.tvm_target:
+        executable = tvm.compile(mod, target=target.tvm_target)
+    with staged_directory(out_dir, force) as staging:
+        executable.export_library(str(staging / LIBRARY))
+        weights = dict(zip(param_names, params.get("main", []), strict=True))
+        tvm.runtime.save_param_dict_to_file(weights, str(staging / WEIGHTS))
+        manifest = build_manifest(imported, target, model_path, param_names)
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    log(f"wrote {out_dir}")
+    return out_dir

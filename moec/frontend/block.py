@@ -1,0 +1,26 @@
+"""A located MoE block: the canonical layer plus where it sits in the ONNX graph."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import onnx
+
+from moec.frontend.layer import MoELayer
+
+
+@dataclasses.dataclass
+class MoEBlock:
+    """An MoE block found in a graph.
+
+    input: the tensor holding the tokens' hidden states (``[..., H]``).
+    logits: the tensor holding the router logits (``[..., E]``), computed outside the block.
+    output: the tensor the block produces (same shape as ``input``).
+    nodes: the graph nodes the canonical layer replaces.
+    """
+
+    layer: MoELayer
+    input: str
+    logits: str
+    output: str
+    nodes: list[onnx.NodeProto]

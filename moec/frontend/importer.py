@@ -1,0 +1,65 @@
+"""Frontend entry point: find the MoE blocks of an ONNX model and lift it into Relax."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import onnx
+import tvm
+from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
+
+from moec.errors import MoecError
+from moec.frontend.block import MoEBlock
+from moec.frontend.graph import GraphIndex, node_label
+from moec.frontend.layer import MoELayer
+from moec.frontend.lift import lift_to_relax
+from moec.frontend.ms_moe import find_ms_moe_blocks
+from moec.frontend.rewrite import LAYER_OP, replace_blocks
+from moec.frontend.standard import find_standard_blocks
+from moec.schedule import CpuSchedule
+
+
+@dataclasses.dataclass
+class ImportedModel:
+    """An ONNX model with its MoE blocks located and replaced by canonical layer nodes."""
+
+    original: onnx.ModelProto
+    canonical: onnx.ModelProto
+    blocks: list[MoEBlock]
+
+    @property
+    def layers(self) -> list[MoELayer]:
+        return [b.layer for b in self.blocks]
+
+    def to_relax(self, schedule: CpuSchedule) -> tvm.IRModule:
+        """The Relax module; ``main`` takes the graph inputs followed by every weight."""
+        try:
+            return lift_to_relax(self.canonical, self.layers, schedule)
+        except MoecError:
+            raise
+        except Exception as err:  # TVM's frontend raises many types; name the cause, once
+            first = (str(err).strip().splitlines() or [type(err).__name__])[-1]
+            raise MoecError(f"TVM's ONNX frontend could not convert the model: {first}") from err
+
+
+def find_blocks(model: onnx.ModelProto) -> list[MoEBlock]:
+    """All MoE blocks, fused ``com.microsoft::MoE`` nodes and standard-op subgraphs alike."""
+    index = GraphIndex(model.graph)
+    blocks = find_ms_moe_blocks(index) + find_standard_blocks(index, model.opset_import)
+    for i, block in enumerate(blocks):
+        block.layer.name = f"moe{i}"
+    return blocks
+
+
+def import_model(model: onnx.ModelProto) -> ImportedModel:
+    """Locate MoE blocks, replace them, and check every remaining op can be converted."""
+    blocks = find_blocks(model)
+    canonical = replace_blocks(model, blocks) if blocks else model
+    supported = _get_convert_map()
+    for node in canonical.graph.node:
+        if node.op_type == LAYER_OP and node.domain == "moec":
+            continue
+        if node.op_type not in supported or node.domain not in ("", "ai.onnx"):
+            raise MoecError(f"{node_label(node)}: operator not supported by moec or TVM's ONNX "
+                            "frontend; re-export without it or open an issue with the model")
+    return ImportedModel(original=model, canonical=canonical, blocks=blocks)

@@ -1,0 +1,107 @@
+"""The canonical MoE layer: the one description of an MoE block that every later stage reads.
+
+Whatever exporter wrote the block (onnxruntime's ``com.microsoft::MoE`` node or a graph of
+standard ops), the frontend reduces it to a :class:`MoELayer`: routing parameters plus expert
+weights in one fixed layout. Weights are stored *output-channel major* (``[E, out, in]``) so
+that every expert matmul is a row-by-vector dot product over contiguous memory, which is the
+layout the sparse dispatch kernels stream.
+
+Semantics, per token ``x`` (``[H]``) with router logits ``l`` (``[E]``)::
+
+    s      = softmax(l)                     (scoring="softmax")
+    idx    = top_k(s)                       (ties: lowest expert index first)
+    w      = s[idx] / sum(s[idx])           (if normalize, else s[idx])
+    y      = sum_j w_j * FFN_{idx_j}(x)
+    FFN_e  = down_e(act(up_e(x)))                          (activation relu | gelu | silu | identity)
+           = down_e(act(gate_e(x)) * up_e(x))              (activation swiglu | geglu)
+           = down_e(swish_a(min(g, L)) * (clip(u, -L, L) + beta))   (activation swiglu_clamped)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+UNGATED_ACTIVATIONS = ("relu", "gelu", "silu", "identity")
+GATED_ACTIVATIONS = ("swiglu", "geglu", "swiglu_clamped")
+ACTIVATIONS = UNGATED_ACTIVATIONS + GATED_ACTIVATIONS
+
+
+@dataclasses.dataclass
+class MoELayer:
+    """One MoE block in canonical form.
+
+    Weights (float32 numpy arrays, output-channel major):
+      ``w_up`` ``[E, F, H]`` (the only first-layer matrix for ungated experts),
+      ``w_gate`` ``[E, F, H]`` (gated experts only), ``w_down`` ``[E, H, F]``,
+      optional biases ``b_up``/``b_gate`` ``[E, F]`` and ``b_down`` ``[E, H]``.
+    """
+
+    name: str
+    num_experts: int
+    top_k: int
+    hidden: int
+    ffn: int
+    activation: str
+    normalize: bool
+    w_up: np.ndarray
+    w_down: np.ndarray
+    w_gate: np.ndarray | None = None
+    b_up: np.ndarray | None = None
+    b_gate: np.ndarray | None = None
+    b_down: np.ndarray | None = None
+    scoring: str = "softmax"
+    swiglu_alpha: float = 1.702
+    swiglu_beta: float = 1.0
+    swiglu_limit: float = 7.0
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {self.activation!r}")
+        if self.gated != (self.w_gate is not None):
+            raise ValueError(f"activation {self.activation!r} and the gate weight disagree")
+        e, f, h = self.num_experts, self.ffn, self.hidden
+        expected = {"w_up": (e, f, h), "w_gate": (e, f, h), "w_down": (e, h, f),
+                    "b_up": (e, f), "b_gate": (e, f), "b_down": (e, h)}
+        for key, shape in expected.items():
+            value = getattr(self, key)
+            if value is not None:
+                if tuple(value.shape) != shape:
+                    raise ValueError(f"{self.name}: {key} has shape {value.shape}, expected {shape}")
+                setattr(self, key, np.ascontiguousarray(value, dtype=np.float32))
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"{self.name}: top-k {self.top_k} outside 1..{self.num_experts}")
+
+    @property
+    def gated(self) -> bool:
+        return self.activation in GATED_ACTIVATIONS
+
+    def weights(self) -> dict[str, np.ndarray]:
+        """The expert tensors present in this layer, by canonical role name."""
+        roles = ("w_up", "w_gate", "w_down", "b_up", "b_gate", "b_down")
+        return {r: getattr(self, r) for r in roles if getattr(self, r) is not None}
+
+    def expert_bytes(self) -> int:
+        """Bytes of one expert's weights (all matrices and biases)."""
+        return sum(w.nbytes for w in self.weights().values()) // self.num_experts
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-ready summary, used by ``moec inspect`` and the manifest."""
+        return {
+            "name": self.name,
+            "source": self.source,
+            "experts": self.num_experts,
+            "top_k": self.top_k,
+            "hidden": self.hidden,
+            "ffn": self.ffn,
+            "activation": self.activation,
+            "router": {"scoring": self.scoring, "normalize": self.normalize},
+            "shared_expert": False,
+            "expert_bias": self.b_up is not None or self.b_down is not None,
+            "parameter_bytes": sum(w.nbytes for w in self.weights().values()),
+            "bytes_per_token_dense": self.expert_bytes() * self.num_experts,
+            "bytes_per_token_sparse": self.expert_bytes() * self.top_k,
+        }

@@ -1,0 +1,32 @@
+"""Loading an ONNX file with errors that name the file and what to do about it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from moec.errors import MoecError
+
+
+def load_model(path: str | Path) -> onnx.ModelProto:
+    """Read and validate an ONNX model; raise :class:`MoecError` for anything a user can fix."""
+    path = Path(path)
+    if not path.exists():
+        raise MoecError(f"{path}: no such file; pass the path of an .onnx model")
+    if path.is_dir():
+        raise MoecError(f"{path}: is a directory; pass the path of an .onnx model")
+    try:
+        model = onnx.load(str(path), load_external_data=True)
+    except (DecodeError, RuntimeError, ValueError, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise MoecError(f"{path}: not a readable ONNX model ({first}); is the file complete?") from err
+    if not model.graph.node and not model.graph.output:
+        raise MoecError(f"{path}: not an ONNX model (no graph found); is this the right file?")
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as err:
+        first = str(err).strip().splitlines()[0]
+        raise MoecError(f"{path}: invalid ONNX model: {first}; re-export it or fix the graph") from err
+    return model

@@ -1,0 +1,315 @@
+"""Recognises MoE blocks written with standard ONNX ops, whatever exporter wrote them.
+
+Recognition is by structure, confirmed by semantics:
+
+1. **Router**: a ``TopK`` over ``Softmax(logits)`` where ``logits = x @ W_r (+ b_r)`` with a
+   constant ``W_r`` ``[H, E]``. ``x`` is the block input.
+2. **Block output**: the first tensor after the ``TopK`` with ``x``'s rank whose *region*
+   (nodes downstream of ``x`` and upstream of it, router excluded) is closed: nothing inside
+   is read from outside but that tensor, and it reads only ``x``, the logits and constants.
+3. **Experts**: the region's MatMul/Gemm nodes with constant weights. 3-D ``[E, in, out]``
+   weights are batched experts; 2-D ones are grouped per expert around each down
+   projection (experts ordered as they appear in the graph). A first-layer matmul whose
+   path to the down projection passes an Erf/Sigmoid is the gate of a gated expert.
+   ``Relu``/``Erf``/``Sigmoid`` name the activation; ``Add`` of a constant after a matmul is
+   its bias; ``Div`` of the top-k weights by their ``ReduceSum`` is renormalisation.
+4. **Confirmation**: the region is run alone with the ONNX reference evaluator on random
+   tokens and logits, and must match the extracted layer's numpy semantics. A candidate
+   that does not match is not an MoE block as far as moec is concerned (it stays in the
+   graph and is compiled densely by TVM).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper
+from onnx.reference import ReferenceEvaluator
+
+from moec.frontend.block import MoEBlock
+from moec.frontend.graph import GraphIndex, attribute
+from moec.frontend.layer import MoELayer
+from moec.reference.canonical import moe_forward
+
+MATMUL_OPS = ("MatMul", "Gemm")
+
+
+def find_standard_blocks(index: GraphIndex, opsets: list[onnx.OperatorSetIdProto],
+                         first_index: int = 0) -> list[MoEBlock]:
+    """Standard-op MoE blocks of the graph (whose model imports ``opsets``), in graph order."""
+    finder = _BlockFinder(index, list(opsets))
+    blocks = []
+    for node in index.graph.node:
+        if node.op_type == "TopK":
+            block = finder.match(node, f"moe{first_index + len(blocks)}")
+            if block is not None:
+                blocks.append(block)
+    return blocks
+
+
+class _BlockFinder:
+    def __init__(self, index: GraphIndex, opsets: list[onnx.OperatorSetIdProto]) -> None:
+        self.index = index
+        self.opsets = opsets or [helper.make_opsetid("", 17)]
+        self.nodes = list(index.graph.node)
+        self.position = {id(n): i for i, n in enumerate(self.nodes)}
+        self.graph_outputs = {o.name for o in index.graph.output}
+        model = helper.make_model(index.graph, opset_imports=self.opsets)
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model).graph
+            infos = list(inferred.value_info) + list(inferred.input) + list(inferred.output)
+        except Exception:  # shape inference is a hint only; fall back to no shapes
+            infos = list(index.graph.input) + list(index.graph.output)
+        self.shapes: dict[str, list] = {}
+        for info in infos:
+            if info.type.tensor_type.HasField("shape"):
+                self.shapes[info.name] = [d.dim_value if d.HasField("dim_value") else None
+                                          for d in info.type.tensor_type.shape.dim]
+
+    # --- graph walks -------------------------------------------------------------------
+    def _descendant_nodes(self, tensor: str) -> list[onnx.NodeProto]:
+        seen: dict[int, onnx.NodeProto] = {}
+        frontier = [tensor]
+        while frontier:
+            for node in self.index.consumers.get(frontier.pop(), []):
+                if id(node) not in seen:
+                    seen[id(node)] = node
+                    frontier.extend(node.output)
+        return sorted(seen.values(), key=lambda n: self.position[id(n)])
+
+    def _ancestor_ids(self, tensor: str) -> set[int]:
+        seen: set[int] = set()
+        frontier = [tensor]
+        while frontier:
+            node = self.index.producer.get(frontier.pop())
+            if node is not None and id(node) not in seen:
+                seen.add(id(node))
+                frontier.extend(node.input)
+        return seen
+
+    # --- matching ----------------------------------------------------------------------
+    def _router(self, topk: onnx.NodeProto):
+        softmax = self.index.producer.get(topk.input[0])
+        if softmax is None or softmax.op_type != "Softmax":
+            return None
+        logits = softmax.input[0]
+        producer = self.index.producer.get(logits)
+        router_nodes = []
+        bias = None
+        if producer is not None and producer.op_type == "Add":
+            consts = [self.index.constant(i) for i in producer.input]
+            if consts[1] is not None:
+                bias, router_nodes = consts[1], [producer]
+                producer = self.index.producer.get(producer.input[0])
+        if producer is None or producer.op_type != "MatMul":
+            return None
+        weight = self.index.constant(producer.input[1])
+        if weight is None or weight.ndim != 2:
+            return None
+        k = self.index.constant(topk.input[1])
+        if k is None or int(attribute(topk, "largest", 1)) != 1:
+            return None
+        del bias  # the router stays in the graph; only its shape matters here
+        return producer.input[0], logits, [producer, *router_nodes], int(k.reshape(-1)[0]), weight.shape[1]
+
+    def match(self, topk: onnx.NodeProto, name: str) -> MoEBlock | None:
+        router = self._router(topk)
+        if router is None:
+            return None
+        x, logits, router_nodes, k, experts = router
+        router_ids = {id(n) for n in router_nodes} | self._ancestor_ids(logits)
+        below_x = [n for n in self._descendant_nodes(x) if id(n) not in router_ids]
+        x_rank = len(self.shapes[x]) if x in self.shapes else None
+        for candidate in self._descendant_nodes(topk.output[0]):
+            out = candidate.output[0]
+            if x_rank is not None and out in self.shapes and len(self.shapes[out]) != x_rank:
+                continue
+            ancestors = self._ancestor_ids(out)
+            region = [n for n in below_x if id(n) in ancestors]
+            if not self._closed(region, out, {x, logits}):
+                continue
+            layer = _extract_layer(self.index, region, topk, x, k, experts, name)
+            if layer is not None and self._confirms(region, layer, x, logits, out):
+                return MoEBlock(layer=layer, input=x, logits=logits, output=out, nodes=region)
+        return None
+
+    def _closed(self, region: list[onnx.NodeProto], out: str, allowed_inputs: set[str]) -> bool:
+        ids = {id(n) for n in region}
+        produced = {o for n in region for o in n.output}
+        for node in region:
+            for tensor in node.output:
+                if tensor == out:
+                    continue
+                if tensor in self.graph_outputs:
+                    return False
+                if any(id(c) not in ids for c in self.index.consumers.get(tensor, [])):
+                    return False
+            for tensor in node.input:
+                if tensor and tensor not in produced and tensor not in allowed_inputs \
+                        and self.index.constant(tensor) is None:
+                    return False
+        return True
+
+    def _sample_shape(self, tensor: str, last: int, tokens: int) -> list[int]:
+        dims = self.shapes.get(tensor, [None, last])
+        return [d if d is not None else tokens if i == len(dims) - 2 else 1
+                for i, d in enumerate(dims[:-1])] + [last]
+
+    def _confirms(self, region, layer: MoELayer, x: str, logits: str, out: str) -> bool:
+        """Run the region alone and compare it with the extracted layer's semantics."""
+        produced = {o for n in region for o in n.output}
+        consts, constant_nodes = [], []
+        for node in region:
+            for tensor in node.input:
+                if tensor and tensor not in produced and tensor not in (x, logits):
+                    if tensor in self.index.initializers:
+                        consts.append(self.index.initializers[tensor])
+                    else:
+                        constant_nodes.append(self.index.producer[tensor])
+        rng = np.random.default_rng(1234)
+        x_value = rng.standard_normal(self._sample_shape(x, layer.hidden, 5)).astype(np.float32)
+        logit_value = (3 * rng.standard_normal(
+            self._sample_shape(logits, layer.num_experts, 5))).astype(np.float32)
+        graph = helper.make_graph(
+            constant_nodes + region, "moe_region",
+            [helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, x_value.shape),
+             helper.make_tensor_value_info(logits, onnx.TensorProto.FLOAT, logit_value.shape)],
+            [helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None)],
+            {t.name: t for t in consts}.values())
+        model = helper.make_model(graph, opset_imports=self.opsets)
+        try:
+            (actual,) = ReferenceEvaluator(model).run(None, {x: x_value, logits: logit_value})
+        except Exception:  # the candidate is not a runnable block on its own
+            return False
+        expected = moe_forward(layer, x_value.reshape(-1, layer.hidden),
+                               logit_value.reshape(-1, layer.num_experts))
+        actual = np.asarray(actual, dtype=np.float64)
+        if actual.size != expected.size:
+            return False
+        error = np.abs(actual.reshape(expected.shape) - expected).max()
+        return bool(error <= 1e-4 * (1.0 + np.abs(expected).max()))
+
+
+def _weight_of(index: GraphIndex, node: onnx.NodeProto) -> np.ndarray | None:
+    """The constant weight of a MatMul/Gemm as ``[..., out, in]``, or None."""
+    if node.op_type not in MATMUL_OPS or len(node.input) < 2:
+        return None
+    weight = index.constant(node.input[1])
+    if weight is None or weight.ndim not in (2, 3) or weight.dtype != np.float32:
+        return None
+    if node.op_type == "Gemm":
+        if attribute(node, "transA", 0):
+            return None
+        return weight if attribute(node, "transB", 0) else weight.T
+    return np.swapaxes(weight, -1, -2)
+
+
+def _bias_after(index: GraphIndex, node: onnx.NodeProto) -> np.ndarray | None:
+    consumers = index.consumers.get(node.output[0], [])
+    if len(consumers) == 1 and consumers[0].op_type == "Add":
+        other = [i for i in consumers[0].input if i != node.output[0]]
+        value = index.constant(other[0]) if other else None
+        return value
+    if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
+        return index.constant(node.input[2])
+    return None
+
+
+def _extract_layer(index: GraphIndex, region: list[onnx.NodeProto], topk: onnx.NodeProto,
+                   x: str, k: int, experts: int, name: str) -> MoELayer | None:
+    ids = {id(n) for n in region}
+    matmuls = [n for n in region if _weight_of(index, n) is not None]
+    if not matmuls:
+        return None
+    producer_of = {o: n for n in region for o in n.output}
+
+    def upstream(node: onnx.NodeProto) -> set[int]:
+        seen: set[int] = set()
+        frontier = [i for i in node.input]
+        while frontier:
+            src = producer_of.get(frontier.pop())
+            if src is not None and id(src) not in seen:
+                seen.add(id(src))
+                frontier.extend(src.input)
+        return seen
+
+    matmul_ids = {id(m) for m in matmuls}
+    downs = [m for m in matmuls if upstream(m) & matmul_ids]
+    firsts = [m for m in matmuls if m not in downs]
+    ops_between = {}
+    for first in firsts:
+        down = next((d for d in downs if id(first) in upstream(d)), None)
+        if down is None:
+            return None
+        path = upstream(down) - upstream(first) - {id(first)}
+        ops_between[id(first)] = ({n.op_type for n in region if id(n) in path and id(n) in ids},
+                                  down)
+    normalize = any(n.op_type == "Div" and n.input[0] == topk.output[0] for n in region)
+
+    def activation_of(ops: set[str]) -> str:
+        if "Relu" in ops:
+            return "relu"
+        if "Erf" in ops:
+            return "gelu"
+        if "Sigmoid" in ops:
+            return "silu"
+        return "identity"
+
+    def bias(node, count, width):
+        value = _bias_after(index, node)
+        return None if value is None else np.broadcast_to(value.reshape(count, -1), (count, width))
+
+    batched = _weight_of(index, matmuls[0]).ndim == 3
+    if batched:
+        if len(downs) != 1 or len(firsts) not in (1, 2):
+            return None
+        groups = [(firsts, downs[0])]
+    else:
+        groups = []
+        for down in downs:
+            mine = [f for f in firsts if ops_between[id(f)][1] is down]
+            groups.append((mine, down))
+        if len(groups) != experts:
+            return None
+    roles: dict[str, list] = {"up": [], "gate": [], "down": [], "b_up": [], "b_gate": [], "b_down": []}
+    activation = None
+    for group_firsts, down in groups:
+        if len(group_firsts) == 1:
+            up, gate = group_firsts[0], None
+            act = activation_of(ops_between[id(up)][0])
+        elif len(group_firsts) == 2:
+            acts = [activation_of(ops_between[id(f)][0] - {"Mul"}) for f in group_firsts]
+            gate_pos = 0 if acts[0] != "identity" else 1
+            gate, up = group_firsts[gate_pos], group_firsts[1 - gate_pos]
+            act = {"silu": "swiglu", "gelu": "geglu"}.get(acts[gate_pos])
+            if act is None:
+                return None
+        else:
+            return None
+        if activation not in (None, act):
+            return None
+        activation = act
+        for role, node in (("up", up), ("gate", gate), ("down", down)):
+            if node is None:
+                continue
+            weight = _weight_of(index, node)
+            roles[role].append(weight if batched else weight[None])
+            width = weight.shape[-2]
+            roles[f"b_{role}"].append(bias(node, experts if batched else 1, width))
+    stacked = {}
+    for role, values in roles.items():
+        if not values or any(v is None for v in values):
+            stacked[role] = None
+        else:
+            stacked[role] = np.concatenate(values, axis=0).astype(np.float32)
+    if stacked["up"] is None or stacked["down"] is None or stacked["up"].shape[0] != experts:
+        return None
+    try:
+        return MoELayer(
+            name=name, num_experts=experts, top_k=k, hidden=stacked["up"].shape[2],
+            ffn=stacked["up"].shape[1], activation=activation, normalize=normalize,
+            w_up=stacked["up"], w_gate=stacked["gate"], w_down=stacked["down"],
+            b_up=stacked["b_up"], b_gate=stacked["b_gate"], b_down=stacked["b_down"],
+            source="standard ONNX ops")
+    except ValueError:
+        return None

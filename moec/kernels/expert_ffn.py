@@ -1,0 +1,203 @@
+"""Sparse expert dispatch kernels: only the experts that some token selected are read.
+
+Both kernels walk the groups made by :mod:`moec.kernels.group` (``offset``/``token``):
+for each expert with at least one token, every weight row is streamed from memory once
+and dotted with all of that expert's tokens while it sits in L1 (a GEMM over the group;
+at one token this is a gather-GEMV over the k selected experts). Experts with no tokens
+cost nothing: their weights are never touched.
+
+Schedule (from :class:`moec.schedule.CpuSchedule`): output rows are split into
+``rows_per_task`` chunks run in parallel (each thread streams its own contiguous slice of
+each expert); the dot over the input dimension is vectorised ``lanes`` wide with a
+register accumulator per token; tokens are processed ``token_block`` at a time so one row
+load feeds several FMAs. Each thread owns whole output columns, so accumulating into the
+output needs no synchronisation.
+"""
+
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+from moec.schedule import CpuSchedule
+
+
+def _largest_divisor_at_most(value: int, limit: int) -> int:
+    return max(d for d in range(1, min(value, limit) + 1) if value % d == 0)
+
+
+def _activation(name: str, alpha: float, beta: float, limit: float):
+    """A TIR expression builder ``(gate, up) -> value`` for the expert activation."""
+
+    def sigmoid(v):
+        return T.float32(1) / (T.float32(1) + T.exp(T.float32(0) - v))
+
+    def gelu(v):
+        return T.float32(0.5) * v * (T.float32(1) + T.erf(v * T.float32(0.7071067811865476)))
+
+    if name == "relu":
+        return lambda g, u: T.max(u, T.float32(0))
+    if name == "gelu":
+        return lambda g, u: gelu(u)
+    if name == "silu":
+        return lambda g, u: u * sigmoid(u)
+    if name == "identity":
+        return lambda g, u: u
+    if name == "swiglu":
+        return lambda g, u: g * sigmoid(g) * u
+    if name == "geglu":
+        return lambda g, u: gelu(g) * u
+    if name == "swiglu_clamped":
+        def clamped(g, u):
+            g = T.min(g, T.float32(limit))
+            u = T.max(T.min(u, T.float32(limit)), T.float32(-limit))
+            return g * sigmoid(T.float32(alpha) * g) * (u + T.float32(beta))
+        return clamped
+    raise ValueError(f"unknown activation {name!r}")
+
+
+def make_expert_up_kernel(num_experts: int, hidden: int, ffn: int, top_k: int, activation: str,
+                          gated: bool, schedule: CpuSchedule, *, alpha: float = 1.702,
+                          beta: float = 1.0, limit: float = 7.0) -> tirx.PrimFunc:
+    """PrimFunc computing ``inter[p] = act(gate_e(x[token[p]]), up_e(x[token[p]]))`` per group.
+
+    Signature: ``(x[n, H], w_up[E, F, H], b_up[E, F], [w_gate[E, F, H], b_gate[E, F],]
+    offset[E+1], token[n*k]) -> inter[n*k, F]``.
+    """
+    E, H, F, K = num_experts, hidden, ffn, top_k
+    L = _largest_divisor_at_most(H, schedule.lanes)
+    RB = _largest_divisor_at_most(F, schedule.rows_per_task)
+    PB = schedule.token_block
+    act = _activation(activation, alpha, beta, limit)
+
+    @T.macro
+    def dot(acc, w, e, j, x, token, p0, count):
+        for pi, lane in T.grid(count, L):
+            acc[pi, lane] = T.float32(0)
+        for ho in range(H // L):
+            for pi in T.unroll(count):
+                for lane in T.vectorized(L):
+                    acc[pi, lane] = acc[pi, lane] + w[e, j, ho * L + lane] * x[token[p0 + pi], ho * L + lane]
+
+    @T.macro
+    def lane_sum(acc, out, pi):
+        out[pi] = T.float32(0)
+        for lane in range(L):
+            out[pi] = out[pi] + acc[pi, lane]
+
+    if gated:
+        @T.prim_func
+        def expert_up(x_h: T.handle, w_up: T.Buffer((E, F, H), "float32"), b_up: T.Buffer((E, F), "float32"),
+                      w_gate: T.Buffer((E, F, H), "float32"), b_gate: T.Buffer((E, F), "float32"),
+                      offset: T.Buffer((E + 1,), "int32"), token_h: T.handle, inter_h: T.handle):
+            T.func_attr({"tir.noalias": True, "op_pattern": 8, "moec.kernel": "expert_up"})
+            n = T.int64()
+            x = T.match_buffer(x_h, (n, H), "float32")
+            token = T.match_buffer(token_h, (n * K,), "int32")
+            inter = T.match_buffer(inter_h, (n * K, F), "float32")
+            for jo in T.parallel(F // RB):
+                acc_u = T.alloc_buffer((PB, L), "float32", scope="local")
+                acc_g = T.alloc_buffer((PB, L), "float32", scope="local")
+                sum_u = T.alloc_buffer((PB,), "float32", scope="local")
+                sum_g = T.alloc_buffer((PB,), "float32", scope="local")
+                for e in range(E):
+                    for ji in range(RB):
+                        for pb in range((offset[e + 1] - offset[e]) // PB):
+                            dot(acc_u, w_up, e, jo * RB + ji, x, token, offset[e] + pb * PB, PB)
+                            dot(acc_g, w_gate, e, jo * RB + ji, x, token, offset[e] + pb * PB, PB)
+                            for pi in range(PB):
+                                lane_sum(acc_u, sum_u, pi)
+                                lane_sum(acc_g, sum_g, pi)
+                                inter[offset[e] + pb * PB + pi, jo * RB + ji] = act(
+                                    sum_g[pi] + b_gate[e, jo * RB + ji], sum_u[pi] + b_up[e, jo * RB + ji])
+                        for pt in range((offset[e + 1] - offset[e]) % PB):
+                            dot(acc_u, w_up, e, jo * RB + ji, x, token, offset[e + 1] - pt - 1, 1)
+                            dot(acc_g, w_gate, e, jo * RB + ji, x, token, offset[e + 1] - pt - 1, 1)
+                            lane_sum(acc_u, sum_u, 0)
+                            lane_sum(acc_g, sum_g, 0)
+                            inter[offset[e + 1] - pt - 1, jo * RB + ji] = act(
+                                sum_g[0] + b_gate[e, jo * RB + ji], sum_u[0] + b_up[e, jo * RB + ji])
+
+        return expert_up
+
+    @T.prim_func
+    def expert_up_ungated(x_h: T.handle, w_up: T.Buffer((E, F, H), "float32"), b_up: T.Buffer((E, F), "float32"),
+                          offset: T.Buffer((E + 1,), "int32"), token_h: T.handle, inter_h: T.handle):
+        T.func_attr({"tir.noalias": True, "op_pattern": 8, "moec.kernel": "expert_up"})
+        n = T.int64()
+        x = T.match_buffer(x_h, (n, H), "float32")
+        token = T.match_buffer(token_h, (n * K,), "int32")
+        inter = T.match_buffer(inter_h, (n * K, F), "float32")
+        for jo in T.parallel(F // RB):
+            acc_u = T.alloc_buffer((PB, L), "float32", scope="local")
+            sum_u = T.alloc_buffer((PB,), "float32", scope="local")
+            for e in range(E):
+                for ji in range(RB):
+                    for pb in range((offset[e + 1] - offset[e]) // PB):
+                        dot(acc_u, w_up, e, jo * RB + ji, x, token, offset[e] + pb * PB, PB)
+                        for pi in range(PB):
+                            lane_sum(acc_u, sum_u, pi)
+                            inter[offset[e] + pb * PB + pi, jo * RB + ji] = act(
+                                T.float32(0), sum_u[pi] + b_up[e, jo * RB + ji])
+                    for pt in range((offset[e + 1] - offset[e]) % PB):
+                        dot(acc_u, w_up, e, jo * RB + ji, x, token, offset[e + 1] - pt - 1, 1)
+                        lane_sum(acc_u, sum_u, 0)
+                        inter[offset[e + 1] - pt - 1, jo * RB + ji] = act(
+                            T.float32(0), sum_u[0] + b_up[e, jo * RB + ji])
+
+    return expert_up_ungated
+
+
+def make_expert_down_kernel(num_experts: int, hidden: int, ffn: int, top_k: int,
+                            schedule: CpuSchedule) -> tirx.PrimFunc:
+    """PrimFunc ``y[token[p]] += gain[p] * (w_down_e @ inter[p] + b_down_e)`` over all groups.
+
+    Signature: ``(inter[n*k, F], w_down[E, H, F], b_down[E, H], offset[E+1], token[n*k],
+    gain[n*k]) -> y[n, H]``; ``y`` is zeroed first, so the result is the full MoE output.
+    """
+    E, H, F, K = num_experts, hidden, ffn, top_k
+    L = _largest_divisor_at_most(F, schedule.lanes)
+    RB = _largest_divisor_at_most(H, schedule.rows_per_task)
+    PB = schedule.token_block
+
+    @T.macro
+    def dot(acc, w, e, j, inter, p0, count):
+        for pi, lane in T.grid(count, L):
+            acc[pi, lane] = T.float32(0)
+        for fo in range(F // L):
+            for pi in T.unroll(count):
+                for lane in T.vectorized(L):
+                    acc[pi, lane] = acc[pi, lane] + w[e, j, fo * L + lane] * inter[p0 + pi, fo * L + lane]
+
+    @T.macro
+    def accumulate(acc, y, b_down, gain, token, e, j, p, pi):
+        s = T.float32(0)
+        for lane in range(L):
+            s = s + acc[pi, lane]
+        y[token[p], j] = y[token[p], j] + gain[p] * (s + b_down[e, j])
+
+    @T.prim_func
+    def expert_down(inter_h: T.handle, w_down: T.Buffer((E, H, F), "float32"),
+                    b_down: T.Buffer((E, H), "float32"), offset: T.Buffer((E + 1,), "int32"),
+                    token_h: T.handle, gain_h: T.handle, y_h: T.handle):
+        T.func_attr({"tir.noalias": True, "op_pattern": 8, "moec.kernel": "expert_down"})
+        n = T.int64()
+        inter = T.match_buffer(inter_h, (n * K, F), "float32")
+        token = T.match_buffer(token_h, (n * K,), "int32")
+        gain = T.match_buffer(gain_h, (n * K,), "float32")
+        y = T.match_buffer(y_h, (n, H), "float32")
+        for jo in T.parallel(H // RB):
+            acc = T.alloc_buffer((PB, L), "float32", scope="local")
+            for t, ji in T.grid(n, RB):
+                y[t, jo * RB + ji] = T.float32(0)
+            for e in range(E):
+                for ji in range(RB):
+                    for pb in range((offset[e + 1] - offset[e]) // PB):
+                        dot(acc, w_down, e, jo * RB + ji, inter, offset[e] + pb * PB, PB)
+                        for pi in range(PB):
+                            accumulate(acc, y, b_down, gain, token, e, jo * RB + ji, offset[e] + pb * PB + pi, pi)
+                    for pt in range((offset[e + 1] - offset[e]) % PB):
+                        dot(acc, w_down, e, jo * RB + ji, inter, offset[e + 1] - pt - 1, 1)
+                        accumulate(acc, y, b_down, gain, token, e, jo * RB + ji, offset[e + 1] - pt - 1, 0)
+
+    return expert_down

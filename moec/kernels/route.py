@@ -1,0 +1,67 @@
+"""Router kernel: turns router logits into each token's top-k experts and routing weights.
+
+One pass per token over its ``E`` logits: scores (softmax or sigmoid), a k-step arg-max
+selection (ties go to the lowest expert index, as ONNX ``TopK`` does), then optional
+renormalisation of the selected weights. ``E`` is small, so the work is a few hundred
+scalar operations per token; tokens run in parallel when there are many.
+"""
+
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+
+def make_route_kernel(num_experts: int, top_k: int, scoring: str, normalize: bool) -> tirx.PrimFunc:
+    """PrimFunc ``route(logits[n, E]) -> (expert_index[n, k] int32, weight[n, k] float32)``."""
+    E, K = num_experts, top_k
+    use_softmax = scoring == "softmax"
+    if scoring not in ("softmax", "sigmoid"):
+        raise ValueError(f"unknown router scoring {scoring!r}")
+
+    @T.prim_func
+    def route(logits_h: T.handle, index_h: T.handle, weight_h: T.handle):
+        T.func_attr({"tir.noalias": True, "op_pattern": 8, "moec.kernel": "route"})
+        n = T.int64()
+        logits = T.match_buffer(logits_h, (n, E), "float32")
+        index = T.match_buffer(index_h, (n, K), "int32")
+        weight = T.match_buffer(weight_h, (n, K), "float32")
+        for t in T.parallel(n):
+            score = T.alloc_buffer((E,), "float32", scope="local")
+            taken = T.alloc_buffer((E,), "int32", scope="local")
+            acc = T.alloc_buffer((2,), "float32", scope="local")
+            best = T.alloc_buffer((1,), "int32", scope="local")
+            # scores
+            acc[0] = logits[t, 0]
+            for e in range(E):
+                acc[0] = T.max(acc[0], logits[t, e])
+            acc[1] = T.float32(0)
+            for e in range(E):
+                taken[e] = 0
+                if use_softmax:
+                    score[e] = T.exp(logits[t, e] - acc[0])
+                    acc[1] = acc[1] + score[e]
+                else:
+                    score[e] = T.float32(1) / (T.float32(1) + T.exp(T.float32(0) - logits[t, e]))
+            if use_softmax:
+                for e in range(E):
+                    score[e] = score[e] / acc[1]
+            # top-k selection, lowest index wins ties
+            acc[1] = T.float32(0)
+            for j in range(K):
+                best[0] = -1
+                for e in range(E):
+                    if taken[e] == 0:
+                        if best[0] < 0:
+                            best[0] = e
+                        elif score[e] > score[best[0]]:
+                            best[0] = e
+                taken[best[0]] = 1
+                index[t, j] = best[0]
+                weight[t, j] = score[best[0]]
+                acc[1] = acc[1] + score[best[0]]
+            if normalize:
+                for j in range(K):
+                    weight[t, j] = weight[t, j] / acc[1]
+
+    return route

@@ -1,0 +1,78 @@
+"""Numpy semantics of the canonical MoE layer (:class:`moec.frontend.layer.MoELayer`).
+
+Used to confirm that a subgraph the frontend recognised really computes the layer it
+extracted, and by tests as a second oracle beside the ONNX reference evaluator.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from moec.frontend.layer import MoELayer
+
+
+def _sigmoid(v: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-v))
+
+
+def _gelu(v: np.ndarray) -> np.ndarray:
+    erf = np.vectorize(math.erf, otypes=[np.float64])
+    return 0.5 * v * (1.0 + erf(v / math.sqrt(2.0)))
+
+
+def route(layer: MoELayer, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k expert indices ``[n, k]`` and routing weights ``[n, k]`` for logits ``[n, E]``."""
+    logits = logits.astype(np.float64)
+    if layer.scoring == "softmax":
+        scores = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        scores /= scores.sum(axis=-1, keepdims=True)
+    else:
+        scores = _sigmoid(logits)
+    index = np.argsort(-scores, axis=-1, kind="stable")[:, : layer.top_k]
+    weight = np.take_along_axis(scores, index, axis=-1)
+    if layer.normalize:
+        weight = weight / weight.sum(axis=-1, keepdims=True)
+    return index, weight
+
+
+def expert_ffn(layer: MoELayer, expert: int, x: np.ndarray) -> np.ndarray:
+    """One expert's FFN on rows ``x`` ``[m, H]`` (float64)."""
+    def linear(w, b):
+        out = x @ w[expert].astype(np.float64).T
+        return out if b is None else out + b[expert]
+
+    up = linear(layer.w_up, layer.b_up)
+    act = layer.activation
+    if act == "relu":
+        h = np.maximum(up, 0.0)
+    elif act == "gelu":
+        h = _gelu(up)
+    elif act == "silu":
+        h = up * _sigmoid(up)
+    elif act == "identity":
+        h = up
+    else:
+        gate = linear(layer.w_gate, layer.b_gate)
+        if act == "swiglu":
+            h = gate * _sigmoid(gate) * up
+        elif act == "geglu":
+            h = _gelu(gate) * up
+        else:
+            gate = np.minimum(gate, layer.swiglu_limit)
+            up = np.clip(up, -layer.swiglu_limit, layer.swiglu_limit)
+            h = gate * _sigmoid(layer.swiglu_alpha * gate) * (up + layer.swiglu_beta)
+    out = h @ layer.w_down[expert].astype(np.float64).T
+    return out if layer.b_down is None else out + layer.b_down[expert]
+
+
+def moe_forward(layer: MoELayer, x: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    """The layer's output for tokens ``x`` ``[n, H]`` and router logits ``[n, E]``."""
+    x64 = x.astype(np.float64)
+    index, weight = route(layer, logits)
+    y = np.zeros_like(x64)
+    for expert in np.unique(index):
+        rows, slots = np.nonzero(index == expert)
+        y[rows] += weight[rows, slots, None] * expert_ffn(layer, int(expert), x64[rows])
+    return y.astype(x.dtype)

@@ -1,0 +1,95 @@
+"""Run an artifact with TVM's runtime alone: load the library, the weights, call ``main``."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tvm.runtime
+from tvm.runtime.vm import VirtualMachine
+
+from moec.build.artifact import read_manifest
+from moec.errors import MoecError
+
+
+class ArtifactSession:
+    """A loaded artifact, ready to run on the CPU."""
+
+    def __init__(self, artifact_dir: str | Path) -> None:
+        self.dir = Path(artifact_dir)
+        self.manifest: dict[str, Any] = read_manifest(self.dir)
+        library = tvm.runtime.load_module(str(self.dir / self.manifest["library"]))
+        self.device = tvm.cpu()
+        self.vm = VirtualMachine(library, self.device)
+        stored = tvm.runtime.load_param_dict_from_file(str(self.dir / self.manifest["weights"]))
+        self.params = [stored[name] for name in self.manifest["params"]]
+
+    @property
+    def inputs(self) -> list[dict[str, Any]]:
+        return self.manifest["inputs"]
+
+    @property
+    def outputs(self) -> list[dict[str, Any]]:
+        return self.manifest["outputs"]
+
+    def check_inputs(self, feeds: dict[str, np.ndarray], source: str) -> None:
+        """Raise :class:`MoecError` if ``feeds`` lacks an input or has a wrong shape or dtype."""
+        for spec in self.inputs:
+            name = spec["name"]
+            if name not in feeds:
+                raise MoecError(f"{source}: missing input '{name}' (expected keys: "
+                                f"{', '.join(s['name'] for s in self.inputs)})")
+            value = feeds[name]
+            if value.dtype != np.dtype(spec["dtype"]):
+                raise MoecError(f"{source}: input '{name}' has dtype {value.dtype}, "
+                                f"expected {spec['dtype']}")
+            fixed = [d for d in spec["shape"]]
+            if len(value.shape) != len(fixed) or any(
+                    isinstance(d, int) and d != s for d, s in zip(fixed, value.shape, strict=True)):
+                raise MoecError(f"{source}: input '{name}' has shape {list(value.shape)}, "
+                                f"expected {fixed}")
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Outputs by name for inputs by name."""
+        args = [tvm.runtime.tensor(np.ascontiguousarray(feeds[s["name"]]), self.device)
+                for s in self.inputs]
+        result = self.vm["main"](*args, *self.params)
+        values = list(result) if len(self.outputs) > 1 else [result]
+        return {s["name"]: v.numpy() for s, v in zip(self.outputs, values, strict=True)}
+
+    def time(self, feeds: dict[str, np.ndarray], repeats: int = 50,
+             warmup: int = 5) -> np.ndarray:
+        """Wall-clock seconds of ``repeats`` calls (after ``warmup`` calls), inputs pre-loaded."""
+        args = [tvm.runtime.tensor(np.ascontiguousarray(feeds[s["name"]]), self.device)
+                for s in self.inputs]
+        main = self.vm["main"]
+        for _ in range(warmup):
+            main(*args, *self.params)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            main(*args, *self.params)
+            times.append(time.perf_counter() - start)
+        return np.array(times)
+
+
+def random_inputs(inputs: list[dict[str, Any]], tokens: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random feeds; symbolic dimensions become ``tokens`` (other symbols become 1)."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for spec in inputs:
+        symbolic = [d for d in spec["shape"] if not isinstance(d, int)]
+        shape = []
+        for d in spec["shape"]:
+            if isinstance(d, int):
+                shape.append(d)
+            else:
+                shape.append(tokens if d == symbolic[-1] else 1)
+        dtype = np.dtype(spec["dtype"])
+        if dtype.kind == "f":
+            feeds[spec["name"]] = rng.standard_normal(shape).astype(dtype)
+        else:
+            feeds[spec["name"]] = rng.integers(0, 2, size=shape).astype(dtype)
+    return feeds
