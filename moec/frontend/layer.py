@@ -9,24 +9,26 @@ layout the sparse dispatch kernels stream.
 Semantics, per token ``x`` (``[H]``) with router logits ``l`` (``[E]``)::
 
     s      = softmax(l)                     (scoring="softmax")
-    idx    = top_k(s)                       (ties: lowest expert index first)
+    idx    = top_k(s)                       (ties: lowest or highest index first, tie_break)
     w      = s[idx] / sum(s[idx])           (if normalize, else s[idx])
     y      = sum_j w_j * FFN_{idx_j}(x)
-    FFN_e  = down_e(act(up_e(x)))                          (activation relu | gelu | silu | identity)
-           = down_e(act(gate_e(x)) * up_e(x))              (activation swiglu | geglu)
-           = down_e(swish_a(min(g, L)) * (clip(u, -L, L) + beta))   (activation swiglu_clamped)
+    FFN_e  = down_e(act(up_e(x)))                                   (ungated)
+           = down_e(act(min(gate_e(x), limit)) * (clip(up_e(x), -limit, limit) + beta))  (gated)
+
+``act`` is relu, gelu (erf), gelu_tanh, silu (``v * sigmoid(alpha * v)``) or identity. With the
+defaults ``alpha=1, beta=0, limit=inf`` a gated silu expert is Mixtral's SwiGLU; GPT-OSS uses
+``alpha=1.702, beta=1, limit=7``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import numpy as np
 
-UNGATED_ACTIVATIONS = ("relu", "gelu", "silu", "identity")
-GATED_ACTIVATIONS = ("swiglu", "geglu", "swiglu_clamped")
-ACTIVATIONS = UNGATED_ACTIVATIONS + GATED_ACTIVATIONS
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "identity")
 
 
 @dataclasses.dataclass
@@ -35,7 +37,7 @@ class MoELayer:
 
     Weights (float32 numpy arrays, output-channel major):
       ``w_up`` ``[E, F, H]`` (the only first-layer matrix for ungated experts),
-      ``w_gate`` ``[E, F, H]`` (gated experts only), ``w_down`` ``[E, H, F]``,
+      ``w_gate`` ``[E, F, H]`` (present exactly when the experts are gated), ``w_down`` ``[E, H, F]``,
       optional biases ``b_up``/``b_gate`` ``[E, F]`` and ``b_down`` ``[E, H]``.
     """
 
@@ -53,16 +55,17 @@ class MoELayer:
     b_gate: np.ndarray | None = None
     b_down: np.ndarray | None = None
     scoring: str = "softmax"
-    swiglu_alpha: float = 1.702
-    swiglu_beta: float = 1.0
-    swiglu_limit: float = 7.0
+    tie_break: str = "low"
+    alpha: float = 1.0
+    beta: float = 0.0
+    limit: float = math.inf
     source: str = ""
 
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {self.activation!r}")
-        if self.gated != (self.w_gate is not None):
-            raise ValueError(f"activation {self.activation!r} and the gate weight disagree")
+        if self.tie_break not in ("low", "high"):
+            raise ValueError(f"unknown tie_break {self.tie_break!r}")
         e, f, h = self.num_experts, self.ffn, self.hidden
         expected = {"w_up": (e, f, h), "w_gate": (e, f, h), "w_down": (e, h, f),
                     "b_up": (e, f), "b_gate": (e, f), "b_down": (e, h)}
@@ -77,7 +80,20 @@ class MoELayer:
 
     @property
     def gated(self) -> bool:
-        return self.activation in GATED_ACTIVATIONS
+        return self.w_gate is not None
+
+    @property
+    def clamped(self) -> bool:
+        return self.alpha != 1.0 or self.beta != 0.0 or math.isfinite(self.limit)
+
+    @property
+    def ffn_kind(self) -> str:
+        """A readable name: relu, gelu, ..., swiglu, geglu, swiglu-clamped."""
+        if not self.gated:
+            return self.activation
+        name = {"silu": "swiglu", "gelu": "geglu", "gelu_tanh": "geglu_tanh"}.get(
+            self.activation, f"{self.activation}-glu")
+        return f"{name}-clamped" if self.clamped else name
 
     def weights(self) -> dict[str, np.ndarray]:
         """The expert tensors present in this layer, by canonical role name."""
@@ -97,7 +113,7 @@ class MoELayer:
             "top_k": self.top_k,
             "hidden": self.hidden,
             "ffn": self.ffn,
-            "activation": self.activation,
+            "activation": self.ffn_kind,
             "router": {"scoring": self.scoring, "normalize": self.normalize},
             "shared_expert": False,
             "expert_bias": self.b_up is not None or self.b_down is not None,

@@ -29,11 +29,12 @@ def build_layer_function(bb: relax.BlockBuilder, layer: MoELayer, schedule: CpuS
     """Adds ``layer``'s kernels and its Relax function to ``bb``'s module; returns the function."""
     E, K, H, F = layer.num_experts, layer.top_k, layer.hidden, layer.ffn
     prefix = layer.name
-    route = bb.add_func(make_route_kernel(E, K, layer.scoring, layer.normalize), f"{prefix}_route")
+    route = bb.add_func(make_route_kernel(E, K, layer.scoring, layer.normalize, layer.tie_break),
+                        f"{prefix}_route")
     group = bb.add_func(make_group_kernel(E, K), f"{prefix}_group")
     up = bb.add_func(make_expert_up_kernel(
-        E, H, F, K, layer.activation, layer.gated, schedule, alpha=layer.swiglu_alpha,
-        beta=layer.swiglu_beta, limit=min(layer.swiglu_limit, 3.0e38)), f"{prefix}_expert_up")
+        E, H, F, K, layer.activation, layer.gated, schedule, alpha=layer.alpha, beta=layer.beta,
+        limit=layer.limit), f"{prefix}_expert_up")
     down = bb.add_func(make_expert_down_kernel(E, H, F, K, schedule), f"{prefix}_expert_down")
 
     n = tvm.tirx.Var("n", "int64")

@@ -1,13 +1,15 @@
 """Recognises onnxruntime's fused ``com.microsoft::MoE`` node as a canonical MoE layer.
 
-Rules:
-- ``activation_type`` relu / gelu / silu / identity → ungated experts (``fc1`` is up).
-- ``activation_type`` swiglu → gated experts; the gate/linear halves of ``fc1`` are split
-  by ``swiglu_fusion`` (1: interleaved rows, 2: first half gate, 0: ``fc1`` gate and ``fc3``
-  linear). A non-default ``activation_alpha``/``activation_beta``/``swiglu_limit`` (GPT-OSS)
-  selects the clamped SwiGLU.
-- ``k`` → top-k; ``normalize_routing_weights`` → renormalise top-k; scoring is softmax
-  over ``router_probs`` (which are logits).
+Rules (onnxruntime 1.32 semantics, see :mod:`moec.reference.ms_moe`):
+- weights are ``[E, out, in]`` already: fc1 ``[E, F*I, H]``, fc2 ``[E, H, I]``, fc3 ``[E, I, H]``;
+- ``activation_type`` relu / gelu (tanh approximation) / silu / identity → ungated experts,
+  unless fc3 is given: then ``act(fc1 x) * fc3 x`` (a gated expert, Mixtral style);
+- ``swiglu`` / ``geglu`` → gated experts whose gate and linear halves come from fc1 by
+  ``swiglu_fusion`` (1: interleaved rows, 2: first half gate, 0: fc1 gate and fc3 linear; 0
+  without fc3 reads as 1), with ``activation_alpha`` (default 1), ``activation_beta``
+  (default 0) and ``swiglu_limit`` (default none) — GPT-OSS's clamped SwiGLU;
+- ``k`` → top-k; ``normalize_routing_weights == 1`` → renormalise top-k; scoring is softmax
+  over ``router_probs`` (logits); ties between equal scores go to the higher expert index.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from moec.frontend.block import MoEBlock
 from moec.frontend.graph import GraphIndex, attribute, node_label
 from moec.frontend.layer import MoELayer
 
-UNGATED = {"relu": "relu", "gelu": "gelu", "silu": "silu", "identity": "identity"}
+POINTWISE = {"relu": "relu", "gelu": "gelu_tanh", "silu": "silu", "identity": "identity"}
+FUSED_GATED = {"swiglu": "silu", "geglu": "gelu_tanh"}
 
 
 def _as_str(value) -> str:
@@ -51,51 +54,61 @@ def _weight(index: GraphIndex, node: onnx.NodeProto, position: int) -> np.ndarra
     return value
 
 
+def _split_fused(node: onnx.NodeProto, fc1: np.ndarray, fc1_b: np.ndarray | None, ffn: int,
+                 fusion: int):
+    """(gate, gate_bias, linear, linear_bias) from a fused fc1."""
+    if fusion == 1:
+        halves = (np.s_[:, 0::2], np.s_[:, 1::2])
+    elif fusion == 2:
+        halves = (np.s_[:, :ffn], np.s_[:, ffn:])
+    else:
+        raise MoecError(f"{node_label(node)}: swiglu_fusion={fusion} is not one of 0, 1, 2")
+    if fc1.shape[1] != 2 * ffn:
+        raise MoecError(f"{node_label(node)}: fused fc1 has {fc1.shape[1]} rows, expected 2 x {ffn}")
+    biases = (None, None) if fc1_b is None else (fc1_b[halves[0]], fc1_b[halves[1]])
+    return fc1[halves[0]], biases[0], fc1[halves[1]], biases[1]
+
+
 def _block_from_node(index: GraphIndex, node: onnx.NodeProto, name: str) -> MoEBlock:
     act = _as_str(attribute(node, "activation_type", "relu"))
-    k = int(attribute(node, "k", 1))
-    normalize = bool(attribute(node, "normalize_routing_weights", 0))
     fusion = int(attribute(node, "swiglu_fusion", 0))
     if int(attribute(node, "use_sparse_mixer", 0)):
-        raise MoecError(f"{node_label(node)}: use_sparse_mixer=1 is not supported yet")
+        raise MoecError(f"{node_label(node)}: use_sparse_mixer=1 (Phi-3.5 sparsemixer routing) "
+                        "is not supported yet")
     fc1, fc1_b, fc2, fc2_b = (_weight(index, node, i) for i in (2, 3, 4, 5))
     fc3, fc3_b = _weight(index, node, 6), _weight(index, node, 7)
     if fc1 is None or fc2 is None:
         raise MoecError(f"{node_label(node)}: fc1 and fc2 expert weights are required")
-    num_experts, hidden = fc2.shape[0], fc2.shape[1]
-    ffn = fc2.shape[2]
+    if fc1.ndim != 3 or fc2.ndim != 3:
+        raise MoecError(f"{node_label(node)}: expert weights must be 3-D [experts, out, in]")
+    num_experts, hidden, ffn = fc2.shape
     gate = gate_b = None
-    if act in UNGATED:
-        activation = UNGATED[act]
+    if act in POINTWISE:
+        activation = POINTWISE[act]
         up, up_b = fc1, fc1_b
-    elif act == "swiglu":
-        alpha = attribute(node, "activation_alpha", None)
-        beta = attribute(node, "activation_beta", None)
-        limit = attribute(node, "swiglu_limit", None)
-        activation = "swiglu_clamped" if any(v is not None for v in (alpha, beta, limit)) else "swiglu"
-        if fusion == 0:
-            if fc3 is None:
-                raise MoecError(f"{node_label(node)}: swiglu with swiglu_fusion=0 needs fc3 weights")
+        if fc3 is not None:
             gate, gate_b, up, up_b = fc1, fc1_b, fc3, fc3_b
-        elif fusion == 1:
-            gate, up = fc1[:, 0::2], fc1[:, 1::2]
-            gate_b, up_b = (None, None) if fc1_b is None else (fc1_b[:, 0::2], fc1_b[:, 1::2])
-        elif fusion == 2:
-            gate, up = fc1[:, :ffn], fc1[:, ffn:]
-            gate_b, up_b = (None, None) if fc1_b is None else (fc1_b[:, :ffn], fc1_b[:, ffn:])
+    elif act in FUSED_GATED:
+        activation = FUSED_GATED[act]
+        if fusion == 0 and fc3 is not None:
+            gate, gate_b, up, up_b = fc1, fc1_b, fc3, fc3_b
         else:
-            raise MoecError(f"{node_label(node)}: swiglu_fusion={fusion} is not one of 0, 1, 2")
+            gate, gate_b, up, up_b = _split_fused(node, fc1, fc1_b, ffn, fusion or 1)
     else:
         raise MoecError(f"{node_label(node)}: activation_type '{act}' is not supported "
-                        "(supported: relu, gelu, silu, identity, swiglu)")
-    layer = MoELayer(
-        name=name, num_experts=num_experts, top_k=k, hidden=hidden, ffn=ffn,
-        activation=activation, normalize=normalize, w_up=up, w_gate=gate, w_down=fc2,
-        b_up=up_b, b_gate=gate_b, b_down=fc2_b, source=f"com.microsoft::MoE '{node.name}'",
-    )
-    if activation == "swiglu_clamped":
-        layer.swiglu_alpha = float(attribute(node, "activation_alpha", 1.702))
-        layer.swiglu_beta = float(attribute(node, "activation_beta", 1.0))
-        layer.swiglu_limit = float(attribute(node, "swiglu_limit", math.inf))
+                        "(supported: relu, gelu, silu, identity, swiglu, geglu)")
+    gated = act in FUSED_GATED
+    try:
+        layer = MoELayer(
+            name=name, num_experts=num_experts, top_k=int(attribute(node, "k", 1)), hidden=hidden,
+            ffn=ffn, activation=activation,
+            normalize=int(attribute(node, "normalize_routing_weights", 0)) == 1,
+            w_up=up, w_gate=gate, w_down=fc2, b_up=up_b, b_gate=gate_b, b_down=fc2_b,
+            tie_break="high", source=f"com.microsoft::MoE '{node.name}'",
+            alpha=float(attribute(node, "activation_alpha", 1.0)) if gated else 1.0,
+            beta=float(attribute(node, "activation_beta", 0.0)) if gated else 0.0,
+            limit=float(attribute(node, "swiglu_limit", math.inf)) if gated else math.inf)
+    except ValueError as err:
+        raise MoecError(f"{node_label(node)}: {err}") from err
     return MoEBlock(layer=layer, input=node.input[0], logits=node.input[1], output=node.output[0],
                     nodes=[node])

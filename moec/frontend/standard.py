@@ -10,8 +10,8 @@ Recognition is by structure, confirmed by semantics:
 3. **Experts**: the region's MatMul/Gemm nodes with constant weights. 3-D ``[E, in, out]``
    weights are batched experts; 2-D ones are grouped per expert around each down
    projection (experts ordered as they appear in the graph). A first-layer matmul whose
-   path to the down projection passes an Erf/Sigmoid is the gate of a gated expert.
-   ``Relu``/``Erf``/``Sigmoid`` name the activation; ``Add`` of a constant after a matmul is
+   path to the down projection passes an activation is the gate of a gated expert.
+   ``Relu``/``Erf``/``Tanh``/``Sigmoid`` name the activation; ``Add`` of a constant after a matmul is
    its bias; ``Div`` of the top-k weights by their ``ReduceSum`` is renormalisation.
 4. **Confirmation**: the region is run alone with the ONNX reference evaluator on random
    tokens and logits, and must match the extracted layer's numpy semantics. A candidate
@@ -251,6 +251,8 @@ def _extract_layer(index: GraphIndex, region: list[onnx.NodeProto], topk: onnx.N
             return "relu"
         if "Erf" in ops:
             return "gelu"
+        if "Tanh" in ops:
+            return "gelu_tanh"
         if "Sigmoid" in ops:
             return "silu"
         return "identity"
@@ -281,9 +283,7 @@ def _extract_layer(index: GraphIndex, region: list[onnx.NodeProto], topk: onnx.N
             acts = [activation_of(ops_between[id(f)][0] - {"Mul"}) for f in group_firsts]
             gate_pos = 0 if acts[0] != "identity" else 1
             gate, up = group_firsts[gate_pos], group_firsts[1 - gate_pos]
-            act = {"silu": "swiglu", "gelu": "geglu"}.get(acts[gate_pos])
-            if act is None:
-                return None
+            act = acts[gate_pos]
         else:
             return None
         if activation not in (None, act):

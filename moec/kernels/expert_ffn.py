@@ -16,6 +16,8 @@ output needs no synchronisation.
 
 from __future__ import annotations
 
+import math
+
 from tvm import tirx
 from tvm.script import tirx as T
 
@@ -26,39 +28,48 @@ def _largest_divisor_at_most(value: int, limit: int) -> int:
     return max(d for d in range(1, min(value, limit) + 1) if value % d == 0)
 
 
-def _activation(name: str, alpha: float, beta: float, limit: float):
-    """A TIR expression builder ``(gate, up) -> value`` for the expert activation."""
+def _activation(name: str, gated: bool, alpha: float, beta: float, limit: float):
+    """A TIR expression builder ``(gate, up) -> value`` for the expert activation.
+
+    Ungated: ``act(up)``; gated: ``act(min(gate, limit)) * (clip(up, -limit, limit) + beta)``
+    (see :class:`moec.frontend.layer.MoELayer`); clamps are left out when ``limit`` is inf.
+    """
 
     def sigmoid(v):
         return T.float32(1) / (T.float32(1) + T.exp(T.float32(0) - v))
 
-    def gelu(v):
-        return T.float32(0.5) * v * (T.float32(1) + T.erf(v * T.float32(0.7071067811865476)))
+    def act(v):
+        if name == "relu":
+            return T.max(v, T.float32(0))
+        if name == "gelu":
+            return T.float32(0.5) * v * (T.float32(1) + T.erf(v * T.float32(0.7071067811865476)))
+        if name == "gelu_tanh":
+            inner = T.float32(0.7978845608028654) * (v + T.float32(0.044715) * v * v * v)
+            return T.float32(0.5) * v * (T.float32(1) + T.tanh(inner))
+        if name == "silu":
+            return v * sigmoid(v if alpha == 1.0 else T.float32(alpha) * v)
+        if name == "identity":
+            return v
+        raise ValueError(f"unknown activation {name!r}")
 
-    if name == "relu":
-        return lambda g, u: T.max(u, T.float32(0))
-    if name == "gelu":
-        return lambda g, u: gelu(u)
-    if name == "silu":
-        return lambda g, u: u * sigmoid(u)
-    if name == "identity":
-        return lambda g, u: u
-    if name == "swiglu":
-        return lambda g, u: g * sigmoid(g) * u
-    if name == "geglu":
-        return lambda g, u: gelu(g) * u
-    if name == "swiglu_clamped":
-        def clamped(g, u):
-            g = T.min(g, T.float32(limit))
-            u = T.max(T.min(u, T.float32(limit)), T.float32(-limit))
-            return g * sigmoid(T.float32(alpha) * g) * (u + T.float32(beta))
-        return clamped
-    raise ValueError(f"unknown activation {name!r}")
+    if not gated:
+        return lambda g, u: act(u)
+    if not math.isfinite(limit):
+        if beta == 0.0:
+            return lambda g, u: act(g) * u
+        return lambda g, u: act(g) * (u + T.float32(beta))
+
+    def clamped(g, u):
+        g = T.min(g, T.float32(limit))
+        u = T.max(T.min(u, T.float32(limit)), T.float32(-limit))
+        return act(g) * (u + T.float32(beta))
+
+    return clamped
 
 
 def make_expert_up_kernel(num_experts: int, hidden: int, ffn: int, top_k: int, activation: str,
-                          gated: bool, schedule: CpuSchedule, *, alpha: float = 1.702,
-                          beta: float = 1.0, limit: float = 7.0) -> tirx.PrimFunc:
+                          gated: bool, schedule: CpuSchedule, *, alpha: float = 1.0,
+                          beta: float = 0.0, limit: float = math.inf) -> tirx.PrimFunc:
     """PrimFunc computing ``inter[p] = act(gate_e(x[token[p]]), up_e(x[token[p]]))`` per group.
 
     Signature: ``(x[n, H], w_up[E, F, H], b_up[E, F], [w_gate[E, F, H], b_gate[E, F],]
@@ -68,7 +79,7 @@ def make_expert_up_kernel(num_experts: int, hidden: int, ffn: int, top_k: int, a
     L = _largest_divisor_at_most(H, schedule.lanes)
     RB = _largest_divisor_at_most(F, schedule.rows_per_task)
     PB = schedule.token_block
-    act = _activation(activation, alpha, beta, limit)
+    act = _activation(activation, gated, alpha, beta, limit)
 
     @T.macro
     def dot(acc, w, e, j, x, token, p0, count):

@@ -1,8 +1,7 @@
 """Router kernel: turns router logits into each token's top-k experts and routing weights.
 
 One pass per token over its ``E`` logits: scores (softmax or sigmoid), a k-step arg-max
-selection (ties go to the lowest expert index, as ONNX ``TopK`` does), then optional
-renormalisation of the selected weights. ``E`` is small, so the work is a few hundred
+selection, then optional renormalisation of the selected weights. ``E`` is small, so the work is a few hundred
 scalar operations per token; tokens run in parallel when there are many.
 """
 
@@ -12,8 +11,14 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 
-def make_route_kernel(num_experts: int, top_k: int, scoring: str, normalize: bool) -> tirx.PrimFunc:
-    """PrimFunc ``route(logits[n, E]) -> (expert_index[n, k] int32, weight[n, k] float32)``."""
+def make_route_kernel(num_experts: int, top_k: int, scoring: str, normalize: bool,
+                      tie_break: str = "low") -> tirx.PrimFunc:
+    """PrimFunc ``route(logits[n, E]) -> (expert_index[n, k] int32, weight[n, k] float32)``.
+
+    ``tie_break`` picks the lowest (ONNX ``TopK``) or highest (onnxruntime's fused MoE)
+    expert index among equal scores.
+    """
+    prefer_high = tie_break == "high"
     E, K = num_experts, top_k
     use_softmax = scoring == "softmax"
     if scoring not in ("softmax", "sigmoid"):
@@ -54,7 +59,9 @@ def make_route_kernel(num_experts: int, top_k: int, scoring: str, normalize: boo
                     if taken[e] == 0:
                         if best[0] < 0:
                             best[0] = e
-                        elif score[e] > score[best[0]]:
+                        elif prefer_high and score[e] >= score[best[0]]:
+                            best[0] = e
+                        elif not prefer_high and score[e] > score[best[0]]:
                             best[0] = e
                 taken[best[0]] = 1
                 index[t, j] = best[0]

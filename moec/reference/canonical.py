@@ -17,9 +17,18 @@ def _sigmoid(v: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-v))
 
 
-def _gelu(v: np.ndarray) -> np.ndarray:
-    erf = np.vectorize(math.erf, otypes=[np.float64])
-    return 0.5 * v * (1.0 + erf(v / math.sqrt(2.0)))
+def _activation(layer: MoELayer, v: np.ndarray) -> np.ndarray:
+    name = layer.activation
+    if name == "relu":
+        return np.maximum(v, 0.0)
+    if name == "gelu":
+        erf = np.vectorize(math.erf, otypes=[np.float64])
+        return 0.5 * v * (1.0 + erf(v / math.sqrt(2.0)))
+    if name == "gelu_tanh":
+        return 0.5 * v * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v**3)))
+    if name == "silu":
+        return v * _sigmoid(layer.alpha * v)
+    return v
 
 
 def route(layer: MoELayer, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -30,7 +39,10 @@ def route(layer: MoELayer, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         scores /= scores.sum(axis=-1, keepdims=True)
     else:
         scores = _sigmoid(logits)
-    index = np.argsort(-scores, axis=-1, kind="stable")[:, : layer.top_k]
+    if layer.tie_break == "low":
+        index = np.argsort(-scores, axis=-1, kind="stable")[:, : layer.top_k]
+    else:  # reverse the expert order so the stable sort prefers the highest index
+        index = scores.shape[-1] - 1 - np.argsort(-scores[:, ::-1], axis=-1, kind="stable")[:, : layer.top_k]
     weight = np.take_along_axis(scores, index, axis=-1)
     if layer.normalize:
         weight = weight / weight.sum(axis=-1, keepdims=True)
@@ -44,25 +56,11 @@ def expert_ffn(layer: MoELayer, expert: int, x: np.ndarray) -> np.ndarray:
         return out if b is None else out + b[expert]
 
     up = linear(layer.w_up, layer.b_up)
-    act = layer.activation
-    if act == "relu":
-        h = np.maximum(up, 0.0)
-    elif act == "gelu":
-        h = _gelu(up)
-    elif act == "silu":
-        h = up * _sigmoid(up)
-    elif act == "identity":
-        h = up
+    if layer.gated:
+        gate = np.minimum(linear(layer.w_gate, layer.b_gate), layer.limit)
+        h = _activation(layer, gate) * (np.clip(up, -layer.limit, layer.limit) + layer.beta)
     else:
-        gate = linear(layer.w_gate, layer.b_gate)
-        if act == "swiglu":
-            h = gate * _sigmoid(gate) * up
-        elif act == "geglu":
-            h = _gelu(gate) * up
-        else:
-            gate = np.minimum(gate, layer.swiglu_limit)
-            up = np.clip(up, -layer.swiglu_limit, layer.swiglu_limit)
-            h = gate * _sigmoid(layer.swiglu_alpha * gate) * (up + layer.swiglu_beta)
+        h = _activation(layer, up)
     out = h @ layer.w_down[expert].astype(np.float64).T
     return out if layer.b_down is None else out + layer.b_down[expert]
 

@@ -283,21 +283,26 @@ def ms_moe(
     if isinstance(activation_type, bytes):
         activation_type = activation_type.decode()
     if activation_type not in ACTIVATIONS:
-        raise ValueError(f"MoE: unsupported activation_type {activation_type!r}; expected one of {ACTIVATIONS}")
+        raise ValueError(
+            f"MoE: unsupported activation_type {activation_type!r}; expected one of {ACTIVATIONS}"
+        )
     x = np.asarray(x)
     if x.ndim not in (2, 3):
-        raise ValueError(f"MoE: input must be 2-D [tokens, hidden] or 3-D [batch, seq, hidden], got {x.shape}")
+        raise ValueError(
+            f"MoE: input must be 2-D [tokens, hidden] or 3-D [batch, seq, hidden], got {x.shape}"
+        )
     hidden = x.shape[-1]
     xt = x.reshape(-1, hidden).astype(np.float32)
     num_tokens = xt.shape[0]
 
     fc1_w, fc1_b, fc2_w, fc2_b, fc3_w, fc3_b = (
-        None if a is None else np.asarray(a, dtype=np.float32) for a in (fc1_w, fc1_b, fc2_w, fc2_b, fc3_w, fc3_b)
+        None if a is None else np.asarray(a, dtype=np.float32)
+        for a in (fc1_w, fc1_b, fc2_w, fc2_b, fc3_w, fc3_b)
     )
     logits = np.asarray(router_probs, dtype=np.float32)
     if logits.ndim != 2 or logits.shape[0] != num_tokens:
         raise ValueError(
-            f"MoE: router_probs must be 2-D [{num_tokens}, num_experts] (one row per token), got {logits.shape}"
+            f"MoE: router_probs must be 2-D [{num_tokens}, num_experts] (a row per token), got {logits.shape}"
         )
     num_experts = logits.shape[1]
 

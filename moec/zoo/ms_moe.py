@@ -61,13 +61,18 @@ def _moe_layer(
     fc1_rows = 2 * inter if gated and not has_fc3 else inter
 
     inits = [_init(f"{prefix}router_w", rng.normal(0.0, 0.3, (hidden, experts)))]
-    nodes = [helper.make_node("MatMul", [src, f"{prefix}router_w"], [f"{prefix}router_mm"], name=f"{prefix}router")]
+    nodes = [
+        helper.make_node("MatMul", [src, f"{prefix}router_w"], [f"{prefix}router_mm"], name=f"{prefix}router")
+    ]
     router_out = f"{prefix}router_mm"
     if router_bias:
         inits.append(_init(f"{prefix}router_b", rng.normal(0.0, 0.3, (experts,))))
         nodes.append(
             helper.make_node(
-                "Add", [router_out, f"{prefix}router_b"], [f"{prefix}router_logits"], name=f"{prefix}router_add"
+                "Add",
+                [router_out, f"{prefix}router_b"],
+                [f"{prefix}router_logits"],
+                name=f"{prefix}router_add",
             )
         )
         router_out = f"{prefix}router_logits"
@@ -107,7 +112,9 @@ def _moe_layer(
     return nodes, inits
 
 
-def _make_model(name: str, hidden: int, nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto]) -> onnx.ModelProto:
+def _make_model(
+    name: str, hidden: int, nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto]
+) -> onnx.ModelProto:
     """Wrap nodes into a checked model with input ``x`` and output ``y``, both ``[tokens, hidden]``."""
     graph = helper.make_graph(
         nodes,

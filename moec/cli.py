@@ -1,0 +1,198 @@
+"""The ``moec`` command line: compile, run, verify, inspect, targets."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+from moec.errors import MoecError
+
+
+def _fail(message: str, code: int = 1) -> None:
+    click.echo(f"moec: error: {message}", err=True)
+    sys.exit(code)
+
+
+def user_errors(func):
+    """Turn :class:`MoecError` into a one-line message and exit 1; other errors exit 3."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except MoecError as err:
+            _fail(str(err))
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+        except Exception as err:  # never a traceback for users; MOEC_DEBUG=1 shows it
+            if os.environ.get("MOEC_DEBUG"):
+                raise
+            first = (str(err).strip().splitlines() or [type(err).__name__])[-1]
+            _fail(f"internal error: {type(err).__name__}: {first} "
+                  "(rerun with MOEC_DEBUG=1 for the traceback and report it)", 3)
+
+    return wrapper
+
+
+def _progress(message: str, _start=[time.perf_counter()]) -> None:  # noqa: B006 - run clock
+    click.echo(f"[{time.perf_counter() - _start[0]:6.1f}s] {message}", err=True)
+
+
+def _load_inputs(path: Path, session) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            feeds = {k: data[k] for k in data.files}
+    except FileNotFoundError as err:
+        raise MoecError(f"{path}: no such inputs file") from err
+    except (ValueError, OSError) as err:
+        raise MoecError(f"{path}: not a readable .npz file ({err})") from err
+    session.check_inputs(feeds, str(path))
+    return feeds
+
+
+def _latency_line(times: np.ndarray) -> str:
+    ms = times * 1e3
+    return (f"latency over {len(ms)} runs: mean {ms.mean():.3f} ms, p50 {np.percentile(ms, 50):.3f} ms, "
+            f"p99 {np.percentile(ms, 99):.3f} ms")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="moec")
+def main() -> None:
+    """moec compiles sparse Mixture-of-Experts ONNX models into deployable TVM libraries.
+
+    \b
+    Typical use:
+      moec inspect model.onnx             what MoE layers moec found
+      moec compile model.onnx -o out/     build the artifact (library, weights, manifest)
+      moec run out/                       run it and print latency
+      moec verify model.onnx out/         compare it with the numpy reference
+    """
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--target", "-t", default="host", show_default=True,
+              help="Bundled target name (see 'moec targets') or path of a target .toml file.")
+@click.option("--output", "-o", "out_dir", type=click.Path(path_type=Path), required=True,
+              help="Artifact directory to create.")
+@click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
+@user_errors
+def compile(model: Path, target: str, out_dir: Path, force: bool) -> None:  # noqa: A001
+    """Compile MODEL (.onnx) into an artifact directory computing only the selected experts."""
+    from moec.build.compile import compile_model
+
+    compile_model(model, target, out_dir, force=force, log=_progress)
+    click.echo(f"compiled {model} for {target} -> {out_dir}")
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--inputs", type=click.Path(path_type=Path),
+              help=".npz of inputs keyed by ONNX input name (random inputs if omitted).")
+@click.option("--output", type=click.Path(path_type=Path), help="Write outputs to this .npz.")
+@click.option("--tokens", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Token count for random inputs (the symbolic dimension).")
+@click.option("--repeats", default=50, show_default=True, type=click.IntRange(min=1),
+              help="Timed runs for the latency figures.")
+@user_errors
+def run(artifact: Path, inputs: Path | None, output: Path | None, tokens: int, repeats: int) -> None:
+    """Run a compiled ARTIFACT directory and print its latency."""
+    from moec.runtime.session import ArtifactSession, random_inputs
+
+    session = ArtifactSession(artifact)
+    feeds = _load_inputs(inputs, session) if inputs else random_inputs(session.inputs, tokens)
+    outputs = session.run(feeds)
+    for name, value in outputs.items():
+        click.echo(f"output {name}: shape {list(value.shape)} {value.dtype}")
+    if output:
+        np.savez(output, **outputs)
+        click.echo(f"wrote {output}")
+    click.echo(_latency_line(session.time(feeds, repeats=repeats)))
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--inputs", type=click.Path(path_type=Path), help=".npz of inputs (overrides --tokens).")
+@click.option("--tokens", "-n", multiple=True, type=click.IntRange(min=1),
+              help="Token counts to check with random inputs (repeatable; default 1 and 7).")
+@click.option("--atol", default=1e-4, show_default=True, help="Largest acceptable absolute error.")
+@user_errors
+def verify(model: Path, artifact: Path, inputs: Path | None, tokens: tuple[int, ...], atol: float) -> None:
+    """Check ARTIFACT against the numpy reference of MODEL; exit 1 above tolerance."""
+    from moec.frontend.loader import load_model
+    from moec.runtime.session import ArtifactSession, random_inputs
+    from moec.verify import verify_artifact
+
+    onnx_model = load_model(model)
+    session = ArtifactSession(artifact)
+    cases = []
+    if inputs:
+        feeds = _load_inputs(inputs, session)
+        cases.append((feeds, None))
+    else:
+        for count in tokens or (1, 7):
+            cases.append((random_inputs(session.inputs, count, seed=count), count))
+    worst = 0.0
+    failed = False
+    for feeds, count in cases:
+        label = f"{count} token(s)" if count else str(inputs)
+        for err in verify_artifact(session, onnx_model, feeds, count or 0):
+            status = "ok" if err.within(atol) else "FAIL"
+            failed |= not err.within(atol)
+            worst = max(worst, err.max_abs)
+            shape_note = "" if err.shape_ok else " (shape or dtype differs)"
+            click.echo(f"{label:>14}  {err.name}: max abs {err.max_abs:.3e}  max rel {err.max_rel:.3e}  "
+                       f"{status}{shape_note}")
+    if failed:
+        _fail(f"{artifact} differs from the reference of {model} by {worst:.3e} > atol {atol:g}")
+    click.echo(f"verified: max abs error {worst:.3e} <= {atol:g}")
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@user_errors
+def inspect(model: Path, as_json: bool) -> None:
+    """List the MoE layers found in MODEL and what sparse execution saves."""
+    from moec.frontend.importer import find_blocks
+    from moec.frontend.loader import load_model
+
+    layers = [b.layer.describe() for b in find_blocks(load_model(model))]
+    if as_json:
+        click.echo(json.dumps({"model": str(model), "moe_layers": layers}, indent=2))
+        return
+    if not layers:
+        click.echo(f"{model}: no MoE layers found; it compiles as an ordinary (dense) model")
+        return
+    click.echo(f"{model}: {len(layers)} MoE layer(s)")
+    header = (f"{'layer':<6} {'experts':>7} {'top-k':>5} {'hidden':>6} {'ffn':>6} {'activation':<14} "
+              f"{'router':<16} {'shared':<6} {'params MB':>9} {'dense MB/tok':>12} {'sparse MB/tok':>13}")
+    click.echo(header)
+    for layer in layers:
+        router = layer["router"]["scoring"] + (" +renorm" if layer["router"]["normalize"] else "")
+        click.echo(
+            f"{layer['name']:<6} {layer['experts']:>7} {layer['top_k']:>5} {layer['hidden']:>6} "
+            f"{layer['ffn']:>6} {layer['activation']:<14} {router:<16} "
+            f"{'yes' if layer['shared_expert'] else 'no':<6} {layer['parameter_bytes'] / 1e6:>9.3f} "
+            f"{layer['bytes_per_token_dense'] / 1e6:>12.3f} {layer['bytes_per_token_sparse'] / 1e6:>13.3f}")
+
+
+@main.command()
+@user_errors
+def targets() -> None:
+    """List the bundled target files and their key facts."""
+    from moec.targets import bundled_targets, load_target
+
+    for name in bundled_targets():
+        spec = load_target(name)
+        click.echo(f"{name:<12} {spec.description}  [{spec.tvm_config['kind']}, {spec.cores} cores, "
+                   f"{spec.simd_bits}-bit SIMD, {spec.cache_line_bytes} B lines]  {spec.path}")
