@@ -41,8 +41,12 @@ def user_errors(func):
     return wrapper
 
 
-def _progress(message: str, _start=[time.perf_counter()]) -> None:  # noqa: B006 - run clock
-    click.echo(f"[{time.perf_counter() - _start[0]:6.1f}s] {message}", err=True)
+_STARTED = time.perf_counter()
+
+
+def _progress(message: str) -> None:
+    """A progress line on stderr, stamped with the seconds since moec started."""
+    click.echo(f"[{time.perf_counter() - _STARTED:6.1f}s] {message}", err=True)
 
 
 def _load_inputs(path: Path, session) -> dict[str, np.ndarray]:

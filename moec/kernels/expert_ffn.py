@@ -88,7 +88,8 @@ def make_expert_up_kernel(num_experts: int, hidden: int, ffn: int, top_k: int, a
         for ho in range(H // L):
             for pi in T.unroll(count):
                 for lane in T.vectorized(L):
-                    acc[pi, lane] = acc[pi, lane] + w[e, j, ho * L + lane] * x[token[p0 + pi], ho * L + lane]
+                    acc[pi, lane] = (acc[pi, lane]
+                                     + w[e, j, ho * L + lane] * x[token[p0 + pi], ho * L + lane])
 
     @T.macro
     def lane_sum(acc, out, pi):
@@ -132,8 +133,9 @@ def make_expert_up_kernel(num_experts: int, hidden: int, ffn: int, top_k: int, a
         return expert_up
 
     @T.prim_func
-    def expert_up_ungated(x_h: T.handle, w_up: T.Buffer((E, F, H), "float32"), b_up: T.Buffer((E, F), "float32"),
-                          offset: T.Buffer((E + 1,), "int32"), token_h: T.handle, inter_h: T.handle):
+    def expert_up_ungated(x_h: T.handle, w_up: T.Buffer((E, F, H), "float32"),
+                          b_up: T.Buffer((E, F), "float32"), offset: T.Buffer((E + 1,), "int32"),
+                          token_h: T.handle, inter_h: T.handle):
         T.func_attr({"tir.noalias": True, "op_pattern": 8, "moec.kernel": "expert_up"})
         n = T.int64()
         x = T.match_buffer(x_h, (n, H), "float32")
@@ -206,7 +208,8 @@ def make_expert_down_kernel(num_experts: int, hidden: int, ffn: int, top_k: int,
                     for pb in range((offset[e + 1] - offset[e]) // PB):
                         dot(acc, w_down, e, jo * RB + ji, inter, offset[e] + pb * PB, PB)
                         for pi in range(PB):
-                            accumulate(acc, y, b_down, gain, token, e, jo * RB + ji, offset[e] + pb * PB + pi, pi)
+                            accumulate(acc, y, b_down, gain, token, e, jo * RB + ji,
+                                       offset[e] + pb * PB + pi, pi)
                     for pt in range((offset[e + 1] - offset[e]) % PB):
                         dot(acc, w_down, e, jo * RB + ji, inter, offset[e + 1] - pt - 1, 1)
                         accumulate(acc, y, b_down, gain, token, e, jo * RB + ji, offset[e + 1] - pt - 1, 0)
