@@ -16,6 +16,7 @@ import moec
 from moec.build.artifact import FORMAT, LIBRARY, MANIFEST, WEIGHTS, staged_directory
 from moec.frontend.importer import ImportedModel, import_model
 from moec.frontend.loader import load_model
+from moec.frontend.rewrite import layer_weight_names
 from moec.targets import TargetSpec, load_target
 
 
@@ -37,8 +38,10 @@ def build_manifest(imported: ImportedModel, target: TargetSpec, model_path: Path
                    param_names: list[str]) -> dict[str, Any]:
     """The manifest: what the artifact computes and how it was built."""
     layers = []
-    for layer in imported.layers:
+    for block in imported.blocks:
+        layer = block.layer
         entry = layer.describe()
+        entry["weights"] = {name.rsplit(".", 1)[1]: name for name in layer_weight_names(block)}
         offset = 0
         plan = []
         for expert in range(layer.num_experts):
