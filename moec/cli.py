@@ -35,8 +35,11 @@ def user_errors(func):
             if os.environ.get("MOEC_DEBUG"):
                 raise
             first = (str(err).strip().splitlines() or [type(err).__name__])[-1]
-            _fail(f"internal error: {type(err).__name__}: {first} "
-                  "(rerun with MOEC_DEBUG=1 for the traceback and report it)", 3)
+            _fail(
+                f"internal error: {type(err).__name__}: {first} "
+                "(rerun with MOEC_DEBUG=1 for the traceback and report it)",
+                3,
+            )
 
     return wrapper
 
@@ -63,8 +66,10 @@ def _load_inputs(path: Path, session) -> dict[str, np.ndarray]:
 
 def _latency_line(times: np.ndarray) -> str:
     ms = times * 1e3
-    return (f"latency over {len(ms)} runs: mean {ms.mean():.3f} ms, p50 {np.percentile(ms, 50):.3f} ms, "
-            f"p99 {np.percentile(ms, 99):.3f} ms")
+    return (
+        f"latency over {len(ms)} runs: mean {ms.mean():.3f} ms, p50 {np.percentile(ms, 50):.3f} ms, "
+        f"p99 {np.percentile(ms, 99):.3f} ms"
+    )
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -83,29 +88,58 @@ def main() -> None:
 
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--target", "-t", default="host", show_default=True,
-              help="Bundled target name (see 'moec targets') or path of a target .toml file.")
-@click.option("--output", "-o", "out_dir", type=click.Path(path_type=Path), required=True,
-              help="Artifact directory to create.")
+@click.option(
+    "--target",
+    "-t",
+    default="host",
+    show_default=True,
+    help="Bundled target name (see 'moec targets') or path of a target .toml file.",
+)
+@click.option(
+    "--output",
+    "-o",
+    "out_dir",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Artifact directory to create.",
+)
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
+@click.option(
+    "--dump-ir",
+    type=click.Path(path_type=Path),
+    help="Write the IR as TVMScript after each pipeline phase into this directory.",
+)
 @user_errors
-def compile(model: Path, target: str, out_dir: Path, force: bool) -> None:  # noqa: A001
+def compile(model: Path, target: str, out_dir: Path, force: bool, dump_ir: Path | None) -> None:  # noqa: A001
     """Compile MODEL (.onnx) into an artifact directory computing only the selected experts."""
     from moec.build.compile import compile_model
 
-    compile_model(model, target, out_dir, force=force, log=_progress)
+    compile_model(model, target, out_dir, force=force, dump_ir=dump_ir, log=_progress)
     click.echo(f"compiled {model} for {target} -> {out_dir}")
 
 
 @main.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--inputs", type=click.Path(path_type=Path),
-              help=".npz of inputs keyed by ONNX input name (random inputs if omitted).")
+@click.option(
+    "--inputs",
+    type=click.Path(path_type=Path),
+    help=".npz of inputs keyed by ONNX input name (random inputs if omitted).",
+)
 @click.option("--output", type=click.Path(path_type=Path), help="Write outputs to this .npz.")
-@click.option("--tokens", default=1, show_default=True, type=click.IntRange(min=1),
-              help="Token count for random inputs (the symbolic dimension).")
-@click.option("--repeats", default=50, show_default=True, type=click.IntRange(min=1),
-              help="Timed runs for the latency figures.")
+@click.option(
+    "--tokens",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Token count for random inputs (the symbolic dimension).",
+)
+@click.option(
+    "--repeats",
+    default=50,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Timed runs for the latency figures.",
+)
 @user_errors
 def run(artifact: Path, inputs: Path | None, output: Path | None, tokens: int, repeats: int) -> None:
     """Run a compiled ARTIFACT directory and print its latency."""
@@ -126,8 +160,13 @@ def run(artifact: Path, inputs: Path | None, output: Path | None, tokens: int, r
 @click.argument("model", type=click.Path(path_type=Path))
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--inputs", type=click.Path(path_type=Path), help=".npz of inputs (overrides --tokens).")
-@click.option("--tokens", "-n", multiple=True, type=click.IntRange(min=1),
-              help="Token counts to check with random inputs (repeatable; default 1 and 7).")
+@click.option(
+    "--tokens",
+    "-n",
+    multiple=True,
+    type=click.IntRange(min=1),
+    help="Token counts to check with random inputs (repeatable; default 1 and 7).",
+)
 @click.option("--atol", default=1e-4, show_default=True, help="Largest acceptable absolute error.")
 @user_errors
 def verify(model: Path, artifact: Path, inputs: Path | None, tokens: tuple[int, ...], atol: float) -> None:
@@ -154,8 +193,10 @@ def verify(model: Path, artifact: Path, inputs: Path | None, tokens: tuple[int, 
             failed |= not err.within(atol)
             worst = max(worst, err.max_abs)
             shape_note = "" if err.shape_ok else " (shape or dtype differs)"
-            click.echo(f"{label:>14}  {err.name}: max abs {err.max_abs:.3e}  max rel {err.max_rel:.3e}  "
-                       f"{status}{shape_note}")
+            click.echo(
+                f"{label:>14}  {err.name}: max abs {err.max_abs:.3e}  max rel {err.max_rel:.3e}  "
+                f"{status}{shape_note}"
+            )
     if failed:
         _fail(f"{artifact} differs from the reference of {model} by {worst:.3e} > atol {atol:g}")
     click.echo(f"verified: max abs error {worst:.3e} <= {atol:g}")
@@ -178,8 +219,10 @@ def inspect(model: Path, as_json: bool) -> None:
         click.echo(f"{model}: no MoE layers found; it compiles as an ordinary (dense) model")
         return
     click.echo(f"{model}: {len(layers)} MoE layer(s)")
-    header = (f"{'layer':<6} {'experts':>7} {'top-k':>5} {'hidden':>6} {'ffn':>6} {'activation':<14} "
-              f"{'router':<16} {'shared':<6} {'params MB':>9} {'dense MB/tok':>12} {'sparse MB/tok':>13}")
+    header = (
+        f"{'layer':<6} {'experts':>7} {'top-k':>5} {'hidden':>6} {'ffn':>6} {'activation':<14} "
+        f"{'router':<16} {'shared':<6} {'params MB':>9} {'dense MB/tok':>12} {'sparse MB/tok':>13}"
+    )
     click.echo(header)
     for layer in layers:
         router = layer["router"]["scoring"] + (" +renorm" if layer["router"]["normalize"] else "")
@@ -187,7 +230,8 @@ def inspect(model: Path, as_json: bool) -> None:
             f"{layer['name']:<6} {layer['experts']:>7} {layer['top_k']:>5} {layer['hidden']:>6} "
             f"{layer['ffn']:>6} {layer['activation']:<14} {router:<16} "
             f"{'yes' if layer['shared_expert'] else 'no':<6} {layer['parameter_bytes'] / 1e6:>9.3f} "
-            f"{layer['bytes_per_token_dense'] / 1e6:>12.3f} {layer['bytes_per_token_sparse'] / 1e6:>13.3f}")
+            f"{layer['bytes_per_token_dense'] / 1e6:>12.3f} {layer['bytes_per_token_sparse'] / 1e6:>13.3f}"
+        )
 
 
 @main.command()
@@ -198,5 +242,7 @@ def targets() -> None:
 
     for name in bundled_targets():
         spec = load_target(name)
-        click.echo(f"{name:<12} {spec.description}  [{spec.tvm_config['kind']}, {spec.cores} cores, "
-                   f"{spec.simd_bits}-bit SIMD, {spec.cache_line_bytes} B lines]  {spec.path}")
+        click.echo(
+            f"{name:<12} {spec.description}  [{spec.tvm_config['kind']}, {spec.cores} cores, "
+            f"{spec.simd_bits}-bit SIMD, {spec.cache_line_bytes} B lines]  {spec.path}"
+        )

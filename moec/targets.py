@@ -40,10 +40,15 @@ class TargetSpec:
         return tvm.target.Target(self.tvm_config)
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "description": self.description, "tvm": self.tvm_config,
-                "cores": self.cores, "simd_bits": self.simd_bits,
-                "cache_line_bytes": self.cache_line_bytes,
-                "schedule": dataclasses.asdict(self.schedule)}
+        return {
+            "name": self.name,
+            "description": self.description,
+            "tvm": self.tvm_config,
+            "cores": self.cores,
+            "simd_bits": self.simd_bits,
+            "cache_line_bytes": self.cache_line_bytes,
+            "schedule": dataclasses.asdict(self.schedule),
+        }
 
 
 def bundled_targets() -> list[str]:
@@ -78,8 +83,10 @@ def load_target(name_or_path: str) -> TargetSpec:
     if not (name_or_path.endswith(".toml") or os.sep in name_or_path):
         path = TARGETS_DIR / f"{name_or_path}.toml"
         if not path.exists():
-            raise MoecError(f"unknown target '{name_or_path}'; valid targets: "
-                            f"{', '.join(bundled_targets())} (or the path of a .toml target file)")
+            raise MoecError(
+                f"unknown target '{name_or_path}'; valid targets: "
+                f"{', '.join(bundled_targets())} (or the path of a .toml target file)"
+            )
     if not path.exists():
         raise MoecError(f"{path}: target file not found")
     try:
@@ -98,9 +105,15 @@ def load_target(name_or_path: str) -> TargetSpec:
     tvm_table.setdefault("num-cores", cores)
     schedule = load_schedule(_require(data, "schedule", str, where), simd)
     return TargetSpec(
-        name=_require(data, "name", str, where), description=data.get("description", ""),
-        path=path, tvm_config=tvm_table, cores=cores, simd_bits=simd,
-        cache_line_bytes=_require(hardware, "cache_line_bytes", int, where), schedule=schedule)
+        name=_require(data, "name", str, where),
+        description=data.get("description", ""),
+        path=path,
+        tvm_config=tvm_table,
+        cores=cores,
+        simd_bits=simd,
+        cache_line_bytes=_require(hardware, "cache_line_bytes", int, where),
+        schedule=schedule,
+    )
 
 
 def load_schedule(name: str, simd_bits: int) -> CpuSchedule:
@@ -111,5 +124,6 @@ def load_schedule(name: str, simd_bits: int) -> CpuSchedule:
     data = tomllib.loads(path.read_text())
     lanes = data.get("lanes", "simd")
     lanes = simd_bits // 32 if lanes == "simd" else int(lanes)
-    return CpuSchedule(lanes=lanes, rows_per_task=int(data["rows_per_task"]),
-                       token_block=int(data["token_block"]))
+    return CpuSchedule(
+        lanes=lanes, rows_per_task=int(data["rows_per_task"]), token_block=int(data["token_block"])
+    )

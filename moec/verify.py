@@ -25,16 +25,24 @@ class OutputError:
         return self.shape_ok and self.max_abs <= atol
 
 
-def compare_outputs(actual: dict[str, np.ndarray], expected: dict[str, np.ndarray],
-                    tokens: int) -> list[OutputError]:
+def compare_outputs(
+    actual: dict[str, np.ndarray], expected: dict[str, np.ndarray], tokens: int
+) -> list[OutputError]:
     """Max absolute and relative error per output (relative to the reference's largest value)."""
     errors = []
     for name, ref in expected.items():
         got = actual[name]
         shape_ok = got.shape == ref.shape and got.dtype == ref.dtype
         if not shape_ok or ref.size == 0:
-            errors.append(OutputError(name, tokens, float("inf") if not shape_ok else 0.0,
-                                      float("inf") if not shape_ok else 0.0, shape_ok))
+            errors.append(
+                OutputError(
+                    name,
+                    tokens,
+                    float("inf") if not shape_ok else 0.0,
+                    float("inf") if not shape_ok else 0.0,
+                    shape_ok,
+                )
+            )
             continue
         diff = np.abs(got.astype(np.float64) - ref.astype(np.float64))
         scale = max(float(np.abs(ref).max()), np.finfo(np.float32).tiny)
@@ -42,8 +50,9 @@ def compare_outputs(actual: dict[str, np.ndarray], expected: dict[str, np.ndarra
     return errors
 
 
-def verify_artifact(session: ArtifactSession, model: onnx.ModelProto,
-                    feeds: dict[str, np.ndarray], tokens: int) -> list[OutputError]:
+def verify_artifact(
+    session: ArtifactSession, model: onnx.ModelProto, feeds: dict[str, np.ndarray], tokens: int
+) -> list[OutputError]:
     """Run the artifact and the reference on ``feeds``; return the error of each output."""
     expected = run_reference(model, feeds)
     actual = session.run(feeds)

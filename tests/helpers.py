@@ -38,8 +38,13 @@ def compile_to(model: onnx.ModelProto, directory: Path, target: str = "host") ->
     return ArtifactSession(directory / "artifact")
 
 
-def check_artifact(session: ArtifactSession, model: onnx.ModelProto, feeds: dict[str, np.ndarray],
-                   atol: float = FP32_ATOL, onnxruntime: bool = True) -> None:
+def check_artifact(
+    session: ArtifactSession,
+    model: onnx.ModelProto,
+    feeds: dict[str, np.ndarray],
+    atol: float = FP32_ATOL,
+    onnxruntime: bool = True,
+) -> None:
     """The artifact's outputs match the numpy reference (and onnxruntime, when it runs the model)."""
     actual = session.run(feeds)
     expected = run_reference(model, feeds)

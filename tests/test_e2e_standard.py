@@ -23,8 +23,9 @@ def test_pattern_matches_reference(tmp_path, pattern, activation):
 
 @pytest.mark.parametrize("pattern", sorted(STANDARD_PATTERNS))
 def test_biases_no_renormalisation_top1(tmp_path, pattern):
-    model = STANDARD_PATTERNS[pattern](activation="swiglu", normalize=False, expert_bias=True,
-                                       router_bias=True, k=1, experts=5, seed=3)
+    model = STANDARD_PATTERNS[pattern](
+        activation="swiglu", normalize=False, expert_bias=True, router_bias=True, k=1, experts=5, seed=3
+    )
     session = compile_to(model, tmp_path)
     layer = session.manifest["layers"][0]
     assert (layer["top_k"], layer["router"]["normalize"], layer["expert_bias"]) == (1, False, True)

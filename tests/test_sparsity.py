@@ -39,8 +39,15 @@ def _selected(model, x: np.ndarray, k: int) -> set[int]:
 
 @pytest.mark.parametrize("builder", [build_ms_moe_model, build_dense_batched_moe], ids=["ms-moe", "standard"])
 def test_unselected_experts_are_never_read(tmp_path, builder):
-    model = builder(activation="swiglu", hidden=32, inter=48, experts=8, k=2, seed=5,
-                    **({"swiglu_fusion": 1} if builder is build_ms_moe_model else {}))
+    model = builder(
+        activation="swiglu",
+        hidden=32,
+        inter=48,
+        experts=8,
+        k=2,
+        seed=5,
+        **({"swiglu_fusion": 1} if builder is build_ms_moe_model else {}),
+    )
     x = tokens_input(1, 32, seed=9)
     selected = _selected(model, x, k=2)
     assert len(selected) == 2

@@ -59,11 +59,7 @@ def assert_close(actual: np.ndarray, expected: np.ndarray, atol: float) -> None:
 
 def _inputs(tokens: int, hidden: int = HIDDEN, seed: int = 123) -> np.ndarray:
     """Deterministic O(1) activations of shape [tokens, hidden]."""
-    return (
-        np.random.default_rng(seed + tokens)
-        .standard_normal((tokens, hidden))
-        .astype(np.float32)
-    )
+    return np.random.default_rng(seed + tokens).standard_normal((tokens, hidden)).astype(np.float32)
 
 
 def _activation(h: np.ndarray, kind: str) -> np.ndarray:
@@ -109,9 +105,7 @@ def numpy_moe(x: np.ndarray, w: dict[str, Any]) -> np.ndarray:
     return out
 
 
-def numpy_layer_norm(
-    x: np.ndarray, scale: np.ndarray, bias: np.ndarray, eps: float = 1e-5
-) -> np.ndarray:
+def numpy_layer_norm(x: np.ndarray, scale: np.ndarray, bias: np.ndarray, eps: float = 1e-5) -> np.ndarray:
     """LayerNormalization over the last axis, float64."""
     mean = x.mean(axis=-1, keepdims=True)
     var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
@@ -129,15 +123,11 @@ def _init(model: onnx.ModelProto, name: str) -> np.ndarray:
 class Runner:
     """A built model with its weights, an ORT session and a reference evaluator."""
 
-    def __init__(
-        self, model: onnx.ModelProto, weights: dict[str, dict[str, Any]]
-    ) -> None:
+    def __init__(self, model: onnx.ModelProto, weights: dict[str, dict[str, Any]]) -> None:
         """Create both runtimes once so parametrised token counts reuse them."""
         self.model = model
         self.weights = weights
-        self.session = ort.InferenceSession(
-            model.SerializeToString(), providers=["CPUExecutionProvider"]
-        )
+        self.session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         self.reference = ReferenceEvaluator(model)
 
     def run(self, x: np.ndarray) -> np.ndarray:
@@ -169,9 +159,7 @@ def _runner(kind: str, activation: str, config: str) -> Runner:
 @pytest.mark.parametrize("config", sorted(CONFIGS))
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("pattern", sorted(STANDARD_PATTERNS))
-def test_single_block_matches_numpy(
-    pattern: str, activation: str, config: str, tokens: int
-) -> None:
+def test_single_block_matches_numpy(pattern: str, activation: str, config: str, tokens: int) -> None:
     """One MoE block equals the per-token numpy loop, for every pattern and FFN kind."""
     runner = _runner(pattern, activation, config)
     assert set(runner.weights) == {"moe0"}
@@ -195,9 +183,7 @@ def test_two_layer_matches_numpy(pattern: str, activation: str, tokens: int) -> 
     assert not np.array_equal(w["moe0"]["up"], w["moe1"]["up"])
     x = _inputs(tokens)
     x64 = x.astype(np.float64)
-    ln = numpy_layer_norm(
-        x64, _init(runner.model, "ln/scale"), _init(runner.model, "ln/bias")
-    )
+    ln = numpy_layer_norm(x64, _init(runner.model, "ln/scale"), _init(runner.model, "ln/bias"))
     h1 = x64 + numpy_moe(ln, w["moe0"])
     h2 = np.maximum(h1 @ _init(runner.model, "mlp/w"), 0.0)
     expected = (h2 + numpy_moe(h2, w["moe1"])).astype(np.float32)
@@ -210,12 +196,8 @@ def test_dense_model_matches_numpy(tokens: int) -> None:
     model = build_dense_model()
     runner = Runner(model, {})
     x = _inputs(tokens)
-    ln = numpy_layer_norm(
-        x.astype(np.float64), _init(model, "ln/scale"), _init(model, "ln/bias")
-    )
-    expected = (
-        np.maximum(ln @ _init(model, "mlp/w1"), 0.0) @ _init(model, "mlp/w2")
-    ).astype(np.float32)
+    ln = numpy_layer_norm(x.astype(np.float64), _init(model, "ln/scale"), _init(model, "ln/bias"))
+    expected = (np.maximum(ln @ _init(model, "mlp/w1"), 0.0) @ _init(model, "mlp/w2")).astype(np.float32)
     assert_close(runner.run(x), expected, ATOL)
     assert {n.op_type for n in model.graph.node} == {
         "LayerNormalization",
@@ -239,14 +221,10 @@ def test_other_shapes(pattern: str) -> None:
         },
     ):
         weights: dict[str, dict[str, Any]] = {}
-        runner = Runner(
-            STANDARD_PATTERNS[pattern](seed=5, weights_out=weights, **kwargs), weights
-        )
+        runner = Runner(STANDARD_PATTERNS[pattern](seed=5, weights_out=weights, **kwargs), weights)
         for tokens in (1, 5):
             x = _inputs(tokens, hidden=int(kwargs["hidden"]))
-            assert_close(
-                runner.run(x), numpy_moe(x, weights["moe0"]).astype(np.float32), ATOL
-            )
+            assert_close(runner.run(x), numpy_moe(x, weights["moe0"]).astype(np.float32), ATOL)
 
 
 # --------------------------------------------------------------------------
@@ -255,10 +233,7 @@ def test_other_shapes(pattern: str) -> None:
 
 _BUILDERS: dict[str, Callable[[], onnx.ModelProto]] = {
     **STANDARD_PATTERNS,
-    **{
-        f"two_layer:{p}": functools.partial(build_two_layer_model, p)
-        for p in STANDARD_BLOCKS
-    },
+    **{f"two_layer:{p}": functools.partial(build_two_layer_model, p) for p in STANDARD_BLOCKS},
     "dense": build_dense_model,
 }
 
@@ -279,10 +254,7 @@ def test_interface(name: str) -> None:
 
 def test_pattern_signature_ops() -> None:
     """Each pattern has its signature ops (what the matcher keys on), not others'."""
-    ops = {
-        p: [n.op_type for n in b(experts=4).graph.node]
-        for p, b in STANDARD_PATTERNS.items()
-    }
+    ops = {p: [n.op_type for n in b(experts=4).graph.node] for p, b in STANDARD_PATTERNS.items()}
     for types in ops.values():
         assert types[:3] == ["MatMul", "Softmax", "TopK"]
     assert ops["dense_onehot"].count("OneHot") == 1
@@ -300,9 +272,7 @@ def test_pattern_signature_ops() -> None:
 def test_weights_out_matches_initializers() -> None:
     """The weights handed out are exactly the ones stored in the graph."""
     weights: dict[str, dict[str, Any]] = {}
-    model = STANDARD_PATTERNS["dense_batched"](
-        activation="swiglu", expert_bias=True, weights_out=weights
-    )
+    model = STANDARD_PATTERNS["dense_batched"](activation="swiglu", expert_bias=True, weights_out=weights)
     w = weights["moe0"]
     np.testing.assert_array_equal(_init(model, "moe0/up"), w["up"])
     np.testing.assert_array_equal(_init(model, "moe0/gate"), w["gate"])

@@ -48,13 +48,15 @@ def read_manifest(artifact_dir: Path) -> dict[str, Any]:
     artifact_dir = Path(artifact_dir)
     path = artifact_dir / MANIFEST
     if not artifact_dir.is_dir() or not path.exists():
-        raise MoecError(f"{artifact_dir}: not a moec artifact directory (no {MANIFEST}); "
-                        "make one with 'moec compile'")
+        raise MoecError(
+            f"{artifact_dir}: not a moec artifact directory (no {MANIFEST}); make one with 'moec compile'"
+        )
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise MoecError(f"{path}: corrupt manifest ({err}); recompile the model") from err
     if manifest.get("format") != FORMAT:
-        raise MoecError(f"{path}: unknown artifact format {manifest.get('format')!r}; "
-                        f"this moec reads {FORMAT}")
+        raise MoecError(
+            f"{path}: unknown artifact format {manifest.get('format')!r}; this moec reads {FORMAT}"
+        )
     return manifest

@@ -14,18 +14,22 @@ from tvm import relax
 
 import moec
 from moec.build.artifact import FORMAT, LIBRARY, MANIFEST, WEIGHTS, staged_directory
+from moec.errors import MoecError
 from moec.frontend.importer import ImportedModel, import_model
 from moec.frontend.loader import load_model
 from moec.frontend.rewrite import layer_weight_names
+from moec.passes.pipeline import moe_pipeline
 from moec.targets import TargetSpec, load_target
 
 
 def _value_info(value: onnx.ValueInfoProto) -> dict[str, Any]:
     tensor = value.type.tensor_type
-    dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
-            for d in tensor.shape.dim]
-    return {"name": value.name, "shape": dims,
-            "dtype": onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name}
+    dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tensor.shape.dim]
+    return {
+        "name": value.name,
+        "shape": dims,
+        "dtype": onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name,
+    }
 
 
 def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
@@ -34,8 +38,9 @@ def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return [i for i in model.graph.input if i.name not in initializers]
 
 
-def build_manifest(imported: ImportedModel, target: TargetSpec, model_path: Path,
-                   param_names: list[str]) -> dict[str, Any]:
+def build_manifest(
+    imported: ImportedModel, target: TargetSpec, model_path: Path, param_names: list[str]
+) -> dict[str, Any]:
     """The manifest: what the artifact computes and how it was built."""
     layers = []
     for block in imported.blocks:
@@ -53,8 +58,10 @@ def build_manifest(imported: ImportedModel, target: TargetSpec, model_path: Path
         "format": FORMAT,
         "moec_version": moec.__version__,
         "tvm_version": tvm.__version__,
-        "model": {"path": str(model_path),
-                  "sha256": hashlib.sha256(Path(model_path).read_bytes()).hexdigest()},
+        "model": {
+            "path": str(model_path),
+            "sha256": hashlib.sha256(Path(model_path).read_bytes()).hexdigest(),
+        },
         "target": target.describe(),
         "inputs": [_value_info(v) for v in graph_inputs(imported.original)],
         "outputs": [_value_info(v) for v in imported.original.graph.output],
@@ -65,19 +72,28 @@ def build_manifest(imported: ImportedModel, target: TargetSpec, model_path: Path
     }
 
 
-def compile_model(model_path: str | Path, target_name: str, out_dir: str | Path, *,
-                  force: bool = False, log: Callable[[str], None] = lambda _: None) -> Path:
-    """Compile ``model_path`` for ``target_name`` into ``out_dir``; return ``out_dir``."""
+def compile_model(
+    model_path: str | Path,
+    target_name: str,
+    out_dir: str | Path,
+    *,
+    force: bool = False,
+    dump_ir: Path | None = None,
+    log: Callable[[str], None] = lambda _: None,
+) -> Path:
+    """Compile ``model_path`` for ``target_name`` into ``out_dir``; return ``out_dir``.
+
+    ``dump_ir`` names a directory that receives the module as TVMScript after each phase.
+    """
     model_path, out_dir = Path(model_path), Path(out_dir)
     target = load_target(target_name)
     if out_dir.exists() and not force:
-        from moec.errors import MoecError
         raise MoecError(f"{out_dir}: output directory exists; pass --force to replace it")
     log(f"loading {model_path}")
     imported = import_model(load_model(model_path))
     log(f"found {len(imported.blocks)} MoE layer(s); lifting to Relax")
-    mod = imported.to_relax(target.schedule)
-    mod, params = relax.frontend.detach_params(mod)
+    mod, params = relax.frontend.detach_params(imported.to_relax())
+    mod = moe_pipeline(target.schedule, dump_ir)(mod)
     num_inputs = int(mod["main"].attrs["num_input"])
     param_vars = mod["main"].params[num_inputs:]
     param_names = [v.name for v in param_vars]

@@ -16,7 +16,6 @@ from moec.frontend.lift import lift_to_relax
 from moec.frontend.ms_moe import find_ms_moe_blocks
 from moec.frontend.rewrite import LAYER_OP, replace_blocks
 from moec.frontend.standard import find_standard_blocks
-from moec.schedule import CpuSchedule
 
 
 @dataclasses.dataclass
@@ -31,10 +30,10 @@ class ImportedModel:
     def layers(self) -> list[MoELayer]:
         return [b.layer for b in self.blocks]
 
-    def to_relax(self, schedule: CpuSchedule) -> tvm.IRModule:
+    def to_relax(self) -> tvm.IRModule:
         """The Relax module; ``main`` takes the graph inputs followed by every weight."""
         try:
-            return lift_to_relax(self.canonical, self.layers, schedule)
+            return lift_to_relax(self.canonical, self.layers)
         except MoecError:
             raise
         except Exception as err:  # TVM's frontend raises many types; name the cause, once
@@ -60,6 +59,8 @@ def import_model(model: onnx.ModelProto) -> ImportedModel:
         if node.op_type == LAYER_OP and node.domain == "moec":
             continue
         if node.op_type not in supported or node.domain not in ("", "ai.onnx"):
-            raise MoecError(f"{node_label(node)}: operator not supported by moec or TVM's ONNX "
-                            "frontend; re-export without it or open an issue with the model")
+            raise MoecError(
+                f"{node_label(node)}: operator not supported by moec or TVM's ONNX "
+                "frontend; re-export without it or open an issue with the model"
+            )
     return ImportedModel(original=model, canonical=canonical, blocks=blocks)

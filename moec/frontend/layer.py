@@ -67,8 +67,14 @@ class MoELayer:
         if self.tie_break not in ("low", "high"):
             raise ValueError(f"unknown tie_break {self.tie_break!r}")
         e, f, h = self.num_experts, self.ffn, self.hidden
-        expected = {"w_up": (e, f, h), "w_gate": (e, f, h), "w_down": (e, h, f),
-                    "b_up": (e, f), "b_gate": (e, f), "b_down": (e, h)}
+        expected = {
+            "w_up": (e, f, h),
+            "w_gate": (e, f, h),
+            "w_down": (e, h, f),
+            "b_up": (e, f),
+            "b_gate": (e, f),
+            "b_down": (e, h),
+        }
         for key, shape in expected.items():
             value = getattr(self, key)
             if value is not None:
@@ -92,7 +98,8 @@ class MoELayer:
         if not self.gated:
             return self.activation
         name = {"silu": "swiglu", "gelu": "geglu", "gelu_tanh": "geglu_tanh"}.get(
-            self.activation, f"{self.activation}-glu")
+            self.activation, f"{self.activation}-glu"
+        )
         return f"{name}-clamped" if self.clamped else name
 
     def weights(self) -> dict[str, np.ndarray]:

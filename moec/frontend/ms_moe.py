@@ -46,16 +46,19 @@ def _weight(index: GraphIndex, node: onnx.NodeProto, position: int) -> np.ndarra
         return None
     value = index.constant(node.input[position])
     if value is None:
-        raise MoecError(f"{node_label(node)}: input '{node.input[position]}' must be a constant "
-                        "initializer (expert weights computed at run time are not supported)")
+        raise MoecError(
+            f"{node_label(node)}: input '{node.input[position]}' must be a constant "
+            "initializer (expert weights computed at run time are not supported)"
+        )
     if value.dtype != np.float32:
-        raise MoecError(f"{node_label(node)}: expert weights are {value.dtype}; only float32 MoE "
-                        "is supported for now: export the model in float32")
+        raise MoecError(
+            f"{node_label(node)}: expert weights are {value.dtype}; only float32 MoE "
+            "is supported for now: export the model in float32"
+        )
     return value
 
 
-def _split_fused(node: onnx.NodeProto, fc1: np.ndarray, fc1_b: np.ndarray | None, ffn: int,
-                 fusion: int):
+def _split_fused(node: onnx.NodeProto, fc1: np.ndarray, fc1_b: np.ndarray | None, ffn: int, fusion: int):
     """(gate, gate_bias, linear, linear_bias) from a fused fc1."""
     if fusion == 1:
         halves = (np.s_[:, 0::2], np.s_[:, 1::2])
@@ -73,8 +76,9 @@ def _block_from_node(index: GraphIndex, node: onnx.NodeProto, name: str) -> MoEB
     act = _as_str(attribute(node, "activation_type", "relu"))
     fusion = int(attribute(node, "swiglu_fusion", 0))
     if int(attribute(node, "use_sparse_mixer", 0)):
-        raise MoecError(f"{node_label(node)}: use_sparse_mixer=1 (Phi-3.5 sparsemixer routing) "
-                        "is not supported yet")
+        raise MoecError(
+            f"{node_label(node)}: use_sparse_mixer=1 (Phi-3.5 sparsemixer routing) is not supported yet"
+        )
     fc1, fc1_b, fc2, fc2_b = (_weight(index, node, i) for i in (2, 3, 4, 5))
     fc3, fc3_b = _weight(index, node, 6), _weight(index, node, 7)
     if fc1 is None or fc2 is None:
@@ -95,20 +99,34 @@ def _block_from_node(index: GraphIndex, node: onnx.NodeProto, name: str) -> MoEB
         else:
             gate, gate_b, up, up_b = _split_fused(node, fc1, fc1_b, ffn, fusion or 1)
     else:
-        raise MoecError(f"{node_label(node)}: activation_type '{act}' is not supported "
-                        "(supported: relu, gelu, silu, identity, swiglu, geglu)")
+        raise MoecError(
+            f"{node_label(node)}: activation_type '{act}' is not supported "
+            "(supported: relu, gelu, silu, identity, swiglu, geglu)"
+        )
     gated = act in FUSED_GATED
     try:
         layer = MoELayer(
-            name=name, num_experts=num_experts, top_k=int(attribute(node, "k", 1)), hidden=hidden,
-            ffn=ffn, activation=activation,
+            name=name,
+            num_experts=num_experts,
+            top_k=int(attribute(node, "k", 1)),
+            hidden=hidden,
+            ffn=ffn,
+            activation=activation,
             normalize=int(attribute(node, "normalize_routing_weights", 0)) == 1,
-            w_up=up, w_gate=gate, w_down=fc2, b_up=up_b, b_gate=gate_b, b_down=fc2_b,
-            tie_break="high", source=f"com.microsoft::MoE '{node.name}'",
+            w_up=up,
+            w_gate=gate,
+            w_down=fc2,
+            b_up=up_b,
+            b_gate=gate_b,
+            b_down=fc2_b,
+            tie_break="high",
+            source=f"com.microsoft::MoE '{node.name}'",
             alpha=float(attribute(node, "activation_alpha", 1.0)) if gated else 1.0,
             beta=float(attribute(node, "activation_beta", 0.0)) if gated else 0.0,
-            limit=float(attribute(node, "swiglu_limit", math.inf)) if gated else math.inf)
+            limit=float(attribute(node, "swiglu_limit", math.inf)) if gated else math.inf,
+        )
     except ValueError as err:
         raise MoecError(f"{node_label(node)}: {err}") from err
-    return MoEBlock(layer=layer, input=node.input[0], logits=node.input[1], output=node.output[0],
-                    nodes=[node])
+    return MoEBlock(
+        layer=layer, input=node.input[0], logits=node.input[1], output=node.output[0], nodes=[node]
+    )

@@ -47,8 +47,13 @@ def replace_blocks(model: onnx.ModelProto, blocks: list[MoEBlock]) -> onnx.Model
     keep = _nodes_still_needed(graph, removed_nodes, [b.output for b in blocks])
     layer_nodes = {
         b.output: helper.make_node(
-            LAYER_OP, [b.input, b.logits, *layer_weight_names(b)], [b.output],
-            name=b.layer.name, domain=LAYER_DOMAIN, layer=i)
+            LAYER_OP,
+            [b.input, b.logits, *layer_weight_names(b)],
+            [b.output],
+            name=b.layer.name,
+            domain=LAYER_DOMAIN,
+            layer=i,
+        )
         for i, b in enumerate(blocks)
     }
     new_nodes = []
@@ -69,8 +74,9 @@ def replace_blocks(model: onnx.ModelProto, blocks: list[MoEBlock]) -> onnx.Model
     return out
 
 
-def _nodes_still_needed(graph: onnx.GraphProto, removed: list[onnx.NodeProto],
-                        block_outputs: list[str]) -> set[str]:
+def _nodes_still_needed(
+    graph: onnx.GraphProto, removed: list[onnx.NodeProto], block_outputs: list[str]
+) -> set[str]:
     """First outputs of removed nodes that kept nodes or graph outputs still read."""
     removed_by_output = {o: n for n in removed for o in n.output}
     removed_ids = {n.output[0] for n in removed}

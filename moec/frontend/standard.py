@@ -34,8 +34,9 @@ from moec.reference.canonical import moe_forward
 MATMUL_OPS = ("MatMul", "Gemm")
 
 
-def find_standard_blocks(index: GraphIndex, opsets: list[onnx.OperatorSetIdProto],
-                         first_index: int = 0) -> list[MoEBlock]:
+def find_standard_blocks(
+    index: GraphIndex, opsets: list[onnx.OperatorSetIdProto], first_index: int = 0
+) -> list[MoEBlock]:
     """Standard-op MoE blocks of the graph (whose model imports ``opsets``), in graph order."""
     finder = _BlockFinder(index, list(opsets))
     blocks = []
@@ -63,8 +64,9 @@ class _BlockFinder:
         self.shapes: dict[str, list] = {}
         for info in infos:
             if info.type.tensor_type.HasField("shape"):
-                self.shapes[info.name] = [d.dim_value if d.HasField("dim_value") else None
-                                          for d in info.type.tensor_type.shape.dim]
+                self.shapes[info.name] = [
+                    d.dim_value if d.HasField("dim_value") else None for d in info.type.tensor_type.shape.dim
+                ]
 
     # --- graph walks -------------------------------------------------------------------
     def _descendant_nodes(self, tensor: str) -> list[onnx.NodeProto]:
@@ -145,15 +147,20 @@ class _BlockFinder:
                 if any(id(c) not in ids for c in self.index.consumers.get(tensor, [])):
                     return False
             for tensor in node.input:
-                if tensor and tensor not in produced and tensor not in allowed_inputs \
-                        and self.index.constant(tensor) is None:
+                if (
+                    tensor
+                    and tensor not in produced
+                    and tensor not in allowed_inputs
+                    and self.index.constant(tensor) is None
+                ):
                     return False
         return True
 
     def _sample_shape(self, tensor: str, last: int, tokens: int) -> list[int]:
         dims = self.shapes.get(tensor, [None, last])
-        return [d if d is not None else tokens if i == len(dims) - 2 else 1
-                for i, d in enumerate(dims[:-1])] + [last]
+        return [
+            d if d is not None else tokens if i == len(dims) - 2 else 1 for i, d in enumerate(dims[:-1])
+        ] + [last]
 
     def _confirms(self, region, layer: MoELayer, x: str, logits: str, out: str) -> bool:
         """Run the region alone and compare it with the extracted layer's semantics."""
@@ -168,21 +175,27 @@ class _BlockFinder:
                         constant_nodes.append(self.index.producer[tensor])
         rng = np.random.default_rng(1234)
         x_value = rng.standard_normal(self._sample_shape(x, layer.hidden, 5)).astype(np.float32)
-        logit_value = (3 * rng.standard_normal(
-            self._sample_shape(logits, layer.num_experts, 5))).astype(np.float32)
+        logit_value = (3 * rng.standard_normal(self._sample_shape(logits, layer.num_experts, 5))).astype(
+            np.float32
+        )
         graph = helper.make_graph(
-            constant_nodes + region, "moe_region",
-            [helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, x_value.shape),
-             helper.make_tensor_value_info(logits, onnx.TensorProto.FLOAT, logit_value.shape)],
+            constant_nodes + region,
+            "moe_region",
+            [
+                helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, x_value.shape),
+                helper.make_tensor_value_info(logits, onnx.TensorProto.FLOAT, logit_value.shape),
+            ],
             [helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None)],
-            {t.name: t for t in consts}.values())
+            {t.name: t for t in consts}.values(),
+        )
         model = helper.make_model(graph, opset_imports=self.opsets)
         try:
             (actual,) = ReferenceEvaluator(model).run(None, {x: x_value, logits: logit_value})
         except Exception:  # the candidate is not a runnable block on its own
             return False
-        expected = moe_forward(layer, x_value.reshape(-1, layer.hidden),
-                               logit_value.reshape(-1, layer.num_experts))
+        expected = moe_forward(
+            layer, x_value.reshape(-1, layer.hidden), logit_value.reshape(-1, layer.num_experts)
+        )
         actual = np.asarray(actual, dtype=np.float64)
         if actual.size != expected.size:
             return False
@@ -215,8 +228,15 @@ def _bias_after(index: GraphIndex, node: onnx.NodeProto) -> np.ndarray | None:
     return None
 
 
-def _extract_layer(index: GraphIndex, region: list[onnx.NodeProto], topk: onnx.NodeProto,
-                   x: str, k: int, experts: int, name: str) -> MoELayer | None:
+def _extract_layer(
+    index: GraphIndex,
+    region: list[onnx.NodeProto],
+    topk: onnx.NodeProto,
+    x: str,
+    k: int,
+    experts: int,
+    name: str,
+) -> MoELayer | None:
     ids = {id(n) for n in region}
     matmuls = [n for n in region if _weight_of(index, n) is not None]
     if not matmuls:
@@ -242,8 +262,7 @@ def _extract_layer(index: GraphIndex, region: list[onnx.NodeProto], topk: onnx.N
         if down is None:
             return None
         path = upstream(down) - upstream(first) - {id(first)}
-        ops_between[id(first)] = ({n.op_type for n in region if id(n) in path and id(n) in ids},
-                                  down)
+        ops_between[id(first)] = ({n.op_type for n in region if id(n) in path and id(n) in ids}, down)
     normalize = any(n.op_type == "Div" and n.input[0] == topk.output[0] for n in region)
 
     def activation_of(ops: set[str]) -> str:
@@ -306,10 +325,20 @@ def _extract_layer(index: GraphIndex, region: list[onnx.NodeProto], topk: onnx.N
         return None
     try:
         return MoELayer(
-            name=name, num_experts=experts, top_k=k, hidden=stacked["up"].shape[2],
-            ffn=stacked["up"].shape[1], activation=activation, normalize=normalize,
-            w_up=stacked["up"], w_gate=stacked["gate"], w_down=stacked["down"],
-            b_up=stacked["b_up"], b_gate=stacked["b_gate"], b_down=stacked["b_down"],
-            source="standard ONNX ops")
+            name=name,
+            num_experts=experts,
+            top_k=k,
+            hidden=stacked["up"].shape[2],
+            ffn=stacked["up"].shape[1],
+            activation=activation,
+            normalize=normalize,
+            w_up=stacked["up"],
+            w_gate=stacked["gate"],
+            w_down=stacked["down"],
+            b_up=stacked["b_up"],
+            b_gate=stacked["b_gate"],
+            b_down=stacked["b_down"],
+            source="standard ONNX ops",
+        )
     except ValueError:
         return None

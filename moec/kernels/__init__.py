@@ -1,1 +1,41 @@
+"""Our TIR kernels for the MoE layer, made from a JSON-able config plus a schedule.
 
+Every kernel PrimFunc carries ``moec.kernel`` (its kind) and ``moec.config`` (the JSON of
+the arguments it was made from), so passes can find it and remake it, e.g. with another
+target's schedule.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from tvm import tirx
+
+from moec.kernels.expert_ffn import make_expert_down_kernel, make_expert_up_kernel
+from moec.kernels.group import make_group_kernel
+from moec.kernels.route import make_route_kernel
+from moec.schedule import CpuSchedule
+
+KERNEL_MAKERS: dict[str, Callable[..., tirx.PrimFunc]] = {
+    "route": make_route_kernel,
+    "group": make_group_kernel,
+    "expert_up": make_expert_up_kernel,
+    "expert_down": make_expert_down_kernel,
+}
+SCHEDULED_KERNELS = ("expert_up", "expert_down")
+
+
+def make_kernel(kind: str, config: dict[str, Any], schedule: CpuSchedule) -> tirx.PrimFunc:
+    """The ``kind`` kernel for ``config``, tiled by ``schedule`` where the kernel has tiles."""
+    extra = {"schedule": schedule} if kind in SCHEDULED_KERNELS else {}
+    func = KERNEL_MAKERS[kind](**config, **extra)
+    return func.with_attrs({"moec.kernel": kind, "moec.config": json.dumps(config, sort_keys=True)})
+
+
+def kernel_kind(func: object) -> str | None:
+    """The kind of a moec kernel PrimFunc, or None for any other function."""
+    if isinstance(func, tirx.PrimFunc) and func.attrs is not None and "moec.kernel" in func.attrs:
+        return str(func.attrs["moec.kernel"])
+    return None

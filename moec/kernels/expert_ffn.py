@@ -67,9 +67,19 @@ def _activation(name: str, gated: bool, alpha: float, beta: float, limit: float)
     return clamped
 
 
-def make_expert_up_kernel(num_experts: int, hidden: int, ffn: int, top_k: int, activation: str,
-                          gated: bool, schedule: CpuSchedule, *, alpha: float = 1.0,
-                          beta: float = 0.0, limit: float = math.inf) -> tirx.PrimFunc:
+def make_expert_up_kernel(
+    num_experts: int,
+    hidden: int,
+    ffn: int,
+    top_k: int,
+    activation: str,
+    gated: bool,
+    *,
+    schedule: CpuSchedule,
+    alpha: float = 1.0,
+    beta: float = 0.0,
+    limit: float = math.inf,
+) -> tirx.PrimFunc:
     """PrimFunc computing ``inter[p] = act(gate_e(x[token[p]]), up_e(x[token[p]]))`` per group.
 
     Signature: ``(x[n, H], w_up[E, F, H], b_up[E, F], [w_gate[E, F, H], b_gate[E, F],]
@@ -88,8 +98,7 @@ def make_expert_up_kernel(num_experts: int, hidden: int, ffn: int, top_k: int, a
         for ho in range(H // L):
             for pi in T.unroll(count):
                 for lane in T.vectorized(L):
-                    acc[pi, lane] = (acc[pi, lane]
-                                     + w[e, j, ho * L + lane] * x[token[p0 + pi], ho * L + lane])
+                    acc[pi, lane] = acc[pi, lane] + w[e, j, ho * L + lane] * x[token[p0 + pi], ho * L + lane]
 
     @T.macro
     def lane_sum(acc, out, pi):
@@ -98,11 +107,19 @@ def make_expert_up_kernel(num_experts: int, hidden: int, ffn: int, top_k: int, a
             out[pi] = out[pi] + acc[pi, lane]
 
     if gated:
+
         @T.prim_func
-        def expert_up(x_h: T.handle, w_up: T.Buffer((E, F, H), "float32"), b_up: T.Buffer((E, F), "float32"),
-                      w_gate: T.Buffer((E, F, H), "float32"), b_gate: T.Buffer((E, F), "float32"),
-                      offset: T.Buffer((E + 1,), "int32"), token_h: T.handle, inter_h: T.handle):
-            T.func_attr({"tir.noalias": True, "op_pattern": 8, "moec.kernel": "expert_up"})
+        def expert_up(
+            x_h: T.handle,
+            w_up: T.Buffer((E, F, H), "float32"),
+            b_up: T.Buffer((E, F), "float32"),
+            w_gate: T.Buffer((E, F, H), "float32"),
+            b_gate: T.Buffer((E, F), "float32"),
+            offset: T.Buffer((E + 1,), "int32"),
+            token_h: T.handle,
+            inter_h: T.handle,
+        ):
+            T.func_attr({"tir.noalias": True, "op_pattern": 8})
             n = T.int64()
             x = T.match_buffer(x_h, (n, H), "float32")
             token = T.match_buffer(token_h, (n * K,), "int32")
@@ -121,22 +138,29 @@ def make_expert_up_kernel(num_experts: int, hidden: int, ffn: int, top_k: int, a
                                 lane_sum(acc_u, sum_u, pi)
                                 lane_sum(acc_g, sum_g, pi)
                                 inter[offset[e] + pb * PB + pi, jo * RB + ji] = act(
-                                    sum_g[pi] + b_gate[e, jo * RB + ji], sum_u[pi] + b_up[e, jo * RB + ji])
+                                    sum_g[pi] + b_gate[e, jo * RB + ji], sum_u[pi] + b_up[e, jo * RB + ji]
+                                )
                         for pt in range((offset[e + 1] - offset[e]) % PB):
                             dot(acc_u, w_up, e, jo * RB + ji, x, token, offset[e + 1] - pt - 1, 1)
                             dot(acc_g, w_gate, e, jo * RB + ji, x, token, offset[e + 1] - pt - 1, 1)
                             lane_sum(acc_u, sum_u, 0)
                             lane_sum(acc_g, sum_g, 0)
                             inter[offset[e + 1] - pt - 1, jo * RB + ji] = act(
-                                sum_g[0] + b_gate[e, jo * RB + ji], sum_u[0] + b_up[e, jo * RB + ji])
+                                sum_g[0] + b_gate[e, jo * RB + ji], sum_u[0] + b_up[e, jo * RB + ji]
+                            )
 
         return expert_up
 
     @T.prim_func
-    def expert_up_ungated(x_h: T.handle, w_up: T.Buffer((E, F, H), "float32"),
-                          b_up: T.Buffer((E, F), "float32"), offset: T.Buffer((E + 1,), "int32"),
-                          token_h: T.handle, inter_h: T.handle):
-        T.func_attr({"tir.noalias": True, "op_pattern": 8, "moec.kernel": "expert_up"})
+    def expert_up_ungated(
+        x_h: T.handle,
+        w_up: T.Buffer((E, F, H), "float32"),
+        b_up: T.Buffer((E, F), "float32"),
+        offset: T.Buffer((E + 1,), "int32"),
+        token_h: T.handle,
+        inter_h: T.handle,
+    ):
+        T.func_attr({"tir.noalias": True, "op_pattern": 8})
         n = T.int64()
         x = T.match_buffer(x_h, (n, H), "float32")
         token = T.match_buffer(token_h, (n * K,), "int32")
@@ -151,18 +175,21 @@ def make_expert_up_kernel(num_experts: int, hidden: int, ffn: int, top_k: int, a
                         for pi in range(PB):
                             lane_sum(acc_u, sum_u, pi)
                             inter[offset[e] + pb * PB + pi, jo * RB + ji] = act(
-                                T.float32(0), sum_u[pi] + b_up[e, jo * RB + ji])
+                                T.float32(0), sum_u[pi] + b_up[e, jo * RB + ji]
+                            )
                     for pt in range((offset[e + 1] - offset[e]) % PB):
                         dot(acc_u, w_up, e, jo * RB + ji, x, token, offset[e + 1] - pt - 1, 1)
                         lane_sum(acc_u, sum_u, 0)
                         inter[offset[e + 1] - pt - 1, jo * RB + ji] = act(
-                            T.float32(0), sum_u[0] + b_up[e, jo * RB + ji])
+                            T.float32(0), sum_u[0] + b_up[e, jo * RB + ji]
+                        )
 
     return expert_up_ungated
 
 
-def make_expert_down_kernel(num_experts: int, hidden: int, ffn: int, top_k: int,
-                            schedule: CpuSchedule) -> tirx.PrimFunc:
+def make_expert_down_kernel(
+    num_experts: int, hidden: int, ffn: int, top_k: int, *, schedule: CpuSchedule
+) -> tirx.PrimFunc:
     """PrimFunc ``y[token[p]] += gain[p] * (w_down_e @ inter[p] + b_down_e)`` over all groups.
 
     Signature: ``(inter[n*k, F], w_down[E, H, F], b_down[E, H], offset[E+1], token[n*k],
@@ -190,10 +217,16 @@ def make_expert_down_kernel(num_experts: int, hidden: int, ffn: int, top_k: int,
         y[token[p], j] = y[token[p], j] + gain[p] * (s + b_down[e, j])
 
     @T.prim_func
-    def expert_down(inter_h: T.handle, w_down: T.Buffer((E, H, F), "float32"),
-                    b_down: T.Buffer((E, H), "float32"), offset: T.Buffer((E + 1,), "int32"),
-                    token_h: T.handle, gain_h: T.handle, y_h: T.handle):
-        T.func_attr({"tir.noalias": True, "op_pattern": 8, "moec.kernel": "expert_down"})
+    def expert_down(
+        inter_h: T.handle,
+        w_down: T.Buffer((E, H, F), "float32"),
+        b_down: T.Buffer((E, H), "float32"),
+        offset: T.Buffer((E + 1,), "int32"),
+        token_h: T.handle,
+        gain_h: T.handle,
+        y_h: T.handle,
+    ):
+        T.func_attr({"tir.noalias": True, "op_pattern": 8})
         n = T.int64()
         inter = T.match_buffer(inter_h, (n * K, F), "float32")
         token = T.match_buffer(token_h, (n * K,), "int32")
@@ -208,8 +241,9 @@ def make_expert_down_kernel(num_experts: int, hidden: int, ffn: int, top_k: int,
                     for pb in range((offset[e + 1] - offset[e]) // PB):
                         dot(acc, w_down, e, jo * RB + ji, inter, offset[e] + pb * PB, PB)
                         for pi in range(PB):
-                            accumulate(acc, y, b_down, gain, token, e, jo * RB + ji,
-                                       offset[e] + pb * PB + pi, pi)
+                            accumulate(
+                                acc, y, b_down, gain, token, e, jo * RB + ji, offset[e] + pb * PB + pi, pi
+                            )
                     for pt in range((offset[e + 1] - offset[e]) % PB):
                         dot(acc, w_down, e, jo * RB + ji, inter, offset[e + 1] - pt - 1, 1)
                         accumulate(acc, y, b_down, gain, token, e, jo * RB + ji, offset[e + 1] - pt - 1, 0)

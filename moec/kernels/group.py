@@ -20,9 +20,8 @@ def make_group_kernel(num_experts: int, top_k: int) -> tirx.PrimFunc:
     E, K = num_experts, top_k
 
     @T.prim_func
-    def group(index_h: T.handle, weight_h: T.handle, offset_h: T.handle, token_h: T.handle,
-              gain_h: T.handle):
-        T.func_attr({"tir.noalias": True, "op_pattern": 8, "moec.kernel": "group"})
+    def group(index_h: T.handle, weight_h: T.handle, offset_h: T.handle, token_h: T.handle, gain_h: T.handle):
+        T.func_attr({"tir.noalias": True, "op_pattern": 8})
         n = T.int64()
         index = T.match_buffer(index_h, (n, K), "int32")
         weight = T.match_buffer(weight_h, (n, K), "float32")

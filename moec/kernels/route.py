@@ -11,8 +11,9 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 
-def make_route_kernel(num_experts: int, top_k: int, scoring: str, normalize: bool,
-                      tie_break: str = "low") -> tirx.PrimFunc:
+def make_route_kernel(
+    num_experts: int, top_k: int, scoring: str, normalize: bool, tie_break: str = "low"
+) -> tirx.PrimFunc:
     """PrimFunc ``route(logits[n, E]) -> (expert_index[n, k] int32, weight[n, k] float32)``.
 
     ``tie_break`` picks the lowest (ONNX ``TopK``) or highest (onnxruntime's fused MoE)
@@ -26,7 +27,7 @@ def make_route_kernel(num_experts: int, top_k: int, scoring: str, normalize: boo
 
     @T.prim_func
     def route(logits_h: T.handle, index_h: T.handle, weight_h: T.handle):
-        T.func_attr({"tir.noalias": True, "op_pattern": 8, "moec.kernel": "route"})
+        T.func_attr({"tir.noalias": True, "op_pattern": 8})
         n = T.int64()
         logits = T.match_buffer(logits_h, (n, E), "float32")
         index = T.match_buffer(index_h, (n, K), "int32")

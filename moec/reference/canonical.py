@@ -51,6 +51,7 @@ def route(layer: MoELayer, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def expert_ffn(layer: MoELayer, expert: int, x: np.ndarray) -> np.ndarray:
     """One expert's FFN on rows ``x`` ``[m, H]`` (float64)."""
+
     def linear(w, b):
         out = x @ w[expert].astype(np.float64).T
         return out if b is None else out + b[expert]

@@ -39,31 +39,29 @@ class ArtifactSession:
         for spec in self.inputs:
             name = spec["name"]
             if name not in feeds:
-                raise MoecError(f"{source}: missing input '{name}' (expected keys: "
-                                f"{', '.join(s['name'] for s in self.inputs)})")
+                raise MoecError(
+                    f"{source}: missing input '{name}' (expected keys: "
+                    f"{', '.join(s['name'] for s in self.inputs)})"
+                )
             value = feeds[name]
             if value.dtype != np.dtype(spec["dtype"]):
-                raise MoecError(f"{source}: input '{name}' has dtype {value.dtype}, "
-                                f"expected {spec['dtype']}")
+                raise MoecError(f"{source}: input '{name}' has dtype {value.dtype}, expected {spec['dtype']}")
             fixed = [d for d in spec["shape"]]
             if len(value.shape) != len(fixed) or any(
-                    isinstance(d, int) and d != s for d, s in zip(fixed, value.shape, strict=True)):
-                raise MoecError(f"{source}: input '{name}' has shape {list(value.shape)}, "
-                                f"expected {fixed}")
+                isinstance(d, int) and d != s for d, s in zip(fixed, value.shape, strict=True)
+            ):
+                raise MoecError(f"{source}: input '{name}' has shape {list(value.shape)}, expected {fixed}")
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Outputs by name for inputs by name."""
-        args = [tvm.runtime.tensor(np.ascontiguousarray(feeds[s["name"]]), self.device)
-                for s in self.inputs]
+        args = [tvm.runtime.tensor(np.ascontiguousarray(feeds[s["name"]]), self.device) for s in self.inputs]
         result = self.vm["main"](*args, *self.params)
         values = list(result) if len(self.outputs) > 1 else [result]
         return {s["name"]: v.numpy() for s, v in zip(self.outputs, values, strict=True)}
 
-    def time(self, feeds: dict[str, np.ndarray], repeats: int = 50,
-             warmup: int = 5) -> np.ndarray:
+    def time(self, feeds: dict[str, np.ndarray], repeats: int = 50, warmup: int = 5) -> np.ndarray:
         """Wall-clock seconds of ``repeats`` calls (after ``warmup`` calls), inputs pre-loaded."""
-        args = [tvm.runtime.tensor(np.ascontiguousarray(feeds[s["name"]]), self.device)
-                for s in self.inputs]
+        args = [tvm.runtime.tensor(np.ascontiguousarray(feeds[s["name"]]), self.device) for s in self.inputs]
         main = self.vm["main"]
         for _ in range(warmup):
             main(*args, *self.params)

@@ -110,9 +110,7 @@ class GraphBuilder:
         """
         last = self.nodes[-1]
         if list(last.output) != [y]:
-            raise ValueError(
-                f"graph output {y!r} must be the sole output of the last node"
-            )
+            raise ValueError(f"graph output {y!r} must be the sole output of the last node")
         last.output[0] = "y"
         graph = helper.make_graph(
             self.nodes,
@@ -196,9 +194,7 @@ def _router(g: GraphBuilder, x: str, p: str, w: dict[str, Any]) -> tuple[str, st
         logits = g.one("Add", [logits, g.const(f"{p}/router_b", w["router_b"])], p)
     probs = g.one("Softmax", [logits], p, axis=-1)
     k_name = g.const(f"{p}/k", np.array([w["k"]], dtype=np.int64))
-    topk_w, topk_idx = g.node(
-        "TopK", [probs, k_name], p, 2, axis=-1, largest=1, sorted=1
-    )
+    topk_w, topk_idx = g.node("TopK", [probs, k_name], p, 2, axis=-1, largest=1, sorted=1)
     if w["normalize"]:
         denom = g.one("ReduceSum", [topk_w, _axes_last(g, p)], p, keepdims=1)
         topk_w = g.one("Div", [topk_w, denom], p)
@@ -229,9 +225,7 @@ def _act(g: GraphBuilder, h: str, p: str, block: str, activation: str) -> str:
         t = g.one("Erf", [t], p)
         t = g.one("Add", [t, g.shared(f"{block}/one", np.array(1.0, np.float32))], p)
         t = g.one("Mul", [h, t], p)
-        return g.one(
-            "Mul", [t, g.shared(f"{block}/half", np.array(0.5, np.float32))], p
-        )
+        return g.one("Mul", [t, g.shared(f"{block}/half", np.array(0.5, np.float32))], p)
     if activation in ("silu", "swiglu"):
         return g.one("Mul", [h, g.one("Sigmoid", [h], p)], p)
     raise ValueError(f"unknown activation {activation!r}")
@@ -269,18 +263,14 @@ def _ffn(
     return _linear(g, h, p, down_w, names["down_b"])
 
 
-def _expert_consts(
-    g: GraphBuilder, p: str, w: dict[str, Any], e: int
-) -> dict[str, str | None]:
+def _expert_consts(g: GraphBuilder, p: str, w: dict[str, Any], e: int) -> dict[str, str | None]:
     """Add expert ``e``'s 2-D weights as ``{p}/expert{e}/...``; return the names."""
     names: dict[str, str | None] = {}
     for key in ("up", "gate", "down"):
         arr = w[key]
         names[key] = None if arr is None else g.const(f"{p}/expert{e}/{key}", arr[e])
         b = w[f"{key}_b"]
-        names[f"{key}_b"] = (
-            None if b is None else g.const(f"{p}/expert{e}/{key}_b", b[e])
-        )
+        names[f"{key}_b"] = None if b is None else g.const(f"{p}/expert{e}/{key}_b", b[e])
     return names
 
 
@@ -289,9 +279,7 @@ def _expert_consts(
 # --------------------------------------------------------------------------
 
 
-def emit_dense_onehot_block(
-    g: GraphBuilder, x: str, prefix: str, w: dict[str, Any]
-) -> str:
+def emit_dense_onehot_block(g: GraphBuilder, x: str, prefix: str, w: dict[str, Any]) -> str:
     """Emit a dense MoE block combined through a OneHot routing matrix.
 
     Returns the name of the block's output tensor.
@@ -336,9 +324,7 @@ def emit_dense_onehot_block(
     return total
 
 
-def emit_dense_batched_block(
-    g: GraphBuilder, x: str, prefix: str, w: dict[str, Any]
-) -> str:
+def emit_dense_batched_block(g: GraphBuilder, x: str, prefix: str, w: dict[str, Any]) -> str:
     """Emit a dense MoE block with stacked 3-D expert weights; return output name.
 
     Node order (after the router, see :func:`_router`)::
@@ -364,9 +350,7 @@ def emit_dense_batched_block(
         arr = w[key]
         names[key] = None if arr is None else g.const(f"{p}/{key}", arr)
         b = w[f"{key}_b"]
-        names[f"{key}_b"] = (
-            None if b is None else g.const(f"{p}/{key}_b", b[:, None, :])
-        )
+        names[f"{key}_b"] = None if b is None else g.const(f"{p}/{key}_b", b[:, None, :])
     expert_out = _ffn(g, x3, p, p, w["activation"], names)
 
     shape = g.one("Shape", [probs], p)
@@ -383,9 +367,7 @@ def emit_dense_batched_block(
     return g.one("ReduceSum", [weighted, axis0], p, keepdims=0)
 
 
-def emit_sparse_dispatch_block(
-    g: GraphBuilder, x: str, prefix: str, w: dict[str, Any]
-) -> str:
+def emit_sparse_dispatch_block(g: GraphBuilder, x: str, prefix: str, w: dict[str, Any]) -> str:
     """Emit a sparse gather / scatter-add MoE block, as an eager expert loop exports.
 
     Returns the name of the block's output tensor.
@@ -610,9 +592,7 @@ def build_two_layer_model(
     weights); the dense parameters are the initializers named above.
     """
     if pattern not in STANDARD_BLOCKS:
-        raise ValueError(
-            f"pattern must be one of {sorted(STANDARD_BLOCKS)}, got {pattern!r}"
-        )
+        raise ValueError(f"pattern must be one of {sorted(STANDARD_BLOCKS)}, got {pattern!r}")
     rng = np.random.default_rng(seed)
     kwargs: dict[str, Any] = {
         "hidden": hidden,
@@ -631,9 +611,7 @@ def build_two_layer_model(
         weights_out["moe1"] = w1
     emit = STANDARD_BLOCKS[pattern]
     g = GraphBuilder()
-    scale = g.const(
-        "ln/scale", (1.0 + 0.1 * rng.standard_normal(hidden)).astype(np.float32)
-    )
+    scale = g.const("ln/scale", (1.0 + 0.1 * rng.standard_normal(hidden)).astype(np.float32))
     bias = g.const("ln/bias", (0.1 * rng.standard_normal(hidden)).astype(np.float32))
     ln = g.one("LayerNormalization", ["x", scale, bias], "ln", axis=-1, epsilon=1e-5)
     h1 = g.one("Add", ["x", emit(g, ln, "moe0", w0)], "res0")
@@ -658,9 +636,7 @@ def build_dense_model(
     """
     rng = np.random.default_rng(seed)
     g = GraphBuilder()
-    scale = g.const(
-        "ln/scale", (1.0 + 0.1 * rng.standard_normal(hidden)).astype(np.float32)
-    )
+    scale = g.const("ln/scale", (1.0 + 0.1 * rng.standard_normal(hidden)).astype(np.float32))
     bias = g.const("ln/bias", (0.1 * rng.standard_normal(hidden)).astype(np.float32))
     ln = g.one("LayerNormalization", ["x", scale, bias], "ln", axis=-1, epsilon=1e-5)
     w1 = g.const(

@@ -1,0 +1,173 @@
+"""Each TIR kernel, compiled alone, against numpy — across schedules, tails and ties."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import numpy as np
+import pytest
+import tvm
+
+from moec.frontend.layer import MoELayer
+from moec.kernels import make_kernel
+from moec.reference.canonical import expert_ffn, route
+from moec.schedule import CpuSchedule
+from tests.helpers import assert_close
+
+SCHEDULES = [CpuSchedule(), CpuSchedule(lanes=4, rows_per_task=3, token_block=3), CpuSchedule(8, 1, 1)]
+TARGET = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
+
+
+@functools.cache
+def _compiled(kind: str, config: str, schedule: CpuSchedule):
+    return tvm.compile(make_kernel(kind, json.loads(config), schedule), target=TARGET)
+
+
+def _run(
+    kind: str,
+    config: dict,
+    schedule: CpuSchedule,
+    *arrays: np.ndarray,
+    outputs: list[tuple[tuple[int, ...], str]],
+) -> list[np.ndarray]:
+    """Run kernel ``kind`` (compiled once per config and schedule) and return its outputs."""
+    lib = _compiled(kind, json.dumps(config, sort_keys=True), schedule)
+    outs = [tvm.runtime.tensor(np.zeros(shape, dtype)) for shape, dtype in outputs]
+    lib(*[tvm.runtime.tensor(a) for a in arrays], *outs)
+    return [o.numpy() for o in outs]
+
+
+def _layer(experts=5, hidden=20, ffn=12, k=2, activation="silu", gated=True, **extra) -> MoELayer:
+    rng = np.random.default_rng(3)
+
+    def w(*shape):
+        return (rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float32)
+
+    return MoELayer(
+        name="t",
+        num_experts=experts,
+        top_k=k,
+        hidden=hidden,
+        ffn=ffn,
+        activation=activation,
+        normalize=True,
+        w_up=w(experts, ffn, hidden),
+        w_down=w(experts, hidden, ffn),
+        w_gate=w(experts, ffn, hidden) if gated else None,
+        b_up=w(experts, ffn),
+        b_gate=w(experts, ffn) if gated else None,
+        b_down=w(experts, hidden),
+        **extra,
+    )
+
+
+@pytest.mark.parametrize("tie_break", ["low", "high"])
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_route_matches_numpy_including_ties(tie_break, scoring, normalize):
+    layer = _layer(experts=6, k=3, tie_break=tie_break, scoring=scoring)
+    layer.normalize = normalize
+    logits = np.random.default_rng(0).standard_normal((9, 6)).astype(np.float32)
+    logits[0] = 0.5  # all six tied
+    logits[1, [1, 4]] = 3.0  # a tie for first place
+    config = {
+        "num_experts": 6,
+        "top_k": 3,
+        "scoring": scoring,
+        "normalize": normalize,
+        "tie_break": tie_break,
+    }
+    index, weight = _run(
+        "route", config, CpuSchedule(), logits, outputs=[((9, 3), "int32"), ((9, 3), "float32")]
+    )
+    expected_index, expected_weight = route(layer, logits)
+    assert_close(index, expected_index.astype(np.int32), 0)
+    assert_close(weight, expected_weight.astype(np.float32), 1e-6)
+
+
+@pytest.mark.parametrize("tokens", [1, 4, 7])
+def test_group_is_a_stable_counting_sort(tokens):
+    rng = np.random.default_rng(tokens)
+    index = np.stack([rng.choice(5, 2, replace=False) for _ in range(tokens)]).astype(np.int32)
+    weight = rng.random((tokens, 2)).astype(np.float32)
+    offset, token, gain = _run(
+        "group",
+        {"num_experts": 5, "top_k": 2},
+        CpuSchedule(),
+        index,
+        weight,
+        outputs=[((6,), "int32"), ((tokens * 2,), "int32"), ((tokens * 2,), "float32")],
+    )
+    order = np.argsort(index.reshape(-1), kind="stable")
+    assert_close(
+        offset, np.concatenate([[0], np.cumsum(np.bincount(index.ravel(), minlength=5))]).astype(np.int32), 0
+    )
+    assert_close(token, (order // 2).astype(np.int32), 0)
+    assert_close(gain, weight.reshape(-1)[order], 0)
+
+
+EXPERT_CASES = [
+    ("relu", False, {}),
+    ("gelu", False, {}),
+    ("gelu_tanh", False, {}),
+    ("identity", False, {}),
+    ("silu", True, {}),
+    ("gelu", True, {}),
+    ("silu", True, {"alpha": 1.702, "beta": 1.0, "limit": 0.3}),
+]
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES, ids=lambda s: f"l{s.lanes}r{s.rows_per_task}b{s.token_block}")
+@pytest.mark.parametrize(
+    ("activation", "gated", "extra"),
+    EXPERT_CASES,
+    ids=[f"{a}{'-gated' if g else ''}{'-clamped' if e else ''}" for a, g, e in EXPERT_CASES],
+)
+@pytest.mark.parametrize("tokens", [1, 3, 10])
+def test_expert_kernels_match_numpy(schedule, activation, gated, extra, tokens):
+    layer = _layer(activation=activation, gated=gated, **extra)
+    E, H, F, K = layer.num_experts, layer.hidden, layer.ffn, layer.top_k
+    rng = np.random.default_rng(tokens)
+    x = rng.standard_normal((tokens, H)).astype(np.float32)
+    index = np.stack([rng.choice(E, K, replace=False) for _ in range(tokens)])
+    gain_in = rng.random((tokens, K))
+    order = np.argsort(index.reshape(-1), kind="stable")
+    token = (order // K).astype(np.int32)
+    gain = gain_in.reshape(-1)[order].astype(np.float32)
+    offset = np.concatenate([[0], np.cumsum(np.bincount(index.ravel(), minlength=E))]).astype(np.int32)
+    up_config = {
+        "num_experts": E,
+        "hidden": H,
+        "ffn": F,
+        "top_k": K,
+        "activation": activation,
+        "gated": gated,
+        "alpha": layer.alpha,
+        "beta": layer.beta,
+        "limit": layer.limit,
+    }
+    first = [layer.w_up, layer.b_up] + ([layer.w_gate, layer.b_gate] if gated else [])
+    (inter,) = _run(
+        "expert_up", up_config, schedule, x, *first, offset, token, outputs=[((tokens * K, F), "float32")]
+    )
+    down_config = {"num_experts": E, "hidden": H, "ffn": F, "top_k": K}
+    (y,) = _run(
+        "expert_down",
+        down_config,
+        schedule,
+        inter,
+        layer.w_down,
+        layer.b_down,
+        offset,
+        token,
+        gain,
+        outputs=[((tokens, H), "float32")],
+    )
+    expected = np.zeros((tokens, H))
+    for t in range(tokens):
+        for slot in range(K):
+            expected[t] += (
+                gain_in[t, slot] * expert_ffn(layer, int(index[t, slot]), x[t : t + 1].astype(np.float64))[0]
+            )
+    assert_close(y, expected.astype(np.float32), 1e-5)
