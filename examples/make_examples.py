@@ -1,0 +1,38 @@
+"""Regenerates the bundled example models (random weights, deterministic).
+
+    .venv/bin/python examples/make_examples.py
+
+mixtral_tiny.onnx: two Mixtral-style MoE layers (8 SwiGLU experts, top-2, hidden 64, FFN 128)
+written with standard ONNX ops the way an eager expert loop exports (NonZero / Gather /
+ScatterND dispatch), with LayerNorm, residuals and an MLP between them.
+ms_moe_tiny.onnx: the same kind of block as onnxruntime's fused com.microsoft::MoE node.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+
+from moec.zoo.ms_moe import build_two_layer_ms_moe_model
+from moec.zoo.standard import build_two_layer_model
+
+HERE = Path(__file__).resolve().parent
+
+
+def main() -> None:
+    models = {
+        "mixtral_tiny.onnx": build_two_layer_model(
+            "sparse_dispatch", activation="swiglu", hidden=64, inter=128, experts=8, k=2, seed=2026
+        ),
+        "ms_moe_tiny.onnx": build_two_layer_ms_moe_model(
+            activation="swiglu", swiglu_fusion=1, hidden=64, inter=128, experts=8, k=2, seed=2026
+        ),
+    }
+    for name, model in models.items():
+        onnx.save(model, HERE / name)
+        print(f"wrote {HERE / name} ({(HERE / name).stat().st_size / 1e6:.2f} MB)")
+
+
+if __name__ == "__main__":
+    main()
