@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -30,6 +31,9 @@ def staged_directory(out_dir: Path, force: bool) -> Iterator[Path]:
         raise MoecError(f"{out_dir}: output directory exists; pass --force to replace it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the artifact should not be
     try:
         yield staging
         if out_dir.exists():
