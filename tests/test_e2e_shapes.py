@@ -23,8 +23,12 @@ def _as_batch_seq(model: onnx.ModelProto, hidden: int) -> onnx.ModelProto:
     flat_shape = helper.make_tensor("flat_shape", TensorProto.INT64, [2], [-1, hidden])
     graph.initializer.append(flat_shape)
     graph.node.insert(0, helper.make_node("Reshape", ["x", "flat_shape"], ["x_flat"]))
-    graph.node.extend([helper.make_node("Shape", ["x"], ["x_shape"]),
-                       helper.make_node("Reshape", ["y_flat", "x_shape"], ["y"])])
+    graph.node.extend(
+        [
+            helper.make_node("Shape", ["x"], ["x_shape"]),
+            helper.make_node("Reshape", ["y_flat", "x_shape"], ["y"]),
+        ]
+    )
     del graph.input[:], graph.output[:]
     graph.input.append(helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", hidden]))
     graph.output.append(helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", hidden]))
@@ -32,7 +36,9 @@ def _as_batch_seq(model: onnx.ModelProto, hidden: int) -> onnx.ModelProto:
     return out
 
 
-@pytest.mark.parametrize("builder", [build_sparse_dispatch_moe, build_ms_moe_model], ids=["standard", "ms-moe"])
+@pytest.mark.parametrize(
+    "builder", [build_sparse_dispatch_moe, build_ms_moe_model], ids=["standard", "ms-moe"]
+)
 def test_batch_and_sequence_dims_stay_dynamic(tmp_path, builder):
     model = _as_batch_seq(builder(activation="silu", hidden=16, inter=24, experts=4, k=2), 16)
     session = compile_to(model, tmp_path)

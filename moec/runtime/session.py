@@ -12,6 +12,7 @@ from tvm.runtime.vm import VirtualMachine
 
 from moec.build.artifact import read_manifest
 from moec.errors import MoecError
+from moec.runtime.hugepages import HugePageArena
 
 
 class ArtifactSession:
@@ -24,7 +25,8 @@ class ArtifactSession:
         self.device = tvm.cpu()
         self.vm = VirtualMachine(library, self.device)
         stored = tvm.runtime.load_param_dict_from_file(str(self.dir / self.manifest["weights"]))
-        self.params = [stored[name] for name in self.manifest["params"]]
+        self._arena = HugePageArena()
+        self.params = [self._arena.place(stored[name]) for name in self.manifest["params"]]
 
     @property
     def inputs(self) -> list[dict[str, Any]]:
