@@ -15,7 +15,11 @@ from moec.reference.canonical import expert_ffn, route
 from moec.schedule import CpuSchedule
 from tests.helpers import assert_close
 
-SCHEDULES = [CpuSchedule(), CpuSchedule(lanes=4, rows_per_task=3, token_block=3), CpuSchedule(8, 1, 1)]
+SCHEDULES = [
+    CpuSchedule(),
+    CpuSchedule(lanes=4, rows_per_task=3, token_block=3, accumulators=2),
+    CpuSchedule(lanes=8, rows_per_task=1, token_block=1, accumulators=1),
+]
 TARGET = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
 
 
@@ -118,7 +122,9 @@ EXPERT_CASES = [
 ]
 
 
-@pytest.mark.parametrize("schedule", SCHEDULES, ids=lambda s: f"l{s.lanes}r{s.rows_per_task}b{s.token_block}")
+@pytest.mark.parametrize(
+    "schedule", SCHEDULES, ids=lambda s: f"l{s.lanes}r{s.rows_per_task}b{s.token_block}a{s.accumulators}"
+)
 @pytest.mark.parametrize(
     ("activation", "gated", "extra"),
     EXPERT_CASES,

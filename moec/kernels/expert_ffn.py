@@ -28,6 +28,70 @@ def _largest_divisor_at_most(value: int, limit: int) -> int:
     return max(d for d in range(1, min(value, limit) + 1) if value % d == 0)
 
 
+def _largest_pow2_divisor_at_most(value: int, limit: int) -> int:
+    size = 1
+    while size * 2 <= limit and value % (size * 2) == 0:
+        size *= 2
+    return size
+
+
+def _make_dot(length: int, schedule: CpuSchedule, indirect: bool):
+    """A TIR macro ``dot(acc, w, e, j, src, token, p0, count)`` leaving in ``acc[pi, 0]`` the dot of
+    weight row ``w[e, j]`` with source row ``token[p0 + pi]`` (``indirect``) or ``p0 + pi``, for
+    ``pi < count``.
+
+    The ``length``-long dot runs ``accumulators`` independent vector chains, each ``lanes`` wide, so
+    FMA latency is hidden; the partial sums are then folded by halving (log2 steps, not a serial
+    chain). ``acc`` must be a local ``[token_block, lanes * accumulators]`` buffer.
+    """
+    L = _largest_pow2_divisor_at_most(length, schedule.lanes)
+    A = _largest_pow2_divisor_at_most(length // L, schedule.accumulators)
+    W = L * A
+
+    @T.macro
+    def halve(acc, pi, half):
+        for lane in T.vectorized(half):
+            acc[pi, lane] = acc[pi, lane] + acc[pi, lane + half]
+
+    @T.macro
+    def dot(acc, w, e, j, src, token, p0, count):
+        for pi, lane in T.grid(count, W):
+            acc[pi, lane] = T.float32(0)
+        for ho in range(length // W):
+            for a in T.unroll(A):
+                for pi in T.unroll(count):
+                    for lane in T.vectorized(L):
+                        if indirect:
+                            acc[pi, a * L + lane] = (
+                                acc[pi, a * L + lane]
+                                + w[e, j, ho * W + a * L + lane] * src[token[p0 + pi], ho * W + a * L + lane]
+                            )
+                        else:
+                            acc[pi, a * L + lane] = (
+                                acc[pi, a * L + lane]
+                                + w[e, j, ho * W + a * L + lane] * src[p0 + pi, ho * W + a * L + lane]
+                            )
+        for pi in T.unroll(count):
+            if W >= 128:
+                halve(acc, pi, 64)
+            if W >= 64:
+                halve(acc, pi, 32)
+            if W >= 32:
+                halve(acc, pi, 16)
+            if W >= 16:
+                halve(acc, pi, 8)
+            if W >= 8:
+                halve(acc, pi, 4)
+            if W >= 4:
+                halve(acc, pi, 2)
+            if W >= 2:
+                halve(acc, pi, 1)
+
+    if W > 256:
+        raise ValueError(f"lanes x accumulators = {W} is more than the 256 this kernel folds")
+    return dot, W
+
+
 def _activation(name: str, gated: bool, alpha: float, beta: float, limit: float):
     """A TIR expression builder ``(gate, up) -> value`` for the expert activation.
 
@@ -86,25 +150,10 @@ def make_expert_up_kernel(
     offset[E+1], token[n*k]) -> inter[n*k, F]``.
     """
     E, H, F, K = num_experts, hidden, ffn, top_k
-    L = _largest_divisor_at_most(H, schedule.lanes)
     RB = _largest_divisor_at_most(F, schedule.rows_per_task)
     PB = schedule.token_block
     act = _activation(activation, gated, alpha, beta, limit)
-
-    @T.macro
-    def dot(acc, w, e, j, x, token, p0, count):
-        for pi, lane in T.grid(count, L):
-            acc[pi, lane] = T.float32(0)
-        for ho in range(H // L):
-            for pi in T.unroll(count):
-                for lane in T.vectorized(L):
-                    acc[pi, lane] = acc[pi, lane] + w[e, j, ho * L + lane] * x[token[p0 + pi], ho * L + lane]
-
-    @T.macro
-    def lane_sum(acc, out, pi):
-        out[pi] = T.float32(0)
-        for lane in range(L):
-            out[pi] = out[pi] + acc[pi, lane]
+    dot, W = _make_dot(H, schedule, indirect=True)
 
     if gated:
 
@@ -125,28 +174,23 @@ def make_expert_up_kernel(
             token = T.match_buffer(token_h, (n * K,), "int32")
             inter = T.match_buffer(inter_h, (n * K, F), "float32")
             for jo in T.parallel(F // RB):
-                acc_u = T.alloc_buffer((PB, L), "float32", scope="local")
-                acc_g = T.alloc_buffer((PB, L), "float32", scope="local")
-                sum_u = T.alloc_buffer((PB,), "float32", scope="local")
-                sum_g = T.alloc_buffer((PB,), "float32", scope="local")
+                acc_u = T.alloc_buffer((PB, W), "float32", scope="local")
+                acc_g = T.alloc_buffer((PB, W), "float32", scope="local")
                 for e in range(E):
                     for ji in range(RB):
                         for pb in range((offset[e + 1] - offset[e]) // PB):
                             dot(acc_u, w_up, e, jo * RB + ji, x, token, offset[e] + pb * PB, PB)
                             dot(acc_g, w_gate, e, jo * RB + ji, x, token, offset[e] + pb * PB, PB)
                             for pi in range(PB):
-                                lane_sum(acc_u, sum_u, pi)
-                                lane_sum(acc_g, sum_g, pi)
                                 inter[offset[e] + pb * PB + pi, jo * RB + ji] = act(
-                                    sum_g[pi] + b_gate[e, jo * RB + ji], sum_u[pi] + b_up[e, jo * RB + ji]
+                                    acc_g[pi, 0] + b_gate[e, jo * RB + ji],
+                                    acc_u[pi, 0] + b_up[e, jo * RB + ji],
                                 )
                         for pt in range((offset[e + 1] - offset[e]) % PB):
                             dot(acc_u, w_up, e, jo * RB + ji, x, token, offset[e + 1] - pt - 1, 1)
                             dot(acc_g, w_gate, e, jo * RB + ji, x, token, offset[e + 1] - pt - 1, 1)
-                            lane_sum(acc_u, sum_u, 0)
-                            lane_sum(acc_g, sum_g, 0)
                             inter[offset[e + 1] - pt - 1, jo * RB + ji] = act(
-                                sum_g[0] + b_gate[e, jo * RB + ji], sum_u[0] + b_up[e, jo * RB + ji]
+                                acc_g[0, 0] + b_gate[e, jo * RB + ji], acc_u[0, 0] + b_up[e, jo * RB + ji]
                             )
 
         return expert_up
@@ -166,22 +210,19 @@ def make_expert_up_kernel(
         token = T.match_buffer(token_h, (n * K,), "int32")
         inter = T.match_buffer(inter_h, (n * K, F), "float32")
         for jo in T.parallel(F // RB):
-            acc_u = T.alloc_buffer((PB, L), "float32", scope="local")
-            sum_u = T.alloc_buffer((PB,), "float32", scope="local")
+            acc_u = T.alloc_buffer((PB, W), "float32", scope="local")
             for e in range(E):
                 for ji in range(RB):
                     for pb in range((offset[e + 1] - offset[e]) // PB):
                         dot(acc_u, w_up, e, jo * RB + ji, x, token, offset[e] + pb * PB, PB)
                         for pi in range(PB):
-                            lane_sum(acc_u, sum_u, pi)
                             inter[offset[e] + pb * PB + pi, jo * RB + ji] = act(
-                                T.float32(0), sum_u[pi] + b_up[e, jo * RB + ji]
+                                T.float32(0), acc_u[pi, 0] + b_up[e, jo * RB + ji]
                             )
                     for pt in range((offset[e + 1] - offset[e]) % PB):
                         dot(acc_u, w_up, e, jo * RB + ji, x, token, offset[e + 1] - pt - 1, 1)
-                        lane_sum(acc_u, sum_u, 0)
                         inter[offset[e + 1] - pt - 1, jo * RB + ji] = act(
-                            T.float32(0), sum_u[0] + b_up[e, jo * RB + ji]
+                            T.float32(0), acc_u[0, 0] + b_up[e, jo * RB + ji]
                         )
 
     return expert_up_ungated
@@ -196,25 +237,13 @@ def make_expert_down_kernel(
     gain[n*k]) -> y[n, H]``; ``y`` is zeroed first, so the result is the full MoE output.
     """
     E, H, F, K = num_experts, hidden, ffn, top_k
-    L = _largest_divisor_at_most(F, schedule.lanes)
     RB = _largest_divisor_at_most(H, schedule.rows_per_task)
     PB = schedule.token_block
-
-    @T.macro
-    def dot(acc, w, e, j, inter, p0, count):
-        for pi, lane in T.grid(count, L):
-            acc[pi, lane] = T.float32(0)
-        for fo in range(F // L):
-            for pi in T.unroll(count):
-                for lane in T.vectorized(L):
-                    acc[pi, lane] = acc[pi, lane] + w[e, j, fo * L + lane] * inter[p0 + pi, fo * L + lane]
+    dot, W = _make_dot(F, schedule, indirect=False)
 
     @T.macro
     def accumulate(acc, y, b_down, gain, token, e, j, p, pi):
-        s = T.float32(0)
-        for lane in range(L):
-            s = s + acc[pi, lane]
-        y[token[p], j] = y[token[p], j] + gain[p] * (s + b_down[e, j])
+        y[token[p], j] = y[token[p], j] + gain[p] * (acc[pi, 0] + b_down[e, j])
 
     @T.prim_func
     def expert_down(
@@ -233,19 +262,19 @@ def make_expert_down_kernel(
         gain = T.match_buffer(gain_h, (n * K,), "float32")
         y = T.match_buffer(y_h, (n, H), "float32")
         for jo in T.parallel(H // RB):
-            acc = T.alloc_buffer((PB, L), "float32", scope="local")
+            acc = T.alloc_buffer((PB, W), "float32", scope="local")
             for t, ji in T.grid(n, RB):
                 y[t, jo * RB + ji] = T.float32(0)
             for e in range(E):
                 for ji in range(RB):
                     for pb in range((offset[e + 1] - offset[e]) // PB):
-                        dot(acc, w_down, e, jo * RB + ji, inter, offset[e] + pb * PB, PB)
+                        dot(acc, w_down, e, jo * RB + ji, inter, token, offset[e] + pb * PB, PB)
                         for pi in range(PB):
                             accumulate(
                                 acc, y, b_down, gain, token, e, jo * RB + ji, offset[e] + pb * PB + pi, pi
                             )
                     for pt in range((offset[e + 1] - offset[e]) % PB):
-                        dot(acc, w_down, e, jo * RB + ji, inter, offset[e + 1] - pt - 1, 1)
+                        dot(acc, w_down, e, jo * RB + ji, inter, token, offset[e + 1] - pt - 1, 1)
                         accumulate(acc, y, b_down, gain, token, e, jo * RB + ji, offset[e + 1] - pt - 1, 0)
 
     return expert_down
