@@ -47,11 +47,8 @@ def build_manifest(
         layer = block.layer
         entry = layer.describe()
         entry["weights"] = {name.rsplit(".", 1)[1]: name for name in layer_weight_names(block)}
-        offset = 0
-        plan = []
-        for expert in range(layer.num_experts):
-            plan.append({"expert": expert, "kept": True, "precision": "fp32", "offset": offset})
-            offset += layer.expert_bytes()
+        plan = [{"expert": expert, "kept": True, "precision": "fp32", "bytes": layer.expert_bytes()}
+                for expert in range(layer.num_experts)]
         entry["plan"] = plan
         layers.append(entry)
     return {
