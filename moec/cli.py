@@ -54,7 +54,10 @@ def _progress(message: str) -> None:
 
 def _load_inputs(path: Path, session) -> dict[str, np.ndarray]:
     try:
-        with np.load(path, allow_pickle=False) as data:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise MoecError(f"{path}: not an .npz archive; save inputs with numpy.savez(path, name=array)")
+        with data:
             feeds = {k: data[k] for k in data.files}
     except FileNotFoundError as err:
         raise MoecError(f"{path}: no such inputs file") from err
@@ -62,6 +65,37 @@ def _load_inputs(path: Path, session) -> dict[str, np.ndarray]:
         raise MoecError(f"{path}: not a readable .npz file ({err})") from err
     session.check_inputs(feeds, str(path))
     return feeds
+
+
+def _check_interface(onnx_model, session, model: Path, artifact: Path) -> None:
+    """Raise :class:`MoecError` unless MODEL has the inputs and outputs ARTIFACT was compiled with."""
+    from moec.build.compile import graph_inputs, value_info
+
+    found = {v["name"]: v for v in map(value_info, graph_inputs(onnx_model))}
+    for spec in session.inputs:
+        got = found.get(spec["name"])
+        if (
+            got is None
+            or got["dtype"] != spec["dtype"]
+            or len(got["shape"]) != len(spec["shape"])
+            or any(
+                a != b
+                for a, b in zip(got["shape"], spec["shape"], strict=True)
+                if isinstance(a, int) and isinstance(b, int)
+            )
+        ):
+            have = f"{got['shape']} {got['dtype']}" if got else "missing"
+            raise MoecError(
+                f"{model}: input '{spec['name']}' is {have} but {artifact} takes "
+                f"{spec['shape']} {spec['dtype']}; is this the model it was compiled from?"
+            )
+    names = {o.name for o in onnx_model.graph.output}
+    for spec in session.outputs:
+        if spec["name"] not in names:
+            raise MoecError(
+                f"{model}: has no output '{spec['name']}' that {artifact} computes; "
+                "is this the model it was compiled from?"
+            )
 
 
 def _latency_line(times: np.ndarray) -> str:
@@ -177,6 +211,7 @@ def verify(model: Path, artifact: Path, inputs: Path | None, tokens: tuple[int, 
 
     onnx_model = load_model(model)
     session = ArtifactSession(artifact)
+    _check_interface(onnx_model, session, model, artifact)
     cases = []
     if inputs:
         feeds = _load_inputs(inputs, session)
@@ -216,7 +251,7 @@ def inspect(model: Path, as_json: bool) -> None:
         click.echo(json.dumps({"model": str(model), "moe_layers": layers}, indent=2))
         return
     if not layers:
-        click.echo(f"{model}: no MoE layers found; it compiles as an ordinary (dense) model")
+        click.echo(f"{model}: no MoE layers found")
         return
     click.echo(f"{model}: {len(layers)} MoE layer(s)")
     header = (

@@ -103,6 +103,12 @@ def load_target(name_or_path: str) -> TargetSpec:
     simd = hardware.get("simd_bits", "detect")
     simd = _host_simd_bits() if simd == "detect" else _require(hardware, "simd_bits", int, where)
     tvm_table.setdefault("num-cores", cores)
+    _require(tvm_table, "kind", str, f"{where} [tvm]")
+    try:  # a bad [tvm] table is the user's file to fix, not an internal error at codegen time
+        tvm.target.Target(tvm_table)
+    except Exception as err:
+        cause = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise MoecError(f"{where}: [tvm] is not a valid TVM target ({cause})") from err
     schedule = load_schedule(_require(data, "schedule", str, where), simd)
     return TargetSpec(
         name=_require(data, "name", str, where),

@@ -59,8 +59,7 @@ def read_manifest(artifact_dir: Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise MoecError(f"{path}: corrupt manifest ({err}); recompile the model") from err
-    if manifest.get("format") != FORMAT:
-        raise MoecError(
-            f"{path}: unknown artifact format {manifest.get('format')!r}; this moec reads {FORMAT}"
-        )
+    found = manifest.get("format") if isinstance(manifest, dict) else None
+    if found != FORMAT:
+        raise MoecError(f"{path}: unknown artifact format {found!r}; this moec reads {FORMAT}")
     return manifest

@@ -22,7 +22,7 @@ from moec.passes.pipeline import moe_pipeline
 from moec.targets import TargetSpec, load_target
 
 
-def _value_info(value: onnx.ValueInfoProto) -> dict[str, Any]:
+def value_info(value: onnx.ValueInfoProto) -> dict[str, Any]:
     tensor = value.type.tensor_type
     dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tensor.shape.dim]
     return {
@@ -47,8 +47,10 @@ def build_manifest(
         layer = block.layer
         entry = layer.describe()
         entry["weights"] = {name.rsplit(".", 1)[1]: name for name in layer_weight_names(block)}
-        plan = [{"expert": expert, "kept": True, "precision": "fp32", "bytes": layer.expert_bytes()}
-                for expert in range(layer.num_experts)]
+        plan = [
+            {"expert": expert, "kept": True, "precision": "fp32", "bytes": layer.expert_bytes()}
+            for expert in range(layer.num_experts)
+        ]
         entry["plan"] = plan
         layers.append(entry)
     return {
@@ -60,8 +62,8 @@ def build_manifest(
             "sha256": hashlib.sha256(Path(model_path).read_bytes()).hexdigest(),
         },
         "target": target.describe(),
-        "inputs": [_value_info(v) for v in graph_inputs(imported.original)],
-        "outputs": [_value_info(v) for v in imported.original.graph.output],
+        "inputs": [value_info(v) for v in graph_inputs(imported.original)],
+        "outputs": [value_info(v) for v in imported.original.graph.output],
         "params": param_names,
         "library": LIBRARY,
         "weights": WEIGHTS,

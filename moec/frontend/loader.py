@@ -27,6 +27,13 @@ def load_model(path: str | Path) -> onnx.ModelProto:
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as err:
-        first = str(err).strip().splitlines()[0]
-        raise MoecError(f"{path}: invalid ONNX model: {first}; re-export it or fix the graph") from err
+        detail = " ".join(str(err).split())  # the checker names the node on a later line
+        raise MoecError(f"{path}: invalid ONNX model: {detail}; re-export it or fix the graph") from err
+    latest = onnx.defs.onnx_opset_version()
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx") and not 1 <= opset.version <= latest:
+            raise MoecError(
+                f"{path}: invalid ONNX model: default-domain opset {opset.version} is outside "
+                f"1..{latest} (what this onnx knows); re-export it with a supported opset"
+            )
     return model

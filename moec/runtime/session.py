@@ -21,10 +21,18 @@ class ArtifactSession:
     def __init__(self, artifact_dir: str | Path) -> None:
         self.dir = Path(artifact_dir)
         self.manifest: dict[str, Any] = read_manifest(self.dir)
-        library = tvm.runtime.load_module(str(self.dir / self.manifest["library"]))
-        self.device = tvm.cpu()
-        self.vm = VirtualMachine(library, self.device)
-        stored = tvm.runtime.load_param_dict_from_file(str(self.dir / self.manifest["weights"]))
+        try:  # a damaged artifact is the user's to fix (recompile), not an internal error
+            library = tvm.runtime.load_module(str(self.dir / self.manifest["library"]))
+            self.device = tvm.cpu()
+            self.vm = VirtualMachine(library, self.device)
+            stored = tvm.runtime.load_param_dict_from_file(str(self.dir / self.manifest["weights"]))
+            missing = [name for name in self.manifest["params"] if name not in stored]
+        except Exception as err:
+            cause = (str(err).strip().splitlines() or [type(err).__name__])[-1].strip()
+            raise MoecError(f"{self.dir}: damaged artifact ({cause}); recompile the model") from err
+        if missing:
+            cause = f"weights lack {missing[0]!r}"
+            raise MoecError(f"{self.dir}: damaged artifact ({cause}); recompile the model")
         self._arena = HugePageArena()
         self.params = [self._arena.place(stored[name]) for name in self.manifest["params"]]
 
