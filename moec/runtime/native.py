@@ -1,0 +1,151 @@
+"""Build and drive ``moec-runner``, the standalone C++ program that runs an artifact on a board.
+
+The runner (``native/runner.cc``) links only TVM's runtime libraries (``libtvm_runtime.so`` and
+``libtvm_ffi.so``), never the compiler, so what it computes is what a deployed board computes.
+This module compiles it against the installed wheels and runs it on numpy feeds, for tests and
+for ``moec`` commands that want the deployed path rather than the Python one.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from moec.build.artifact import read_manifest
+from moec.errors import MoecError
+
+SOURCE = Path(__file__).parent / "native" / "runner.cc"
+
+
+def package_dir(name: str) -> Path:
+    """Directory of an installed package, found without importing it (``tvm`` loads its compiler)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise MoecError(f"package '{name}' is not installed; install moec's dependencies")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def runtime_paths() -> tuple[Path, list[Path]]:
+    """The tvm-ffi include directory and the directories holding libtvm_runtime.so and libtvm_ffi.so.
+
+    The tvm-ffi headers suffice: the runner uses only tvm-ffi types and runtime functions found
+    by name, and the tvm wheel's own ``tvm/runtime/tensor.h`` includes a header it does not ship.
+    """
+    ffi_dir, tvm_dir = package_dir("tvm_ffi"), package_dir("tvm")
+    include = ffi_dir / "include"
+    lib_dirs = [tvm_dir / "lib", ffi_dir / "lib"]
+    for path in [
+        include / "tvm" / "ffi" / "function.h",
+        lib_dirs[0] / "libtvm_runtime.so",
+        lib_dirs[1] / "libtvm_ffi.so",
+    ]:
+        if not path.exists():
+            raise MoecError(f"{path}: missing from the installed TVM wheels; reinstall apache-tvm(-ffi)")
+    return include, lib_dirs
+
+
+def build_command(out_path: Path, cxx: str = "g++") -> list[str]:
+    """The compiler command line that builds the runner at ``out_path``.
+
+    ``--no-as-needed`` keeps libtvm_runtime.so linked although no symbol of it is named: its
+    static initialisers register the global functions and the Relax VM loader the runner needs.
+    The rpath is ``$ORIGIN`` (deployment: copy both libraries next to the binary) and then the
+    wheels' library directories (here).
+    """
+    include, lib_dirs = runtime_paths()
+    command = [
+        cxx,
+        "-std=c++17",
+        "-O2",
+        "-Wall",
+        "-Wextra",
+        "-isystem",
+        str(include),
+        str(SOURCE),
+        "-o",
+        str(out_path),
+    ]
+    command += [f"-L{d}" for d in lib_dirs]
+    command += ["-Wl,--no-as-needed", "-ltvm_runtime", "-ltvm_ffi", "-Wl,--as-needed"]
+    command += ["-Wl,-rpath,$ORIGIN"] + [f"-Wl,-rpath,{d}" for d in lib_dirs]
+    return command
+
+
+def build_runner(out_path: Path, cxx: str = "g++") -> Path:
+    """Compile ``runner.cc`` into ``out_path`` unless a build at least as new as the source is there.
+
+    The binary is written to a temporary name and renamed into place, so a failed or concurrent
+    build never leaves a half-written runner.
+    """
+    out_path = Path(out_path)
+    if out_path.exists() and out_path.stat().st_mtime >= SOURCE.stat().st_mtime:
+        return out_path
+    if shutil.which(cxx) is None:
+        raise MoecError(
+            f"{cxx}: C++ compiler not found; install g++ (e.g. 'apt-get install g++') "
+            "to build the native runner"
+        )
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", dir=out_path.parent)
+    os.close(fd)
+    temp = Path(temp_name)
+    try:
+        result = subprocess.run(build_command(temp, cxx), capture_output=True, text=True)
+        if result.returncode != 0:
+            errors = [line for line in result.stderr.splitlines() if "error" in line]
+            detail = (errors or result.stderr.strip().splitlines() or ["no output"])[0]
+            raise MoecError(f"{SOURCE}: building the native runner with {cxx} failed: {detail}")
+        temp.chmod(0o755)
+        temp.replace(out_path)
+    finally:
+        temp.unlink(missing_ok=True)
+    return out_path
+
+
+def output_file_stem(name: str) -> str:
+    """The runner's file name (without ``.npy``) for output ``name``; mirrors ``FileStem`` in runner.cc."""
+    stem = name.replace("/", "_").replace("\\", "_")
+    return "_" + stem if stem in ("", ".", "..") else stem
+
+
+def run_native(
+    runner: Path,
+    artifact_dir: Path,
+    feeds: dict[str, np.ndarray],
+    repeat: int = 0,
+    warmup: int | None = None,
+) -> tuple[dict[str, np.ndarray], str]:
+    """Run ``artifact_dir`` with the native runner; return its outputs by name and its stdout.
+
+    Feeds go through ``.npy`` files exactly as a user on a board would pass them. With
+    ``repeat`` > 0 the runner also times that many calls and prints its latency line. A failure
+    raises :class:`MoecError` carrying the runner's one-line message.
+    """
+    manifest = read_manifest(Path(artifact_dir))
+    with tempfile.TemporaryDirectory(prefix="moec-native-") as scratch:
+        work = Path(scratch)
+        command = [str(runner), str(artifact_dir)]
+        for index, (name, value) in enumerate(feeds.items()):
+            path = work / f"input{index}.npy"
+            np.save(path, np.ascontiguousarray(value))
+            command += ["--input", f"{name}={path}"]
+        command += ["--output-dir", str(work / "out")]
+        if repeat > 0:
+            command += ["--repeat", str(repeat)]
+        if warmup is not None:
+            command += ["--warmup", str(warmup)]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            lines = result.stderr.strip().splitlines() or [f"exit status {result.returncode}"]
+            raise MoecError(f"{artifact_dir}: native runner failed: {lines[-1]}")
+        outputs = {
+            spec["name"]: np.load(work / "out" / f"{output_file_stem(spec['name'])}.npy")
+            for spec in manifest["outputs"]
+        }
+    return outputs, result.stdout

@@ -1,0 +1,613 @@
+// moec-runner: run a moec artifact with TVM's runtime alone (no Python, no compiler).
+//
+// This is the program a user deploys on a board next to the artifact directory. It links only
+// libtvm_runtime.so and libtvm_ffi.so:
+//
+//   moec-runner ARTIFACT_DIR --input NAME=path.npy ... --output-dir DIR [--repeat N] [--warmup W]
+//
+// It reads manifest.json (input, output and weight names), loads weights.params with the
+// runtime's own param-dict loader (global function "runtime.LoadParamsFromFile"), loads the
+// model library, creates the Relax VM ("vm_load_executable", "vm_initialization"), runs
+// main(*inputs, *params) once and writes each output as DIR/<output name>.npy ('/' in a name
+// becomes '_'). With
+// --repeat N it then times N further runs (after W warmups, inputs already on the device).
+// Every failure is one line on stderr ("moec-runner: error: ...") and exit status 1; usage
+// errors (the line then ends with the usage) exit with status 2.
+
+#include <dlpack/dlpack.h>
+#include <tvm/ffi/any.h>
+#include <tvm/ffi/container/array.h>
+#include <tvm/ffi/container/map.h>
+#include <tvm/ffi/container/shape.h>
+#include <tvm/ffi/container/tensor.h>
+#include <tvm/ffi/error.h>
+#include <tvm/ffi/extra/json.h>
+#include <tvm/ffi/extra/module.h>
+#include <tvm/ffi/function.h>
+#include <tvm/ffi/optional.h>
+#include <tvm/ffi/string.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace ffi = tvm::ffi;
+namespace fs = std::filesystem;
+
+namespace {
+
+const char* const kUsage =
+    "usage: moec-runner ARTIFACT_DIR --input NAME=path.npy ... --output-dir DIR "
+    "[--repeat N] [--warmup W]";
+const char* const kFormat = "moec-artifact/1";
+
+// A user-facing failure: printed as one line, exit status 1.
+struct Failure : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// A command-line mistake: printed with the usage line, exit status 2.
+struct UsageError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// Newlines folded away so that every message stays on one line.
+std::string OneLine(std::string text) {
+  for (char& c : text) {
+    if (c == '\n' || c == '\r') c = ' ';
+  }
+  while (!text.empty() && text.back() == ' ') text.pop_back();
+  return text;
+}
+
+// ---------------------------------------------------------------------------------------------
+// dtypes: numpy names (manifest), npy descriptors (files) and DLPack types, one table.
+
+struct DType {
+  const char* name;   // numpy name, as in manifest.json
+  const char* descr;  // npy descriptor, little-endian
+  DLDataType dl;
+};
+
+const DType kDTypes[] = {
+    {"float32", "<f4", {kDLFloat, 32, 1}}, {"float64", "<f8", {kDLFloat, 64, 1}},
+    {"float16", "<f2", {kDLFloat, 16, 1}}, {"int64", "<i8", {kDLInt, 64, 1}},
+    {"int32", "<i4", {kDLInt, 32, 1}},     {"int16", "<i2", {kDLInt, 16, 1}},
+    {"int8", "|i1", {kDLInt, 8, 1}},       {"uint8", "|u1", {kDLUInt, 8, 1}},
+    {"bool", "|b1", {kDLBool, 8, 1}},
+};
+
+const DType* DTypeFromDescr(const std::string& descr) {
+  for (const DType& t : kDTypes) {
+    // numpy writes one-byte types with '|' but accepts '<' and '=' too.
+    if (descr == t.descr || (t.descr[0] == '|' && descr.size() == 3 &&
+                             (descr[0] == '<' || descr[0] == '=') && descr.substr(1) == t.descr + 1)) {
+      return &t;
+    }
+  }
+  return nullptr;
+}
+
+const DType* DTypeFromDL(DLDataType dl) {
+  for (const DType& t : kDTypes) {
+    if (t.dl.code == dl.code && t.dl.bits == dl.bits && t.dl.lanes == dl.lanes) return &t;
+  }
+  return nullptr;
+}
+
+size_t ItemSize(const DType& t) { return (t.dl.bits + 7) / 8; }
+
+// ---------------------------------------------------------------------------------------------
+// .npy files (format versions 1-3, C order, little-endian).
+
+struct Array {
+  const DType* dtype = nullptr;
+  std::vector<int64_t> shape;
+  std::string data;  // raw bytes, C order
+
+  int64_t Count() const {
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    return n;
+  }
+};
+
+std::string ReadFile(const fs::path& path, const std::string& what) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw Failure(path.string() + ": cannot read " + what);
+  std::ostringstream buffer;
+  buffer << in.rdbuf();
+  return buffer.str();
+}
+
+// The value after 'key': in a numpy header dict, as raw text up to the next top-level ',' or '}'.
+std::string HeaderField(const std::string& header, const std::string& key, const std::string& path) {
+  size_t at = header.find("'" + key + "'");
+  if (at == std::string::npos) throw Failure(path + ": bad npy header (no '" + key + "')");
+  at = header.find(':', at);
+  if (at == std::string::npos) throw Failure(path + ": bad npy header (" + key + ")");
+  ++at;
+  while (at < header.size() && header[at] == ' ') ++at;
+  size_t end = at;
+  int depth = 0;
+  while (end < header.size()) {
+    char c = header[end];
+    if (c == '(' || c == '[') ++depth;
+    if (c == ')' || c == ']') --depth;
+    if (depth == 0 && (c == ',' || c == '}')) break;
+    ++end;
+  }
+  if (end == header.size() || depth != 0) throw Failure(path + ": bad npy header (" + key + ")");
+  std::string value = header.substr(at, end - at);
+  while (!value.empty() && value.back() == ' ') value.pop_back();
+  return value;
+}
+
+Array LoadNpy(const std::string& path) {
+  if (!fs::is_regular_file(path)) throw Failure(path + ": no such .npy file");
+  std::string bytes = ReadFile(path, ".npy file");
+  if (bytes.size() < 10 || bytes.compare(0, 6, "\x93NUMPY") != 0) {
+    throw Failure(path + ": not a .npy file (bad magic)");
+  }
+  const auto* u = reinterpret_cast<const unsigned char*>(bytes.data());
+  int major = u[6];
+  size_t header_len, offset;
+  if (major == 1) {
+    header_len = u[8] | (u[9] << 8);
+    offset = 10;
+  } else if (major == 2 || major == 3) {
+    if (bytes.size() < 12) throw Failure(path + ": truncated .npy header");
+    header_len = static_cast<size_t>(u[8]) | (static_cast<size_t>(u[9]) << 8) |
+                 (static_cast<size_t>(u[10]) << 16) | (static_cast<size_t>(u[11]) << 24);
+    offset = 12;
+  } else {
+    throw Failure(path + ": unsupported .npy format version " + std::to_string(major));
+  }
+  if (bytes.size() < offset + header_len) throw Failure(path + ": truncated .npy header");
+  std::string header = bytes.substr(offset, header_len);
+
+  std::string descr = HeaderField(header, "descr", path);
+  if (descr.size() < 2 || (descr.front() != '\'' && descr.front() != '"')) {
+    throw Failure(path + ": unsupported npy dtype " + descr + " (structured arrays are not supported)");
+  }
+  descr = descr.substr(1, descr.size() - 2);
+  Array array;
+  array.dtype = DTypeFromDescr(descr);
+  if (array.dtype == nullptr) {
+    throw Failure(path + ": unsupported npy dtype '" + descr +
+                  "' (supported: little-endian float32, float64, float16, int64, int32, int16, int8, "
+                  "uint8, bool)");
+  }
+  if (HeaderField(header, "fortran_order", path) != "False") {
+    throw Failure(path + ": Fortran-order .npy is not supported; save with np.ascontiguousarray");
+  }
+  std::string shape = HeaderField(header, "shape", path);
+  if (shape.size() < 2 || shape.front() != '(' || shape.back() != ')') {
+    throw Failure(path + ": bad npy header (shape " + shape + ")");
+  }
+  std::stringstream dims(shape.substr(1, shape.size() - 2));
+  std::string item;
+  while (std::getline(dims, item, ',')) {
+    size_t first = item.find_first_not_of(' ');
+    if (first == std::string::npos) continue;  // the trailing comma of "(3,)"
+    size_t used = 0;
+    long long dim = -1;
+    try {
+      dim = std::stoll(item.substr(first), &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    std::string rest = item.substr(first + used);
+    if (used == 0 || dim < 0 || rest.find_first_not_of(" L") != std::string::npos) {
+      throw Failure(path + ": bad npy header (shape " + shape + ")");
+    }
+    array.shape.push_back(dim);
+  }
+  size_t expected = static_cast<size_t>(array.Count()) * ItemSize(*array.dtype);
+  size_t have = bytes.size() - offset - header_len;
+  if (have != expected) {
+    throw Failure(path + ": .npy data has " + std::to_string(have) + " bytes, its header says " +
+                  std::to_string(expected));
+  }
+  array.data = bytes.substr(offset + header_len);
+  return array;
+}
+
+void SaveNpy(const fs::path& path, const DType& dtype, const std::vector<int64_t>& shape,
+             const std::string& data) {
+  std::string dims;
+  for (int64_t d : shape) dims += std::to_string(d) + ", ";
+  if (shape.size() > 1) dims.resize(dims.size() - 2);
+  if (shape.size() == 1) dims.resize(dims.size() - 1);  // "(3,)"
+  std::string header = std::string("{'descr': '") + dtype.descr +
+                       "', 'fortran_order': False, 'shape': (" + dims + "), }";
+  size_t total = 10 + header.size() + 1;  // magic+version+length, header, newline
+  header.append((64 - total % 64) % 64, ' ');
+  header.push_back('\n');
+  if (header.size() > 65535) throw Failure(path.string() + ": npy header too long");
+  std::ofstream out(path, std::ios::binary);
+  if (!out) throw Failure(path.string() + ": cannot write output");
+  out.write("\x93NUMPY\x01\x00", 8);
+  const unsigned char len[2] = {static_cast<unsigned char>(header.size() & 0xff),
+                                static_cast<unsigned char>(header.size() >> 8)};
+  out.write(reinterpret_cast<const char*>(len), 2);
+  out.write(header.data(), static_cast<std::streamsize>(header.size()));
+  out.write(data.data(), static_cast<std::streamsize>(data.size()));
+  if (!out) throw Failure(path.string() + ": cannot write output");
+}
+
+// ---------------------------------------------------------------------------------------------
+// manifest.json, parsed with tvm-ffi's JSON reader (part of libtvm_ffi, which we link anyway).
+
+struct TensorSpec {
+  std::string name;
+  std::string dtype;                  // numpy name
+  std::vector<int64_t> shape;         // -1 for a symbolic dimension
+};
+
+struct Manifest {
+  std::string library = "model.so";
+  std::string weights = "weights.params";
+  std::vector<TensorSpec> inputs, outputs;
+  std::vector<std::string> params;
+};
+
+ffi::Any Field(const ffi::Map<ffi::Any, ffi::Any>& object, const char* key, const std::string& where) {
+  auto found = object.Get(ffi::String(key));
+  if (!found.has_value()) throw Failure(where + ": manifest has no '" + key + "'; recompile the model");
+  return *found;
+}
+
+std::string AsString(const ffi::Any& value, const std::string& where) {
+  auto text = value.try_cast<ffi::String>();
+  if (!text.has_value()) throw Failure(where + ": expected a string; recompile the model");
+  return std::string(*text);
+}
+
+ffi::Array<ffi::Any> AsList(const ffi::Any& value, const std::string& where) {
+  auto list = value.try_cast<ffi::Array<ffi::Any>>();
+  if (!list.has_value()) throw Failure(where + ": expected a list; recompile the model");
+  return *list;
+}
+
+std::vector<TensorSpec> ParseSpecs(const ffi::Map<ffi::Any, ffi::Any>& root, const char* key,
+                                   const std::string& where) {
+  std::vector<TensorSpec> specs;
+  std::string here = where + " '" + key + "'";
+  for (const ffi::Any& entry : AsList(Field(root, key, where), here)) {
+    auto object = entry.try_cast<ffi::Map<ffi::Any, ffi::Any>>();
+    if (!object.has_value()) throw Failure(here + ": expected objects; recompile the model");
+    TensorSpec spec;
+    spec.name = AsString(Field(*object, "name", here), here + " name");
+    spec.dtype = AsString(Field(*object, "dtype", here), here + " dtype");
+    for (const ffi::Any& dim : AsList(Field(*object, "shape", here), here + " shape")) {
+      auto fixed = dim.as<int64_t>();  // exact ints only: symbolic dimensions are strings
+      spec.shape.push_back(fixed.has_value() ? *fixed : -1);
+    }
+    specs.push_back(std::move(spec));
+  }
+  return specs;
+}
+
+Manifest LoadManifest(const fs::path& dir) {
+  fs::path path = dir / "manifest.json";
+  if (!fs::is_directory(dir)) throw Failure(dir.string() + ": no such artifact directory");
+  if (!fs::is_regular_file(path)) {
+    throw Failure(dir.string() + ": not a moec artifact directory (no manifest.json)");
+  }
+  std::string where = path.string();
+  ffi::String error;
+  ffi::Any root_value = ffi::json::Parse(ReadFile(path, "manifest"), &error);
+  if (!error.empty()) throw Failure(where + ": corrupt manifest (" + OneLine(error) + ")");
+  auto root = root_value.try_cast<ffi::Map<ffi::Any, ffi::Any>>();
+  if (!root.has_value()) throw Failure(where + ": corrupt manifest (not an object)");
+  std::string format = AsString(Field(*root, "format", where), where + " format");
+  if (format != kFormat) {
+    throw Failure(where + ": unknown artifact format '" + format + "'; this runner reads " + kFormat);
+  }
+  Manifest manifest;
+  if (root->count(ffi::String("library"))) {
+    manifest.library = AsString(Field(*root, "library", where), where + " library");
+  }
+  if (root->count(ffi::String("weights"))) {
+    manifest.weights = AsString(Field(*root, "weights", where), where + " weights");
+  }
+  manifest.inputs = ParseSpecs(*root, "inputs", where);
+  manifest.outputs = ParseSpecs(*root, "outputs", where);
+  for (const ffi::Any& name : AsList(Field(*root, "params", where), where + " 'params'")) {
+    manifest.params.push_back(AsString(name, where + " 'params'"));
+  }
+  return manifest;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tensors, through the runtime's registered global functions.
+
+const DLDevice kCPU = {kDLCPU, 0};
+
+ffi::Tensor ToDevice(const Array& array) {
+  ffi::Function alloc = ffi::Function::GetGlobalRequired("runtime.TVMTensorAllocWithScope");
+  ffi::Function copy = ffi::Function::GetGlobalRequired("runtime.TVMTensorCopyFromBytes");
+  ffi::Shape shape(array.shape.begin(), array.shape.end());
+  ffi::Tensor tensor = alloc(shape, array.dtype->dl, kCPU, ffi::Optional<ffi::String>()).cast<ffi::Tensor>();
+  copy(tensor, static_cast<void*>(const_cast<char*>(array.data.data())), static_cast<int64_t>(array.data.size()));
+  return tensor;
+}
+
+void WriteOutput(const ffi::Tensor& tensor, const fs::path& path) {
+  ffi::Function copy = ffi::Function::GetGlobalRequired("runtime.TVMTensorCopyToBytes");
+  const DType* dtype = DTypeFromDL(tensor.dtype());
+  if (dtype == nullptr) {
+    throw Failure(path.string() + ": output dtype (code " + std::to_string(tensor.dtype().code) + ", " +
+                  std::to_string(tensor.dtype().bits) + " bits) has no npy equivalent here");
+  }
+  std::vector<int64_t> shape(tensor.shape().begin(), tensor.shape().end());
+  int64_t count = 1;
+  for (int64_t d : shape) count *= d;
+  std::string data(static_cast<size_t>(count) * ItemSize(*dtype), '\0');
+  if (!data.empty()) copy(tensor, static_cast<void*>(data.data()), static_cast<int64_t>(data.size()));
+  SaveNpy(path, *dtype, shape, data);
+}
+
+// An output's file name: its ONNX name with path separators replaced ("a/b" -> "a_b.npy").
+std::string FileStem(std::string name) {
+  std::replace(name.begin(), name.end(), '/', '_');
+  std::replace(name.begin(), name.end(), '\\', '_');
+  return name.empty() || name == "." || name == ".." ? "_" + name : name;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Command line.
+
+struct Options {
+  fs::path artifact;
+  std::vector<std::pair<std::string, std::string>> inputs;  // name, path
+  fs::path output_dir;
+  int repeat = 0;
+  int warmup = 5;
+};
+
+int ParseCount(const std::string& flag, const std::string& text) {
+  size_t used = 0;
+  long value = -1;
+  try {
+    value = std::stol(text, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (used != text.size() || text.empty() || value < 0 || value > 1000000000) {
+    throw UsageError(flag + " expects a non-negative integer, got '" + text + "'");
+  }
+  return static_cast<int>(value);
+}
+
+Options ParseArgs(int argc, char** argv) {
+  Options options;
+  bool have_artifact = false;
+  for (int i = 1; i < argc; ++i) {
+    std::string arg = argv[i];
+    std::string value;
+    bool inline_value = false;
+    if (arg.rfind("--", 0) == 0 && arg.find('=') != std::string::npos) {
+      value = arg.substr(arg.find('=') + 1);
+      arg = arg.substr(0, arg.find('='));
+      inline_value = true;
+    }
+    auto next = [&]() -> std::string {
+      if (inline_value) return value;
+      if (i + 1 >= argc) throw UsageError(arg + " needs a value");
+      return argv[++i];
+    };
+    if (arg == "-h" || arg == "--help") {
+      std::printf("%s\n", kUsage);
+      std::exit(0);
+    } else if (arg == "--input") {
+      std::string spec = next();
+      size_t eq = spec.find('=');
+      if (eq == std::string::npos || eq == 0 || eq + 1 == spec.size()) {
+        throw UsageError("--input expects NAME=path.npy, got '" + spec + "'");
+      }
+      options.inputs.emplace_back(spec.substr(0, eq), spec.substr(eq + 1));
+    } else if (arg == "--output-dir") {
+      options.output_dir = next();
+    } else if (arg == "--repeat") {
+      options.repeat = ParseCount(arg, next());
+    } else if (arg == "--warmup") {
+      options.warmup = ParseCount(arg, next());
+    } else if (arg.rfind("-", 0) == 0 && arg.size() > 1) {
+      throw UsageError("unknown option " + arg);
+    } else if (!have_artifact) {
+      options.artifact = arg;
+      have_artifact = true;
+    } else {
+      throw UsageError("unexpected argument '" + arg + "'");
+    }
+  }
+  if (!have_artifact) throw UsageError("missing ARTIFACT_DIR");
+  if (options.output_dir.empty()) throw UsageError("missing --output-dir");
+  return options;
+}
+
+// ---------------------------------------------------------------------------------------------
+
+// "[?, 32]": a shape, with -1 (a symbolic dimension) as '?'.
+std::string ShapeText(const std::vector<int64_t>& shape) {
+  std::string text = "[";
+  for (size_t i = 0; i < shape.size(); ++i) {
+    if (i) text += ", ";
+    text += shape[i] < 0 ? "?" : std::to_string(shape[i]);
+  }
+  return text + "]";
+}
+
+// Inputs in manifest order, checked against the manifest's names, dtypes and fixed dimensions.
+std::vector<Array> LoadInputs(const Manifest& manifest, const Options& options) {
+  std::map<std::string, std::string> given;
+  std::string expected;
+  for (const TensorSpec& spec : manifest.inputs) expected += (expected.empty() ? "" : ", ") + spec.name;
+  for (const auto& [name, path] : options.inputs) {
+    bool known = std::any_of(manifest.inputs.begin(), manifest.inputs.end(),
+                             [&](const TensorSpec& s) { return s.name == name; });
+    if (!known) throw Failure("unknown input '" + name + "' (expected: " + expected + ")");
+    if (!given.emplace(name, path).second) throw Failure("input '" + name + "' given twice");
+  }
+  std::vector<Array> arrays;
+  for (const TensorSpec& spec : manifest.inputs) {
+    auto found = given.find(spec.name);
+    if (found == given.end()) {
+      throw Failure("missing input '" + spec.name + "' (pass --input " + spec.name +
+                    "=path.npy; expected: " + expected + ")");
+    }
+    Array array = LoadNpy(found->second);
+    if (spec.dtype != array.dtype->name) {
+      throw Failure(found->second + ": input '" + spec.name + "' has dtype " + array.dtype->name +
+                    ", expected " + spec.dtype);
+    }
+    bool fits = array.shape.size() == spec.shape.size();
+    for (size_t i = 0; fits && i < spec.shape.size(); ++i) {
+      fits = spec.shape[i] < 0 || spec.shape[i] == array.shape[i];
+    }
+    if (!fits) {
+      throw Failure(found->second + ": input '" + spec.name + "' has shape " + ShapeText(array.shape) +
+                    ", expected " + ShapeText(spec.shape));
+    }
+    arrays.push_back(std::move(array));
+  }
+  return arrays;
+}
+
+std::vector<ffi::Tensor> Outputs(const ffi::Any& result, size_t expected) {
+  std::vector<ffi::Tensor> tensors;
+  if (auto tensor = result.try_cast<ffi::Tensor>()) {
+    tensors.push_back(*tensor);
+  } else if (auto tuple = result.try_cast<ffi::Array<ffi::Any>>()) {
+    for (const ffi::Any& item : *tuple) {
+      auto element = item.try_cast<ffi::Tensor>();
+      if (!element.has_value()) throw Failure("main returned a tuple holding a non-tensor");
+      tensors.push_back(*element);
+    }
+  } else {
+    throw Failure("main returned " + std::string(result.GetTypeKey()) + ", expected tensors");
+  }
+  if (tensors.size() != expected) {
+    throw Failure("main returned " + std::to_string(tensors.size()) + " outputs, the manifest names " +
+                  std::to_string(expected) + "; recompile the model");
+  }
+  return tensors;
+}
+
+double Percentile(std::vector<double> sorted, double q) {  // numpy's default (linear) method
+  double at = q / 100.0 * static_cast<double>(sorted.size() - 1);
+  size_t low = static_cast<size_t>(at);
+  size_t high = std::min(low + 1, sorted.size() - 1);
+  return sorted[low] + (sorted[high] - sorted[low]) * (at - static_cast<double>(low));
+}
+
+int Run(const Options& options) {
+  Manifest manifest = LoadManifest(options.artifact);
+  fs::path library = options.artifact / manifest.library;
+  fs::path weights = options.artifact / manifest.weights;
+  for (const fs::path& path : {library, weights}) {
+    if (!fs::is_regular_file(path)) {
+      throw Failure(options.artifact.string() + ": damaged artifact (no " + path.filename().string() +
+                    "); recompile the model");
+    }
+  }
+  std::vector<Array> arrays = LoadInputs(manifest, options);
+
+  // Weights: the runtime's own loader for save_param_dict files; a Map from name to tensor.
+  ffi::Map<ffi::String, ffi::Tensor> stored;
+  try {
+    stored = ffi::Function::GetGlobalRequired("runtime.LoadParamsFromFile")(ffi::String(weights.string()))
+                 .cast<ffi::Map<ffi::String, ffi::Tensor>>();
+  } catch (const ffi::Error& err) {
+    throw Failure(weights.string() + ": damaged weights (" + OneLine(err.message()) + "); recompile the model");
+  }
+  std::vector<ffi::Any> args;
+  for (const Array& array : arrays) args.emplace_back(ToDevice(array));
+  for (const std::string& name : manifest.params) {
+    auto tensor = stored.Get(ffi::String(name));
+    if (!tensor.has_value()) {
+      throw Failure(weights.string() + ": weights lack '" + name + "'; recompile the model");
+    }
+    args.emplace_back(*tensor);
+  }
+
+  // The Relax VM: the library's executable, initialised for the CPU with the pooled allocator.
+  ffi::Optional<ffi::Module> vm;
+  try {
+    ffi::Module module = ffi::Module::LoadFromFile(ffi::String(library.string()));
+    auto load = module->GetFunction(ffi::String("vm_load_executable"), true);
+    if (!load.has_value()) throw Failure(library.string() + ": not a Relax VM executable; recompile the model");
+    vm = (*load)().cast<ffi::Module>();
+  } catch (const ffi::Error& err) {
+    throw Failure(library.string() + ": cannot load (" + OneLine(err.message()) + "); recompile the model");
+  }
+  const int kPooledAllocator = 2;
+  (*vm)->GetFunction(ffi::String("vm_initialization"), false).value()(static_cast<int>(kDLCPU), 0,
+                                                                     kPooledAllocator);
+  auto main_fn = (*vm)->GetFunction(ffi::String("main"), false);
+  if (!main_fn.has_value()) throw Failure(library.string() + ": executable has no 'main'");
+
+  std::vector<ffi::AnyView> views(args.begin(), args.end());
+  auto call = [&]() {
+    ffi::Any result;
+    main_fn->CallPacked(views.data(), static_cast<int32_t>(views.size()), &result);
+    return result;
+  };
+
+  std::vector<ffi::Tensor> outputs = Outputs(call(), manifest.outputs.size());
+  std::error_code made;
+  fs::create_directories(options.output_dir, made);
+  if (!fs::is_directory(options.output_dir)) {
+    throw Failure(options.output_dir.string() + ": cannot create output directory");
+  }
+  for (size_t i = 0; i < outputs.size(); ++i) {
+    WriteOutput(outputs[i], options.output_dir / (FileStem(manifest.outputs[i].name) + ".npy"));
+  }
+  outputs.clear();
+
+  if (options.repeat > 0) {
+    for (int i = 0; i < options.warmup; ++i) call();
+    std::vector<double> ms;
+    for (int i = 0; i < options.repeat; ++i) {
+      auto start = std::chrono::steady_clock::now();
+      call();
+      auto stop = std::chrono::steady_clock::now();
+      ms.push_back(std::chrono::duration<double, std::milli>(stop - start).count());
+    }
+    double mean = 0;
+    for (double t : ms) mean += t / static_cast<double>(ms.size());
+    std::sort(ms.begin(), ms.end());
+    std::printf("latency over %d runs: mean %.4f ms, p50 %.4f ms, p99 %.4f ms\n", options.repeat, mean,
+                Percentile(ms, 50), Percentile(ms, 99));
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return Run(ParseArgs(argc, argv));
+  } catch (const UsageError& err) {
+    std::fprintf(stderr, "moec-runner: error: %s; %s\n", OneLine(err.what()).c_str(), kUsage);
+    return 2;
+  } catch (const ffi::Error& err) {
+    std::fprintf(stderr, "moec-runner: error: %s: %s\n", err.kind().c_str(), OneLine(err.message()).c_str());
+    return 1;
+  } catch (const std::exception& err) {
+    std::fprintf(stderr, "moec-runner: error: %s\n", OneLine(err.what()).c_str());
+    return 1;
+  }
+}
