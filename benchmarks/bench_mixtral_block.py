@@ -156,10 +156,15 @@ def cpu_model() -> str:
 def git_revision() -> str:
     """Short HEAD commit of the repository, marked when the tree has uncommitted changes."""
     try:
-        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain"],
-                               capture_output=True, text=True, check=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain"], capture_output=True, text=True, check=True
+        ).stdout.strip()
         return head + (" + uncommitted changes" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -182,9 +187,18 @@ def build_models(workdir: Path) -> dict[str, Any]:
     from moec.zoo.standard import build_dense_batched_moe
 
     weights: dict[str, Any] = {}
-    std = build_dense_batched_moe(hidden=HIDDEN, inter=FFN, experts=EXPERTS, k=TOP_K,
-                                  activation="swiglu", normalize=True, expert_bias=False,
-                                  router_bias=False, seed=WEIGHT_SEED, weights_out=weights)
+    std = build_dense_batched_moe(
+        hidden=HIDDEN,
+        inter=FFN,
+        experts=EXPERTS,
+        k=TOP_K,
+        activation="swiglu",
+        normalize=True,
+        expert_bias=False,
+        router_bias=False,
+        seed=WEIGHT_SEED,
+        weights_out=weights,
+    )
     w = weights["moe0"]
     canonical = {"router_w": w["router_w"], "gate": w["gate"], "up": w["up"], "down": w["down"]}
     np.savez(workdir / "weights.npz", **canonical)
@@ -197,21 +211,37 @@ def build_models(workdir: Path) -> dict[str, Any]:
     fc2 = np.ascontiguousarray(w["down"].transpose(0, 2, 1))
     nodes = [
         helper.make_node("MatMul", ["x", "router_w"], ["logits"], name="router"),
-        helper.make_node("MoE", ["x", "logits", "fc1", "", "fc2"], ["y"], name="moe",
-                         domain="com.microsoft", activation_type="swiglu", swiglu_fusion=1,
-                         k=TOP_K, normalize_routing_weights=1, activation_alpha=1.0,
-                         activation_beta=0.0),
+        helper.make_node(
+            "MoE",
+            ["x", "logits", "fc1", "", "fc2"],
+            ["y"],
+            name="moe",
+            domain="com.microsoft",
+            activation_type="swiglu",
+            swiglu_fusion=1,
+            k=TOP_K,
+            normalize_routing_weights=1,
+            activation_alpha=1.0,
+            activation_beta=0.0,
+        ),
     ]
     graph = helper.make_graph(
-        nodes, "mixtral_block_ms_moe",
+        nodes,
+        "mixtral_block_ms_moe",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["tokens", HIDDEN])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["tokens", HIDDEN])],
-        [numpy_helper.from_array(w["router_w"], "router_w"), numpy_helper.from_array(fc1, "fc1"),
-         numpy_helper.from_array(fc2, "fc2")],
+        [
+            numpy_helper.from_array(w["router_w"], "router_w"),
+            numpy_helper.from_array(fc1, "fc1"),
+            numpy_helper.from_array(fc2, "fc2"),
+        ],
     )
-    ms = helper.make_model(graph, ir_version=10, producer_name="bench_mixtral_block",
-                           opset_imports=[helper.make_opsetid("", 17),
-                                          helper.make_opsetid("com.microsoft", 1)])
+    ms = helper.make_model(
+        graph,
+        ir_version=10,
+        producer_name="bench_mixtral_block",
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+    )
     onnx.checker.check_model(ms)
     onnx.save(ms, workdir / "ms_moe.onnx")
     return canonical
@@ -317,8 +347,12 @@ def make_reference_read(nbytes: int, threads: int, pool: ThreadPoolExecutor) -> 
     return lambda: list(pool.map(np.max, parts))
 
 
-def load_systems(workdir: Path, threads: int, tokens: Sequence[int], tvm_static: bool,
-                 ) -> tuple[dict[str, Callable[[np.ndarray], tuple[Fn, Callable[[], np.ndarray]]]], str]:
+def load_systems(
+    workdir: Path,
+    threads: int,
+    tokens: Sequence[int],
+    tvm_static: bool,
+) -> tuple[dict[str, Callable[[np.ndarray], tuple[Fn, Callable[[], np.ndarray]]]], str]:
     """Every system, as ``make(x) -> (timed_call, output)``; plus how plain TVM was built.
 
     ``timed_call`` runs the block on pre-converted inputs and is all that is timed;
@@ -351,12 +385,14 @@ def load_systems(workdir: Path, threads: int, tokens: Sequence[int], tvm_static:
         def make(x: np.ndarray) -> tuple[Fn, Callable[[], np.ndarray]]:
             feeds = {"x": x}
             return (lambda: sess.run(["y"], feeds)), (lambda: sess.run(["y"], feeds)[0])
+
         return make
 
     ort_moe, ort_std = ort_session(workdir / "ms_moe.onnx"), ort_session(workdir / "standard.onnx")
 
-    target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(),
-                                "num-cores": threads})
+    target = tvm.target.Target(
+        {"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(), "num-cores": threads}
+    )
     device = tvm.cpu()
 
     def plain_tvm(fixed_tokens: int | None) -> Any:
@@ -373,9 +409,11 @@ def load_systems(workdir: Path, threads: int, tokens: Sequence[int], tvm_static:
         try:
             vms[None] = plain_tvm(None)
         except Exception as err:  # TVM raises many types; fall back to static shapes
-            log(f"plain TVM failed with a dynamic token dimension ({type(err).__name__}: "
+            log(
+                f"plain TVM failed with a dynamic token dimension ({type(err).__name__}: "
                 f"{str(err).strip().splitlines()[-1] if str(err).strip() else ''}); "
-                "building one library per token count")
+                "building one library per token count"
+            )
             tvm_static = True
     if tvm_static:
         how = "one library per token count (fixed token dimension)"
@@ -388,8 +426,12 @@ def load_systems(workdir: Path, threads: int, tokens: Sequence[int], tvm_static:
         xt = tvm.runtime.tensor(x, device)
         return (lambda: main(xt)), (lambda: main(xt).numpy())
 
-    systems = {"moec": make_moec, "ort-moe": make_ort(ort_moe), "ort-std": make_ort(ort_std),
-               "tvm-onnx": make_tvm}
+    systems = {
+        "moec": make_moec,
+        "ort-moe": make_ort(ort_moe),
+        "ort-std": make_ort(ort_std),
+        "tvm-onnx": make_tvm,
+    }
     return systems, how
 
 
@@ -398,7 +440,7 @@ def verify(outputs: dict[str, np.ndarray], reference: np.ndarray) -> dict[str, f
     errors = {f"{name} vs numpy": float(np.abs(out - reference).max()) for name, out in outputs.items()}
     names = list(outputs)
     for i, a in enumerate(names):
-        for b in names[i + 1:]:
+        for b in names[i + 1 :]:
             errors[f"{a} vs {b}"] = float(np.abs(outputs[a] - outputs[b]).max())
     bad = {k: v for k, v in errors.items() if not v <= TOLERANCE}
     if bad:
@@ -406,8 +448,9 @@ def verify(outputs: dict[str, np.ndarray], reference: np.ndarray) -> dict[str, f
     return errors
 
 
-def time_interleaved(calls: dict[str, Fn], mode: str, reps: int, inner: int,
-                     evict: Evictor, settle_s: float) -> dict[str, list[float]]:
+def time_interleaved(
+    calls: dict[str, Fn], mode: str, reps: int, inner: int, evict: Evictor, settle_s: float
+) -> dict[str, list[float]]:
     """Seconds per call for each system, systems round-robin within each repetition.
 
     Warm: a system whose untimed call took over :data:`SLOW_CALL_S` gets one timed call per
@@ -487,13 +530,20 @@ def run_child(args: argparse.Namespace) -> None:
     systems, tvm_how = load_systems(workdir, threads, tokens, args.tvm_static)
     pool = ThreadPoolExecutor(threads)
     evict_threads = args.evict_threads or threads
-    evict = Evictor(args.evict_mb, evict_threads, pool if evict_threads == threads else
-                    ThreadPoolExecutor(evict_threads))
+    evict = Evictor(
+        args.evict_mb, evict_threads, pool if evict_threads == threads else ThreadPoolExecutor(evict_threads)
+    )
     bw_repeats = 3 if args.quick else 5
     bandwidths = [read_bandwidth(evict.buffer, threads, bw_repeats, pool)]
     settle_s = 0.1 if threads > 1 else 0.005
-    out: dict[str, Any] = {"threads": threads, "tvm_build": tvm_how, "evict_mb": args.evict_mb,
-                           "evict_threads": evict_threads, "settle_s": settle_s, "cases": {}}
+    out: dict[str, Any] = {
+        "threads": threads,
+        "tvm_build": tvm_how,
+        "evict_mb": args.evict_mb,
+        "evict_threads": evict_threads,
+        "settle_s": settle_s,
+        "cases": {},
+    }
     for t in tokens:
         x = bench_input(t)
         reference, top = numpy_block(x, weights)
@@ -501,14 +551,20 @@ def run_child(args: argparse.Namespace) -> None:
         made = {name: make(x) for name, make in systems.items()}
         outputs = {name: output() for name, (_, output) in made.items()}
         errors = verify(outputs, reference)
-        log(f"threads={threads} tokens={t}: all systems match numpy "
-            f"(max abs err {max(errors.values()):.2e}); timing")
+        log(
+            f"threads={threads} tokens={t}: all systems match numpy "
+            f"(max abs err {max(errors.values()):.2e}); timing"
+        )
         calls = {name: call for name, (call, _) in made.items()}
         calls[READ] = make_reference_read(distinct * EXPERT_BYTES, threads, pool)
         calls[READ]()
-        case: dict[str, Any] = {"distinct_experts": distinct,
-                                "experts": sorted(int(e) for e in np.unique(top)),
-                                "max_abs_error": max(errors.values()), "errors": errors, "times": {}}
+        case: dict[str, Any] = {
+            "distinct_experts": distinct,
+            "experts": sorted(int(e) for e in np.unique(top)),
+            "max_abs_error": max(errors.values()),
+            "errors": errors,
+            "times": {},
+        }
         for mode in MODES:
             case["times"][mode] = time_interleaved(calls, mode, args.reps, args.inner, evict, settle_s)
         if args.profile:
@@ -534,22 +590,29 @@ def stats(samples: Sequence[float]) -> tuple[float, float]:
 def merge(children: list[dict[str, Any]]) -> dict[str, Any]:
     """One thread count's results from several child processes: samples pooled, best bandwidth."""
     first = children[0]
-    merged: dict[str, Any] = {key: first[key] for key in ("threads", "tvm_build", "evict_mb",
-                                                          "evict_threads", "settle_s")}
+    merged: dict[str, Any] = {
+        key: first[key] for key in ("threads", "tvm_build", "evict_mb", "evict_threads", "settle_s")
+    }
     merged["processes"] = len(children)
     merged["bandwidths"] = [b for c in children for b in c["bandwidths"]]
     merged["bandwidth"] = max(merged["bandwidths"])
     merged["cases"] = {}
     for t, case in first["cases"].items():
         cases = [c["cases"][t] for c in children]
-        out: dict[str, Any] = {"distinct_experts": case["distinct_experts"], "experts": case["experts"],
-                               "max_abs_error": max(c["max_abs_error"] for c in cases),
-                               "times": {}, "process_medians": {}}
+        out: dict[str, Any] = {
+            "distinct_experts": case["distinct_experts"],
+            "experts": case["experts"],
+            "max_abs_error": max(c["max_abs_error"] for c in cases),
+            "times": {},
+            "process_medians": {},
+        }
         for mode in MODES:
-            out["times"][mode] = {name: [v for c in cases for v in c["times"][mode][name]]
-                                  for name in case["times"][mode]}
-            out["process_medians"][mode] = {name: [stats(c["times"][mode][name])[0] for c in cases]
-                                            for name in case["times"][mode]}
+            out["times"][mode] = {
+                name: [v for c in cases for v in c["times"][mode][name]] for name in case["times"][mode]
+            }
+            out["process_medians"][mode] = {
+                name: [stats(c["times"][mode][name])[0] for c in cases] for name in case["times"][mode]
+            }
         profiles = [c["moec_profile"] for c in cases if "moec_profile" in c]
         if profiles:
             out["moec_profile"] = profiles[0]
@@ -565,8 +628,10 @@ def bound_ms(result: dict[str, Any], case: dict[str, Any]) -> float:
 def report(results: dict[int, dict[str, Any]], facts: dict[str, Any]) -> str:
     """The Markdown report: setup, medians with x-bound, ratios, moec's kernel breakdown, method."""
     lines: list[str] = []
-    bw = ", ".join(f"{n} thread{'s' if n > 1 else ''}: {r['bandwidth'] / 1e9:.1f} GB/s"
-                   for n, r in sorted(results.items()))
+    bw = ", ".join(
+        f"{n} thread{'s' if n > 1 else ''}: {r['bandwidth'] / 1e9:.1f} GB/s"
+        for n, r in sorted(results.items())
+    )
     lines += [
         "## Mixtral-style MoE block (`benchmarks/bench_mixtral_block.py`)",
         "",
@@ -594,8 +659,9 @@ def report(results: dict[int, dict[str, Any]], facts: dict[str, Any]) -> str:
     ]
     shown = [READ, *SYSTEMS]
     labels = {READ: "numpy read", **SYSTEM_LABELS}
-    header = "| tokens | threads | cache | experts hit | bound ms | " + " | ".join(
-        labels[s] for s in shown) + " |"
+    header = (
+        "| tokens | threads | cache | experts hit | bound ms | " + " | ".join(labels[s] for s in shown) + " |"
+    )
     sep = "|" + "---|" * (5 + len(shown))
     rows, p90_rows, ratio_rows, spread = [header, sep], [header, sep], [], []
     for n, res in sorted(results.items()):
@@ -604,26 +670,51 @@ def report(results: dict[int, dict[str, Any]], facts: dict[str, Any]) -> str:
             for mode in MODES:
                 med = {s: stats(case["times"][mode][s]) for s in shown}
                 lead = f"| {t_str} | {n} | {mode} | {case['distinct_experts']} | {bound:.3f} | "
-                rows.append(lead + " | ".join(f"{med[s][0]:.3f} ({med[s][0] / bound:.2f}×)"
-                                              for s in shown) + " |")
+                rows.append(
+                    lead + " | ".join(f"{med[s][0]:.3f} ({med[s][0] / bound:.2f}×)" for s in shown) + " |"
+                )
                 p90_rows.append(lead + " | ".join(f"{med[s][1]:.3f}" for s in shown) + " |")
-                ratio_rows.append(f"| {t_str} | {n} | {mode} | " + " | ".join(
-                    f"{med[s][0] / med['moec'][0]:.2f}×" for s in SYSTEMS if s != "moec") + " |")
+                ratio_rows.append(
+                    f"| {t_str} | {n} | {mode} | "
+                    + " | ".join(f"{med[s][0] / med['moec'][0]:.2f}×" for s in SYSTEMS if s != "moec")
+                    + " |"
+                )
                 if res["processes"] > 1:
                     per = case["process_medians"][mode]
-                    spread.append(f"| {t_str} | {n} | {mode} | " + " | ".join(
-                        "–".join(f"{v:.3f}" for v in (min(per[s]), max(per[s]))) for s in shown) + " |")
-    lines += ["Median latency, ms (× bound):", "", *rows, "", "p90 latency, ms:", "", *p90_rows, "",
-              "moec speed-up (other system's median ÷ moec's median; > 1 means moec is faster):", "",
-              "| tokens | threads | cache | " + " | ".join(
-                  f"vs {SYSTEM_LABELS[s]}" for s in SYSTEMS if s != "moec") + " |",
-              "|" + "---|" * (3 + len(SYSTEMS) - 1), *ratio_rows, ""]
+                    spread.append(
+                        f"| {t_str} | {n} | {mode} | "
+                        + " | ".join("–".join(f"{v:.3f}" for v in (min(per[s]), max(per[s]))) for s in shown)
+                        + " |"
+                    )
+    lines += [
+        "Median latency, ms (× bound):",
+        "",
+        *rows,
+        "",
+        "p90 latency, ms:",
+        "",
+        *p90_rows,
+        "",
+        "moec speed-up (other system's median ÷ moec's median; > 1 means moec is faster):",
+        "",
+        "| tokens | threads | cache | "
+        + " | ".join(f"vs {SYSTEM_LABELS[s]}" for s in SYSTEMS if s != "moec")
+        + " |",
+        "|" + "---|" * (3 + len(SYSTEMS) - 1),
+        *ratio_rows,
+        "",
+    ]
     if spread:
         procs = next(iter(results.values()))["processes"]
-        lines += [f"Spread: lowest–highest of the {procs} processes' medians, ms (absolute numbers "
-                  "move between processes on this shared VM):", "",
-                  "| tokens | threads | cache | " + " | ".join(labels[s] for s in shown) + " |",
-                  "|" + "---|" * (3 + len(shown)), *spread, ""]
+        lines += [
+            f"Spread: lowest–highest of the {procs} processes' medians, ms (absolute numbers "
+            "move between processes on this shared VM):",
+            "",
+            "| tokens | threads | cache | " + " | ".join(labels[s] for s in shown) + " |",
+            "|" + "---|" * (3 + len(shown)),
+            *spread,
+            "",
+        ]
 
     two = results.get(2)
     if two is not None:
@@ -633,21 +724,31 @@ def report(results: dict[int, dict[str, Any]], facts: dict[str, Any]) -> str:
             if case is None:
                 continue
             bound = bound_ms(two, case)
-            got, ort_x, read_x = (stats(case["times"]["cold"][s])[0] / bound
-                                  for s in ("moec", "ort-moe", READ))
+            got, ort_x, read_x = (
+                stats(case["times"]["cold"][s])[0] / bound for s in ("moec", "ort-moe", READ)
+            )
             verdict = "met" if got <= target else "NOT met"
-            lines.append(f"- {t_str} token(s): target ≤ {target}× bound, measured {got:.2f}× "
-                         f"({verdict}); ORT's MoE op {ort_x:.2f}×; a plain numpy read of the same "
-                         f"bytes {read_x:.2f}×.")
+            lines.append(
+                f"- {t_str} token(s): target ≤ {target}× bound, measured {got:.2f}× "
+                f"({verdict}); ORT's MoE op {ort_x:.2f}×; a plain numpy read of the same "
+                f"bytes {read_x:.2f}×."
+            )
         lines.append("")
 
-    profiles = [(n, t, c["moec_profile"]) for n, r in sorted(results.items())
-                for t, c in r["cases"].items() if "moec_profile" in c]
+    profiles = [
+        (n, t, c["moec_profile"])
+        for n, r in sorted(results.items())
+        for t, c in r["cases"].items()
+        if "moec_profile" in c
+    ]
     if profiles:
-        lines += ["moec, time per VM-called function (Relax VM instrument hook around every call, "
-                  "separate runs after the timing, mean ms per block call; the hook's Python "
-                  "callback adds a few µs per call, more when cold; the layer function encloses "
-                  "its kernels; entries under 0.005 ms omitted):", ""]
+        lines += [
+            "moec, time per VM-called function (Relax VM instrument hook around every call, "
+            "separate runs after the timing, mean ms per block call; the hook's Python "
+            "callback adds a few µs per call, more when cold; the layer function encloses "
+            "its kernels; entries under 0.005 ms omitted):",
+            "",
+        ]
         for n, t, prof in profiles:
             for mode in MODES:
                 items = ", ".join(f"{k} {v:.3f}" for k, v in prof[mode].items() if v >= 0.005)
@@ -660,11 +761,11 @@ def report(results: dict[int, dict[str, Any]], facts: dict[str, Any]) -> str:
         "",
         "- Threads: separate subprocesses per thread count (TVM reads `TVM_NUM_THREADS` when its "
         "pool starts); onnxruntime `intra_op_num_threads` = the same count, `inter_op_num_threads` "
-        "= 1. moec and plain TVM timed as `vm[\"main\"](x, *params)` on pre-converted "
-        "`tvm.runtime.Tensor`s, onnxruntime as `session.run([\"y\"], feeds)`.",
+        '= 1. moec and plain TVM timed as `vm["main"](x, *params)` on pre-converted '
+        '`tvm.runtime.Tensor`s, onnxruntime as `session.run(["y"], feeds)`.',
         f"- Plain TVM: `relax.frontend.onnx.from_onnx(model, keep_params_in_input=False)` + "
         f"`tvm.compile` for `llvm -mcpu=<host> num-cores=<threads>`, default pipeline; "
-        f"{first['tvm_build']}. moec: `compile_model(model, \"host\", ...)` of the same ONNX file "
+        f'{first["tvm_build"]}. moec: `compile_model(model, "host", ...)` of the same ONNX file '
         f"(the dense batched-MatMul export pattern; moec detected 1 MoE layer).",
         f"- Repetitions: {facts['reps_total']} per case, in {first['processes']} processes per "
         f"thread count ({facts['reps_per_process']} each; processes alternate between thread "
@@ -723,18 +824,40 @@ def run_parent(args: argparse.Namespace, argv: Sequence[str]) -> None:
         if len(blocks) != 1:
             raise SystemExit(f"moec found {len(blocks)} MoE layers in the standard model, expected 1")
         log(f"moec detected 1 MoE layer: {json.dumps(blocks[0].layer.describe())}")
-        compile_model(workdir / "standard.onnx", "host", workdir / "moec", force=True,
-                      log=lambda m: log(f"moec: {m}"))
+        compile_model(
+            workdir / "standard.onnx", "host", workdir / "moec", force=True, log=lambda m: log(f"moec: {m}")
+        )
         for proc in range(args.procs):
             for n in thread_counts:
                 json_out = workdir / f"threads{n}_proc{proc}.json"
-                env = dict(os.environ, TVM_NUM_THREADS=str(n), OMP_NUM_THREADS=str(n),
-                           OPENBLAS_NUM_THREADS=str(n), MKL_NUM_THREADS=str(n))
-                cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--workdir",
-                       str(workdir), "--threads", str(n), "--tokens", args.tokens,
-                       "--reps", str(reps_per_process), "--inner", str(args.inner),
-                       "--evict-mb", str(args.evict_mb), "--evict-threads", str(args.evict_threads),
-                       "--json-out", str(json_out)]
+                env = dict(
+                    os.environ,
+                    TVM_NUM_THREADS=str(n),
+                    OMP_NUM_THREADS=str(n),
+                    OPENBLAS_NUM_THREADS=str(n),
+                    MKL_NUM_THREADS=str(n),
+                )
+                cmd = [
+                    sys.executable,
+                    str(Path(__file__).resolve()),
+                    "--child",
+                    "--workdir",
+                    str(workdir),
+                    "--threads",
+                    str(n),
+                    "--tokens",
+                    args.tokens,
+                    "--reps",
+                    str(reps_per_process),
+                    "--inner",
+                    str(args.inner),
+                    "--evict-mb",
+                    str(args.evict_mb),
+                    "--evict-threads",
+                    str(args.evict_threads),
+                    "--json-out",
+                    str(json_out),
+                ]
                 cmd += ["--quick"] if args.quick else []
                 cmd += ["--no-profile"] if args.no_profile or proc > 0 else []
                 cmd += ["--tvm-static"] if args.tvm_static else []
@@ -743,14 +866,23 @@ def run_parent(args: argparse.Namespace, argv: Sequence[str]) -> None:
                 children[n].append(json.loads(json_out.read_text()))
     results = {n: merge(c) for n, c in children.items()}
     facts = {
-        "command": " ".join([".venv/bin/python", "benchmarks/bench_mixtral_block.py",
-                             *map(shlex.quote, argv)]),
-        "date": time.strftime("%Y-%m-%d %H:%M %Z"), "git": git_revision(),
-        "moec": moec.__version__, "tvm": tvm.__version__, "ort": onnxruntime.__version__,
-        "cpu": cpu_model(), "cores": os.cpu_count(), "llc_mib": llc_bytes() / 2**20,
-        "evict_mb": args.evict_mb, "evict_threads": args.evict_threads,
-        "reps_total": reps_per_process * args.procs, "reps_per_process": reps_per_process,
-        "inner": args.inner, "wall_s": time.perf_counter() - wall,
+        "command": " ".join(
+            [".venv/bin/python", "benchmarks/bench_mixtral_block.py", *map(shlex.quote, argv)]
+        ),
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "git": git_revision(),
+        "moec": moec.__version__,
+        "tvm": tvm.__version__,
+        "ort": onnxruntime.__version__,
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "llc_mib": llc_bytes() / 2**20,
+        "evict_mb": args.evict_mb,
+        "evict_threads": args.evict_threads,
+        "reps_total": reps_per_process * args.procs,
+        "reps_per_process": reps_per_process,
+        "inner": args.inner,
+        "wall_s": time.perf_counter() - wall,
     }
     section = report(results, facts)
     print(section)
@@ -761,30 +893,55 @@ def run_parent(args: argparse.Namespace, argv: Sequence[str]) -> None:
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """Command-line options; ``--quick`` lowers the repetition defaults."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="few repetitions, one process per thread "
-                        "count (smoke check); does not write BENCHMARKS.md unless --markdown is given")
-    parser.add_argument("--reps", type=int, default=None,
-                        help="repetitions per case, split over --procs (default 20, --quick 3)")
-    parser.add_argument("--procs", type=int, default=None,
-                        help="processes per thread count (default 2, --quick 1)")
-    parser.add_argument("--inner", type=int, default=None,
-                        help="warm timed calls per system per repetition (default 5, --quick 2)")
-    parser.add_argument("--evict-mb", type=int, default=default_evict_mb(),
-                        help="cache-flush buffer, MiB (default max(2 x LLC, 64), capped at 1024: "
-                        "%(default)s here)")
-    parser.add_argument("--evict-threads", type=int, default=0,
-                        help="threads that flush the cache (default 0: as many as the benchmark uses)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="few repetitions, one process per thread "
+        "count (smoke check); does not write BENCHMARKS.md unless --markdown is given",
+    )
+    parser.add_argument(
+        "--reps",
+        type=int,
+        default=None,
+        help="repetitions per case, split over --procs (default 20, --quick 3)",
+    )
+    parser.add_argument(
+        "--procs", type=int, default=None, help="processes per thread count (default 2, --quick 1)"
+    )
+    parser.add_argument(
+        "--inner",
+        type=int,
+        default=None,
+        help="warm timed calls per system per repetition (default 5, --quick 2)",
+    )
+    parser.add_argument(
+        "--evict-mb",
+        type=int,
+        default=default_evict_mb(),
+        help="cache-flush buffer, MiB (default max(2 x LLC, 64), capped at 1024: %(default)s here)",
+    )
+    parser.add_argument(
+        "--evict-threads",
+        type=int,
+        default=0,
+        help="threads that flush the cache (default 0: as many as the benchmark uses)",
+    )
     parser.add_argument("--tokens", default="1,16", help="comma-separated token counts (default 1,16)")
     parser.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
-    parser.add_argument("--markdown", default=None,
-                        help="write the report section to this file (default: BENCHMARKS.md at the "
-                        "repo root for a full run, nothing with --quick)")
+    parser.add_argument(
+        "--markdown",
+        default=None,
+        help="write the report section to this file (default: BENCHMARKS.md at the "
+        "repo root for a full run, nothing with --quick)",
+    )
     parser.add_argument("--no-markdown", action="store_true", help="do not write any Markdown file")
     parser.add_argument("--no-profile", action="store_true", help="skip moec's per-function breakdown")
-    parser.add_argument("--tvm-static", action="store_true",
-                        help="build plain TVM with a fixed token count per case")
+    parser.add_argument(
+        "--tvm-static", action="store_true", help="build plain TVM with a fixed token count per case"
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     parser.add_argument("--json-out", help=argparse.SUPPRESS)

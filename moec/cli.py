@@ -277,7 +277,11 @@ def targets() -> None:
 
     for name in bundled_targets():
         spec = load_target(name)
+        hw = spec.hardware
+        device = f"cuda {spec.cuda.arch} (CUDA {spec.cuda.version})" if spec.cuda else hw.arch
+        click.echo(f"{name:<12} {spec.description}")
         click.echo(
-            f"{name:<12} {spec.description}  [{spec.tvm_config['kind']}, {spec.cores} cores, "
-            f"{spec.simd_bits}-bit SIMD, {spec.cache_line_bytes} B lines]  {spec.path}"
+            f"{'':<12} {device}, {hw.cores} {'SMs' if spec.cuda else 'cores'}, {hw.simd_bits}-bit SIMD, "
+            f"{hw.cache_line_bytes} B lines, computes {'/'.join(hw.compute_precisions)}, "
+            f"built with {spec.toolchain.cxx}  [{spec.path}]"
         )

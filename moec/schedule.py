@@ -1,8 +1,9 @@
-"""Per-target parameters of the MoE kernels, read from a target's schedule table."""
+"""Per-target parameters of the MoE kernels, read from a target's schedule table (``schedules/``)."""
 
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 
 @dataclasses.dataclass(frozen=True)
@@ -15,7 +16,32 @@ class CpuSchedule:
     accumulators: independent vector accumulators per dot (a power of two), hiding FMA latency.
     """
 
+    kind: ClassVar[str] = "cpu"
+
     lanes: int = 16
     rows_per_task: int = 16
     token_block: int = 4
     accumulators: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuSchedule:
+    """Thread layout of the CUDA expert kernels.
+
+    threads_per_row: threads that share one weight row's dot product (a warp-sized power of two),
+        reading consecutive elements so each warp load is coalesced.
+    rows_per_block: output rows per thread block (``threads_per_row * rows_per_block`` threads).
+    token_block: tokens of one expert group computed together, sharing each weight load.
+    """
+
+    kind: ClassVar[str] = "cuda"
+
+    threads_per_row: int = 32
+    rows_per_block: int = 8
+    token_block: int = 4
+
+
+SCHEDULE_KINDS: dict[str, type[CpuSchedule] | type[GpuSchedule]] = {
+    CpuSchedule.kind: CpuSchedule,
+    GpuSchedule.kind: GpuSchedule,
+}

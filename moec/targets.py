@@ -1,13 +1,19 @@
-"""Target files: which machine to compile for, and the facts about it scheduling needs.
+"""Target files: which machine to compile for, and the facts about it that scheduling needs.
 
 A target is a TOML file (bundled ones live in ``targets/``; ``--target`` also takes a path).
-``"detect"`` values are read from the machine moec runs on.
+Every per-target choice lives in that file, not in code: the TVM target (and the host CPU
+target of a GPU board), the cross toolchain and how to run its binaries here, the hardware
+(architecture, cores, SIMD width, cache line and sizes, memory bandwidth, the precisions it
+computes natively) and the name of the kernel schedule table in ``schedules/``.
+``"detect"`` values are read from the machine moec runs on. ``targets/cortex-a76.toml`` is
+the annotated example of adding a board.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import platform
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -15,45 +21,135 @@ from typing import Any
 import tvm
 
 from moec.errors import MoecError
-from moec.schedule import CpuSchedule
+from moec.schedule import SCHEDULE_KINDS, CpuSchedule, GpuSchedule
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 TARGETS_DIR = PROJECT_ROOT / "targets"
 SCHEDULES_DIR = PROJECT_ROOT / "schedules"
 
+PRECISIONS = ("fp32", "fp16", "int8")
+ARCHES = ("x86_64", "aarch64")
+
+
+@dataclasses.dataclass(frozen=True)
+class Toolchain:
+    """How binaries for the target are built here, and run here when the CPU differs.
+
+    cxx: C++ compiler that links the model library and the runner.
+    package: Debian package providing ``cxx`` (named in the error when it is missing).
+    emulator: command prefix that runs the target's binaries on this machine (empty: native).
+    emulator_package: Debian package providing the emulator.
+    runtime_wheels: PyPI platform tag of the TVM wheels whose runtime libraries run on the
+        target (empty: the wheels installed here).
+    """
+
+    cxx: str = "g++"
+    package: str = "g++"
+    emulator: tuple[str, ...] = ()
+    emulator_package: str = ""
+    runtime_wheels: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Hardware:
+    """Facts about the board that kernel schedules and memory layout depend on."""
+
+    arch: str
+    cores: int
+    simd_bits: int
+    cache_line_bytes: int
+    l1d_bytes: int
+    l2_bytes: int
+    memory_bandwidth_gbps: float
+    compute_precisions: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class CudaSpec:
+    """The GPU side of a CUDA target: cubin architecture and the CUDA version the board runs."""
+
+    arch: str
+    version: str
+
 
 @dataclasses.dataclass(frozen=True)
 class TargetSpec:
-    """A resolved target: the TVM target plus the hardware facts and kernel schedule."""
+    """A resolved target file."""
 
     name: str
     description: str
     path: Path
     tvm_config: dict[str, Any]
-    cores: int
-    simd_bits: int
-    cache_line_bytes: int
-    schedule: CpuSchedule
+    host_config: dict[str, Any] | None
+    hardware: Hardware
+    toolchain: Toolchain
+    cuda: CudaSpec | None
+    schedule: CpuSchedule | GpuSchedule
 
     @property
     def tvm_target(self) -> tvm.target.Target:
-        return tvm.target.Target(self.tvm_config)
+        return tvm.target.Target(self.tvm_config, host=self.host_config)
+
+    @property
+    def runs_here(self) -> bool:
+        """Whether artifacts for this target run on this machine without an emulator."""
+        return self.cuda is None and self.hardware.arch == platform.machine()
 
     def describe(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "description": self.description,
             "tvm": self.tvm_config,
-            "cores": self.cores,
-            "simd_bits": self.simd_bits,
-            "cache_line_bytes": self.cache_line_bytes,
-            "schedule": dataclasses.asdict(self.schedule),
+            "host": self.host_config,
+            "hardware": dataclasses.asdict(self.hardware),
+            "toolchain": dataclasses.asdict(self.toolchain),
+            "cuda": dataclasses.asdict(self.cuda) if self.cuda else None,
+            "schedule": {"kind": type(self.schedule).kind, **dataclasses.asdict(self.schedule)},
         }
 
 
 def bundled_targets() -> list[str]:
     """Names of the target files shipped with moec."""
     return sorted(p.stem for p in TARGETS_DIR.glob("*.toml"))
+
+
+class _Table:
+    """One TOML table of a target file, read key by key with errors that name the key."""
+
+    def __init__(self, data: dict[str, Any], where: str) -> None:
+        self.data, self.where, self.read = data, where, set()
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = ..., detect: Any = None) -> Any:
+        self.read.add(key)
+        if key not in self.data:
+            if default is ...:
+                raise MoecError(f"{self.where}: missing key '{key}'")
+            return default
+        value = self.data[key]
+        if value == "detect" and detect is not None:
+            return detect()
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            names = " or ".join(k.__name__ for k in kinds) + (' or "detect"' if detect else "")
+            raise MoecError(f"{self.where}: key '{key}' must be a {names}, got {value!r}")
+        return value
+
+    def table(self, key: str, required: bool = True) -> _Table | None:
+        value = self.get(key, dict, ... if required else None)
+        return None if value is None else _Table(value, f"{self.where} [{key}]")
+
+    def strings(self, key: str, default: Any = ...) -> tuple[str, ...]:
+        value = self.get(key, list, default)
+        if not all(isinstance(item, str) for item in value):
+            raise MoecError(f"{self.where}: key '{key}' must be a list of strings, got {value!r}")
+        return tuple(value)
+
+    def check_no_unknown_keys(self) -> None:
+        unknown = sorted(set(self.data) - self.read)
+        if unknown:
+            raise MoecError(
+                f"{self.where}: unknown key '{unknown[0]}' (known keys: {', '.join(sorted(self.read))})"
+            )
 
 
 def _host_simd_bits() -> int:
@@ -68,13 +164,47 @@ def _host_simd_bits() -> int:
     return 128
 
 
-def _require(table: dict, key: str, kind: type, where: str):
-    if key not in table:
-        raise MoecError(f"{where}: missing key '{key}'")
-    value = table[key]
-    if not isinstance(value, kind):
-        raise MoecError(f"{where}: key '{key}' must be a {kind.__name__}, got {value!r}")
-    return value
+def _host_cache_bytes(level: int, kind: str) -> int:
+    """Size of this machine's cache at ``level`` (``kind`` Data/Unified) from sysfs; 0 if unknown."""
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            if int((index / "level").read_text()) == level and (index / "type").read_text().strip() == kind:
+                size = (index / "size").read_text().strip()
+                return int(size[:-1]) * 1024 if size.endswith("K") else int(size)
+        except (OSError, ValueError):
+            continue
+    return 0
+
+
+def _read_tvm_table(table: _Table) -> dict[str, Any]:
+    """A ``[tvm]``/``[host]`` table as the dict ``tvm.target.Target`` takes (``mcpu = "detect"``)."""
+    config = dict(table.data)
+    table.read.update(config)
+    table.get("kind", str)
+    if config.get("mcpu") == "detect":
+        config["mcpu"] = tvm.target.codegen.llvm_get_system_cpu()
+    return config
+
+
+def _natively_computes(target: tvm.target.Target, arch: str, precision: str) -> tuple[bool, str]:
+    """Whether ``target`` computes ``precision`` in hardware, and what it would need otherwise."""
+    if precision == "fp32":
+        return True, ""
+    if target.kind.name == "cuda":
+        major = int(str(target.attrs.get("arch", "sm_50"))[3:]) // 10
+        needs = {"fp16": (5, "sm_53 or newer"), "int8": (6, "sm_61 or newer")}[precision]
+        return major >= needs[0], needs[1]
+    features = {key: bool(value) for key, value in target.attrs.items() if key.startswith("feature.")}
+    mattr = [str(m) for m in target.attrs.get("mattr", [])]
+    if arch == "aarch64":
+        feature, flag = {
+            "fp16": ("feature.has_fp16_simd", "+fullfp16"),
+            "int8": ("feature.has_dotprod", "+dotprod"),
+        }[precision]
+        needs = f"'{flag}' in [tvm] mattr (or an mcpu that has it)"
+        return features.get(feature, False) or flag in mattr, needs
+    flags = {"fp16": ("+avx512fp16",), "int8": ("+avxvnni", "+avx512vnni")}[precision]
+    return any(f in mattr for f in flags), f"one of {', '.join(flags)} in [tvm] mattr"
 
 
 def load_target(name_or_path: str) -> TargetSpec:
@@ -93,43 +223,126 @@ def load_target(name_or_path: str) -> TargetSpec:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:
         raise MoecError(f"{path}: not valid TOML ({err})") from err
-    where = str(path)
-    tvm_table = dict(_require(data, "tvm", dict, where))
-    hardware = _require(data, "hardware", dict, where)
-    if tvm_table.get("mcpu") == "detect":
-        tvm_table["mcpu"] = tvm.target.codegen.llvm_get_system_cpu()
-    cores = hardware.get("cores", "detect")
-    cores = (os.cpu_count() or 1) if cores == "detect" else _require(hardware, "cores", int, where)
-    simd = hardware.get("simd_bits", "detect")
-    simd = _host_simd_bits() if simd == "detect" else _require(hardware, "simd_bits", int, where)
-    tvm_table.setdefault("num-cores", cores)
-    _require(tvm_table, "kind", str, f"{where} [tvm]")
+    except (OSError, UnicodeDecodeError) as err:
+        raise MoecError(f"{path}: cannot read target file ({err})") from err
+    root = _Table(data, str(path))
+    name = root.get("name", str)
+    description = root.get("description", str, "")
+    schedule_name = root.get("schedule", str)
+    tvm_config = _read_tvm_table(root.table("tvm"))
+    host_table = root.table("host", required=False)
+    host_config = _read_tvm_table(host_table) if host_table else None
+    hardware = _read_hardware(root.table("hardware"))
+    toolchain = _read_toolchain(root.table("toolchain", required=False), str(path))
+    cuda_table = root.table("cuda", required=False)
+    cuda = None
+    if cuda_table:
+        cuda = CudaSpec(arch=cuda_table.get("arch", str), version=cuda_table.get("version", str))
+        cuda_table.check_no_unknown_keys()
+    root.check_no_unknown_keys()
+
+    if tvm_config["kind"] == "llvm":
+        tvm_config.setdefault("num-cores", hardware.cores)
+    if tvm_config["kind"] == "cuda" and cuda is None:
+        raise MoecError(f"{path}: a cuda [tvm] target needs a [cuda] table (arch, version)")
+    if cuda is not None:
+        if tvm_config.get("arch", cuda.arch) != cuda.arch:
+            raise MoecError(
+                f"{path}: [tvm] arch {tvm_config['arch']!r} differs from [cuda] arch {cuda.arch!r}"
+            )
+        tvm_config["arch"] = cuda.arch
+        if host_config is None:
+            raise MoecError(
+                f"{path}: a cuda target needs a [host] table: the board's CPU as a TVM llvm target"
+            )
     try:  # a bad [tvm] table is the user's file to fix, not an internal error at codegen time
-        tvm.target.Target(tvm_table)
+        target = tvm.target.Target(tvm_config, host=host_config)
     except Exception as err:
         cause = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise MoecError(f"{where}: [tvm] is not a valid TVM target ({cause})") from err
-    schedule = load_schedule(_require(data, "schedule", str, where), simd)
+        raise MoecError(f"{path}: [tvm] is not a valid TVM target ({cause})") from err
+    for precision in hardware.compute_precisions:
+        computes, needs = _natively_computes(target, hardware.arch, precision)
+        if not computes:
+            raise MoecError(
+                f"{path}: [hardware] compute_precisions lists '{precision}' but {name}'s TVM target cannot "
+                f"compute it natively (needs {needs}); remove it or fix [tvm]"
+            )
     return TargetSpec(
-        name=_require(data, "name", str, where),
-        description=data.get("description", ""),
+        name=name,
+        description=description,
         path=path,
-        tvm_config=tvm_table,
-        cores=cores,
-        simd_bits=simd,
-        cache_line_bytes=_require(hardware, "cache_line_bytes", int, where),
-        schedule=schedule,
+        tvm_config=tvm_config,
+        host_config=host_config,
+        hardware=hardware,
+        toolchain=toolchain,
+        cuda=cuda,
+        schedule=load_schedule(schedule_name, hardware, str(path)),
     )
 
 
-def load_schedule(name: str, simd_bits: int) -> CpuSchedule:
-    """The kernel schedule table ``schedules/<name>.toml`` resolved for a SIMD width."""
+def _read_hardware(table: _Table) -> Hardware:
+    arch = table.get("arch", str, detect=platform.machine)
+    if arch not in ARCHES:
+        raise MoecError(f"{table.where}: key 'arch' must be one of {', '.join(ARCHES)}, got {arch!r}")
+    precisions = table.strings("compute_precisions")
+    for precision in precisions:
+        if precision not in PRECISIONS:
+            raise MoecError(
+                f"{table.where}: key 'compute_precisions' has unknown precision {precision!r} "
+                f"(known: {', '.join(PRECISIONS)})"
+            )
+    if "fp32" not in precisions:
+        raise MoecError(f"{table.where}: key 'compute_precisions' must include 'fp32'")
+    hardware = Hardware(
+        arch=arch,
+        cores=table.get("cores", int, detect=lambda: os.cpu_count() or 1),
+        simd_bits=table.get("simd_bits", int, detect=_host_simd_bits),
+        cache_line_bytes=table.get("cache_line_bytes", int),
+        l1d_bytes=table.get("l1d_bytes", int, detect=lambda: _host_cache_bytes(1, "Data")),
+        l2_bytes=table.get("l2_bytes", int, detect=lambda: _host_cache_bytes(2, "Unified")),
+        memory_bandwidth_gbps=float(table.get("memory_bandwidth_gbps", (int, float), detect=lambda: 0.0)),
+        compute_precisions=precisions,
+    )
+    table.check_no_unknown_keys()
+    for key in ("cores", "simd_bits", "cache_line_bytes"):
+        if getattr(hardware, key) <= 0:
+            raise MoecError(f"{table.where}: key '{key}' must be positive, got {getattr(hardware, key)}")
+    return hardware
+
+
+def _read_toolchain(table: _Table | None, where: str) -> Toolchain:
+    if table is None:
+        return Toolchain()
+    toolchain = Toolchain(
+        cxx=table.get("cxx", str),
+        package=table.get("package", str),
+        emulator=table.strings("emulator", ()),
+        emulator_package=table.get("emulator_package", str, ""),
+        runtime_wheels=table.get("runtime_wheels", str, ""),
+    )
+    table.check_no_unknown_keys()
+    if toolchain.emulator and not toolchain.emulator_package:
+        raise MoecError(f"{where} [toolchain]: key 'emulator_package' is needed with 'emulator'")
+    return toolchain
+
+
+def load_schedule(name: str, hardware: Hardware, where: str = "") -> CpuSchedule | GpuSchedule:
+    """The kernel schedule table ``schedules/<name>.toml`` resolved for ``hardware``.
+
+    The table's ``kind`` picks the schedule class; its other keys are that class's fields.
+    ``lanes = "simd"`` means as many float32 lanes as the target's SIMD registers hold.
+    """
     path = SCHEDULES_DIR / f"{name}.toml"
     if not path.exists():
-        raise MoecError(f"{path}: schedule file not found")
-    data = tomllib.loads(path.read_text())
-    lanes = data.get("lanes", "simd")
-    lanes = simd_bits // 32 if lanes == "simd" else int(lanes)
-    return CpuSchedule(
-        lanes=lanes, rows_per_task=int(data["rows_per_task"]), token_block=int(data["token_block"])
-    )
+        known = ", ".join(sorted(p.stem for p in SCHEDULES_DIR.glob("*.toml")))
+        raise MoecError(f"{where}: schedule '{name}' not found in {SCHEDULES_DIR} (known: {known})")
+    table = _Table(tomllib.loads(path.read_text()), str(path))
+    kind = table.get("kind", str)
+    if kind not in SCHEDULE_KINDS:
+        raise MoecError(f"{path}: key 'kind' must be one of {', '.join(SCHEDULE_KINDS)}, got {kind!r}")
+    cls = SCHEDULE_KINDS[kind]
+    if table.data.get("lanes") == "simd":
+        table.data["lanes"] = hardware.simd_bits // 32
+    values = {field.name: table.get(field.name, int, field.default) for field in dataclasses.fields(cls)}
+    table.check_no_unknown_keys()
+    return cls(**values)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,25 @@ def build_manifest(
     }
 
 
+def require_tool(command: str, package: str, purpose: str) -> str:
+    """The path of ``command``, or a one-line error naming the Debian package that provides it."""
+    path = shutil.which(command)
+    if path is None:
+        raise MoecError(
+            f"{command}: not installed; it {purpose}. Install it with 'apt-get install {package}' "
+            "(scripts/setup.sh does this)"
+        )
+    return path
+
+
+def library_linker(target: TargetSpec) -> Callable[..., None] | None:
+    """The ``fcompile`` that links the model library for ``target`` (None: TVM's native default)."""
+    if target.runs_here:
+        return None
+    require_tool(target.toolchain.cxx, target.toolchain.package, f"links the {target.name} library")
+    return tvm.support.cc.cross_compiler(target.toolchain.cxx)
+
+
 def compile_model(
     model_path: str | Path,
     target_name: str,
@@ -96,11 +116,12 @@ def compile_model(
     num_inputs = int(mod["main"].attrs["num_input"])
     param_vars = mod["main"].params[num_inputs:]
     param_names = [v.name for v in param_vars]
+    fcompile = library_linker(target)
     log(f"compiling for {target.name} ({target.tvm_config.get('mcpu', target.tvm_config['kind'])})")
     with target.tvm_target:
         executable = tvm.compile(mod, target=target.tvm_target)
     with staged_directory(out_dir, force) as staging:
-        executable.export_library(str(staging / LIBRARY))
+        executable.export_library(str(staging / LIBRARY), fcompile=fcompile)
         weights = dict(zip(param_names, params.get("main", []), strict=True))
         tvm.runtime.save_param_dict_to_file(weights, str(staging / WEIGHTS))
         manifest = build_manifest(imported, target, model_path, param_names)
