@@ -29,6 +29,7 @@ SCHEDULES_DIR = PROJECT_ROOT / "schedules"
 
 PRECISIONS = ("fp32", "fp16", "int8")
 ARCHES = ("x86_64", "aarch64")
+POWER_OF_TWO_FIELDS = ("lanes", "accumulators", "threads_per_row")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -327,16 +328,25 @@ def _read_toolchain(table: _Table | None, where: str) -> Toolchain:
 
 
 def load_schedule(name: str, hardware: Hardware, where: str = "") -> CpuSchedule | GpuSchedule:
-    """The kernel schedule table ``schedules/<name>.toml`` resolved for ``hardware``.
+    """The kernel schedule table ``schedules/<name>.toml`` (or a ``.toml`` path relative to the
+    target file ``where``) resolved for ``hardware``.
 
     The table's ``kind`` picks the schedule class; its other keys are that class's fields.
     ``lanes = "simd"`` means as many float32 lanes as the target's SIMD registers hold.
     """
-    path = SCHEDULES_DIR / f"{name}.toml"
-    if not path.exists():
-        known = ", ".join(sorted(p.stem for p in SCHEDULES_DIR.glob("*.toml")))
-        raise MoecError(f"{where}: schedule '{name}' not found in {SCHEDULES_DIR} (known: {known})")
-    table = _Table(tomllib.loads(path.read_text()), str(path))
+    if name.endswith(".toml"):
+        path = Path(where).parent / name
+        if not path.exists():
+            raise MoecError(f"{where}: schedule file {path} not found")
+    else:
+        path = SCHEDULES_DIR / f"{name}.toml"
+        if not path.exists():
+            known = ", ".join(sorted(p.stem for p in SCHEDULES_DIR.glob("*.toml")))
+            raise MoecError(f"{where}: schedule '{name}' not found in {SCHEDULES_DIR} (known: {known})")
+    try:
+        table = _Table(tomllib.loads(path.read_text()), str(path))
+    except tomllib.TOMLDecodeError as err:
+        raise MoecError(f"{path}: not valid TOML ({err})") from err
     kind = table.get("kind", str)
     if kind not in SCHEDULE_KINDS:
         raise MoecError(f"{path}: key 'kind' must be one of {', '.join(SCHEDULE_KINDS)}, got {kind!r}")
@@ -345,4 +355,8 @@ def load_schedule(name: str, hardware: Hardware, where: str = "") -> CpuSchedule
         table.data["lanes"] = hardware.simd_bits // 32
     values = {field.name: table.get(field.name, int, field.default) for field in dataclasses.fields(cls)}
     table.check_no_unknown_keys()
+    for key, value in values.items():
+        if value <= 0 or (key in POWER_OF_TWO_FIELDS and value & (value - 1)):
+            rule = "a positive power of two" if key in POWER_OF_TWO_FIELDS else "positive"
+            raise MoecError(f"{path}: key '{key}' must be {rule}, got {value}")
     return cls(**values)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 import onnx
 
+from moec.errors import MoecError
 from moec.reference.evaluator import run_reference
+from moec.reference.stored import run_stored_reference
 from moec.runtime.session import ArtifactSession
 
 
@@ -50,10 +53,30 @@ def compare_outputs(
     return errors
 
 
+def stored_precision(manifest: dict[str, Any]) -> str:
+    """The precision the artifact stores expert matrices in (``fp32`` when it has no MoE layer)."""
+    precisions = {entry["precision"] for layer in manifest.get("layers", []) for entry in layer["plan"]}
+    if len(precisions) > 1:
+        raise MoecError(
+            f"artifact mixes expert precisions {sorted(precisions)}; verify cannot model that yet"
+        )
+    return precisions.pop() if precisions else "fp32"
+
+
+def reference_outputs(
+    model: onnx.ModelProto, manifest: dict[str, Any], feeds: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """What the artifact must compute: the model, with expert matrices rounded as it stores them."""
+    precision = stored_precision(manifest)
+    if precision == "fp32":
+        return run_reference(model, feeds)
+    return run_stored_reference(model, precision, feeds)
+
+
 def verify_artifact(
     session: ArtifactSession, model: onnx.ModelProto, feeds: dict[str, np.ndarray], tokens: int
 ) -> list[OutputError]:
     """Run the artifact and the reference on ``feeds``; return the error of each output."""
-    expected = run_reference(model, feeds)
+    expected = reference_outputs(model, session.manifest, feeds)
     actual = session.run(feeds)
     return compare_outputs(actual, expected, tokens)

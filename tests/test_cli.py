@@ -209,7 +209,9 @@ def test_unknown_target_lists_valid_ones(tmp_path: Path, compiled: Compiled) -> 
     assert_nothing_written(out)
 
 
-HOST_TOML = (Path(__file__).resolve().parent.parent / "targets" / "host.toml").read_text()
+TARGETS = Path(__file__).resolve().parent.parent / "targets"
+HOST_TOML = (TARGETS / "host.toml").read_text()
+A72_TOML = (TARGETS / "cortex-a72.toml").read_text()
 
 BAD_TARGETS = {
     "malformed": ('name = "broken"\n[tvm\nkind = "llvm"\n', ["not valid TOML"]),
@@ -222,13 +224,34 @@ BAD_TARGETS = {
     ),
     "unknown_schedule": (HOST_TOML.replace('schedule = "cpu"', 'schedule = "nosuch"'), ["nosuch"]),
     "bad_tvm_kind": (HOST_TOML.replace('kind = "llvm"', 'kind = "nosuchkind"'), ["nosuchkind"]),
+    "unknown_key": (A72_TOML.replace("cores = 4", "cores = 4\ncaches = 3"), ["'caches'", "[hardware]"]),
+    "cores_not_int": (A72_TOML.replace("cores = 4", 'cores = "four"'), ["'cores'", "four"]),
+    "unknown_arch": (A72_TOML.replace('arch = "aarch64"', 'arch = "riscv64"'), ["'arch'", "riscv64"]),
+    "precision_not_computable": (
+        A72_TOML.replace('compute_precisions = ["fp32"]', 'compute_precisions = ["fp32", "fp16"]'),
+        ["'fp16'", "+fullfp16"],
+    ),
+    "unknown_precision": (
+        A72_TOML.replace('compute_precisions = ["fp32"]', 'compute_precisions = ["fp32", "fp8"]'),
+        ["'fp8'"],
+    ),
+    "cross_compiler_missing": (
+        A72_TOML.replace('cxx = "aarch64-linux-gnu-g++"', 'cxx = "nosuch-linux-gnu-g++"').replace(
+            'package = "g++-aarch64-linux-gnu"', 'package = "g++-nosuch-linux-gnu"'
+        ),
+        ["nosuch-linux-gnu-g++", "apt-get install g++-nosuch-linux-gnu"],
+    ),
+    "cuda_without_cuda_table": (
+        re.sub(r"\[cuda\]\n(?:[^\[\n].*\n)*", "", (TARGETS / "orin.toml").read_text()),
+        ["[cuda]"],
+    ),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD_TARGETS))
 def test_bad_target_file(tmp_path: Path, compiled: Compiled, case: str) -> None:
     text, culprits = BAD_TARGETS[case]
-    assert text != HOST_TOML or case == "malformed", "the test edit did not apply"
+    assert text not in (HOST_TOML, A72_TOML) or case == "malformed", "the test edit did not apply"
     target = tmp_path / f"{case}.toml"
     target.write_text(text)
     out = tmp_path / "out"

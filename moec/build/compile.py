@@ -39,17 +39,27 @@ def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return [i for i in model.graph.input if i.name not in initializers]
 
 
+STORED_PRECISIONS = {"float32": "fp32", "float16": "fp16"}
+
+
 def build_manifest(
-    imported: ImportedModel, target: TargetSpec, model_path: Path, param_names: list[str]
+    imported: ImportedModel, target: TargetSpec, model_path: Path, weights: dict[str, Any]
 ) -> dict[str, Any]:
-    """The manifest: what the artifact computes and how it was built."""
+    """The manifest: what the artifact computes and how it was built.
+
+    ``weights`` are the stored weight tensors by name: each layer's plan reports the precision
+    its expert matrices are stored in and the bytes one expert occupies in the weights file.
+    """
     layers = []
     for block in imported.blocks:
         layer = block.layer
         entry = layer.describe()
-        entry["weights"] = {name.rsplit(".", 1)[1]: name for name in layer_weight_names(block)}
+        names = layer_weight_names(block)
+        entry["weights"] = {name.rsplit(".", 1)[1]: name for name in names}
+        precision = STORED_PRECISIONS[str(weights[f"{layer.name}.w_up"].dtype)]
+        expert_bytes = sum(weights[name].numpy().nbytes for name in names) // layer.num_experts
         plan = [
-            {"expert": expert, "kept": True, "precision": "fp32", "bytes": layer.expert_bytes()}
+            {"expert": expert, "kept": True, "precision": precision, "compute": "fp32", "bytes": expert_bytes}
             for expert in range(layer.num_experts)
         ]
         entry["plan"] = plan
@@ -65,7 +75,7 @@ def build_manifest(
         "target": target.describe(),
         "inputs": [value_info(v) for v in graph_inputs(imported.original)],
         "outputs": [value_info(v) for v in imported.original.graph.output],
-        "params": param_names,
+        "params": list(weights),
         "library": LIBRARY,
         "weights": WEIGHTS,
         "layers": layers,
@@ -91,6 +101,30 @@ def library_linker(target: TargetSpec) -> Callable[..., None] | None:
     return tvm.support.cc.cross_compiler(target.toolchain.cxx)
 
 
+def lower_model(
+    imported: ImportedModel,
+    target: TargetSpec,
+    dump_ir: Path | None = None,
+    weights_precision: str = "fp32",
+) -> tuple[tvm.IRModule, dict[str, list]]:
+    """The Relax module moec hands to ``tvm.compile`` for ``target``, and its detached weights.
+
+    This is everything target-specific that happens before TVM's own lowering: the MoE pass
+    pipeline with the target file's kernel schedule. Passes may retype ``main``'s weight
+    parameters (e.g. to fp16); the weights are converted to match.
+    """
+    mod, params = relax.frontend.detach_params(imported.to_relax())
+    mod = moe_pipeline(target.schedule, dump_ir, weights_precision)(mod)
+    num_inputs = int(mod["main"].attrs["num_input"])
+    weights = []
+    for var, value in zip(mod["main"].params[num_inputs:], params.get("main", []), strict=True):
+        dtype = str(var.ty.dtype)
+        weights.append(
+            value if str(value.dtype) == dtype else tvm.runtime.tensor(value.numpy().astype(dtype))
+        )
+    return mod, {"main": weights}
+
+
 def compile_model(
     model_path: str | Path,
     target_name: str,
@@ -98,11 +132,14 @@ def compile_model(
     *,
     force: bool = False,
     dump_ir: Path | None = None,
+    weights_precision: str = "fp32",
     log: Callable[[str], None] = lambda _: None,
 ) -> Path:
     """Compile ``model_path`` for ``target_name`` into ``out_dir``; return ``out_dir``.
 
     ``dump_ir`` names a directory that receives the module as TVMScript after each phase.
+    ``weights_precision`` (``fp32``/``fp16``) is how expert weight matrices are stored; the
+    arithmetic stays fp32.
     """
     model_path, out_dir = Path(model_path), Path(out_dir)
     target = load_target(target_name)
@@ -111,20 +148,18 @@ def compile_model(
     log(f"loading {model_path}")
     imported = import_model(load_model(model_path))
     log(f"found {len(imported.blocks)} MoE layer(s); lifting to Relax")
-    mod, params = relax.frontend.detach_params(imported.to_relax())
-    mod = moe_pipeline(target.schedule, dump_ir)(mod)
+    mod, params = lower_model(imported, target, dump_ir, weights_precision)
     num_inputs = int(mod["main"].attrs["num_input"])
-    param_vars = mod["main"].params[num_inputs:]
-    param_names = [v.name for v in param_vars]
+    param_names = [v.name for v in mod["main"].params[num_inputs:]]
+    weights = dict(zip(param_names, params["main"], strict=True))
     fcompile = library_linker(target)
     log(f"compiling for {target.name} ({target.tvm_config.get('mcpu', target.tvm_config['kind'])})")
     with target.tvm_target:
         executable = tvm.compile(mod, target=target.tvm_target)
     with staged_directory(out_dir, force) as staging:
         executable.export_library(str(staging / LIBRARY), fcompile=fcompile)
-        weights = dict(zip(param_names, params.get("main", []), strict=True))
         tvm.runtime.save_param_dict_to_file(weights, str(staging / WEIGHTS))
-        manifest = build_manifest(imported, target, model_path, param_names)
+        manifest = build_manifest(imported, target, model_path, weights)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     log(f"wrote {out_dir}")
     return out_dir

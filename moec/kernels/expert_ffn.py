@@ -23,6 +23,8 @@ from tvm.script import tirx as T
 
 from moec.schedule import CpuSchedule
 
+WEIGHT_DTYPES = ("float32", "float16")
+
 
 def _largest_divisor_at_most(value: int, limit: int) -> int:
     return max(d for d in range(1, min(value, limit) + 1) if value % d == 0)
@@ -35,15 +37,25 @@ def _largest_pow2_divisor_at_most(value: int, limit: int) -> int:
     return size
 
 
-def _make_dot(length: int, schedule: CpuSchedule, indirect: bool):
+def _widen(weight_dtype: str):
+    """``load(value)``: a weight element as float32 (weights may be stored narrower)."""
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"weight_dtype must be one of {WEIGHT_DTYPES}, got {weight_dtype!r}")
+    if weight_dtype == "float32":
+        return lambda value: value
+    return lambda value: T.Cast("float32", value)
+
+
+def _make_dot(length: int, schedule: CpuSchedule, indirect: bool, weight_dtype: str = "float32"):
     """A TIR macro ``dot(acc, w, e, j, src, token, p0, count)`` leaving in ``acc[pi, 0]`` the dot of
     weight row ``w[e, j]`` with source row ``token[p0 + pi]`` (``indirect``) or ``p0 + pi``, for
-    ``pi < count``.
+    ``pi < count``. Weights are read as ``weight_dtype`` and multiplied in float32.
 
     The ``length``-long dot runs ``accumulators`` independent vector chains, each ``lanes`` wide, so
     FMA latency is hidden; the partial sums are then folded by halving (log2 steps, not a serial
     chain). ``acc`` must be a local ``[token_block, lanes * accumulators]`` buffer.
     """
+    load = _widen(weight_dtype)
     L = _largest_pow2_divisor_at_most(length, schedule.lanes)
     A = _largest_pow2_divisor_at_most(length // L, schedule.accumulators)
     W = L * A
@@ -64,12 +76,13 @@ def _make_dot(length: int, schedule: CpuSchedule, indirect: bool):
                         if indirect:
                             acc[pi, a * L + lane] = (
                                 acc[pi, a * L + lane]
-                                + w[e, j, ho * W + a * L + lane] * src[token[p0 + pi], ho * W + a * L + lane]
+                                + load(w[e, j, ho * W + a * L + lane])
+                                * src[token[p0 + pi], ho * W + a * L + lane]
                             )
                         else:
                             acc[pi, a * L + lane] = (
                                 acc[pi, a * L + lane]
-                                + w[e, j, ho * W + a * L + lane] * src[p0 + pi, ho * W + a * L + lane]
+                                + load(w[e, j, ho * W + a * L + lane]) * src[p0 + pi, ho * W + a * L + lane]
                             )
         for pi in T.unroll(count):
             if W >= 128:
@@ -143,26 +156,28 @@ def make_expert_up_kernel(
     alpha: float = 1.0,
     beta: float = 0.0,
     limit: float = math.inf,
+    weight_dtype: str = "float32",
 ) -> tirx.PrimFunc:
     """PrimFunc computing ``inter[p] = act(gate_e(x[token[p]]), up_e(x[token[p]]))`` per group.
 
     Signature: ``(x[n, H], w_up[E, F, H], b_up[E, F], [w_gate[E, F, H], b_gate[E, F],]
-    offset[E+1], token[n*k]) -> inter[n*k, F]``.
+    offset[E+1], token[n*k]) -> inter[n*k, F]``; the ``w_*`` are ``weight_dtype``, the rest
+    float32.
     """
     E, H, F, K = num_experts, hidden, ffn, top_k
     RB = _largest_divisor_at_most(F, schedule.rows_per_task)
     PB = schedule.token_block
     act = _activation(activation, gated, alpha, beta, limit)
-    dot, W = _make_dot(H, schedule, indirect=True)
+    dot, W = _make_dot(H, schedule, indirect=True, weight_dtype=weight_dtype)
 
     if gated:
 
         @T.prim_func
         def expert_up(
             x_h: T.handle,
-            w_up: T.Buffer((E, F, H), "float32"),
+            w_up: T.Buffer((E, F, H), weight_dtype),
             b_up: T.Buffer((E, F), "float32"),
-            w_gate: T.Buffer((E, F, H), "float32"),
+            w_gate: T.Buffer((E, F, H), weight_dtype),
             b_gate: T.Buffer((E, F), "float32"),
             offset: T.Buffer((E + 1,), "int32"),
             token_h: T.handle,
@@ -198,7 +213,7 @@ def make_expert_up_kernel(
     @T.prim_func
     def expert_up_ungated(
         x_h: T.handle,
-        w_up: T.Buffer((E, F, H), "float32"),
+        w_up: T.Buffer((E, F, H), weight_dtype),
         b_up: T.Buffer((E, F), "float32"),
         offset: T.Buffer((E + 1,), "int32"),
         token_h: T.handle,
@@ -229,17 +244,24 @@ def make_expert_up_kernel(
 
 
 def make_expert_down_kernel(
-    num_experts: int, hidden: int, ffn: int, top_k: int, *, schedule: CpuSchedule
+    num_experts: int,
+    hidden: int,
+    ffn: int,
+    top_k: int,
+    *,
+    schedule: CpuSchedule,
+    weight_dtype: str = "float32",
 ) -> tirx.PrimFunc:
     """PrimFunc ``y[token[p]] += gain[p] * (w_down_e @ inter[p] + b_down_e)`` over all groups.
 
     Signature: ``(inter[n*k, F], w_down[E, H, F], b_down[E, H], offset[E+1], token[n*k],
     gain[n*k]) -> y[n, H]``; ``y`` is zeroed first, so the result is the full MoE output.
+    ``w_down`` is ``weight_dtype``, the rest float32.
     """
     E, H, F, K = num_experts, hidden, ffn, top_k
     RB = _largest_divisor_at_most(H, schedule.rows_per_task)
     PB = schedule.token_block
-    dot, W = _make_dot(F, schedule, indirect=False)
+    dot, W = _make_dot(F, schedule, indirect=False, weight_dtype=weight_dtype)
 
     @T.macro
     def accumulate(acc, y, b_down, gain, token, e, j, p, pi):
@@ -248,7 +270,7 @@ def make_expert_down_kernel(
     @T.prim_func
     def expert_down(
         inter_h: T.handle,
-        w_down: T.Buffer((E, H, F), "float32"),
+        w_down: T.Buffer((E, H, F), weight_dtype),
         b_down: T.Buffer((E, H), "float32"),
         offset: T.Buffer((E + 1,), "int32"),
         token_h: T.handle,

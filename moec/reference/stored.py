@@ -1,0 +1,66 @@
+"""The reference for an artifact whose expert weights are stored narrower than the model's.
+
+An artifact that stores expert matrices as fp16 cannot match the fp32 model to 1e-4: the
+rounding of the weights is the point. What it must match is the model *with those weights
+rounded*: the frontend's canonical graph (every MoE block one ``moec::MoELayer`` node whose
+weights are initializers), with the expert matrices rounded to the stored precision, run by
+``onnx.reference.ReferenceEvaluator`` with the numpy layer semantics of
+:mod:`moec.reference.canonical`. The canonical layer is itself checked against the original
+graph when the frontend extracts it, so this oracle stays independent of TVM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+from onnx.reference import ReferenceEvaluator
+from onnx.reference.op_run import OpRun
+
+from moec.frontend.importer import find_blocks
+from moec.frontend.layer import MoELayer
+from moec.frontend.rewrite import LAYER_DOMAIN, LAYER_OP, WEIGHT_ROLES, layer_weight_names, replace_blocks
+from moec.reference.canonical import moe_forward
+
+STORAGE_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+MATRIX_ROLES = ("w_up", "w_gate", "w_down")
+
+
+def _layer_op(layers: list[MoELayer]) -> type[OpRun]:
+    """An ``OpRun`` for ``moec::MoELayer`` nodes computing ``layers[attr layer]`` on its inputs."""
+
+    def _run(
+        self, x: np.ndarray, logits: np.ndarray, *weights: np.ndarray, layer: int = 0
+    ) -> tuple[np.ndarray]:
+        spec = layers[int(layer)]
+        roles = [r for r in WEIGHT_ROLES if spec.gated or r not in ("w_gate", "b_gate")]
+        current = dataclasses.replace(spec, **dict(zip(roles, weights, strict=True)))
+        flat = moe_forward(current, x.reshape(-1, spec.hidden), logits.reshape(-1, spec.num_experts))
+        return (flat.reshape(x.shape),)
+
+    return type(LAYER_OP, (OpRun,), {"op_domain": LAYER_DOMAIN, "_run": _run})
+
+
+def run_stored_reference(
+    model: onnx.ModelProto, precision: str, feeds: dict[str, np.ndarray]
+) -> dict[str, Any]:
+    """Outputs of ``model`` with every MoE layer's expert matrices rounded to ``precision``."""
+    blocks = find_blocks(model)
+    canonical = replace_blocks(model, blocks) if blocks else model
+    rounded = {
+        name
+        for block in blocks
+        for name in layer_weight_names(block)
+        if name.rsplit(".", 1)[1] in MATRIX_ROLES
+    }
+    storage = STORAGE_DTYPES[precision]
+    for index, tensor in enumerate(canonical.graph.initializer):
+        if tensor.name in rounded:
+            value = numpy_helper.to_array(tensor).astype(storage).astype(np.float32)
+            canonical.graph.initializer[index].CopyFrom(numpy_helper.from_array(value, tensor.name))
+    evaluator = ReferenceEvaluator(canonical, new_ops=[_layer_op([b.layer for b in blocks])])
+    names = [o.name for o in model.graph.output]
+    return dict(zip(names, evaluator.run(None, feeds), strict=True))
