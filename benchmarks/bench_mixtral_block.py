@@ -2,7 +2,7 @@
 """Latency of one Mixtral-style MoE block: moec against onnxruntime and plain TVM, same weights.
 
 What: hidden 512, FFN 1024, 8 SwiGLU experts, top-2 of a softmax router with the two
-weights renormalised, fp32, no biases (8 x 6 MiB = 48 MiB of expert weights). Four
+weights renormalised, fp32, no biases (8 x 6 MiB = 48 MiB of expert weights). Five
 systems run that block with identical weights:
 
 ``moec``       the standard-op ONNX model compiled by ``moec.build.compile.compile_model``
@@ -13,6 +13,11 @@ systems run that block with identical weights:
 ``ort-std``    onnxruntime on the standard-op ONNX model (the exported-graph version).
 ``tvm-onnx``   TVM's own ONNX import of the standard-op model
                (``from_onnx(keep_params_in_input=False)`` + ``tvm.compile``), no moec.
+``c-loop``     the block hand-written in C++ (``bench_mixtral_block_cloop.cpp``: routing on
+               the calling thread, then a pthread pool over output rows with the same thread
+               count), compiled here with the system ``g++ -O3 -march=native`` and called
+               through ctypes on numpy arrays; weights copied once into its own row-major,
+               huge-page layout. It is the "what a plain native loop attains here" reference.
 
 Why: the issue sets moec's targets in units of the memory-bandwidth bound (decoding an
 MoE block is a weight-streaming problem), so each latency is reported as a multiple of
@@ -57,6 +62,7 @@ import os
 import platform
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -81,9 +87,10 @@ TOLERANCE = 1e-4
 EXPERT_BYTES = 3 * HIDDEN * FFN * 4
 """Bytes of one expert's gate, up and down matrices (fp32)."""
 
-SYSTEMS = ("moec", "ort-moe", "ort-std", "tvm-onnx")
+SYSTEMS = ("moec", "c-loop", "ort-moe", "ort-std", "tvm-onnx")
 SYSTEM_LABELS = {
     "moec": "moec",
+    "c-loop": "C loop",
     "ort-moe": "ORT com.microsoft::MoE",
     "ort-std": "ORT standard ops",
     "tvm-onnx": "TVM ONNX import",
@@ -95,6 +102,9 @@ SLOW_CALL_S = 0.05
 EVICT_CAP_MB = 1024
 EVICT_FLOOR_MB = 64
 REPO = Path(__file__).resolve().parent.parent
+CLOOP_SOURCE = Path(__file__).resolve().with_name("bench_mixtral_block_cloop.cpp")
+CLOOP_LIBRARY = "cloop.so"
+CLOOP_FLAGS = ("-O3", "-march=native", "-pthread", "-shared", "-fPIC")
 MD_BEGIN = "<!-- bench_mixtral_block:begin -->"
 MD_END = "<!-- bench_mixtral_block:end -->"
 
@@ -281,6 +291,61 @@ def bench_input(tokens: int) -> np.ndarray:
     return np.random.default_rng(INPUT_SEED + tokens).standard_normal((tokens, HIDDEN)).astype(np.float32)
 
 
+def build_cloop(workdir: Path) -> str:
+    """Compile the C loop reference into ``workdir``; return the compiler's version line.
+
+    Built at benchmark time with the system ``g++`` for this very CPU (``-march=native``), so
+    it is the best a plain native loop can do here without tuning.
+    """
+    cxx = shutil.which("g++")
+    if cxx is None:
+        raise SystemExit("g++ not found: the C loop reference system needs it (apt-get install g++)")
+    cmd = [cxx, *CLOOP_FLAGS, "-o", str(workdir / CLOOP_LIBRARY), str(CLOOP_SOURCE)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"building the C loop failed ({shlex.join(cmd)}):\n{done.stderr}")
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    return version.splitlines()[0] if version else "g++"
+
+
+class CLoop:
+    """The C loop reference (``bench_mixtral_block_cloop.cpp``) loaded through ctypes."""
+
+    def __init__(self, library: Path, weights: dict[str, np.ndarray], threads: int) -> None:
+        """Load the library and hand it the weights once (it keeps its own copy)."""
+        import ctypes
+
+        self.lib = ctypes.CDLL(str(library))
+        self.lib.cloop_create.restype = ctypes.c_void_p
+        self.lib.cloop_create.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 5
+        self.lib.cloop_run.restype = None
+        self.lib.cloop_run.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+        arrays = [np.ascontiguousarray(weights[k], np.float32) for k in ("router_w", "gate", "up", "down")]
+        self.handle = self.lib.cloop_create(
+            *(a.ctypes.data for a in arrays), HIDDEN, FFN, EXPERTS, TOP_K, threads
+        )
+        if not self.handle:
+            raise SystemExit("the C loop could not allocate its weights")
+        self._buffers: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def make(self, x: np.ndarray) -> tuple[Fn, Callable[[], np.ndarray]]:
+        """(timed call, output) for input ``x``; the output buffer is allocated here, once."""
+        x = np.ascontiguousarray(x, np.float32)
+        y = np.empty_like(x)
+        run, handle, tokens = self.lib.cloop_run, self.handle, x.shape[0]
+        x_ptr, y_ptr = x.ctypes.data, y.ctypes.data
+        self._buffers.append((x, y))  # the raw pointers below must stay valid
+
+        def call() -> None:
+            run(handle, x_ptr, tokens, y_ptr)
+
+        def output() -> np.ndarray:
+            run(handle, x.ctypes.data, tokens, y.ctypes.data)
+            return y.copy()
+
+        return call, output
+
+
 # ---------------------------------------------------------------------------
 # child: load, verify, measure
 # ---------------------------------------------------------------------------
@@ -426,8 +491,11 @@ def load_systems(
         xt = tvm.runtime.tensor(x, device)
         return (lambda: main(xt)), (lambda: main(xt).numpy())
 
+    cloop = CLoop(workdir / CLOOP_LIBRARY, dict(np.load(workdir / "weights.npz")), threads)
+
     systems = {
         "moec": make_moec,
+        "c-loop": cloop.make,
         "ort-moe": make_ort(ort_moe),
         "ort-std": make_ort(ort_std),
         "tvm-onnx": make_tvm,
@@ -724,14 +792,14 @@ def report(results: dict[int, dict[str, Any]], facts: dict[str, Any]) -> str:
             if case is None:
                 continue
             bound = bound_ms(two, case)
-            got, ort_x, read_x = (
-                stats(case["times"]["cold"][s])[0] / bound for s in ("moec", "ort-moe", READ)
+            got, cloop_x, ort_x, read_x = (
+                stats(case["times"]["cold"][s])[0] / bound for s in ("moec", "c-loop", "ort-moe", READ)
             )
             verdict = "met" if got <= target else "NOT met"
             lines.append(
                 f"- {t_str} token(s): target ≤ {target}× bound, measured {got:.2f}× "
-                f"({verdict}); ORT's MoE op {ort_x:.2f}×; a plain numpy read of the same "
-                f"bytes {read_x:.2f}×."
+                f"({verdict}); the C loop {cloop_x:.2f}×; ORT's MoE op {ort_x:.2f}×; a plain "
+                f"numpy read of the same bytes {read_x:.2f}×."
             )
         lines.append("")
 
@@ -745,8 +813,9 @@ def report(results: dict[int, dict[str, Any]], facts: dict[str, Any]) -> str:
         lines += [
             "moec, time per VM-called function (Relax VM instrument hook around every call, "
             "separate runs after the timing, mean ms per block call; the hook's Python "
-            "callback adds a few µs per call, more when cold; the layer function encloses "
-            "its kernels; entries under 0.005 ms omitted):",
+            "callback adds a few µs per call, more when cold; a layer function, where one is "
+            "called, encloses its kernels (moec now inlines them into main); entries under "
+            "0.005 ms omitted):",
             "",
         ]
         for n, t, prof in profiles:
@@ -767,6 +836,14 @@ def report(results: dict[int, dict[str, Any]], facts: dict[str, Any]) -> str:
         f"`tvm.compile` for `llvm -mcpu=<host> num-cores=<threads>`, default pipeline; "
         f'{first["tvm_build"]}. moec: `compile_model(model, "host", ...)` of the same ONNX file '
         f"(the dense batched-MatMul export pattern; moec detected 1 MoE layer).",
+        f"- C loop: `benchmarks/bench_mixtral_block_cloop.cpp` built with `g++ "
+        f"{' '.join(CLOOP_FLAGS)}` ({facts['cxx']}), called through ctypes with pointers to "
+        "pre-allocated numpy input/output arrays; it copies the weights once into output-row-major "
+        "matrices in huge pages; routing on the calling thread, then two fork-joins on a pthread "
+        "pool of the thread count (workers spin with `sched_yield`, then sleep, like TVM's): "
+        "gate/up rows split evenly over the threads, then whole output columns per thread; up to "
+        "4 tokens per pass over a weight row. (Not OpenMP: libgomp's non-yielding spin made a "
+        "2-thread call 50× slower whenever another process held a core of this shared VM.)",
         f"- Repetitions: {facts['reps_total']} per case, in {first['processes']} processes per "
         f"thread count ({facts['reps_per_process']} each; processes alternate between thread "
         f"counts), samples pooled. Each repetition runs every system once, round-robin, starting "
@@ -820,6 +897,8 @@ def run_parent(args: argparse.Namespace, argv: Sequence[str]) -> None:
         workdir = Path(tmp)
         log(f"building models in {workdir}")
         build_models(workdir)
+        cxx_version = build_cloop(workdir)
+        log(f"built the C loop reference with {cxx_version}")
         blocks = import_model(load_model(workdir / "standard.onnx")).blocks
         if len(blocks) != 1:
             raise SystemExit(f"moec found {len(blocks)} MoE layers in the standard model, expected 1")
@@ -874,6 +953,7 @@ def run_parent(args: argparse.Namespace, argv: Sequence[str]) -> None:
         "moec": moec.__version__,
         "tvm": tvm.__version__,
         "ort": onnxruntime.__version__,
+        "cxx": cxx_version,
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "llc_mib": llc_bytes() / 2**20,

@@ -1,4 +1,4 @@
-"""The ``moec`` command line: compile, run, verify, inspect, targets."""
+"""The ``moec`` command line: compile, run, verify, package, inspect, targets."""
 
 from __future__ import annotations
 
@@ -117,6 +117,7 @@ def main() -> None:
       moec compile model.onnx -o out/     build the artifact (library, weights, manifest)
       moec run out/                       run it and print latency
       moec verify model.onnx out/         compare it with the numpy reference
+      moec package out/                   one .tar.gz to copy to the board and run there
     """
 
 
@@ -151,9 +152,23 @@ def main() -> None:
     help="How expert weight matrices are stored. fp16 halves their memory and the bytes read "
     "per token; the arithmetic stays fp32 (e.g. on a Cortex-A72, which has no FP16 arithmetic).",
 )
+@click.option(
+    "--max-tokens",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Upper bound on the token count: intermediates are then planned statically (less "
+    "per-call work; memory sized for this many tokens) and a call with more tokens fails with "
+    "an error. Default: no bound (any token count).",
+)
 @user_errors
 def compile(  # noqa: A001
-    model: Path, target: str, out_dir: Path, force: bool, dump_ir: Path | None, weights_precision: str
+    model: Path,
+    target: str,
+    out_dir: Path,
+    force: bool,
+    dump_ir: Path | None,
+    weights_precision: str,
+    max_tokens: int | None,
 ) -> None:
     """Compile MODEL (.onnx) into an artifact directory computing only the selected experts."""
     from moec.build.compile import compile_model
@@ -165,6 +180,7 @@ def compile(  # noqa: A001
         force=force,
         dump_ir=dump_ir,
         weights_precision=weights_precision,
+        max_tokens=max_tokens,
         log=_progress,
     )
     click.echo(f"compiled {model} for {target} -> {out_dir}")
@@ -194,18 +210,32 @@ def compile(  # noqa: A001
 )
 @user_errors
 def run(artifact: Path, inputs: Path | None, output: Path | None, tokens: int, repeats: int) -> None:
-    """Run a compiled ARTIFACT directory and print its latency."""
-    from moec.runtime.session import ArtifactSession, random_inputs
+    """Run a compiled ARTIFACT directory and print its latency.
 
-    session = ArtifactSession(artifact)
+    An artifact for another board runs with moec-runner built for it, under the target's
+    emulator (e.g. qemu-aarch64) when its CPU differs from this machine's.
+    """
+    from moec.runtime.board import RunnerSession, open_session
+    from moec.runtime.session import random_inputs
+
+    session = open_session(artifact)
+    if isinstance(session, RunnerSession):
+        click.echo(session.how)
     feeds = _load_inputs(inputs, session) if inputs else random_inputs(session.inputs, tokens)
-    outputs = session.run(feeds)
+    if isinstance(session, RunnerSession):
+        outputs, latency = session.run_timed(feeds, repeats)
+        if session.emulator:
+            latency += " (emulated: not the board's latency)"
+    else:
+        outputs = session.run(feeds)
     for name, value in outputs.items():
         click.echo(f"output {name}: shape {list(value.shape)} {value.dtype}")
     if output:
         np.savez(output, **outputs)
         click.echo(f"wrote {output}")
-    click.echo(_latency_line(session.time(feeds, repeats=repeats)))
+    if not isinstance(session, RunnerSession):
+        latency = _latency_line(session.time(feeds, repeats=repeats))
+    click.echo(latency)
 
 
 @main.command()
@@ -224,11 +254,14 @@ def run(artifact: Path, inputs: Path | None, output: Path | None, tokens: int, r
 def verify(model: Path, artifact: Path, inputs: Path | None, tokens: tuple[int, ...], atol: float) -> None:
     """Check ARTIFACT against the numpy reference of MODEL; exit 1 above tolerance."""
     from moec.frontend.loader import load_model
-    from moec.runtime.session import ArtifactSession, random_inputs
+    from moec.runtime.board import RunnerSession, open_session
+    from moec.runtime.session import random_inputs
     from moec.verify import stored_precision, verify_artifact
 
     onnx_model = load_model(model)
-    session = ArtifactSession(artifact)
+    session = open_session(artifact)
+    if isinstance(session, RunnerSession):
+        click.echo(session.how)
     _check_interface(onnx_model, session, model, artifact)
     cases = []
     if inputs:
@@ -288,6 +321,29 @@ def inspect(model: Path, as_json: bool) -> None:
             f"{'yes' if layer['shared_expert'] else 'no':<6} {layer['parameter_bytes'] / 1e6:>9.3f} "
             f"{layer['bytes_per_token_dense'] / 1e6:>12.3f} {layer['bytes_per_token_sparse'] / 1e6:>13.3f}"
         )
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(path_type=Path),
+    help="Tarball to write (default: ARTIFACT.tar.gz beside the artifact directory).",
+)
+@user_errors
+def package(artifact: Path, output: Path | None) -> None:
+    """Bundle ARTIFACT with the runner and TVM runtime for its board into one .tar.gz.
+
+    Copy the tarball to the board, unpack it and run the command its README.md names.
+    """
+    from moec.runtime.package import bundle_name, package_artifact, run_command
+
+    path = package_artifact(
+        artifact, output, warn=lambda line: click.echo(f"moec: warning: {line}", err=True)
+    )
+    click.echo(f"wrote {path}")
+    click.echo(f"on the board: tar xzf {path.name} && cd {bundle_name(path)} && {run_command()}")
 
 
 @main.command()

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up everything moec needs on a fresh Debian/Ubuntu machine with Python 3.11:
 # a virtual environment in .venv with moec and its pinned dependencies (and the dev
-# extras: pytest, ruff, onnxruntime). Safe to rerun; it only installs what is missing.
+# extras: pytest, ruff, onnxruntime; cuda12: the CUDA 12.6 ptxas for Jetson cubins).
+# Safe to rerun; it only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,10 +29,28 @@ if ! command -v cc >/dev/null 2>&1; then
     exit 1
   fi
 fi
+# Cross-compiling for the aarch64 boards (cortex-a72, cortex-a76, orin) and running their
+# artifacts here under emulation: moec compile/run/verify/package, and their tests.
+missing=""
+command -v aarch64-linux-gnu-g++ >/dev/null 2>&1 || missing="$missing g++-aarch64-linux-gnu"
+command -v qemu-aarch64 >/dev/null 2>&1 || missing="$missing qemu-user"
+if [ -n "$missing" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && apt-get install -y -qq $missing >/dev/null
+  else
+    echo "setup: warning: building and emulating aarch64 artifacts needs$missing; install them as root" \
+      "(apt-get install$missing); continuing without (their tests are skipped)" >&2
+  fi
+fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 stamp=.venv/.moec-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip
-  .venv/bin/python -m pip install --quiet -e '.[dev]'
+  # cuda12: CUDA 12.6 ptxas for Jetson Orin cubins (nvcc itself comes from the CUDA toolkit).
+  .venv/bin/python -m pip install --quiet -e '.[dev,cuda12]'
   touch "$stamp"
 fi
+# TVM's runtime libraries for the boards' architectures, from PyPI's wheels, fetched once into
+# .cache/ so that running cross-compiled artifacts (and the tests) needs no network later.
+.venv/bin/python -m moec.runtime.wheels >/dev/null ||
+  echo "setup: warning: continuing without TVM's aarch64 runtime; aarch64 artifacts cannot run here" >&2

@@ -563,11 +563,17 @@ def test_run_writes_outputs_by_onnx_name(tmp_path: Path, compiled: Compiled) -> 
             assert_close(data[name], value, FP32_ATOL, f"{name} written by moec run")
 
 
-def test_targets_lists_host() -> None:
+def test_targets_lists_every_board_with_its_key_facts() -> None:
     result = invoke("targets")
     assert result.exit_code == 0, result.output
-    names = [line.split()[0] for line in result.stdout.splitlines() if line.strip()]
-    assert "host" in names
+    lines = result.stdout.splitlines()
+    names = [line.split()[0] for line in lines if line.strip() and not line.startswith(" ")]
+    assert {"host", "cortex-a72", "cortex-a76", "orin"} <= set(names)
+    heads = [i for i, line in enumerate(lines) if line and not line.startswith(" ")]
+    facts = {lines[i].split()[0]: lines[i + 1] for i in heads}
+    assert "aarch64, 4 cores, 128-bit SIMD, 64 B lines, computes fp32," in facts["cortex-a72"]
+    assert "aarch64-linux-gnu-g++" in facts["cortex-a72"]
+    assert "sm_87" in facts["orin"] and "128 B lines" in facts["orin"] and "fp16" in facts["orin"]
 
 
 SUBCOMMAND_OPTIONS = {

@@ -201,3 +201,39 @@ def test_build_is_cached_and_needs_a_compiler(runner: Path, tmp_path: Path) -> N
     assert runner.stat().st_mtime_ns == stamp
     with pytest.raises(MoecError, match="install g\\+\\+"):
         build_runner(tmp_path / "moec-runner", cxx="no-such-compiler-g++")
+
+
+def test_random_inputs_need_no_files(runner: Path, compiled, tmp_path: Path) -> None:
+    """--random-inputs makes the inputs (symbolic dimension = --tokens); outputs are then optional."""
+    _, artifact, hidden = compiled["standard-sparse-dispatch"]
+    command = [str(runner), str(artifact), "--random-inputs", "--tokens", "6", "--repeat", "2"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    output = json.loads((artifact / MANIFEST).read_text())["outputs"][0]["name"]
+    assert f"output {output}: shape [6, {hidden}] float32" in result.stdout, result.stdout
+    assert "latency over 2 runs" in result.stdout
+    result = subprocess.run(
+        [*command[:-2], "--output-dir", str(tmp_path / "out")], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert np.load(tmp_path / "out" / f"{output_file_stem(output)}.npy").shape == (6, hidden)
+    bad = subprocess.run([*command[:2], "--random-inputs", "--tokens", "0"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--tokens must be at least 1" in bad.stderr, bad.stderr
+
+
+def test_cuda_artifact_without_a_driver_fails_in_one_line(runner: Path, compiled, tmp_path: Path) -> None:
+    """A manifest whose target is a CUDA GPU makes the runner load TVM's CUDA runtime first."""
+    import ctypes.util
+
+    if ctypes.util.find_library("cuda") is not None:
+        pytest.skip("this machine has a CUDA driver")
+    _, artifact, _ = compiled["standard-sparse-dispatch"]
+    copy = tmp_path / "artifact"
+    shutil.copytree(artifact, copy)
+    manifest = json.loads((copy / MANIFEST).read_text())
+    manifest["target"]["cuda"] = {"arch": "sm_87", "version": "12.6"}
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    result = subprocess.run([str(runner), str(copy), "--random-inputs"], capture_output=True, text=True)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "libtvm_runtime_cuda.so cannot be loaded" in lines[0], result.stderr

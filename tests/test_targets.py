@@ -15,7 +15,7 @@ import tvm
 from moec.build.compile import compile_model, lower_model
 from moec.frontend.importer import import_model
 from moec.frontend.loader import load_model
-from moec.kernels import kernel_kind
+from moec.kernels import kernel_kind, make_kernel
 from moec.reference.evaluator import run_reference
 from moec.runtime.session import ArtifactSession
 from moec.schedule import CpuSchedule, GpuSchedule
@@ -31,7 +31,8 @@ def test_bundled_targets_are_the_documented_boards() -> None:
     a72 = load_target("cortex-a72")
     assert a72.tvm_target.attrs["mtriple"] == "aarch64-linux-gnu"
     assert (a72.hardware.arch, a72.hardware.cores, a72.hardware.simd_bits) == ("aarch64", 4, 128)
-    assert (a72.hardware.cache_line_bytes, a72.hardware.l1d_bytes, a72.hardware.l2_bytes) == (64, 32768, 1 << 20)
+    hw = a72.hardware
+    assert (hw.cache_line_bytes, hw.l1d_bytes, hw.l2_bytes) == (64, 32768, 1 << 20)
     assert a72.hardware.compute_precisions == ("fp32",), "the A72 has no FP16 arithmetic nor dot product"
     assert a72.schedule == CpuSchedule(lanes=4, rows_per_task=16, token_block=4, accumulators=2)
     assert not a72.runs_here or platform.machine() == "aarch64"
@@ -66,6 +67,17 @@ def test_a72_expert_kernels_use_neon_vector_fma(kind: str) -> None:
     scalar_fma = len(re.findall(r"\bfmadd\s+s\d+", asm))
     assert vector_fma >= 8, f"{kind}: only {vector_fma} NEON .4s multiply(-add)s"
     assert vector_fma > 4 * scalar_fma, f"{kind}: {vector_fma} vector vs {scalar_fma} scalar fmadd"
+
+
+def test_a72_fp16_weights_are_widened_with_neon_not_a_libcall() -> None:
+    """The A72 stores fp16 but computes fp32: weights convert with vector fcvtl, not __extendhfsf2."""
+    target = load_target("cortex-a72")
+    config = {"num_experts": 4, "hidden": 64, "ffn": 32, "top_k": 2, "weight_dtype": "float16"}
+    kernel = make_kernel("expert_down", config, target.schedule)
+    asm = tvm.compile(tvm.IRModule({"expert_down": kernel}), target=target.tvm_target).mod.inspect_source("s")
+    assert len(re.findall(r"\bfcvtl2?\s+v\d+\.4s, v\d+\.[48]h", asm)) >= 4
+    assert len(re.findall(r"\bfmla\s+v\d+\.4s", asm)) >= 4
+    assert not re.search(r"\bbl\s+__extendhfsf2", asm), "fp16 weights widened by a library call"
 
 
 def _user_target(tmp_path: Path) -> Path:

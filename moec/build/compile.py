@@ -15,11 +15,13 @@ from tvm import relax
 
 import moec
 from moec.build.artifact import FORMAT, LIBRARY, MANIFEST, WEIGHTS, staged_directory
+from moec.build.cuda import cuda_build, verify_cuda_library, with_c_identifiers
 from moec.errors import MoecError
 from moec.frontend.importer import ImportedModel, import_model
 from moec.frontend.loader import load_model
 from moec.frontend.rewrite import layer_weight_names
-from moec.passes.pipeline import moe_pipeline
+from moec.passes.bound_tokens import input_symbols
+from moec.passes.pipeline import lowering_pipeline, moe_pipeline
 from moec.targets import TargetSpec, load_target
 
 
@@ -133,13 +135,16 @@ def compile_model(
     force: bool = False,
     dump_ir: Path | None = None,
     weights_precision: str = "fp32",
+    max_tokens: int | None = None,
     log: Callable[[str], None] = lambda _: None,
 ) -> Path:
     """Compile ``model_path`` for ``target_name`` into ``out_dir``; return ``out_dir``.
 
     ``dump_ir`` names a directory that receives the module as TVMScript after each phase.
     ``weights_precision`` (``fp32``/``fp16``) is how expert weight matrices are stored; the
-    arithmetic stays fp32.
+    arithmetic stays fp32. ``max_tokens`` bounds the token dimension so intermediates are
+    planned statically (:class:`moec.passes.bound_tokens.BoundTokens`); a call with more
+    tokens then fails with an error saying so. None: no bound.
     """
     model_path, out_dir = Path(model_path), Path(out_dir)
     target = load_target(target_name)
@@ -149,17 +154,32 @@ def compile_model(
     imported = import_model(load_model(model_path))
     log(f"found {len(imported.blocks)} MoE layer(s); lifting to Relax")
     mod, params = lower_model(imported, target, dump_ir, weights_precision)
+    if max_tokens is not None:
+        symbols = [v.name for v in input_symbols(mod["main"])]
+        if len(symbols) != 1:
+            raise MoecError(
+                f"--max-tokens: the model's inputs have {len(symbols)} symbolic dimensions "
+                f"({', '.join(symbols) or 'none'}); a token bound needs exactly one"
+            )
     num_inputs = int(mod["main"].attrs["num_input"])
     param_names = [v.name for v in mod["main"].params[num_inputs:]]
     weights = dict(zip(param_names, params["main"], strict=True))
     fcompile = library_linker(target)
     log(f"compiling for {target.name} ({target.tvm_config.get('mcpu', target.tvm_config['kind'])})")
-    with target.tvm_target:
-        executable = tvm.compile(mod, target=target.tvm_target)
+    with target.tvm_target, cuda_build(target, log) as cuda_info:
+        executable = tvm.compile(
+            with_c_identifiers(mod, target),
+            target=target.tvm_target,
+            relax_pipeline=lowering_pipeline(target.tvm_target, max_tokens),
+        )
     with staged_directory(out_dir, force) as staging:
         executable.export_library(str(staging / LIBRARY), fcompile=fcompile)
+        verify_cuda_library(staging / LIBRARY, target, mod)  # CUDA targets: cubins, not source
         tvm.runtime.save_param_dict_to_file(weights, str(staging / WEIGHTS))
         manifest = build_manifest(imported, target, model_path, weights)
+        if cuda_info:
+            manifest["cuda_build"] = cuda_info
+        manifest["max_tokens"] = max_tokens
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     log(f"wrote {out_dir}")
     return out_dir

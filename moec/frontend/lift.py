@@ -121,7 +121,7 @@ class MoEGraphImporter(ONNXGraphImporter):
         flat_x = self.bb.emit(relax.op.reshape(x, (-1, layer.hidden)))
         flat_logits = self.bb.emit(relax.op.reshape(logits, (-1, layer.num_experts)))
         y = self.bb.emit(relax.Call(func, [flat_x, flat_logits, *weights]))
-        return relax.op.reshape(y, x_shape)
+        return self.bb.normalize(relax.op.reshape(y, x_shape))  # typed: the next converter reads it
 
 
 def lift_to_relax(

@@ -24,6 +24,7 @@ def load_model(path: str | Path) -> onnx.ModelProto:
         raise MoecError(f"{path}: not a readable ONNX model ({first}); is the file complete?") from err
     if not model.graph.node and not model.graph.output:
         raise MoecError(f"{path}: not an ONNX model (no graph found); is this the right file?")
+    _import_missing_domains(model)
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as err:
@@ -37,3 +38,20 @@ def load_model(path: str | Path) -> onnx.ModelProto:
                 f"1..{latest} (what this onnx knows); re-export it with a supported opset"
             )
     return model
+
+
+IMPLIED_DOMAINS = {"com.microsoft": 1}
+"""Operator domains some exporters use without importing them, and the version they mean.
+
+transformers' ONNX exporter with onnxruntime fusions writes ``com.microsoft::MoE`` (and
+attention fusions) but no ``com.microsoft`` opset import, which onnx's checker rejects although
+onnxruntime's contrib ops have only ever had version 1.
+"""
+
+
+def _import_missing_domains(model: onnx.ModelProto) -> None:
+    """Add the opset import of an implied domain that the graph's nodes use but do not import."""
+    imported = {opset.domain for opset in model.opset_import}
+    used = {node.domain for node in model.graph.node}
+    for domain in sorted((used & IMPLIED_DOMAINS.keys()) - imported):
+        model.opset_import.append(onnx.helper.make_opsetid(domain, IMPLIED_DOMAINS[domain]))

@@ -21,17 +21,23 @@ Recognition is by structure, confirmed by semantics:
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import onnx
 from onnx import helper
 from onnx.reference import ReferenceEvaluator
 
+from moec.errors import MoecError
 from moec.frontend.block import MoEBlock
-from moec.frontend.graph import GraphIndex, attribute
+from moec.frontend.graph import GraphIndex, attribute, node_label
 from moec.frontend.layer import MoELayer
 from moec.reference.canonical import moe_forward
 
 MATMUL_OPS = ("MatMul", "Gemm")
+VIEW_OPS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity")
+GATHER_OPS = ("Gather", "GatherND")
+FLOAT = onnx.TensorProto.FLOAT
 
 
 def find_standard_blocks(
@@ -45,6 +51,8 @@ def find_standard_blocks(
             block = finder.match(node, f"moe{first_index + len(blocks)}")
             if block is not None:
                 blocks.append(block)
+            else:
+                finder.reject_trace_specialised(node)
     return blocks
 
 
@@ -89,13 +97,56 @@ class _BlockFinder:
                 frontier.extend(node.input)
         return seen
 
+    # --- trace-specialised graphs ---------------------------------------------------------
+    def unrolled_experts(self, topk: onnx.NodeProto) -> int | None:
+        """How many expert iterations a traced loop over the *hit* experts was unrolled into.
+
+        transformers' ``eager`` experts loop over ``nonzero(expert_hit)``; TorchScript records
+        one iteration per expert the trace input hit, as a ``Split`` of that ``NonZero`` into
+        fixed pieces. None when no such ``Split`` reads the routing of ``topk``.
+        """
+        for node in self._descendant_nodes(topk.output[1]):
+            if node.op_type != "Split" or not any(
+                n.op_type == "NonZero" for n in self._nodes_between(topk.output[1], node.input[0])
+            ):
+                continue
+            return len(node.output)
+        return None
+
+    def _nodes_between(self, source: str, tensor: str) -> list[onnx.NodeProto]:
+        ancestors = self._ancestor_ids(tensor)
+        return [n for n in self._descendant_nodes(source) if id(n) in ancestors]
+
+    def reject_trace_specialised(self, topk: onnx.NodeProto) -> None:
+        """Refuse a router whose experts were unrolled for fewer experts than it routes to."""
+        router = self._router(topk)
+        unrolled = self.unrolled_experts(topk)
+        if router is None or unrolled is None:
+            return
+        experts = router[4]
+        if unrolled < experts:
+            raise MoecError(
+                f"{node_label(topk)}: this graph computes only {unrolled} of the router's {experts} experts: "
+                "the TorchScript exporter unrolled transformers' 'eager' experts loop for the experts its "
+                "trace input happened to hit, so other routings give wrong results or fail; re-export "
+                "with config._experts_implementation = 'batched_mm' (or torch.onnx.export(..., dynamo=True))"
+            )
+
     # --- matching ----------------------------------------------------------------------
+    def _producer_past_casts(self, tensor: str) -> onnx.NodeProto | None:
+        """The node making ``tensor``, looking through float-to-float ``Cast``s (TorchScript
+        writes them around the router)."""
+        node = self.index.producer.get(tensor)
+        while node is not None and node.op_type == "Cast" and attribute(node, "to", 0) == FLOAT:
+            node = self.index.producer.get(node.input[0])
+        return node
+
     def _router(self, topk: onnx.NodeProto):
-        softmax = self.index.producer.get(topk.input[0])
+        softmax = self._producer_past_casts(topk.input[0])
         if softmax is None or softmax.op_type != "Softmax":
             return None
         logits = softmax.input[0]
-        producer = self.index.producer.get(logits)
+        producer = self._producer_past_casts(logits)
         router_nodes = []
         bias = None
         if producer is not None and producer.op_type == "Add":
@@ -103,22 +154,40 @@ class _BlockFinder:
             if consts[1] is not None:
                 bias, router_nodes = consts[1], [producer]
                 producer = self.index.producer.get(producer.input[0])
-        if producer is None or producer.op_type != "MatMul":
-            return None
-        weight = self.index.constant(producer.input[1])
+        weight = _weight_of(self.index, producer) if producer is not None else None
         if weight is None or weight.ndim != 2:
             return None
         k = self.index.constant(topk.input[1])
         if k is None or int(attribute(topk, "largest", 1)) != 1:
             return None
         del bias  # the router stays in the graph; only its shape matters here
-        return producer.input[0], logits, [producer, *router_nodes], int(k.reshape(-1)[0]), weight.shape[1]
+        return producer.input[0], logits, [producer, *router_nodes], int(k.reshape(-1)[0]), weight.shape[0]
+
+    def _views(self, x: str) -> list[onnx.NodeProto]:
+        """The chain of reshapes that made ``x`` from an earlier tensor, earliest first.
+
+        Exporters flatten the block input (``[b, s, H]`` → ``[b*s, H]``) once for the router
+        and once more for the experts; the block's input is the tensor before that chain,
+        and the chain's outputs are the same tokens in another shape.
+        """
+        chain = []
+        node = self.index.producer.get(x)
+        while node is not None and node.op_type in VIEW_OPS and self.index.constant(node.input[0]) is None:
+            chain.append(node)
+            node = self.index.producer.get(node.input[0])
+        return chain[::-1]
 
     def match(self, topk: onnx.NodeProto, name: str) -> MoEBlock | None:
         router = self._router(topk)
         if router is None:
             return None
-        x, logits, router_nodes, k, experts = router
+        router_input, logits, router_nodes, k, experts = router
+        views = self._views(router_input)
+        x = views[0].input[0] if views else router_input
+        # The views and the shape arithmetic they use (Shape(x) → Gather → Concat ...): functions
+        # of x alone, which the experts may read too.
+        prelude = [n for n in self._descendant_nodes(x) if id(n) in self._ancestor_ids(router_input)]
+        aliases = {x} | {o for n in prelude for o in n.output}
         router_ids = {id(n) for n in router_nodes} | self._ancestor_ids(logits)
         below_x = [n for n in self._descendant_nodes(x) if id(n) not in router_ids]
         x_rank = len(self.shapes[x]) if x in self.shapes else None
@@ -128,11 +197,11 @@ class _BlockFinder:
                 continue
             ancestors = self._ancestor_ids(out)
             region = [n for n in below_x if id(n) in ancestors]
-            if not self._closed(region, out, {x, logits}):
+            if not self._closed(region, out, aliases | {logits}):
                 continue
-            layer = _extract_layer(self.index, region, topk, x, k, experts, name)
-            if layer is not None and self._confirms(region, layer, x, logits, out):
-                return MoEBlock(layer=layer, input=x, logits=logits, output=out, nodes=region)
+            for layer in _extract_layers(self.index, region, topk, k, experts, name):
+                if self._confirms(prelude, region, layer, x, logits, out):
+                    return MoEBlock(layer=layer, input=x, logits=logits, output=out, nodes=region)
         return None
 
     def _closed(self, region: list[onnx.NodeProto], out: str, allowed_inputs: set[str]) -> bool:
@@ -162,8 +231,9 @@ class _BlockFinder:
             d if d is not None else tokens if i == len(dims) - 2 else 1 for i, d in enumerate(dims[:-1])
         ] + [last]
 
-    def _confirms(self, region, layer: MoELayer, x: str, logits: str, out: str) -> bool:
-        """Run the region alone and compare it with the extracted layer's semantics."""
+    def _confirms(self, prelude, region, layer: MoELayer, x: str, logits: str, out: str) -> bool:
+        """Run the region (after the ``prelude`` computed from ``x``) alone; compare with the layer."""
+        region = list(prelude) + list(region)
         produced = {o for n in region for o in n.output}
         consts, constant_nodes = [], []
         for node in region:
@@ -174,10 +244,14 @@ class _BlockFinder:
                     else:
                         constant_nodes.append(self.index.producer[tensor])
         rng = np.random.default_rng(1234)
-        x_value = rng.standard_normal(self._sample_shape(x, layer.hidden, 5)).astype(np.float32)
-        logit_value = (3 * rng.standard_normal(self._sample_shape(logits, layer.num_experts, 5))).astype(
-            np.float32
-        )
+        tokens = max(5, layer.num_experts)
+        x_value = rng.standard_normal(self._sample_shape(x, layer.hidden, tokens)).astype(np.float32)
+        logit_value = 3 * rng.standard_normal(self._sample_shape(logits, layer.num_experts, tokens))
+        # Every expert is some token's first choice: a graph that only works when every expert
+        # is hit (a trace of a loop over hit experts) is still exercised as a whole.
+        flat = logit_value.reshape(-1, layer.num_experts)
+        flat[np.arange(layer.num_experts), np.arange(layer.num_experts)] += 20.0
+        logit_value = flat.reshape(logit_value.shape).astype(np.float32)
         graph = helper.make_graph(
             constant_nodes + region,
             "moe_region",
@@ -203,10 +277,55 @@ class _BlockFinder:
         return bool(error <= 1e-4 * (1.0 + np.abs(expected).max()))
 
 
+def _gathered_weight(index: GraphIndex, tensor: str) -> np.ndarray | None:
+    """The constant ``[E, out, in]`` stack that ``tensor`` gathers per token, or None.
+
+    transformers' ``batched_mm`` experts pick each routed token's expert matrix with a
+    ``Gather``/``GatherND`` on the stacked weights, then multiply it *in front of* the token
+    column: the stack is already ``[E, out, in]``.
+    """
+    gather = index.producer.get(tensor)
+    if gather is None or gather.op_type not in GATHER_OPS or int(attribute(gather, "axis", 0)) != 0:
+        return None
+    stack = index.constant(gather.input[0])
+    return stack if stack is not None and stack.ndim == 3 and stack.dtype == np.float32 else None
+
+
+def _picked_expert_weight(index: GraphIndex, tensor: str) -> str | None:
+    """The name of the constant ``[E, out, in]`` stack whose one expert ``tensor`` is, transposed
+    to ``[in, out]`` (how the TorchScript trace of transformers' ``eager`` loop reads it)."""
+    transpose = index.producer.get(tensor)
+    if (
+        transpose is None
+        or transpose.op_type != "Transpose"
+        or list(attribute(transpose, "perm", [])) != [1, 0]
+    ):
+        return None
+    gather = index.producer.get(transpose.input[0])
+    if gather is None or gather.op_type != "Gather" or int(attribute(gather, "axis", 0)) != 0:
+        return None
+    stack = index.constant(gather.input[0])
+    return gather.input[0] if stack is not None and stack.ndim == 3 and stack.dtype == np.float32 else None
+
+
+def _stack_name(index: GraphIndex, node: onnx.NodeProto) -> str | None:
+    """The name of the stacked ``[E, out, in]`` constant a MatMul reads one expert of, or None."""
+    if node.op_type != "MatMul":
+        return None
+    picked = _picked_expert_weight(index, node.input[1])
+    if picked is not None:
+        return picked
+    gather = index.producer.get(node.input[0])
+    return gather.input[0] if _gathered_weight(index, node.input[0]) is not None else None
+
+
 def _weight_of(index: GraphIndex, node: onnx.NodeProto) -> np.ndarray | None:
     """The constant weight of a MatMul/Gemm as ``[..., out, in]``, or None."""
     if node.op_type not in MATMUL_OPS or len(node.input) < 2:
         return None
+    if node.op_type == "MatMul" and index.constant(node.input[1]) is None:
+        stack = _stack_name(index, node)
+        return None if stack is None else index.constant(stack)
     weight = index.constant(node.input[1])
     if weight is None or weight.ndim not in (2, 3) or weight.dtype != np.float32:
         return None
@@ -215,6 +334,17 @@ def _weight_of(index: GraphIndex, node: onnx.NodeProto) -> np.ndarray | None:
             return None
         return weight if attribute(node, "transB", 0) else weight.T
     return np.swapaxes(weight, -1, -2)
+
+
+def _one_per_stack(index: GraphIndex, matmuls: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+    """``matmuls`` with later ones that read the same weight stack as an earlier one dropped."""
+    kept, seen = [], set()
+    for node in matmuls:
+        key = _stack_name(index, node) or node.input[1]
+        if key not in seen:
+            seen.add(key)
+            kept.append(node)
+    return kept
 
 
 def _bias_after(index: GraphIndex, node: onnx.NodeProto) -> np.ndarray | None:
@@ -228,15 +358,65 @@ def _bias_after(index: GraphIndex, node: onnx.NodeProto) -> np.ndarray | None:
     return None
 
 
+FUSED_SPLITS = {
+    "gate|up": lambda w, f: (w[:, :f], w[:, f:]),
+    "up|gate": lambda w, f: (w[:, f:], w[:, :f]),
+    "gate,up interleaved": lambda w, f: (w[:, 0::2], w[:, 1::2]),
+    "up,gate interleaved": lambda w, f: (w[:, 1::2], w[:, 0::2]),
+}
+"""How exporters lay out a fused ``[E, 2F, ...]`` gate+up weight; confirmation picks the one used."""
+
+
+def _extract_layers(
+    index: GraphIndex,
+    region: list[onnx.NodeProto],
+    topk: onnx.NodeProto,
+    k: int,
+    experts: int,
+    name: str,
+) -> list[MoELayer]:
+    """The layers ``region`` may compute, to be confirmed numerically (several when the
+    structure leaves a choice open, e.g. how a fused gate+up weight is split)."""
+    fields = _extract_layer(index, region, topk, k, experts, name)
+    if fields is None:
+        return []
+    half = fields["ffn"]
+    fused = (
+        fields["w_gate"] is None
+        and fields["w_up"].shape[1] == 2 * half
+        and fields["activation"] != "identity"
+    )
+    # Renormalisation is read off a Div of the top-k weights, but exporters may cast first:
+    # the other choice is a candidate too.
+    normalize_choices = (fields["normalize"], not fields["normalize"])
+    splits = FUSED_SPLITS.values() if fused else [None]
+    variants = []
+    for split, normalize in itertools.product(splits, normalize_choices):
+        variant = fields | {"normalize": normalize}
+        if split is not None:
+            gate, up = split(fields["w_up"], half)
+            b_gate, b_up = split(fields["b_up"], half) if fields["b_up"] is not None else (None, None)
+            parts = {"w_gate": gate, "w_up": up, "b_gate": b_gate, "b_up": b_up}
+            variant |= {k: None if v is None else np.ascontiguousarray(v) for k, v in parts.items()}
+        variants.append(variant)
+    layers = []
+    for variant in variants:
+        try:
+            layers.append(MoELayer(**variant))
+        except ValueError:
+            continue
+    return layers
+
+
 def _extract_layer(
     index: GraphIndex,
     region: list[onnx.NodeProto],
     topk: onnx.NodeProto,
-    x: str,
     k: int,
     experts: int,
     name: str,
-) -> MoELayer | None:
+) -> dict | None:
+    """The fields of the MoELayer that ``region`` computes, as far as its structure tells."""
     ids = {id(n) for n in region}
     matmuls = [n for n in region if _weight_of(index, n) is not None]
     if not matmuls:
@@ -282,6 +462,8 @@ def _extract_layer(
 
     batched = _weight_of(index, matmuls[0]).ndim == 3
     if batched:
+        # A loop unrolled per expert reads the same stacks once per iteration: keep one of each.
+        firsts, downs = _one_per_stack(index, firsts), _one_per_stack(index, downs)
         if len(downs) != 1 or len(firsts) not in (1, 2):
             return None
         groups = [(firsts, downs[0])]
@@ -323,22 +505,19 @@ def _extract_layer(
             stacked[role] = np.concatenate(values, axis=0).astype(np.float32)
     if stacked["up"] is None or stacked["down"] is None or stacked["up"].shape[0] != experts:
         return None
-    try:
-        return MoELayer(
-            name=name,
-            num_experts=experts,
-            top_k=k,
-            hidden=stacked["up"].shape[2],
-            ffn=stacked["up"].shape[1],
-            activation=activation,
-            normalize=normalize,
-            w_up=stacked["up"],
-            w_gate=stacked["gate"],
-            w_down=stacked["down"],
-            b_up=stacked["b_up"],
-            b_gate=stacked["b_gate"],
-            b_down=stacked["b_down"],
-            source="standard ONNX ops",
-        )
-    except ValueError:
-        return None
+    return {
+        "name": name,
+        "num_experts": experts,
+        "top_k": k,
+        "hidden": stacked["up"].shape[2],
+        "ffn": stacked["down"].shape[2],
+        "activation": activation,
+        "normalize": normalize,
+        "w_up": stacked["up"],
+        "w_gate": stacked["gate"],
+        "w_down": stacked["down"],
+        "b_up": stacked["b_up"],
+        "b_gate": stacked["b_gate"],
+        "b_down": stacked["b_down"],
+        "source": "standard ONNX ops",
+    }

@@ -1,10 +1,11 @@
 """ApplyKernelSchedule: retile moec's expert kernels with a target's schedule.
 
-Rewrite rule: every PrimFunc with ``moec.kernel`` in ``SCHEDULED_KERNELS`` is remade from its
-``moec.config`` with the given :class:`~moec.schedule.CpuSchedule` (vector lanes, rows per
-parallel task, token block). Kernels that already have that schedule, other kernels and
-Relax functions are left as they are. The frontend emits target-independent IR; this pass is
-where the target file's choices enter.
+Rewrite rule: every PrimFunc with ``moec.kernel`` in ``scheduled_kernels(schedule)`` is remade
+from its ``moec.config`` with the given :class:`~moec.schedule.CpuSchedule` (vector lanes, rows
+per parallel task, token block) or :class:`~moec.schedule.GpuSchedule` (thread layout; on a GPU
+every kernel, route and group too, is remade in its CUDA form since each needs thread binding).
+Kernels that already have that schedule, other kernels and Relax functions are left as they
+are. The frontend emits target-independent IR; this pass is where the target file's choices enter.
 """
 
 from __future__ import annotations
@@ -14,15 +15,15 @@ import json
 import tvm
 from tvm import tirx
 
-from moec.kernels import SCHEDULED_KERNELS, kernel_kind, make_kernel
-from moec.schedule import CpuSchedule
+from moec.kernels import kernel_kind, make_kernel, scheduled_kernels
+from moec.schedule import CpuSchedule, GpuSchedule
 
 
 @tvm.transform.module_pass(opt_level=0, name="ApplyKernelSchedule")
 class ApplyKernelSchedule:
     """Remake the scheduled MoE kernels with ``schedule``; ``changed`` lists the ones rewritten."""
 
-    def __init__(self, schedule: CpuSchedule) -> None:
+    def __init__(self, schedule: CpuSchedule | GpuSchedule) -> None:
         self.schedule = schedule
         self.changed: list[str] = []
 
@@ -31,7 +32,7 @@ class ApplyKernelSchedule:
         updated = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
         for gvar, func in mod.functions_items():
             kind = kernel_kind(func)
-            if kind not in SCHEDULED_KERNELS:
+            if kind not in scheduled_kernels(self.schedule):
                 continue
             remade = make_kernel(kind, json.loads(str(func.attrs["moec.config"])), self.schedule)
             if not _same(remade, func):

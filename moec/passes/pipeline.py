@@ -5,8 +5,11 @@ Phase 1 (layers): rewrites of MoE layers driven by the calibration profile and o
          expert weight storage precision (``StoreExpertWeights``); expert masking, pruning,
          per-expert precision and weight layout come with later issues.
 Phase 2 (schedule): kernels retiled for the target (``ApplyKernelSchedule``).
-Phase 3 (TVM, in ``tvm.compile``): legalisation of the ordinary graph, memory planning,
-         VM code generation.
+Phase 3 (lowering, in ``tvm.compile``; :func:`lowering_pipeline`): redundant reshapes
+         removed, then TVM's default lowering for the target (legalisation and fusion of the
+         ordinary graph, dataflow lowering, memory planning, VM code generation) with moec's
+         per-call overhead passes after the dataflow lowering: ``InlineLayers``, binding
+         clean-up (and ``BoundTokens`` with ``--max-tokens``), before memory planning.
 
 With ``dump_dir`` the module is written as TVMScript before and after every phase.
 """
@@ -16,15 +19,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import tvm
+from tvm import relax
 
 from moec.passes.apply_kernel_schedule import ApplyKernelSchedule
+from moec.passes.bound_tokens import BoundTokens
 from moec.passes.dump_ir import DumpIR
+from moec.passes.inline_layers import InlineLayers
 from moec.passes.store_expert_weights import StoreExpertWeights
-from moec.schedule import CpuSchedule
+from moec.schedule import CpuSchedule, GpuSchedule
 
 
 def moe_pipeline(
-    schedule: CpuSchedule, dump_dir: Path | None = None, weights_precision: str = "fp32"
+    schedule: CpuSchedule | GpuSchedule, dump_dir: Path | None = None, weights_precision: str = "fp32"
 ) -> tvm.transform.Pass:
     """The phases moec runs before handing the module to ``tvm.compile``.
 
@@ -52,3 +58,45 @@ def moe_pipeline(
         passes.append(phase)
         passes.append(DumpIR(dump_dir, f"{number:02d}-{name}") if dump_dir else tvm.transform.Sequential([]))
     return tvm.transform.Sequential(passes, name="moec")
+
+
+LOWERING_BACKENDS = {"llvm": "cpu_generic", "cuda": "cuda"}
+"""Target kinds whose TVM default pipeline moec extends, and TVM's backend module for each."""
+
+
+def lowering_pipeline(target: tvm.target.Target, max_tokens: int | None = None) -> tvm.transform.Pass:
+    """Phase 3: TVM's default Relax pipeline for ``target`` with moec's call-overhead passes.
+
+    First TVM's ``RemoveRedundantReshape`` drops reshapes to the shape a tensor already has
+    (the frontend's flattening around each layer call; the last one was a copy kernel). The
+    others run after TVM's dataflow lowering: by then the kernels' ``call_tir``s are plain calls
+    outside any dataflow block, where TVM's dataflow passes (which expect schedulable TIR, not
+    our hand-written kernels) no longer look, and before ``StaticPlanBlockMemory``:
+    ``InlineLayers``; ``CanonicalizeBindings`` and ``DeadCodeElimination`` (the kernels' output
+    tuples the inlined layers left unused); ``BoundTokens(max_tokens)`` if given.
+    A target kind without an entry in :data:`LOWERING_BACKENDS` gets TVM's pipeline unchanged.
+    """
+    if target.kind.name not in LOWERING_BACKENDS:
+        return relax.get_default_pipeline(target)
+    backend = getattr(relax.backend, LOWERING_BACKENDS[target.kind.name]).pipeline
+    ours: list[tvm.transform.Pass] = [
+        InlineLayers(),
+        relax.transform.CanonicalizeBindings(),
+        relax.transform.DeadCodeElimination(),
+    ]
+    if max_tokens is not None:
+        ours.append(BoundTokens(max_tokens))  # after DCE, which would drop its unused check call
+
+    @tvm.transform.module_pass(opt_level=0, name="MoecLowering")
+    def lower(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        with target:
+            return tvm.transform.Sequential(
+                [relax.transform.RemoveRedundantReshape()]
+                + backend.library_dispatch_passes(target)
+                + backend.legalize_passes(target)
+                + backend.dataflow_lower_passes(target)
+                + ours
+                + backend.finalize_passes(target)
+            )(mod)
+
+    return lower

@@ -50,15 +50,23 @@ def runtime_paths() -> tuple[Path, list[Path]]:
     return include, lib_dirs
 
 
-def build_command(out_path: Path, cxx: str = "g++") -> list[str]:
+def build_command(
+    out_path: Path, cxx: str = "g++", lib_dirs: list[Path] | None = None, relocatable: bool = False
+) -> list[str]:
     """The compiler command line that builds the runner at ``out_path``.
 
+    ``lib_dirs`` hold the TVM runtime libraries to link (default: the installed wheels', for
+    this machine; for a board, those of :mod:`moec.runtime.wheels`). The headers are always the
+    installed tvm-ffi wheel's: they are the same for every architecture.
     ``--no-as-needed`` keeps libtvm_runtime.so linked although no symbol of it is named: its
     static initialisers register the global functions and the Relax VM loader the runner needs.
-    The rpath is ``$ORIGIN`` (deployment: copy both libraries next to the binary) and then the
-    wheels' library directories (here).
+    The run path is ``$ORIGIN`` and ``$ORIGIN/../lib`` (deployment: the libraries next to the
+    binary, or in ``lib/`` beside its ``bin/``, as ``moec package`` lays them out) and then,
+    unless ``relocatable``, ``lib_dirs`` themselves (here). A relocatable runner names no path
+    of this machine: it is built where ``../lib`` holds the libraries, and shipped as it is.
     """
-    include, lib_dirs = runtime_paths()
+    include, host_lib_dirs = runtime_paths()
+    lib_dirs = host_lib_dirs if lib_dirs is None else lib_dirs
     command = [
         cxx,
         "-std=c++17",
@@ -72,31 +80,42 @@ def build_command(out_path: Path, cxx: str = "g++") -> list[str]:
         str(out_path),
     ]
     command += [f"-L{d}" for d in lib_dirs]
-    command += ["-Wl,--no-as-needed", "-ltvm_runtime", "-ltvm_ffi", "-Wl,--as-needed"]
-    command += ["-Wl,-rpath,$ORIGIN"] + [f"-Wl,-rpath,{d}" for d in lib_dirs]
+    command += ["-Wl,--no-as-needed", "-ltvm_runtime", "-ltvm_ffi", "-Wl,--as-needed", "-ldl"]
+    command += ["-Wl,-rpath,$ORIGIN", "-Wl,-rpath,$ORIGIN/../lib"]
+    command += [] if relocatable else [f"-Wl,-rpath,{d}" for d in lib_dirs]
     return command
 
 
-def build_runner(out_path: Path, cxx: str = "g++") -> Path:
+def build_runner(
+    out_path: Path,
+    cxx: str = "g++",
+    lib_dirs: list[Path] | None = None,
+    package: str = "g++",
+    relocatable: bool = False,
+) -> Path:
     """Compile ``runner.cc`` into ``out_path`` unless a build at least as new as the source is there.
 
-    The binary is written to a temporary name and renamed into place, so a failed or concurrent
-    build never leaves a half-written runner.
+    ``cxx``, ``lib_dirs`` and ``relocatable`` as for :func:`build_command`; ``package`` is the
+    Debian package that provides ``cxx``, named in the error when it is missing. The binary is
+    written to a temporary name and renamed into place, so a failed or concurrent build never
+    leaves a half-written runner.
     """
     out_path = Path(out_path)
     if out_path.exists() and out_path.stat().st_mtime >= SOURCE.stat().st_mtime:
         return out_path
     if shutil.which(cxx) is None:
         raise MoecError(
-            f"{cxx}: C++ compiler not found; install g++ (e.g. 'apt-get install g++') "
-            "to build the native runner"
+            f"{cxx}: C++ compiler not found; install {package} (e.g. 'apt-get install {package}'; "
+            "scripts/setup.sh does this) to build the native runner"
         )
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fd, temp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", dir=out_path.parent)
     os.close(fd)
     temp = Path(temp_name)
     try:
-        result = subprocess.run(build_command(temp, cxx), capture_output=True, text=True)
+        result = subprocess.run(
+            build_command(temp, cxx, lib_dirs, relocatable), capture_output=True, text=True
+        )
         if result.returncode != 0:
             errors = [line for line in result.stderr.splitlines() if "error" in line]
             detail = (errors or result.stderr.strip().splitlines() or ["no output"])[0]
@@ -120,17 +139,20 @@ def run_native(
     feeds: dict[str, np.ndarray],
     repeat: int = 0,
     warmup: int | None = None,
+    emulator: tuple[str, ...] | list[str] = (),
 ) -> tuple[dict[str, np.ndarray], str]:
     """Run ``artifact_dir`` with the native runner; return its outputs by name and its stdout.
 
     Feeds go through ``.npy`` files exactly as a user on a board would pass them. With
-    ``repeat`` > 0 the runner also times that many calls and prints its latency line. A failure
-    raises :class:`MoecError` carrying the runner's one-line message.
+    ``repeat`` > 0 the runner also times that many calls and prints its latency line.
+    ``emulator`` is a command prefix that runs a runner built for another architecture here
+    (e.g. ``qemu-aarch64 -L /usr/aarch64-linux-gnu``). A failure raises :class:`MoecError`
+    carrying the runner's one-line message.
     """
     manifest = read_manifest(Path(artifact_dir))
     with tempfile.TemporaryDirectory(prefix="moec-native-") as scratch:
         work = Path(scratch)
-        command = [str(runner), str(artifact_dir)]
+        command = [*emulator, str(runner), str(artifact_dir)]
         for index, (name, value) in enumerate(feeds.items()):
             path = work / f"input{index}.npy"
             np.save(path, np.ascontiguousarray(value))

@@ -46,21 +46,7 @@ class ArtifactSession:
 
     def check_inputs(self, feeds: dict[str, np.ndarray], source: str) -> None:
         """Raise :class:`MoecError` if ``feeds`` lacks an input or has a wrong shape or dtype."""
-        for spec in self.inputs:
-            name = spec["name"]
-            if name not in feeds:
-                raise MoecError(
-                    f"{source}: missing input '{name}' (expected keys: "
-                    f"{', '.join(s['name'] for s in self.inputs)})"
-                )
-            value = feeds[name]
-            if value.dtype != np.dtype(spec["dtype"]):
-                raise MoecError(f"{source}: input '{name}' has dtype {value.dtype}, expected {spec['dtype']}")
-            fixed = [d for d in spec["shape"]]
-            if len(value.shape) != len(fixed) or any(
-                isinstance(d, int) and d != s for d, s in zip(fixed, value.shape, strict=True)
-            ):
-                raise MoecError(f"{source}: input '{name}' has shape {list(value.shape)}, expected {fixed}")
+        check_feeds(self.inputs, feeds, source)
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Outputs by name for inputs by name."""
@@ -81,6 +67,24 @@ class ArtifactSession:
             main(*args, *self.params)
             times.append(time.perf_counter() - start)
         return np.array(times)
+
+
+def check_feeds(inputs: list[dict[str, Any]], feeds: dict[str, np.ndarray], source: str) -> None:
+    """Raise :class:`MoecError` if ``feeds`` lacks one of ``inputs`` or has a wrong shape or dtype."""
+    for spec in inputs:
+        name = spec["name"]
+        if name not in feeds:
+            raise MoecError(
+                f"{source}: missing input '{name}' (expected keys: {', '.join(s['name'] for s in inputs)})"
+            )
+        value = feeds[name]
+        if value.dtype != np.dtype(spec["dtype"]):
+            raise MoecError(f"{source}: input '{name}' has dtype {value.dtype}, expected {spec['dtype']}")
+        fixed = list(spec["shape"])
+        if len(value.shape) != len(fixed) or any(
+            isinstance(d, int) and d != s for d, s in zip(fixed, value.shape, strict=True)
+        ):
+            raise MoecError(f"{source}: input '{name}' has shape {list(value.shape)}, expected {fixed}")
 
 
 def random_inputs(inputs: list[dict[str, Any]], tokens: int, seed: int = 0) -> dict[str, np.ndarray]:

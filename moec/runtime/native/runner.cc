@@ -3,17 +3,27 @@
 // This is the program a user deploys on a board next to the artifact directory. It links only
 // libtvm_runtime.so and libtvm_ffi.so:
 //
-//   moec-runner ARTIFACT_DIR --input NAME=path.npy ... --output-dir DIR [--repeat N] [--warmup W]
+//   moec-runner ARTIFACT_DIR [--input NAME=path.npy ...] [--random-inputs [--tokens T] [--seed S]]
+//               [--output-dir DIR] [--repeat N] [--warmup W]
 //
-// It reads manifest.json (input, output and weight names), loads weights.params with the
-// runtime's own param-dict loader (global function "runtime.LoadParamsFromFile"), loads the
-// model library, creates the Relax VM ("vm_load_executable", "vm_initialization"), runs
-// main(*inputs, *params) once and writes each output as DIR/<output name>.npy ('/' in a name
-// becomes '_'). With
-// --repeat N it then times N further runs (after W warmups, inputs already on the device).
+// It reads manifest.json (input, output and weight names, and whether the target is a CUDA
+// GPU), loads weights.params with the runtime's own param-dict loader (global function
+// "runtime.LoadParamsFromFile"), loads the model library, creates the Relax VM
+// ("vm_load_executable", "vm_initialization"), runs main(*inputs, *params) once, prints each
+// output's shape and, with --output-dir, writes it as DIR/<output name>.npy ('/' in a name
+// becomes '_'). --random-inputs makes every input not given with --input from random numbers
+// (symbolic dimensions: T tokens, as `moec run --tokens` does), so that the model runs on a
+// board without any input files. With --repeat N it then times N further runs (after W
+// warmups, inputs already on the device).
+//
+// Device: CPU for llvm targets. For a CUDA target (manifest "target"."cuda" not null) the
+// runner loads libtvm_runtime_cuda.so, creates the VM for the GPU with the CPU as host (for
+// shape computations), copies inputs and weights to the GPU and outputs back, and synchronises
+// the GPU after each timed call.
 // Every failure is one line on stderr ("moec-runner: error: ...") and exit status 1; usage
 // errors (the line then ends with the usage) exit with status 2.
 
+#include <dlfcn.h>
 #include <dlpack/dlpack.h>
 #include <tvm/ffi/any.h>
 #include <tvm/ffi/container/array.h>
@@ -35,6 +45,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <random>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -47,8 +58,8 @@ namespace fs = std::filesystem;
 namespace {
 
 const char* const kUsage =
-    "usage: moec-runner ARTIFACT_DIR --input NAME=path.npy ... --output-dir DIR "
-    "[--repeat N] [--warmup W]";
+    "usage: moec-runner ARTIFACT_DIR [--input NAME=path.npy ...] [--random-inputs [--tokens T] "
+    "[--seed S]] [--output-dir DIR] [--repeat N] [--warmup W]";
 const char* const kFormat = "moec-artifact/1";
 
 // A user-facing failure: printed as one line, exit status 1.
@@ -253,6 +264,7 @@ struct TensorSpec {
   std::string name;
   std::string dtype;                  // numpy name
   std::vector<int64_t> shape;         // -1 for a symbolic dimension
+  std::vector<std::string> symbols;   // the symbolic dimension's name, "" for a fixed one
 };
 
 struct Manifest {
@@ -260,6 +272,7 @@ struct Manifest {
   std::string weights = "weights.params";
   std::vector<TensorSpec> inputs, outputs;
   std::vector<std::string> params;
+  bool cuda = false;  // the target is a CUDA GPU (manifest "target"."cuda" is an object)
 };
 
 ffi::Any Field(const ffi::Map<ffi::Any, ffi::Any>& object, const char* key, const std::string& where) {
@@ -292,7 +305,9 @@ std::vector<TensorSpec> ParseSpecs(const ffi::Map<ffi::Any, ffi::Any>& root, con
     spec.dtype = AsString(Field(*object, "dtype", here), here + " dtype");
     for (const ffi::Any& dim : AsList(Field(*object, "shape", here), here + " shape")) {
       auto fixed = dim.as<int64_t>();  // exact ints only: symbolic dimensions are strings
+      auto symbol = dim.try_cast<ffi::String>();
       spec.shape.push_back(fixed.has_value() ? *fixed : -1);
+      spec.symbols.push_back(fixed.has_value() ? "" : symbol.has_value() ? std::string(*symbol) : "?");
     }
     specs.push_back(std::move(spec));
   }
@@ -327,6 +342,13 @@ Manifest LoadManifest(const fs::path& dir) {
   for (const ffi::Any& name : AsList(Field(*root, "params", where), where + " 'params'")) {
     manifest.params.push_back(AsString(name, where + " 'params'"));
   }
+  // "target" is absent from hand-written manifests (CPU); "cuda" is null for CPU targets.
+  if (root->count(ffi::String("target"))) {
+    auto target = Field(*root, "target", where).try_cast<ffi::Map<ffi::Any, ffi::Any>>();
+    if (!target.has_value()) throw Failure(where + " 'target': expected an object; recompile the model");
+    auto cuda = target->Get(ffi::String("cuda"));
+    manifest.cuda = cuda.has_value() && *cuda != nullptr;
+  }
   return manifest;
 }
 
@@ -334,14 +356,45 @@ Manifest LoadManifest(const fs::path& dir) {
 // Tensors, through the runtime's registered global functions.
 
 const DLDevice kCPU = {kDLCPU, 0};
+const DLDevice kCUDA = {kDLCUDA, 0};
 
-ffi::Tensor ToDevice(const Array& array) {
+ffi::Tensor Allocate(const ffi::Shape& shape, DLDataType dtype, DLDevice device) {
   ffi::Function alloc = ffi::Function::GetGlobalRequired("runtime.TVMTensorAllocWithScope");
+  return alloc(shape, dtype, device, ffi::Optional<ffi::String>()).cast<ffi::Tensor>();
+}
+
+// A tensor on `device` holding `array` (the runtime copies host bytes to any device).
+ffi::Tensor ToDevice(const Array& array, DLDevice device) {
   ffi::Function copy = ffi::Function::GetGlobalRequired("runtime.TVMTensorCopyFromBytes");
-  ffi::Shape shape(array.shape.begin(), array.shape.end());
-  ffi::Tensor tensor = alloc(shape, array.dtype->dl, kCPU, ffi::Optional<ffi::String>()).cast<ffi::Tensor>();
+  ffi::Tensor tensor = Allocate(ffi::Shape(array.shape.begin(), array.shape.end()), array.dtype->dl, device);
   copy(tensor, static_cast<void*>(const_cast<char*>(array.data.data())), static_cast<int64_t>(array.data.size()));
   return tensor;
+}
+
+// `tensor` (loaded on the CPU) as a tensor on `device`: itself for the CPU, else a copy.
+ffi::Tensor ToDevice(const ffi::Tensor& tensor, DLDevice device) {
+  if (device.device_type == kDLCPU) return tensor;
+  ffi::Tensor copy = Allocate(tensor.shape(), tensor.dtype(), device);
+  ffi::Function::GetGlobalRequired("runtime.TVMTensorCopyFromTo")(tensor, copy);
+  return copy;
+}
+
+// Waits until `device` has finished its queued work (a no-op on the CPU).
+void Synchronize(DLDevice device) {
+  if (device.device_type == kDLCPU) return;
+  ffi::Function::GetGlobalRequired("runtime.Device_StreamSync")(device, static_cast<int64_t>(0));
+}
+
+// Registers the CUDA device API and the CUDA module loader (libtvm_runtime_cuda.so, found next
+// to libtvm_runtime.so through this program's run path, like the other TVM libraries).
+void LoadCudaRuntime() {
+  const char* const kLib = "libtvm_runtime_cuda.so";
+  if (dlopen(kLib, RTLD_NOW | RTLD_GLOBAL) == nullptr) {
+    const char* why = dlerror();
+    throw Failure(std::string("this artifact runs on a CUDA GPU but ") + kLib + " cannot be loaded (" +
+                  (why ? OneLine(why) : "unknown reason") +
+                  "); it needs the NVIDIA driver (libcuda.so.1) and the CUDA runtime (libcudart)");
+  }
 }
 
 void WriteOutput(const ffi::Tensor& tensor, const fs::path& path) {
@@ -372,7 +425,10 @@ std::string FileStem(std::string name) {
 struct Options {
   fs::path artifact;
   std::vector<std::pair<std::string, std::string>> inputs;  // name, path
-  fs::path output_dir;
+  fs::path output_dir;  // empty: outputs are not written
+  bool random_inputs = false;
+  int tokens = 1;
+  int seed = 0;
   int repeat = 0;
   int warmup = 5;
 };
@@ -424,6 +480,14 @@ Options ParseArgs(int argc, char** argv) {
       options.repeat = ParseCount(arg, next());
     } else if (arg == "--warmup") {
       options.warmup = ParseCount(arg, next());
+    } else if (arg == "--random-inputs") {
+      if (inline_value) throw UsageError("--random-inputs takes no value");
+      options.random_inputs = true;
+    } else if (arg == "--tokens") {
+      options.tokens = ParseCount(arg, next());
+      if (options.tokens == 0) throw UsageError("--tokens must be at least 1");
+    } else if (arg == "--seed") {
+      options.seed = ParseCount(arg, next());
     } else if (arg.rfind("-", 0) == 0 && arg.size() > 1) {
       throw UsageError("unknown option " + arg);
     } else if (!have_artifact) {
@@ -434,7 +498,6 @@ Options ParseArgs(int argc, char** argv) {
     }
   }
   if (!have_artifact) throw UsageError("missing ARTIFACT_DIR");
-  if (options.output_dir.empty()) throw UsageError("missing --output-dir");
   return options;
 }
 
@@ -450,7 +513,44 @@ std::string ShapeText(const std::vector<int64_t>& shape) {
   return text + "]";
 }
 
-// Inputs in manifest order, checked against the manifest's names, dtypes and fixed dimensions.
+// Random values for `spec`: its last symbolic dimension is `tokens` long, other symbolic ones 1
+// (as moec's random_inputs); floats standard normal, integers and booleans 0 or 1.
+Array RandomInput(const TensorSpec& spec, int tokens, std::mt19937_64& rng) {
+  Array array;
+  array.dtype = nullptr;
+  for (const DType& t : kDTypes) {
+    if (spec.dtype == t.name) array.dtype = &t;
+  }
+  if (array.dtype == nullptr || spec.dtype == "float16") {
+    throw Failure("input '" + spec.name + "' has dtype " + spec.dtype +
+                  ", which --random-inputs cannot make; pass --input " + spec.name + "=path.npy");
+  }
+  std::string last_symbol;
+  for (const std::string& symbol : spec.symbols) {
+    if (!symbol.empty()) last_symbol = symbol;
+  }
+  for (size_t i = 0; i < spec.shape.size(); ++i) {
+    array.shape.push_back(spec.shape[i] >= 0 ? spec.shape[i] : spec.symbols[i] == last_symbol ? tokens : 1);
+  }
+  int64_t count = array.Count();
+  array.data.resize(static_cast<size_t>(count) * ItemSize(*array.dtype));
+  std::normal_distribution<double> normal;
+  std::uniform_int_distribution<int> bit(0, 1);
+  char* out = array.data.data();
+  for (int64_t i = 0; i < count; ++i) {
+    if (spec.dtype == "float32") {
+      reinterpret_cast<float*>(out)[i] = static_cast<float>(normal(rng));
+    } else if (spec.dtype == "float64") {
+      reinterpret_cast<double*>(out)[i] = normal(rng);
+    } else {  // little-endian integers and booleans: 0 or 1 in the lowest byte
+      out[static_cast<size_t>(i) * ItemSize(*array.dtype)] = static_cast<char>(bit(rng));
+    }
+  }
+  return array;
+}
+
+// Inputs in manifest order, checked against the manifest's names, dtypes and fixed dimensions;
+// with --random-inputs, those not given are made up.
 std::vector<Array> LoadInputs(const Manifest& manifest, const Options& options) {
   std::map<std::string, std::string> given;
   std::string expected;
@@ -462,11 +562,16 @@ std::vector<Array> LoadInputs(const Manifest& manifest, const Options& options) 
     if (!given.emplace(name, path).second) throw Failure("input '" + name + "' given twice");
   }
   std::vector<Array> arrays;
+  std::mt19937_64 rng(static_cast<uint64_t>(options.seed));
   for (const TensorSpec& spec : manifest.inputs) {
     auto found = given.find(spec.name);
+    if (found == given.end() && options.random_inputs) {
+      arrays.push_back(RandomInput(spec, options.tokens, rng));
+      continue;
+    }
     if (found == given.end()) {
       throw Failure("missing input '" + spec.name + "' (pass --input " + spec.name +
-                    "=path.npy; expected: " + expected + ")");
+                    "=path.npy or --random-inputs; expected: " + expected + ")");
     }
     Array array = LoadNpy(found->second);
     if (spec.dtype != array.dtype->name) {
@@ -524,26 +629,33 @@ int Run(const Options& options) {
     }
   }
   std::vector<Array> arrays = LoadInputs(manifest, options);
+  const DLDevice device = manifest.cuda ? kCUDA : kCPU;
+  if (manifest.cuda) LoadCudaRuntime();
 
-  // Weights: the runtime's own loader for save_param_dict files; a Map from name to tensor.
-  ffi::Map<ffi::String, ffi::Tensor> stored;
-  try {
-    stored = ffi::Function::GetGlobalRequired("runtime.LoadParamsFromFile")(ffi::String(weights.string()))
-                 .cast<ffi::Map<ffi::String, ffi::Tensor>>();
-  } catch (const ffi::Error& err) {
-    throw Failure(weights.string() + ": damaged weights (" + OneLine(err.message()) + "); recompile the model");
-  }
+  // Weights: the runtime's own loader for save_param_dict files (a Map from name to tensor, on
+  // the CPU), then moved to the device; the CPU copies go when `stored` does.
   std::vector<ffi::Any> args;
-  for (const Array& array : arrays) args.emplace_back(ToDevice(array));
-  for (const std::string& name : manifest.params) {
-    auto tensor = stored.Get(ffi::String(name));
-    if (!tensor.has_value()) {
-      throw Failure(weights.string() + ": weights lack '" + name + "'; recompile the model");
+  for (const Array& array : arrays) args.emplace_back(ToDevice(array, device));
+  arrays.clear();
+  {
+    ffi::Map<ffi::String, ffi::Tensor> stored;
+    try {
+      stored = ffi::Function::GetGlobalRequired("runtime.LoadParamsFromFile")(ffi::String(weights.string()))
+                   .cast<ffi::Map<ffi::String, ffi::Tensor>>();
+    } catch (const ffi::Error& err) {
+      throw Failure(weights.string() + ": damaged weights (" + OneLine(err.message()) + "); recompile the model");
     }
-    args.emplace_back(*tensor);
+    for (const std::string& name : manifest.params) {
+      auto tensor = stored.Get(ffi::String(name));
+      if (!tensor.has_value()) {
+        throw Failure(weights.string() + ": weights lack '" + name + "'; recompile the model");
+      }
+      args.emplace_back(ToDevice(*tensor, device));
+    }
   }
 
-  // The Relax VM: the library's executable, initialised for the CPU with the pooled allocator.
+  // The Relax VM: the library's executable, initialised for the device with the pooled
+  // allocator; a GPU VM also gets the CPU as host device, where shape computations run.
   ffi::Optional<ffi::Module> vm;
   try {
     ffi::Module module = ffi::Module::LoadFromFile(ffi::String(library.string()));
@@ -554,8 +666,13 @@ int Run(const Options& options) {
     throw Failure(library.string() + ": cannot load (" + OneLine(err.message()) + "); recompile the model");
   }
   const int kPooledAllocator = 2;
-  (*vm)->GetFunction(ffi::String("vm_initialization"), false).value()(static_cast<int>(kDLCPU), 0,
-                                                                     kPooledAllocator);
+  ffi::Function init = (*vm)->GetFunction(ffi::String("vm_initialization"), false).value();
+  if (device.device_type == kDLCPU) {
+    init(static_cast<int>(kDLCPU), 0, kPooledAllocator);
+  } else {
+    init(static_cast<int>(device.device_type), device.device_id, kPooledAllocator, static_cast<int>(kDLCPU), 0,
+         kPooledAllocator);
+  }
   auto main_fn = (*vm)->GetFunction(ffi::String("main"), false);
   if (!main_fn.has_value()) throw Failure(library.string() + ": executable has no 'main'");
 
@@ -563,17 +680,26 @@ int Run(const Options& options) {
   auto call = [&]() {
     ffi::Any result;
     main_fn->CallPacked(views.data(), static_cast<int32_t>(views.size()), &result);
+    Synchronize(device);
     return result;
   };
 
   std::vector<ffi::Tensor> outputs = Outputs(call(), manifest.outputs.size());
-  std::error_code made;
-  fs::create_directories(options.output_dir, made);
-  if (!fs::is_directory(options.output_dir)) {
-    throw Failure(options.output_dir.string() + ": cannot create output directory");
+  if (!options.output_dir.empty()) {
+    std::error_code made;
+    fs::create_directories(options.output_dir, made);
+    if (!fs::is_directory(options.output_dir)) {
+      throw Failure(options.output_dir.string() + ": cannot create output directory");
+    }
   }
   for (size_t i = 0; i < outputs.size(); ++i) {
-    WriteOutput(outputs[i], options.output_dir / (FileStem(manifest.outputs[i].name) + ".npy"));
+    const DType* dtype = DTypeFromDL(outputs[i].dtype());
+    std::vector<int64_t> shape(outputs[i].shape().begin(), outputs[i].shape().end());
+    std::printf("output %s: shape %s %s\n", manifest.outputs[i].name.c_str(), ShapeText(shape).c_str(),
+                dtype ? dtype->name : "(no npy dtype)");
+    if (!options.output_dir.empty()) {
+      WriteOutput(outputs[i], options.output_dir / (FileStem(manifest.outputs[i].name) + ".npy"));
+    }
   }
   outputs.clear();
 

@@ -1,0 +1,210 @@
+"""Run an artifact the way its board does: with ``moec-runner`` built for the board.
+
+An artifact compiled for this machine runs in-process on TVM's Python runtime
+(:class:`~moec.runtime.session.ArtifactSession`). One compiled for another board runs with the
+C++ runner cross-built for the board's architecture, linked against that architecture's TVM
+runtime (:mod:`moec.runtime.wheels`), and started under the target file's emulator (e.g.
+``qemu-aarch64 -L /usr/aarch64-linux-gnu``) when the board's CPU is not this machine's. The
+runner finds the TVM libraries through its run path (``$ORIGIN/../lib``, the cache layout and
+the ``moec package`` layout alike) and the board's C and C++ libraries through the emulator's
+``-L`` prefix, so no ``LD_LIBRARY_PATH`` is needed. Everything needed comes from the manifest,
+which records the target file as it was at compile time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import platform
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moec.build.artifact import read_manifest
+from moec.errors import MoecError
+from moec.runtime import native, wheels
+
+RUNNER = "moec-runner"
+LATENCY = re.compile(r"^latency over \d+ runs: .*$", re.MULTILINE)
+
+
+@dataclasses.dataclass(frozen=True)
+class ArtifactTarget:
+    """What running an artifact needs to know about its target, read from its manifest."""
+
+    name: str
+    arch: str
+    cuda: bool
+    cxx: str = "g++"
+    package: str = "g++"
+    emulator: tuple[str, ...] = ()
+    emulator_package: str = ""
+    runtime_wheels: str = ""
+
+    @classmethod
+    def from_manifest(cls, manifest: dict[str, Any]) -> ArtifactTarget:
+        """The target recorded in ``manifest`` (a manifest without one was built for this machine)."""
+        target = manifest.get("target") or {}
+        toolchain = target.get("toolchain") or {}
+        return cls(
+            name=str(target.get("name", "host")),
+            arch=str((target.get("hardware") or {}).get("arch", platform.machine())),
+            cuda=target.get("cuda") is not None,
+            cxx=toolchain.get("cxx", cls.cxx),
+            package=toolchain.get("package", cls.package),
+            emulator=tuple(toolchain.get("emulator", ())),
+            emulator_package=toolchain.get("emulator_package", ""),
+            runtime_wheels=toolchain.get("runtime_wheels", ""),
+        )
+
+    @property
+    def same_arch(self) -> bool:
+        """Whether the board's CPU runs this machine's binaries."""
+        return self.arch == platform.machine()
+
+    @property
+    def runs_here(self) -> bool:
+        """Whether TVM's Python runtime installed here can run the artifact in-process."""
+        return self.same_arch and not self.cuda
+
+
+def runtime_library_dirs(target: ArtifactTarget) -> list[Path]:
+    """Directories holding the TVM runtime libraries (``libtvm_runtime.so``, ``libtvm_ffi.so``) for
+    ``target``: PyPI's wheels for its platform, or the installed wheels for this machine's."""
+    if target.runtime_wheels:
+        return [wheels.runtime_libraries(target.runtime_wheels)]
+    if not target.same_arch:
+        raise MoecError(
+            f"target {target.name} is {target.arch} but names no toolchain.runtime_wheels (the PyPI "
+            f"platform of its TVM runtime, e.g. manylinux_2_28_{target.arch}); add it to the target file "
+            "and recompile"
+        )
+    return native.runtime_paths()[1]
+
+
+def runner_path(target: ArtifactTarget) -> Path:
+    """Where the runner for ``target`` is cached: one per architecture, runtime and compiler.
+
+    A board's runner sits beside the cached runtime (``<runtime>/runner-<key>/``, the libraries
+    being in ``<runtime>/lib``), so that it finds them through ``$ORIGIN/../lib`` exactly as
+    it does in a ``moec package`` tarball. The key hashes the compiler, the TVM versions and the
+    runner's source, so an edit to any of them builds a new runner instead of reusing a stale one.
+    """
+    parts = [
+        target.cxx,
+        target.runtime_wheels,
+        *wheels.installed_versions().values(),
+        native.SOURCE.read_text(),
+    ]
+    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:12]
+    if target.runtime_wheels:
+        return wheels.runtime_dir(target.runtime_wheels) / f"runner-{key}" / RUNNER
+    return wheels.cache_root() / "runner" / f"{target.arch}-installed-{key}" / RUNNER
+
+
+def ensure_runner(target: ArtifactTarget) -> Path:
+    """The runner built for ``target`` (built once with the target's compiler, then cached)."""
+    return native.build_runner(
+        runner_path(target),
+        target.cxx,
+        runtime_library_dirs(target),
+        package=target.package,
+        relocatable=bool(target.runtime_wheels),
+    )
+
+
+def emulator_for(target: ArtifactTarget) -> list[str]:
+    """The command prefix that runs ``target``'s binaries here: empty when the CPU is the same.
+
+    Raises a one-line :class:`MoecError` when the target's code cannot run on this machine or
+    when its emulator is not installed (naming the package that provides it).
+    """
+    if target.same_arch:
+        return []
+    machine = platform.machine()
+    if target.cuda:
+        raise MoecError(
+            f"{target.name} artifacts run on the board's CUDA GPU, which cannot be emulated on this "
+            f"{machine} machine; copy 'moec package' output to the board and run it there"
+        )
+    if not target.emulator:
+        raise MoecError(
+            f"{target.name} artifacts are {target.arch} code and this machine is {machine}; the target "
+            "names no toolchain.emulator to run them here; run it on the board ('moec package')"
+        )
+    command = target.emulator[0]
+    if shutil.which(command) is None:
+        package = target.emulator_package or command
+        raise MoecError(
+            f"{command}: not installed; it runs {target.arch} code on this {machine} machine. Install it "
+            f"with 'apt-get install {package}' (scripts/setup.sh does this)"
+        )
+    return list(target.emulator)
+
+
+class RunnerSession:
+    """An artifact run by ``moec-runner`` built for its target, under its emulator if needed.
+
+    It offers what :class:`~moec.runtime.session.ArtifactSession` offers for verifying and
+    running (``manifest``, ``inputs``, ``outputs``, ``check_inputs``, ``run``), each run being
+    one runner process fed through ``.npy`` files, as on the board.
+    """
+
+    def __init__(self, artifact_dir: str | Path) -> None:
+        self.dir = Path(artifact_dir)
+        self.manifest: dict[str, Any] = read_manifest(self.dir)
+        self.target = ArtifactTarget.from_manifest(self.manifest)
+        self.emulator = emulator_for(self.target)  # before building: a missing emulator is the news
+        self.runner = ensure_runner(self.target)
+
+    @property
+    def inputs(self) -> list[dict[str, Any]]:
+        return self.manifest["inputs"]
+
+    @property
+    def outputs(self) -> list[dict[str, Any]]:
+        return self.manifest["outputs"]
+
+    @property
+    def how(self) -> str:
+        """One line saying how this artifact is run here."""
+        if self.emulator:
+            where = f"under {Path(self.emulator[0]).name}"
+        else:
+            where = "on this machine's CUDA GPU" if self.target.cuda else "natively"
+        return f"running {self.target.name} ({self.target.arch}) artifact with {RUNNER} {where}"
+
+    def check_inputs(self, feeds: dict[str, np.ndarray], source: str) -> None:
+        """Raise :class:`MoecError` if ``feeds`` lacks an input or has a wrong shape or dtype."""
+        from moec.runtime.session import check_feeds
+
+        check_feeds(self.inputs, feeds, source)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Outputs by name for inputs by name."""
+        return native.run_native(self.runner, self.dir, feeds, emulator=self.emulator)[0]
+
+    def run_timed(
+        self, feeds: dict[str, np.ndarray], repeats: int, warmup: int = 5
+    ) -> tuple[dict[str, np.ndarray], str]:
+        """Outputs by name, and the runner's latency line over ``repeats`` timed calls."""
+        outputs, stdout = native.run_native(
+            self.runner, self.dir, feeds, repeat=repeats, warmup=warmup, emulator=self.emulator
+        )
+        found = LATENCY.search(stdout)
+        if found is None:
+            raise MoecError(f"{self.dir}: {RUNNER} printed no latency line (got {stdout.strip()!r})")
+        return outputs, found.group(0)
+
+
+def open_session(artifact_dir: str | Path) -> Any:
+    """A session for ``artifact_dir``: in-process for this machine's artifacts, else the runner's."""
+    target = ArtifactTarget.from_manifest(read_manifest(Path(artifact_dir)))
+    if target.runs_here:
+        from moec.runtime.session import ArtifactSession
+
+        return ArtifactSession(artifact_dir)
+    return RunnerSession(artifact_dir)

@@ -1,0 +1,213 @@
+"""``moec package``: one tarball holding everything a board needs to run an artifact.
+
+Layout (``NAME`` is the tarball's name without ``.tar.gz``)::
+
+    NAME/README.md          what it is, and the one command that runs it
+    NAME/artifact/          model.so, weights.params, manifest.json
+    NAME/bin/moec-runner    the C++ runner built for the target's architecture
+    NAME/lib/               TVM's runtime libraries for that architecture
+
+The runner's run path includes ``$ORIGIN/../lib``, so the command works from ``NAME/`` with no
+environment set. Nothing else is needed on the board but its C and C++ libraries (the glibc and
+libstdc++ versions the binaries need are stated in the README).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from moec.build.artifact import read_manifest
+from moec.errors import MoecError
+from moec.runtime.board import RUNNER, ArtifactTarget, ensure_runner, runtime_library_dirs
+
+LIBRARIES = ("libtvm_runtime.so", "libtvm_ffi.so")
+CUDA_LIBRARY = "libtvm_runtime_cuda.so"
+DEFAULT_TOKENS = 1
+DEFAULT_REPEAT = 100
+
+
+def run_command(tokens: int = DEFAULT_TOKENS, repeat: int = DEFAULT_REPEAT) -> str:
+    """The command, run from the unpacked directory, that runs the artifact and prints latency."""
+    return f"bin/{RUNNER} artifact --random-inputs --tokens {tokens} --repeat {repeat}"
+
+
+def default_output(artifact_dir: Path) -> Path:
+    """``ARTIFACT.tar.gz`` beside the artifact directory."""
+    artifact_dir = Path(os.path.abspath(artifact_dir))
+    return artifact_dir.with_name(f"{artifact_dir.name}.tar.gz")
+
+
+def bundle_name(out_file: Path) -> str:
+    """The top directory inside the tarball: its file name without ``.tar.gz`` / ``.tgz``."""
+    name = out_file.name
+    for suffix in (".tar.gz", ".tgz"):
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def required_versions(binaries: list[Path]) -> dict[str, str]:
+    """The newest ``GLIBC_`` and ``GLIBCXX_`` symbol versions any of ``binaries`` needs."""
+    newest: dict[str, tuple[int, ...]] = {}
+    for binary in binaries:
+        for name, version in re.findall(rb"\b(GLIBC|GLIBCXX)_(\d+(?:\.\d+)+)\b", binary.read_bytes()):
+            key, parts = name.decode(), tuple(int(p) for p in version.decode().split("."))
+            newest[key] = max(newest.get(key, parts), parts)
+    return {key: ".".join(map(str, parts)) for key, parts in newest.items()}
+
+
+def cuda_runtime_mismatch(manifest: dict[str, Any], cuda_library: Path) -> str | None:
+    """Why TVM's CUDA runtime library cannot load on the board, if the CUDA versions differ.
+
+    PyPI's ``libtvm_runtime_cuda.so`` links one CUDA runtime (``libcudart.so.<major>``); a board
+    whose CUDA (the target's ``[cuda] version``) has another major version lacks that library.
+    """
+    linked = re.findall(rb"libcudart\.so\.(\d+)", cuda_library.read_bytes())
+    board = str((manifest.get("target", {}).get("cuda") or {}).get("version", ""))
+    if not linked or not board or board.split(".")[0] == linked[0].decode():
+        return None
+    major = linked[0].decode()
+    return (
+        f"TVM's CUDA runtime from PyPI ({cuda_library.name}) links libcudart.so.{major} (CUDA {major}) "
+        f"but the target's board runs CUDA {board}: the runner cannot load it there unless CUDA "
+        f"{major}'s runtime is installed, or lib/{cuda_library.name} is replaced by one built for "
+        f"CUDA {board.split('.')[0]}"
+    )
+
+
+def readme(
+    manifest: dict[str, Any],
+    target: ArtifactTarget,
+    name: str,
+    needs: dict[str, str],
+    caveat: str | None = None,
+) -> str:
+    """The bundle's README: the one command, the inputs it takes, what the board needs."""
+    described = manifest.get("target", {}).get("description", "")
+    model = Path(manifest.get("model", {}).get("path", "model")).name
+    inputs = "\n".join(
+        f"- `{spec['name']}`: {spec['dtype']} of shape {spec['shape']}" for spec in manifest["inputs"]
+    )
+    own_inputs = " ".join(f"--input {spec['name']}={spec['name']}.npy" for spec in manifest["inputs"])
+    device = "CUDA GPU (with the NVIDIA driver and CUDA runtime installed)" if target.cuda else "CPU"
+    note = f"\n\n**Caveat**: {caveat}." if caveat else ""
+    libc = ", ".join(f"{key} >= {version}" for key, version in sorted(needs.items())) or "any glibc"
+    return f"""# {model} for {target.name}
+
+Compiled by moec {manifest.get("moec_version", "")} with TVM {manifest.get("tvm_version", "")} for
+{target.name} ({described}). It runs on the board's {device}; the board needs {target.arch}
+Linux with {libc}.{note}
+
+## Run it
+
+On the board, unpack the tarball, enter `{name}/` and run (random inputs, one token, then 100
+timed calls; it prints each output's shape and the latency mean, p50 and p99):
+
+```sh
+{run_command()}
+```
+
+## With your own inputs
+
+Save each input as a `.npy` file (C order, little-endian) and pass it by name; outputs are
+written to the output directory as `<output name>.npy`:
+
+```sh
+bin/{RUNNER} artifact {own_inputs} --output-dir out
+```
+
+Inputs (symbolic dimensions take any size, e.g. the number of tokens; `--tokens N` sets it for
+`--random-inputs`):
+
+{inputs}
+
+## Contents
+
+- `artifact/`: the compiled model (`{manifest.get("library", "model.so")}`), its weights
+  (`{manifest.get("weights", "weights.params")}`) and `manifest.json`
+- `bin/{RUNNER}`: the runner (TVM runtime only: no Python, no compiler)
+- `lib/`: TVM's runtime libraries for {target.arch}, found by the runner through its run path
+"""
+
+
+def package_artifact(
+    artifact_dir: str | Path,
+    out_file: str | Path | None = None,
+    warn: Callable[[str], None] = lambda _: None,
+) -> Path:
+    """Write the tarball for ``artifact_dir`` to ``out_file`` (default ``ARTIFACT.tar.gz``); return it.
+
+    ``warn`` receives what may stop the bundle from running on the board (also in its README).
+
+    The tarball is written under a temporary name beside ``out_file`` and renamed into place,
+    so a failure never leaves a partial one (nor replaces an existing one).
+    """
+    artifact_dir = Path(artifact_dir)
+    manifest = read_manifest(artifact_dir)
+    files = [artifact_dir / "manifest.json"]
+    for key in ("library", "weights"):
+        path = artifact_dir / manifest.get(key, "")
+        if not manifest.get(key) or not path.is_file():
+            raise MoecError(
+                f"{artifact_dir}: damaged artifact (no {manifest.get(key, key)}); recompile the model"
+            )
+        files.append(path)
+    out_file = default_output(artifact_dir) if out_file is None else Path(out_file)
+    if out_file.is_dir():
+        raise MoecError(
+            f"{out_file}: is a directory; pass the tarball's file name (e.g. {out_file}/model.tar.gz)"
+        )
+    if not out_file.parent.is_dir():
+        raise MoecError(f"{out_file.parent}: no such directory for the tarball")
+
+    target = ArtifactTarget.from_manifest(manifest)
+    runner = ensure_runner(target)
+    wanted = LIBRARIES + ((CUDA_LIBRARY,) if target.cuda else ())
+    libraries = []
+    for library in wanted:
+        found = [d / library for d in runtime_library_dirs(target) if (d / library).exists()]
+        if not found:
+            raise MoecError(
+                f"{library}: not found in TVM's runtime for {target.arch}; reinstall the TVM wheels"
+            )
+        libraries.append(found[0])
+
+    name = bundle_name(out_file)
+    entries: list[tuple[Path, str, int]] = [(path, f"{name}/artifact/{path.name}", 0o644) for path in files]
+    entries.append((runner, f"{name}/bin/{RUNNER}", 0o755))
+    entries += [(path, f"{name}/lib/{path.name}", 0o755) for path in libraries]
+    caveat = cuda_runtime_mismatch(manifest, libraries[-1]) if target.cuda else None
+    if caveat:
+        warn(caveat)
+    text = readme(manifest, target, name, required_versions([runner, *libraries]), caveat).encode()
+
+    fd, temp_name = tempfile.mkstemp(prefix=f".{out_file.name}.", suffix=".tmp", dir=out_file.parent)
+    temp = Path(temp_name)
+    try:
+        with os.fdopen(fd, "wb") as stream, tarfile.open(fileobj=stream, mode="w:gz") as tar:
+            _add_bytes(tar, f"{name}/README.md", text)
+            for path, arcname, mode in entries:
+                info = tar.gettarinfo(str(path), arcname)
+                info.mode, info.uid, info.gid, info.uname, info.gname = mode, 0, 0, "", ""
+                with open(path, "rb") as data:
+                    tar.addfile(info, data)
+        temp.chmod(0o644)
+        temp.replace(out_file)
+    finally:
+        temp.unlink(missing_ok=True)
+    return out_file
+
+
+def _add_bytes(tar: tarfile.TarFile, arcname: str, data: bytes) -> None:
+    """Add ``data`` to ``tar`` as a regular file ``arcname``."""
+    info = tarfile.TarInfo(arcname)
+    info.size, info.mode, info.mtime = len(data), 0o644, int(time.time())
+    tar.addfile(info, io.BytesIO(data))
