@@ -12,6 +12,7 @@ import tvm
 from tvm import relax
 
 from moec.build.compile import compile_model
+from moec.errors import MoecError
 from moec.kernels import make_kernel
 from moec.passes.bound_tokens import CHECK_FUNC, BoundTokens, token_check
 from moec.passes.inline_layers import InlineLayers
@@ -178,7 +179,11 @@ def test_max_tokens_bound_and_clear_error_above_it(model: Path, tmp_path: Path) 
     for tokens in (1, 8):
         feeds = {"x": tokens_input(tokens, 32)}
         assert_close(session.run(feeds)["y"], run_reference(onnx.load(model), feeds)["y"], FP32_ATOL, "y")
-    with pytest.raises(Exception, match=r"more tokens than this library was compiled for \(--max-tokens 8\)"):
+    with pytest.raises(MoecError, match=r"input 'x' has 9 tokens .* --max-tokens 8"):
         session.run({"x": tokens_input(9, 32)})
+    # The library checks by itself too (a board's runner has no Python in front of it).
+    x9 = tvm.runtime.tensor(tokens_input(9, 32))
+    with pytest.raises(Exception, match=r"more tokens than this library was compiled for \(--max-tokens 8\)"):
+        session.vm["main"](x9, *session.params)
     # The process survives and the library still works after the refusal.
     assert np.isfinite(session.run({"x": tokens_input(2, 32)})["y"]).all()

@@ -28,6 +28,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from moec.kernels.expert_ffn import _activation
+from moec.kernels.route import route_token_macro
 from moec.schedule import GpuSchedule
 
 WARP_SIZE = 32
@@ -74,12 +75,9 @@ def make_gpu_route_kernel(
     Same algorithm as :func:`moec.kernels.route.make_route_kernel`, one thread per token.
     """
     _check_schedule(schedule)
-    prefer_high = tie_break == "high"
     E, K = num_experts, top_k
     B = schedule.threads_per_row * schedule.rows_per_block
-    use_softmax = scoring == "softmax"
-    if scoring not in ("softmax", "sigmoid"):
-        raise ValueError(f"unknown router scoring {scoring!r}")
+    route_token = route_token_macro(E, K, scoring, normalize, tie_break)
 
     @T.prim_func
     def route(logits_h: T.handle, index_h: T.handle, weight_h: T.handle):
@@ -95,40 +93,7 @@ def make_gpu_route_kernel(
                 acc = T.alloc_buffer((2,), "float32", scope="local")
                 best = T.alloc_buffer((1,), "int32", scope="local")
                 if bx * B + tx < n:
-                    acc[0] = logits[bx * B + tx, 0]
-                    for e in range(E):
-                        acc[0] = T.max(acc[0], logits[bx * B + tx, e])
-                    acc[1] = T.float32(0)
-                    for e in range(E):
-                        taken[e] = 0
-                        if use_softmax:
-                            score[e] = T.exp(logits[bx * B + tx, e] - acc[0])
-                            acc[1] = acc[1] + score[e]
-                        else:
-                            score[e] = T.float32(1) / (
-                                T.float32(1) + T.exp(T.float32(0) - logits[bx * B + tx, e])
-                            )
-                    if use_softmax:
-                        for e in range(E):
-                            score[e] = score[e] / acc[1]
-                    acc[1] = T.float32(0)
-                    for j in range(K):
-                        best[0] = -1
-                        for e in range(E):
-                            if taken[e] == 0:
-                                if best[0] < 0:
-                                    best[0] = e
-                                elif prefer_high and score[e] >= score[best[0]]:
-                                    best[0] = e
-                                elif not prefer_high and score[e] > score[best[0]]:
-                                    best[0] = e
-                        taken[best[0]] = 1
-                        index[bx * B + tx, j] = best[0]
-                        weight[bx * B + tx, j] = score[best[0]]
-                        acc[1] = acc[1] + score[best[0]]
-                    if normalize:
-                        for j in range(K):
-                            weight[bx * B + tx, j] = weight[bx * B + tx, j] / acc[1]
+                    route_token(logits, index, weight, score, taken, acc, best, bx * B + tx)
 
     return _unnamed(route)
 

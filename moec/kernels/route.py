@@ -11,19 +11,67 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 
+def route_token_macro(num_experts: int, top_k: int, scoring: str, normalize: bool, tie_break: str):
+    """A TIR macro ``route_token(logits, index, weight, score, taken, acc, best, t)`` routing token
+    ``t``, with local scratch ``score[E]``, ``taken[E]`` (int32), ``acc[2]``, ``best[1]`` (int32).
+
+    Shared by the CPU and CUDA route kernels, which differ only in how tokens map to threads.
+    ``tie_break`` picks the lowest (ONNX ``TopK``) or highest (onnxruntime's fused MoE) expert
+    index among equal scores.
+    """
+    if scoring not in ("softmax", "sigmoid"):
+        raise ValueError(f"unknown router scoring {scoring!r}")
+    prefer_high = tie_break == "high"
+    use_softmax = scoring == "softmax"
+    E, K = num_experts, top_k
+
+    @T.macro
+    def route_token(logits, index, weight, score, taken, acc, best, t):
+        # scores
+        acc[0] = logits[t, 0]
+        for e in range(E):
+            acc[0] = T.max(acc[0], logits[t, e])
+        acc[1] = T.float32(0)
+        for e in range(E):
+            taken[e] = 0
+            if use_softmax:
+                score[e] = T.exp(logits[t, e] - acc[0])
+                acc[1] = acc[1] + score[e]
+            else:
+                score[e] = T.float32(1) / (T.float32(1) + T.exp(T.float32(0) - logits[t, e]))
+        if use_softmax:
+            for e in range(E):
+                score[e] = score[e] / acc[1]
+        # top-k selection
+        acc[1] = T.float32(0)
+        for j in range(K):
+            best[0] = -1
+            for e in range(E):
+                if taken[e] == 0:
+                    if best[0] < 0:
+                        best[0] = e
+                    elif prefer_high and score[e] >= score[best[0]]:
+                        best[0] = e
+                    elif not prefer_high and score[e] > score[best[0]]:
+                        best[0] = e
+            taken[best[0]] = 1
+            index[t, j] = best[0]
+            weight[t, j] = score[best[0]]
+            acc[1] = acc[1] + score[best[0]]
+        if normalize:
+            for j in range(K):
+                weight[t, j] = weight[t, j] / acc[1]
+
+    return route_token
+
+
 def make_route_kernel(
     num_experts: int, top_k: int, scoring: str, normalize: bool, tie_break: str = "low"
 ) -> tirx.PrimFunc:
-    """PrimFunc ``route(logits[n, E]) -> (expert_index[n, k] int32, weight[n, k] float32)``.
-
-    ``tie_break`` picks the lowest (ONNX ``TopK``) or highest (onnxruntime's fused MoE)
-    expert index among equal scores.
-    """
-    prefer_high = tie_break == "high"
+    """PrimFunc ``route(logits[n, E]) -> (expert_index[n, k] int32, weight[n, k] float32)``, tokens
+    in parallel (see :func:`route_token_macro`)."""
     E, K = num_experts, top_k
-    use_softmax = scoring == "softmax"
-    if scoring not in ("softmax", "sigmoid"):
-        raise ValueError(f"unknown router scoring {scoring!r}")
+    route_token = route_token_macro(E, K, scoring, normalize, tie_break)
 
     @T.prim_func
     def route(logits_h: T.handle, index_h: T.handle, weight_h: T.handle):
@@ -37,39 +85,6 @@ def make_route_kernel(
             taken = T.alloc_buffer((E,), "int32", scope="local")
             acc = T.alloc_buffer((2,), "float32", scope="local")
             best = T.alloc_buffer((1,), "int32", scope="local")
-            # scores
-            acc[0] = logits[t, 0]
-            for e in range(E):
-                acc[0] = T.max(acc[0], logits[t, e])
-            acc[1] = T.float32(0)
-            for e in range(E):
-                taken[e] = 0
-                if use_softmax:
-                    score[e] = T.exp(logits[t, e] - acc[0])
-                    acc[1] = acc[1] + score[e]
-                else:
-                    score[e] = T.float32(1) / (T.float32(1) + T.exp(T.float32(0) - logits[t, e]))
-            if use_softmax:
-                for e in range(E):
-                    score[e] = score[e] / acc[1]
-            # top-k selection, lowest index wins ties
-            acc[1] = T.float32(0)
-            for j in range(K):
-                best[0] = -1
-                for e in range(E):
-                    if taken[e] == 0:
-                        if best[0] < 0:
-                            best[0] = e
-                        elif prefer_high and score[e] >= score[best[0]]:
-                            best[0] = e
-                        elif not prefer_high and score[e] > score[best[0]]:
-                            best[0] = e
-                taken[best[0]] = 1
-                index[t, j] = best[0]
-                weight[t, j] = score[best[0]]
-                acc[1] = acc[1] + score[best[0]]
-            if normalize:
-                for j in range(K):
-                    weight[t, j] = weight[t, j] / acc[1]
+            route_token(logits, index, weight, score, taken, acc, best, t)
 
     return route

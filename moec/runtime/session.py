@@ -48,8 +48,24 @@ class ArtifactSession:
         """Raise :class:`MoecError` if ``feeds`` lacks an input or has a wrong shape or dtype."""
         check_feeds(self.inputs, feeds, source)
 
+    def check_token_bound(self, feeds: dict[str, np.ndarray]) -> None:
+        """Raise :class:`MoecError` if a symbolic (token) dimension exceeds ``--max-tokens``."""
+        limit = self.manifest.get("max_tokens")
+        if limit is None:
+            return
+        for spec in self.inputs:
+            name = spec["name"]
+            for axis, dim in enumerate(spec["shape"]):
+                size = feeds[name].shape[axis] if name in feeds else 0
+                if isinstance(dim, str) and size > limit:
+                    raise MoecError(
+                        f"{self.dir}: input '{name}' has {size} tokens but the artifact was compiled "
+                        f"with --max-tokens {limit}; recompile with a larger bound"
+                    )
+
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Outputs by name for inputs by name."""
+        self.check_token_bound(feeds)
         args = [tvm.runtime.tensor(np.ascontiguousarray(feeds[s["name"]]), self.device) for s in self.inputs]
         result = self.vm["main"](*args, *self.params)
         values = list(result) if len(self.outputs) > 1 else [result]
@@ -57,6 +73,7 @@ class ArtifactSession:
 
     def time(self, feeds: dict[str, np.ndarray], repeats: int = 50, warmup: int = 5) -> np.ndarray:
         """Wall-clock seconds of ``repeats`` calls (after ``warmup`` calls), inputs pre-loaded."""
+        self.check_token_bound(feeds)
         args = [tvm.runtime.tensor(np.ascontiguousarray(feeds[s["name"]]), self.device) for s in self.inputs]
         main = self.vm["main"]
         for _ in range(warmup):
