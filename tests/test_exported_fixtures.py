@@ -46,11 +46,18 @@ SUPPORTED = {
         "hf-onnx-batched_mm",
         "hf-onnx-ort-cuda-batched_mm",
     ],
-    "qwen2_moe": ["hf-onnx-ort-cuda-batched_mm"],
+    "qwen2_moe": [
+        "dynamo-batched_mm",
+        "torchscript-batched_mm",
+        "hf-onnx-batched_mm",
+        "hf-onnx-ort-cuda-batched_mm",
+    ],
 }
+SUPPORTED["gpt_oss"] = [*SUPPORTED["mixtral"]]  # router bias, top-k then softmax, clamped SwiGLU, biases
 # TorchScript's trace of the eager loop, unrolled for every expert: compiled for every routing
 # (onnxruntime runs the same graph only when every expert is hit).
 SUPPORTED["mixtral"].append("torchscript-eager")
+SUPPORTED["gpt_oss"].append("torchscript-eager")
 # ... and unrolled for fewer experts than the router has: refused, with how to re-export.
 TRACE_SPECIALISED = {
     "olmoe-block-torchscript-eager": (5, 8),
@@ -63,6 +70,8 @@ IN_CI = {
     "mixtral-block-torchscript-eager",
     "qwen3_moe-block-hf-onnx-batched_mm",
     "olmoe-block-hf-onnx-ort-cuda-batched_mm",
+    "qwen2_moe-block-dynamo-batched_mm",
+    "gpt_oss-block-torchscript-batched_mm",
 }
 
 

@@ -15,7 +15,9 @@ class MoEBlock:
 
     input: the tensor holding the tokens' hidden states (``[..., H]``).
     logits: the tensor holding the router logits (``[..., E]``), computed outside the block.
-    output: the tensor the block produces (same shape as ``input``).
+    output: the tensor the block produces: ``input``'s shape, or ``[tokens, H]`` when
+        ``flat_output`` (the exporter flattened the tokens and reshapes back only later, e.g.
+        after adding a shared expert).
     nodes: the graph nodes the canonical layer replaces.
     """
 
@@ -24,3 +26,4 @@ class MoEBlock:
     logits: str
     output: str
     nodes: list[onnx.NodeProto]
+    flat_output: bool = False

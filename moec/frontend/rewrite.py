@@ -45,22 +45,12 @@ def replace_blocks(model: onnx.ModelProto, blocks: list[MoEBlock]) -> onnx.Model
     removed = {id_ for b in blocks for id_ in (n.output[0] for n in b.nodes)}
     removed_nodes = [n for n in graph.node if n.output and n.output[0] in removed]
     keep = _nodes_still_needed(graph, removed_nodes, [b.output for b in blocks])
-    layer_nodes = {
-        b.output: helper.make_node(
-            LAYER_OP,
-            [b.input, b.logits, *layer_weight_names(b)],
-            [b.output],
-            name=b.layer.name,
-            domain=LAYER_DOMAIN,
-            layer=i,
-        )
-        for i, b in enumerate(blocks)
-    }
+    layer_nodes = {b.output: _layer_nodes(b, i) for i, b in enumerate(blocks)}
     new_nodes = []
     for node in graph.node:
         block_output = next((o for o in node.output if o in layer_nodes), None)
         if block_output is not None:
-            new_nodes.append(layer_nodes[block_output])
+            new_nodes.extend(layer_nodes[block_output])
         if not (node.output and node.output[0] in removed) or node.output[0] in keep:
             new_nodes.append(node)
     del graph.node[:]
@@ -72,6 +62,30 @@ def replace_blocks(model: onnx.ModelProto, blocks: list[MoEBlock]) -> onnx.Model
     if not any(op.domain == LAYER_DOMAIN for op in out.opset_import):
         out.opset_import.append(helper.make_opsetid(LAYER_DOMAIN, 1))
     return out
+
+
+def _layer_nodes(block: MoEBlock, index: int) -> list[onnx.NodeProto]:
+    """The ``moec::MoELayer`` node for ``block`` (output in the input's shape), followed by a
+    flattening ``Reshape`` to ``[tokens, H]`` when the block's output is flat."""
+    name = block.layer.name
+    full = f"{block.output}__{name}_full" if block.flat_output else block.output
+    nodes = [
+        helper.make_node(
+            LAYER_OP,
+            [block.input, block.logits, *layer_weight_names(block)],
+            [full],
+            name=name,
+            domain=LAYER_DOMAIN,
+            layer=index,
+        )
+    ]
+    if block.flat_output:
+        shape = helper.make_tensor(
+            f"{name}.flat_shape", onnx.TensorProto.INT64, [2], [-1, block.layer.hidden]
+        )
+        nodes.append(helper.make_node("Constant", [], [shape.name], name=f"{name}_flat_shape", value=shape))
+        nodes.append(helper.make_node("Reshape", [full, shape.name], [block.output], name=f"{name}_flatten"))
+    return nodes
 
 
 def _nodes_still_needed(

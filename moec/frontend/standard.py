@@ -22,6 +22,7 @@ Recognition is by structure, confirmed by semantics:
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import onnx
@@ -143,9 +144,12 @@ class _BlockFinder:
 
     def _router(self, topk: onnx.NodeProto):
         softmax = self._producer_past_casts(topk.input[0])
-        if softmax is None or softmax.op_type != "Softmax":
+        if softmax is not None and softmax.op_type == "Softmax":
+            logits = softmax.input[0]
+        elif any(c.op_type == "Softmax" for c in self.index.consumers.get(topk.output[0], [])):
+            logits = topk.input[0]  # top-k of the logits, softmax over the k (GPT-OSS): renormalised
+        else:
             return None
-        logits = softmax.input[0]
         producer = self._producer_past_casts(logits)
         router_nodes = []
         bias = None
@@ -193,7 +197,9 @@ class _BlockFinder:
         x_rank = len(self.shapes[x]) if x in self.shapes else None
         for candidate in self._descendant_nodes(topk.output[0]):
             out = candidate.output[0]
-            if x_rank is not None and out in self.shapes and len(self.shapes[out]) != x_rank:
+            out_rank = len(self.shapes[out]) if out in self.shapes else None
+            flat = x_rank is not None and x_rank > 2 and out_rank == 2
+            if x_rank is not None and out_rank is not None and out_rank != x_rank and not flat:
                 continue
             ancestors = self._ancestor_ids(out)
             region = [n for n in below_x if id(n) in ancestors]
@@ -201,7 +207,9 @@ class _BlockFinder:
                 continue
             for layer in _extract_layers(self.index, region, topk, k, experts, name):
                 if self._confirms(prelude, region, layer, x, logits, out):
-                    return MoEBlock(layer=layer, input=x, logits=logits, output=out, nodes=region)
+                    return MoEBlock(
+                        layer=layer, input=x, logits=logits, output=out, nodes=region, flat_output=flat
+                    )
         return None
 
     def _closed(self, region: list[onnx.NodeProto], out: str, allowed_inputs: set[str]) -> bool:
@@ -244,13 +252,16 @@ class _BlockFinder:
                     else:
                         constant_nodes.append(self.index.producer[tensor])
         rng = np.random.default_rng(1234)
-        tokens = max(5, layer.num_experts)
+        # 6 tokens with unit-scale logits (routing weights far from 0/1, so e.g. renormalised and
+        # raw top-k weights differ clearly), then one token per expert whose logit for it is
+        # boosted: every expert is hit, so a graph that only works when every expert is (a trace
+        # of a loop over the hit experts) is still exercised as a whole.
+        experts, tokens = layer.num_experts, 6 + layer.num_experts
         x_value = rng.standard_normal(self._sample_shape(x, layer.hidden, tokens)).astype(np.float32)
-        logit_value = 3 * rng.standard_normal(self._sample_shape(logits, layer.num_experts, tokens))
-        # Every expert is some token's first choice: a graph that only works when every expert
-        # is hit (a trace of a loop over hit experts) is still exercised as a whole.
-        flat = logit_value.reshape(-1, layer.num_experts)
-        flat[np.arange(layer.num_experts), np.arange(layer.num_experts)] += 20.0
+        logit_value = rng.standard_normal(self._sample_shape(logits, experts, tokens))
+        flat = logit_value.reshape(-1, experts)  # fewer rows when the graph fixes the token count
+        boosted = np.arange(min(experts, len(flat)))
+        flat[len(flat) - len(boosted) + boosted, boosted] += 4.0
         logit_value = flat.reshape(logit_value.shape).astype(np.float32)
         graph = helper.make_graph(
             constant_nodes + region,
@@ -308,15 +319,19 @@ def _picked_expert_weight(index: GraphIndex, tensor: str) -> str | None:
     return gather.input[0] if stack is not None and stack.ndim == 3 and stack.dtype == np.float32 else None
 
 
-def _stack_name(index: GraphIndex, node: onnx.NodeProto) -> str | None:
-    """The name of the stacked ``[E, out, in]`` constant a MatMul reads one expert of, or None."""
+def _stack_name(index: GraphIndex, node: onnx.NodeProto) -> tuple[str, bool] | None:
+    """The name of the stacked constant a MatMul reads one expert of per token, and whether the
+    stack is laid out ``[E, in, out]`` (the expert matrix is the right operand) rather than
+    ``[E, out, in]``; None for any other MatMul."""
     if node.op_type != "MatMul":
         return None
     picked = _picked_expert_weight(index, node.input[1])
     if picked is not None:
-        return picked
-    gather = index.producer.get(node.input[0])
-    return gather.input[0] if _gathered_weight(index, node.input[0]) is not None else None
+        return picked, False
+    for operand, in_out in ((0, False), (1, True)):
+        if _gathered_weight(index, node.input[operand]) is not None:
+            return index.producer[node.input[operand]].input[0], in_out
+    return None
 
 
 def _weight_of(index: GraphIndex, node: onnx.NodeProto) -> np.ndarray | None:
@@ -324,8 +339,11 @@ def _weight_of(index: GraphIndex, node: onnx.NodeProto) -> np.ndarray | None:
     if node.op_type not in MATMUL_OPS or len(node.input) < 2:
         return None
     if node.op_type == "MatMul" and index.constant(node.input[1]) is None:
-        stack = _stack_name(index, node)
-        return None if stack is None else index.constant(stack)
+        found = _stack_name(index, node)
+        if found is None:
+            return None
+        stack = index.constant(found[0])
+        return np.swapaxes(stack, -1, -2) if found[1] else stack
     weight = index.constant(node.input[1])
     if weight is None or weight.ndim not in (2, 3) or weight.dtype != np.float32:
         return None
@@ -336,11 +354,39 @@ def _weight_of(index: GraphIndex, node: onnx.NodeProto) -> np.ndarray | None:
     return np.swapaxes(weight, -1, -2)
 
 
+def _scalar(index: GraphIndex, tensor: str) -> float | None:
+    """A floating-point scalar constant's value (integer constants are shape arithmetic)."""
+    value = index.constant(tensor) if tensor else None
+    if value is None or value.size != 1 or not np.issubdtype(value.dtype, np.floating):
+        return None
+    return float(value.reshape(-1)[0])
+
+
+def _activation_constants(index: GraphIndex, region: list[onnx.NodeProto]) -> tuple[float, float, float]:
+    """GPT-OSS's clamped SwiGLU constants read off the region: ``alpha`` (the scalar the gate is
+    multiplied by inside the sigmoid), ``beta`` (a scalar added to the up projection) and
+    ``limit`` (a ``Clip`` bound); 1, 0 and inf when absent. Confirmation checks the reading."""
+    alpha, beta, limit = 1.0, 0.0, math.inf
+    feeds_sigmoid = {n.input[0] for n in region if n.op_type == "Sigmoid"}
+    for node in region:
+        scalars = [
+            v for v in (_scalar(index, i) for i in node.input[1:] if node.op_type != "Clip") if v is not None
+        ]
+        if node.op_type == "Mul" and node.output[0] in feeds_sigmoid and scalars:
+            alpha = scalars[0]
+        elif node.op_type == "Add" and len(node.input) == 2 and _scalar(index, node.input[1]) is not None:
+            beta = _scalar(index, node.input[1])
+        elif node.op_type == "Clip" and len(node.input) > 2 and _scalar(index, node.input[2]) is not None:
+            limit = _scalar(index, node.input[2])
+    return alpha, beta, limit
+
+
 def _one_per_stack(index: GraphIndex, matmuls: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
     """``matmuls`` with later ones that read the same weight stack as an earlier one dropped."""
     kept, seen = [], set()
     for node in matmuls:
-        key = _stack_name(index, node) or node.input[1]
+        found = _stack_name(index, node)
+        key = found[0] if found else node.input[1]
         if key not in seen:
             seen.add(key)
             kept.append(node)
@@ -348,10 +394,22 @@ def _one_per_stack(index: GraphIndex, matmuls: list[onnx.NodeProto]) -> list[onn
 
 
 def _bias_after(index: GraphIndex, node: onnx.NodeProto) -> np.ndarray | None:
-    consumers = index.consumers.get(node.output[0], [])
+    """The constant added to a matmul's output (through reshapes), or the per-expert bias
+    ``[E, out]`` that a ``Gather`` picks per routed token; None if there is none."""
+    tensor = node.output[0]
+    consumers = index.consumers.get(tensor, [])
+    while len(consumers) == 1 and consumers[0].op_type in VIEW_OPS:
+        tensor = consumers[0].output[0]
+        consumers = index.consumers.get(tensor, [])
     if len(consumers) == 1 and consumers[0].op_type == "Add":
-        other = [i for i in consumers[0].input if i != node.output[0]]
-        value = index.constant(other[0]) if other else None
+        other = [i for i in consumers[0].input if i != tensor]
+        if not other:
+            return None
+        value = index.constant(other[0])
+        gather = index.producer.get(other[0])
+        if value is None and gather is not None and gather.op_type in GATHER_OPS:
+            stack = index.constant(gather.input[0])
+            value = stack if stack is not None and stack.ndim == 2 else None
         return value
     if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
         return index.constant(node.input[2])
@@ -444,6 +502,7 @@ def _extract_layer(
         path = upstream(down) - upstream(first) - {id(first)}
         ops_between[id(first)] = ({n.op_type for n in region if id(n) in path and id(n) in ids}, down)
     normalize = any(n.op_type == "Div" and n.input[0] == topk.output[0] for n in region)
+    alpha, beta, limit = _activation_constants(index, region)
 
     def activation_of(ops: set[str]) -> str:
         if "Relu" in ops:
@@ -513,6 +572,9 @@ def _extract_layer(
         "ffn": stacked["down"].shape[2],
         "activation": activation,
         "normalize": normalize,
+        "alpha": alpha,
+        "beta": beta,
+        "limit": limit,
         "w_up": stacked["up"],
         "w_gate": stacked["gate"],
         "w_down": stacked["down"],
