@@ -53,6 +53,13 @@ def _progress(message: str) -> None:
 
 
 def _load_inputs(path: Path, session) -> dict[str, np.ndarray]:
+    feeds = _read_npz(path)
+    session.check_inputs(feeds, str(path))
+    return feeds
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of an .npz file by name, or a one-line error naming the file."""
     try:
         data = np.load(path, allow_pickle=False)
         if not isinstance(data, np.lib.npyio.NpzFile):
@@ -63,7 +70,6 @@ def _load_inputs(path: Path, session) -> dict[str, np.ndarray]:
         raise MoecError(f"{path}: no such inputs file") from err
     except (ValueError, OSError) as err:
         raise MoecError(f"{path}: not a readable .npz file ({err})") from err
-    session.check_inputs(feeds, str(path))
     return feeds
 
 
@@ -289,6 +295,79 @@ def verify(model: Path, artifact: Path, inputs: Path | None, tokens: tuple[int, 
     if failed:
         _fail(f"{artifact} differs from the reference of {model} by {worst:.3e} > atol {atol:g}")
     click.echo(f"verified: max abs error {worst:.3e} <= {atol:g}")
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option(
+    "--calib",
+    type=click.Path(path_type=Path),
+    help=".npz of calibration inputs keyed by ONNX input name, as the model would see them in use; "
+    "an extra leading axis holds several samples.",
+)
+@click.option(
+    "--synthetic",
+    type=click.IntRange(min=1),
+    help="Without --calib: profile on this many random tokens instead (not meaningful for real routing).",
+)
+@click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="Profile JSON to write.")
+@click.option("--plot", type=click.Path(path_type=Path), help="Also write PNG pictures of the profile here.")
+@user_errors
+def profile(model: Path, calib: Path | None, synthetic: int | None, output: Path, plot: Path | None) -> None:
+    """Profile MODEL's routers on calibration data: expert activation, co-activation, confidence.
+
+    The profile (JSON) is what `moec compile --profile` will use to mask and prune experts; it
+    names the model by its sha256, so it is only used with that model.
+    """
+    from moec.analysis.profile import calibration_samples, profile_model
+    from moec.build.artifact import write_atomically
+    from moec.build.compile import graph_inputs, value_info
+    from moec.frontend.loader import load_model
+    from moec.runtime.session import check_feeds, random_inputs
+
+    onnx_model = load_model(model)
+    inputs = [value_info(v) for v in graph_inputs(onnx_model)]
+    if calib is not None and synthetic is not None:
+        _fail("pass either --calib or --synthetic, not both")
+    if calib is None and synthetic is None:
+        _fail(
+            "no calibration data: pass --calib data.npz with inputs the model sees in use (e.g. "
+            "numpy.savez('data.npz', **{input_name: array}) from your own pipeline), or --synthetic N "
+            "for random tokens (a profile that says nothing about real routing)"
+        )
+    if calib is not None:
+        samples = list(calibration_samples(_read_npz(calib), inputs))
+        for sample in samples:
+            check_feeds(inputs, sample, str(calib))
+    else:
+        click.echo(
+            f"moec: warning: profiling {synthetic} random tokens: real routers route real data "
+            "differently, so do not mask or prune from this profile",
+            err=True,
+        )
+        samples = [random_inputs(inputs, synthetic, seed=0)]
+
+    def progress(done: int, total: int) -> None:
+        if total > 1:
+            _progress(f"profiled sample {done}/{total}")
+
+    result = profile_model(onnx_model, model, samples, progress, synthetic=synthetic is not None)
+    write_atomically(output, json.dumps(result, indent=1) + "\n")
+    for layer in result["layers"]:
+        top = np.argsort(layer["activation_frequency"])[::-1][:3]
+        click.echo(
+            f"{layer['name']}: {layer['tokens']} tokens, busiest experts "
+            + ", ".join(f"{e} ({layer['activation_frequency'][e]:.0%})" for e in top)
+            + f", mean top-1 weight {layer['confidence']['top1_mean']:.2f}"
+        )
+    if not result["layers"]:
+        click.echo(f"{model}: no MoE layers found; the profile is empty")
+    if plot is not None:
+        from moec.analysis.plot import write_plots
+
+        for path in write_plots(result, plot):
+            click.echo(f"wrote {path}")
+    click.echo(f"wrote {output}")
 
 
 @main.command()

@@ -47,6 +47,25 @@ def staged_directory(out_dir: Path, force: bool) -> Iterator[Path]:
             shutil.rmtree(staging, ignore_errors=True)
 
 
+def write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary sibling, so a failure leaves no partial file."""
+    path = Path(path)
+    if path.is_dir():
+        raise MoecError(f"{path}: is a directory; pass a file path")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    temp = Path(temp_name)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        temp.chmod(0o666 & ~umask)
+        temp.replace(path)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
 def read_manifest(artifact_dir: Path) -> dict[str, Any]:
     """The manifest of an artifact directory, with a clear error if it is not one."""
     artifact_dir = Path(artifact_dir)

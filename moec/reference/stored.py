@@ -12,6 +12,7 @@ graph when the frontend extracts it, so this oracle stays independent of TVM.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -23,13 +24,17 @@ from onnx.reference.op_run import OpRun
 from moec.frontend.importer import find_blocks
 from moec.frontend.layer import MoELayer
 from moec.frontend.rewrite import LAYER_DOMAIN, LAYER_OP, WEIGHT_ROLES, layer_weight_names, replace_blocks
-from moec.reference.canonical import moe_forward
+from moec.reference.canonical import moe_forward, route
 
 STORAGE_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 MATRIX_ROLES = ("w_up", "w_gate", "w_down")
 
 
-def _layer_op(layers: list[MoELayer]) -> type[OpRun]:
+RouteHook = Callable[[int, np.ndarray, np.ndarray], None]
+"""Called per MoE layer run with (layer index, expert indices ``[n, k]``, weights ``[n, k]``)."""
+
+
+def _layer_op(layers: list[MoELayer], on_route: RouteHook | None = None) -> type[OpRun]:
     """An ``OpRun`` for ``moec::MoELayer`` nodes computing ``layers[attr layer]`` on its inputs."""
 
     def _run(
@@ -38,16 +43,20 @@ def _layer_op(layers: list[MoELayer]) -> type[OpRun]:
         spec = layers[int(layer)]
         roles = [r for r in WEIGHT_ROLES if spec.gated or r not in ("w_gate", "b_gate")]
         current = dataclasses.replace(spec, **dict(zip(roles, weights, strict=True)))
-        flat = moe_forward(current, x.reshape(-1, spec.hidden), logits.reshape(-1, spec.num_experts))
+        flat_logits = logits.reshape(-1, spec.num_experts)
+        if on_route is not None:
+            on_route(int(layer), *route(current, flat_logits))
+        flat = moe_forward(current, x.reshape(-1, spec.hidden), flat_logits)
         return (flat.reshape(x.shape),)
 
     return type(LAYER_OP, (OpRun,), {"op_domain": LAYER_DOMAIN, "_run": _run})
 
 
-def run_stored_reference(
-    model: onnx.ModelProto, precision: str, feeds: dict[str, np.ndarray]
-) -> dict[str, Any]:
-    """Outputs of ``model`` with every MoE layer's expert matrices rounded to ``precision``."""
+def canonical_evaluator(
+    model: onnx.ModelProto, precision: str = "fp32", on_route: RouteHook | None = None
+) -> tuple[ReferenceEvaluator, list[MoELayer]]:
+    """A reference evaluator of ``model`` with its MoE blocks as canonical layers (expert matrices
+    rounded to ``precision``), calling ``on_route`` with every layer's routing; and the layers."""
     blocks = find_blocks(model)
     canonical = replace_blocks(model, blocks) if blocks else model
     rounded = {
@@ -57,10 +66,19 @@ def run_stored_reference(
         if name.rsplit(".", 1)[1] in MATRIX_ROLES
     }
     storage = STORAGE_DTYPES[precision]
-    for index, tensor in enumerate(canonical.graph.initializer):
-        if tensor.name in rounded:
-            value = numpy_helper.to_array(tensor).astype(storage).astype(np.float32)
-            canonical.graph.initializer[index].CopyFrom(numpy_helper.from_array(value, tensor.name))
-    evaluator = ReferenceEvaluator(canonical, new_ops=[_layer_op([b.layer for b in blocks])])
+    if storage is not np.float32:
+        for index, tensor in enumerate(canonical.graph.initializer):
+            if tensor.name in rounded:
+                value = numpy_helper.to_array(tensor).astype(storage).astype(np.float32)
+                canonical.graph.initializer[index].CopyFrom(numpy_helper.from_array(value, tensor.name))
+    layers = [b.layer for b in blocks]
+    return ReferenceEvaluator(canonical, new_ops=[_layer_op(layers, on_route)]), layers
+
+
+def run_stored_reference(
+    model: onnx.ModelProto, precision: str, feeds: dict[str, np.ndarray]
+) -> dict[str, Any]:
+    """Outputs of ``model`` with every MoE layer's expert matrices rounded to ``precision``."""
+    evaluator, _ = canonical_evaluator(model, precision)
     names = [o.name for o in model.graph.output]
     return dict(zip(names, evaluator.run(None, feeds), strict=True))

@@ -1,0 +1,133 @@
+"""Calibration profile of a model's routers: what each MoE layer's router does on real inputs.
+
+Per layer: how often each expert is selected (activation frequency) and how much routing weight
+it receives (weight mass), which experts are selected together for the same token (the
+co-activation graph, a :mod:`networkx` graph with pair counts as edge weights), and how sure the
+router is (the distribution of each token's top-1 weight). Later passes read it to mask, prune
+and lay out experts; the model's sha256 ties a profile to the model it was made for.
+
+The routing comes from the numpy reference (the canonical layers of the model run by the ONNX
+reference evaluator), so a profile needs no compiled artifact and no TVM.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+import numpy as np
+import onnx
+
+from moec.errors import MoecError
+from moec.frontend.layer import MoELayer
+from moec.reference.stored import canonical_evaluator
+
+FORMAT = "moec-profile/1"
+CONFIDENCE_BINS = 10
+
+
+class _LayerStats:
+    """Running counts for one layer."""
+
+    def __init__(self, layer: MoELayer) -> None:
+        self.layer = layer
+        self.tokens = 0
+        self.counts = np.zeros(layer.num_experts, np.int64)
+        self.mass = np.zeros(layer.num_experts, np.float64)
+        self.pairs = np.zeros((layer.num_experts, layer.num_experts), np.int64)
+        self.top1 = np.zeros(CONFIDENCE_BINS, np.int64)
+        self.top1_sum = 0.0
+
+    def add(self, index: np.ndarray, weight: np.ndarray) -> None:
+        experts = self.layer.num_experts
+        self.tokens += index.shape[0]
+        np.add.at(self.counts, index.reshape(-1), 1)
+        np.add.at(self.mass, index.reshape(-1), weight.reshape(-1))
+        onehot = np.zeros((index.shape[0], experts), np.int64)
+        np.put_along_axis(onehot, index, 1, axis=1)
+        together = onehot.T @ onehot
+        np.fill_diagonal(together, 0)
+        self.pairs += together
+        top = weight.max(axis=1)
+        self.top1 += np.histogram(top, bins=CONFIDENCE_BINS, range=(0.0, 1.0))[0]
+        self.top1_sum += float(top.sum())
+
+    def coactivation_graph(self) -> nx.Graph:
+        graph = nx.Graph()
+        graph.add_nodes_from(range(self.layer.num_experts))
+        for a, b in zip(*np.nonzero(np.triu(self.pairs, 1)), strict=True):
+            graph.add_edge(int(a), int(b), count=int(self.pairs[a, b]))
+        return graph
+
+    def to_json(self) -> dict[str, Any]:
+        tokens = max(self.tokens, 1)
+        return {
+            "name": self.layer.name,
+            "experts": self.layer.num_experts,
+            "top_k": self.layer.top_k,
+            "tokens": self.tokens,
+            "activation_count": self.counts.tolist(),
+            "activation_frequency": (self.counts / tokens).round(6).tolist(),
+            "weight_mass": (self.mass / tokens).round(6).tolist(),
+            "coactivation": nx.node_link_data(self.coactivation_graph(), edges="edges"),
+            "confidence": {
+                "top1_mean": round(self.top1_sum / tokens, 6),
+                "top1_histogram": {
+                    "bins": CONFIDENCE_BINS,
+                    "range": [0.0, 1.0],
+                    "counts": self.top1.tolist(),
+                },
+            },
+        }
+
+
+def model_fingerprint(path: Path) -> str:
+    """sha256 of the model file: what a profile (and an artifact's manifest) names its model by."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def calibration_samples(
+    data: dict[str, np.ndarray], inputs: list[dict[str, Any]]
+) -> Iterator[dict[str, np.ndarray]]:
+    """The feeds of a calibration file: each input's array as one sample, or, with one more leading
+    axis than the input has, one sample per entry of that axis."""
+    ranks = {spec["name"]: len(spec["shape"]) for spec in inputs}
+    stacked = {name: data[name].ndim == ranks[name] + 1 for name in ranks if name in data}
+    if any(stacked.values()):
+        counts = {data[name].shape[0] for name, is_stacked in stacked.items() if is_stacked}
+        if not all(stacked.values()) or len(counts) != 1:
+            raise MoecError("calibration data: stack every input along the same leading sample axis, or none")
+        for i in range(counts.pop()):
+            yield {name: data[name][i] for name in ranks}
+    else:
+        yield {name: data[name] for name in ranks if name in data}
+
+
+def profile_model(
+    model: onnx.ModelProto,
+    model_path: Path,
+    samples: list[dict[str, np.ndarray]],
+    progress: Callable[[int, int], None] = lambda _done, _total: None,
+    synthetic: bool = False,
+) -> dict[str, Any]:
+    """The profile (JSON-ready) of ``model``'s routers over ``samples``."""
+    stats: list[_LayerStats] = []
+
+    def on_route(layer: int, index: np.ndarray, weight: np.ndarray) -> None:
+        stats[layer].add(index, weight)
+
+    evaluator, layers = canonical_evaluator(model, on_route=on_route)
+    stats.extend(_LayerStats(layer) for layer in layers)
+    for done, feeds in enumerate(samples, start=1):
+        evaluator.run(None, feeds)
+        progress(done, len(samples))
+    return {
+        "format": FORMAT,
+        "model": {"path": str(model_path), "sha256": model_fingerprint(model_path)},
+        "samples": len(samples),
+        "synthetic": synthetic,
+        "layers": [s.to_json() for s in stats],
+    }
