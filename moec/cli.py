@@ -166,6 +166,23 @@ def main() -> None:
     "per-call work; memory sized for this many tokens) and a call with more tokens fails with "
     "an error. Default: no bound (any token count).",
 )
+@click.option(
+    "--profile",
+    "profile_path",
+    type=click.Path(path_type=Path),
+    help="Router profile of MODEL (from 'moec profile') that drives expert masking.",
+)
+@click.option(
+    "--keep-experts",
+    type=int,
+    help="With --profile: keep the N most used experts of every MoE layer; the others are never "
+    "routed to and their weights are not stored.",
+)
+@click.option(
+    "--mask-threshold",
+    type=float,
+    help="With --profile: keep the experts routed at least this share of the tokens (0..1).",
+)
 @user_errors
 def compile(  # noqa: A001
     model: Path,
@@ -175,10 +192,19 @@ def compile(  # noqa: A001
     dump_ir: Path | None,
     weights_precision: str,
     max_tokens: int | None,
+    profile_path: Path | None,
+    keep_experts: int | None,
+    mask_threshold: float | None,
 ) -> None:
     """Compile MODEL (.onnx) into an artifact directory computing only the selected experts."""
+    from moec.analysis.masking import choose_kept, load_profile
     from moec.build.compile import compile_model
 
+    kept = None
+    if profile_path is not None:
+        kept = choose_kept(load_profile(profile_path, model), keep_experts, mask_threshold)
+    elif keep_experts is not None or mask_threshold is not None:
+        _fail("--keep-experts and --mask-threshold need --profile PROFILE.json (from 'moec profile')")
     compile_model(
         model,
         target,
@@ -187,8 +213,11 @@ def compile(  # noqa: A001
         dump_ir=dump_ir,
         weights_precision=weights_precision,
         max_tokens=max_tokens,
+        kept_experts=kept,
         log=_progress,
     )
+    for layer, experts in (kept or {}).items():
+        click.echo(f"{layer}: kept experts {experts}")
     click.echo(f"compiled {model} for {target} -> {out_dir}")
 
 

@@ -25,7 +25,8 @@ TARGET = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_
 
 @functools.cache
 def _compiled(kind: str, config: str, schedule: CpuSchedule):
-    return tvm.compile(make_kernel(kind, json.loads(config), schedule), target=TARGET)
+    kernel = make_kernel(kind, json.loads(config), schedule).with_attr("global_symbol", kind)
+    return tvm.compile(kernel, target=TARGET)
 
 
 def _run(

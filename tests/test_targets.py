@@ -56,7 +56,9 @@ def _a72_kernel_assembly(kind: str) -> str:
     mod, _ = lower_model(import_model(load_model(EXAMPLE)), target)
     kernels = [func for _, func in mod.functions_items() if kernel_kind(func) == kind]
     assert kernels, f"no {kind} kernel in the lowered module"
-    lib = tvm.compile(tvm.IRModule({kind: kernels[0]}), target=target.tvm_target)
+    lib = tvm.compile(
+        tvm.IRModule({kind: kernels[0].with_attr("global_symbol", kind)}), target=target.tvm_target
+    )
     return lib.mod.inspect_source("s")
 
 
@@ -73,7 +75,7 @@ def test_a72_fp16_weights_are_widened_with_neon_not_a_libcall() -> None:
     """The A72 stores fp16 but computes fp32: weights convert with vector fcvtl, not __extendhfsf2."""
     target = load_target("cortex-a72")
     config = {"num_experts": 4, "hidden": 64, "ffn": 32, "top_k": 2, "weight_dtype": "float16"}
-    kernel = make_kernel("expert_down", config, target.schedule)
+    kernel = make_kernel("expert_down", config, target.schedule).with_attr("global_symbol", "expert_down")
     asm = tvm.compile(tvm.IRModule({"expert_down": kernel}), target=target.tvm_target).mod.inspect_source("s")
     assert len(re.findall(r"\bfcvtl2?\s+v\d+\.4s, v\d+\.[48]h", asm)) >= 4
     assert len(re.findall(r"\bfmla\s+v\d+\.4s", asm)) >= 4

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import tvm
 from tvm import relax
@@ -45,7 +46,11 @@ STORED_PRECISIONS = {"float32": "fp32", "float16": "fp16"}
 
 
 def build_manifest(
-    imported: ImportedModel, target: TargetSpec, model_path: Path, weights: dict[str, Any]
+    imported: ImportedModel,
+    target: TargetSpec,
+    model_path: Path,
+    weights: dict[str, Any],
+    kept_experts: dict[str, list[int]],
 ) -> dict[str, Any]:
     """The manifest: what the artifact computes and how it was built.
 
@@ -59,9 +64,16 @@ def build_manifest(
         names = layer_weight_names(block)
         entry["weights"] = {name.rsplit(".", 1)[1]: name for name in names}
         precision = STORED_PRECISIONS[str(weights[f"{layer.name}.w_up"].dtype)]
-        expert_bytes = sum(weights[name].numpy().nbytes for name in names) // layer.num_experts
+        kept = kept_experts.get(layer.name, list(range(layer.num_experts)))
+        expert_bytes = sum(weights[name].numpy().nbytes for name in names) // len(kept)
         plan = [
-            {"expert": expert, "kept": True, "precision": precision, "compute": "fp32", "bytes": expert_bytes}
+            {
+                "expert": expert,
+                "kept": expert in kept,
+                "precision": precision,
+                "compute": "fp32",
+                "bytes": expert_bytes if expert in kept else 0,
+            }
             for expert in range(layer.num_experts)
         ]
         entry["plan"] = plan
@@ -108,22 +120,27 @@ def lower_model(
     target: TargetSpec,
     dump_ir: Path | None = None,
     weights_precision: str = "fp32",
+    kept_experts: dict[str, list[int]] | None = None,
 ) -> tuple[tvm.IRModule, dict[str, list]]:
     """The Relax module moec hands to ``tvm.compile`` for ``target``, and its detached weights.
 
     This is everything target-specific that happens before TVM's own lowering: the MoE pass
     pipeline with the target file's kernel schedule. Passes may retype ``main``'s weight
-    parameters (e.g. to fp16); the weights are converted to match.
+    parameters: the weights follow (masked experts sliced away, as ``main``'s attribute
+    ``moec.expert_slices`` lists; then converted to the parameter's dtype).
     """
     mod, params = relax.frontend.detach_params(imported.to_relax())
-    mod = moe_pipeline(target.schedule, dump_ir, weights_precision)(mod)
-    num_inputs = int(mod["main"].attrs["num_input"])
+    mod = moe_pipeline(target.schedule, dump_ir, weights_precision, kept_experts)(mod)
+    main = mod["main"]
+    slices = json.loads(str(main.attrs["moec.expert_slices"])) if "moec.expert_slices" in main.attrs else {}
+    num_inputs = int(main.attrs["num_input"])
     weights = []
-    for var, value in zip(mod["main"].params[num_inputs:], params.get("main", []), strict=True):
+    for var, value in zip(main.params[num_inputs:], params.get("main", []), strict=True):
+        array = value.numpy()
+        if var.name in slices:
+            array = array[slices[var.name]]
         dtype = str(var.ty.dtype)
-        weights.append(
-            value if str(value.dtype) == dtype else tvm.runtime.tensor(value.numpy().astype(dtype))
-        )
+        weights.append(tvm.runtime.tensor(np.ascontiguousarray(array.astype(dtype, copy=False))))
     return mod, {"main": weights}
 
 
@@ -136,6 +153,7 @@ def compile_model(
     dump_ir: Path | None = None,
     weights_precision: str = "fp32",
     max_tokens: int | None = None,
+    kept_experts: dict[str, list[int]] | None = None,
     log: Callable[[str], None] = lambda _: None,
 ) -> Path:
     """Compile ``model_path`` for ``target_name`` into ``out_dir``; return ``out_dir``.
@@ -144,7 +162,8 @@ def compile_model(
     ``weights_precision`` (``fp32``/``fp16``) is how expert weight matrices are stored; the
     arithmetic stays fp32. ``max_tokens`` bounds the token dimension so intermediates are
     planned statically (:class:`moec.passes.bound_tokens.BoundTokens`); a call with more
-    tokens then fails with an error saying so. None: no bound.
+    tokens then fails with an error saying so. None: no bound. ``kept_experts`` (per layer
+    name, from :func:`moec.analysis.masking.choose_kept`) masks the other experts statically.
     """
     model_path, out_dir = Path(model_path), Path(out_dir)
     target = load_target(target_name)
@@ -153,7 +172,10 @@ def compile_model(
     log(f"loading {model_path}")
     imported = import_model(load_model(model_path))
     log(f"found {len(imported.blocks)} MoE layer(s); lifting to Relax")
-    mod, params = lower_model(imported, target, dump_ir, weights_precision)
+    unknown = sorted(set(kept_experts or {}) - {b.layer.name for b in imported.blocks})
+    if unknown:
+        raise MoecError(f"expert masking names layer(s) {', '.join(unknown)} that {model_path} does not have")
+    mod, params = lower_model(imported, target, dump_ir, weights_precision, kept_experts)
     if max_tokens is not None:
         symbols = [v.name for v in input_symbols(mod["main"])]
         if len(symbols) != 1:
@@ -176,7 +198,7 @@ def compile_model(
         executable.export_library(str(staging / LIBRARY), fcompile=fcompile)
         verify_cuda_library(staging / LIBRARY, target, mod)  # CUDA targets: cubins, not source
         tvm.runtime.save_param_dict_to_file(weights, str(staging / WEIGHTS))
-        manifest = build_manifest(imported, target, model_path, weights)
+        manifest = build_manifest(imported, target, model_path, weights, kept_experts or {})
         if cuda_info:
             manifest["cuda_build"] = cuda_info
         manifest["max_tokens"] = max_tokens

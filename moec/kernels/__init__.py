@@ -55,6 +55,9 @@ def make_kernel(kind: str, config: dict[str, Any], schedule: CpuSchedule | GpuSc
     else:
         extra = {"schedule": schedule} if kind in SCHEDULED_KERNELS else {}
         func = KERNEL_MAKERS[kind](**config, **extra)
+    # No global_symbol: the build names each kernel after its function in the module (unique per
+    # layer), where TVMScript would name every kernel of a kind alike.
+    func = func.without_attr("global_symbol") if func.attrs and "global_symbol" in func.attrs else func
     return func.with_attrs({"moec.kernel": kind, "moec.config": json.dumps(config, sort_keys=True)})
 
 

@@ -67,6 +67,7 @@ def make_gpu_route_kernel(
     scoring: str,
     normalize: bool,
     tie_break: str = "low",
+    kept: list[int] | None = None,
     *,
     schedule: GpuSchedule,
 ) -> tirx.PrimFunc:
@@ -77,7 +78,7 @@ def make_gpu_route_kernel(
     _check_schedule(schedule)
     E, K = num_experts, top_k
     B = schedule.threads_per_row * schedule.rows_per_block
-    route_token = route_token_macro(E, K, scoring, normalize, tie_break)
+    route_token = route_token_macro(E, K, scoring, normalize, tie_break, kept)
 
     @T.prim_func
     def route(logits_h: T.handle, index_h: T.handle, weight_h: T.handle):

@@ -11,19 +11,43 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 
-def route_token_macro(num_experts: int, top_k: int, scoring: str, normalize: bool, tie_break: str):
+def route_token_macro(
+    num_experts: int,
+    top_k: int,
+    scoring: str,
+    normalize: bool,
+    tie_break: str,
+    kept: list[int] | None = None,
+):
     """A TIR macro ``route_token(logits, index, weight, score, taken, acc, best, t)`` routing token
     ``t``, with local scratch ``score[E]``, ``taken[E]`` (int32), ``acc[2]``, ``best[1]`` (int32).
 
     Shared by the CPU and CUDA route kernels, which differ only in how tokens map to threads.
     ``tie_break`` picks the lowest (ONNX ``TopK``) or highest (onnxruntime's fused MoE) expert
-    index among equal scores.
+    index among equal scores. With ``kept`` (ascending expert ids; static expert masking) the
+    scores are still the router's over all ``E`` experts, but top-k is taken over the kept ones
+    only, and each selection is written as its position in ``kept`` (the masked layer's weights
+    hold only the kept experts).
     """
     if scoring not in ("softmax", "sigmoid"):
         raise ValueError(f"unknown router scoring {scoring!r}")
     prefer_high = tie_break == "high"
     use_softmax = scoring == "softmax"
     E, K = num_experts, top_k
+    kept = list(range(E)) if kept is None else sorted(kept)
+    if len(kept) < K or len(set(kept)) != len(kept) or not all(0 <= e < E for e in kept):
+        raise ValueError(f"kept experts {kept} must be {K} or more distinct ids in 0..{E - 1}")
+    masked = [e for e in range(E) if e not in kept]
+
+    def is_masked(e):
+        """1 for a masked expert id, else 0 (an int32 expression over the loop variable)."""
+        flags = [T.if_then_else(e == m, 1, 0) for m in masked]
+        return sum(flags[1:], flags[0]) if flags else T.int32(0)
+
+    def compact(e):
+        """Position of kept expert ``e`` among the kept ones: ``e`` minus the masked ids below it."""
+        below = [T.if_then_else(e > m, 1, 0) for m in masked]
+        return e - sum(below[1:], below[0]) if below else e
 
     @T.macro
     def route_token(logits, index, weight, score, taken, acc, best, t):
@@ -33,7 +57,7 @@ def route_token_macro(num_experts: int, top_k: int, scoring: str, normalize: boo
             acc[0] = T.max(acc[0], logits[t, e])
         acc[1] = T.float32(0)
         for e in range(E):
-            taken[e] = 0
+            taken[e] = is_masked(e)
             if use_softmax:
                 score[e] = T.exp(logits[t, e] - acc[0])
                 acc[1] = acc[1] + score[e]
@@ -55,7 +79,7 @@ def route_token_macro(num_experts: int, top_k: int, scoring: str, normalize: boo
                     elif not prefer_high and score[e] > score[best[0]]:
                         best[0] = e
             taken[best[0]] = 1
-            index[t, j] = best[0]
+            index[t, j] = compact(best[0])
             weight[t, j] = score[best[0]]
             acc[1] = acc[1] + score[best[0]]
         if normalize:
@@ -66,12 +90,17 @@ def route_token_macro(num_experts: int, top_k: int, scoring: str, normalize: boo
 
 
 def make_route_kernel(
-    num_experts: int, top_k: int, scoring: str, normalize: bool, tie_break: str = "low"
+    num_experts: int,
+    top_k: int,
+    scoring: str,
+    normalize: bool,
+    tie_break: str = "low",
+    kept: list[int] | None = None,
 ) -> tirx.PrimFunc:
     """PrimFunc ``route(logits[n, E]) -> (expert_index[n, k] int32, weight[n, k] float32)``, tokens
     in parallel (see :func:`route_token_macro`)."""
     E, K = num_experts, top_k
-    route_token = route_token_macro(E, K, scoring, normalize, tie_break)
+    route_token = route_token_macro(E, K, scoring, normalize, tie_break, kept)
 
     @T.prim_func
     def route(logits_h: T.handle, index_h: T.handle, weight_h: T.handle):

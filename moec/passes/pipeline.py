@@ -25,16 +25,21 @@ from moec.passes.apply_kernel_schedule import ApplyKernelSchedule
 from moec.passes.bound_tokens import BoundTokens
 from moec.passes.dump_ir import DumpIR
 from moec.passes.inline_layers import InlineLayers
+from moec.passes.mask_experts import MaskExperts
 from moec.passes.store_expert_weights import StoreExpertWeights
 from moec.schedule import CpuSchedule, GpuSchedule
 
 
 def moe_pipeline(
-    schedule: CpuSchedule | GpuSchedule, dump_dir: Path | None = None, weights_precision: str = "fp32"
+    schedule: CpuSchedule | GpuSchedule,
+    dump_dir: Path | None = None,
+    weights_precision: str = "fp32",
+    kept_experts: dict[str, list[int]] | None = None,
 ) -> tvm.transform.Pass:
     """The phases moec runs before handing the module to ``tvm.compile``.
 
     ``weights_precision``: how expert weight matrices are stored (``fp32``, ``fp16``).
+    ``kept_experts``: per layer, the experts static masking keeps (the others are removed).
     """
     phases: list[tuple[str, tvm.transform.Pass]] = [
         # Phase 1: MoE layer rewrites.
@@ -42,6 +47,7 @@ def moe_pipeline(
             "layers",
             tvm.transform.Sequential(
                 [
+                    MaskExperts(kept_experts) if kept_experts else tvm.transform.Sequential([]),
                     StoreExpertWeights(weights_precision)
                     if weights_precision != "fp32"
                     else tvm.transform.Sequential([]),

@@ -1,0 +1,64 @@
+"""Which experts to keep per layer, chosen from a router profile (static expert masking)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moec.analysis.profile import FORMAT, model_fingerprint
+from moec.errors import MoecError
+
+
+def load_profile(path: Path, model_path: Path) -> dict[str, Any]:
+    """A profile file, checked to be one and to have been made for the model at ``model_path``."""
+    try:
+        profile = json.loads(Path(path).read_text())
+    except FileNotFoundError as err:
+        raise MoecError(
+            f"{path}: no such profile; make one with 'moec profile MODEL --calib DATA -o FILE'"
+        ) from err
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise MoecError(f"{path}: not a moec profile (not readable JSON: {err})") from err
+    if not isinstance(profile, dict) or profile.get("format") != FORMAT:
+        raise MoecError(f"{path}: not a moec profile (expected format {FORMAT})")
+    if profile["model"]["sha256"] != model_fingerprint(model_path):
+        raise MoecError(
+            f"{path}: profile of a different model ({profile['model']['path']}); "
+            f"profile {model_path} with 'moec profile'"
+        )
+    return profile
+
+
+def choose_kept(
+    profile: dict[str, Any], keep_experts: int | None = None, mask_threshold: float | None = None
+) -> dict[str, list[int]]:
+    """Kept expert ids per layer: the ``keep_experts`` most used, or those routed at least
+    ``mask_threshold`` of the tokens (activation frequency); ties go to the lower id."""
+    if (keep_experts is None) == (mask_threshold is None):
+        raise MoecError("masking: pass exactly one of --keep-experts N and --mask-threshold F")
+    if mask_threshold is not None and not 0.0 <= mask_threshold <= 1.0:
+        raise MoecError(f"--mask-threshold {mask_threshold}: must be between 0 and 1 (a share of tokens)")
+    kept = {}
+    for layer in profile["layers"]:
+        frequency = np.array(layer["activation_frequency"])
+        order = np.argsort(-frequency, kind="stable")
+        if keep_experts is not None:
+            if not layer["top_k"] <= keep_experts <= layer["experts"]:
+                raise MoecError(
+                    f"--keep-experts {keep_experts}: layer {layer['name']} routes each token to "
+                    f"{layer['top_k']} of {layer['experts']} experts; keep between {layer['top_k']} "
+                    f"and {layer['experts']}"
+                )
+            chosen = order[:keep_experts]
+        else:
+            chosen = np.flatnonzero(frequency >= mask_threshold)
+            if len(chosen) < layer["top_k"]:
+                raise MoecError(
+                    f"--mask-threshold {mask_threshold}: would leave layer {layer['name']} "
+                    f"{len(chosen)} expert(s), fewer than its top-k {layer['top_k']}; lower the threshold"
+                )
+        kept[layer["name"]] = sorted(int(e) for e in chosen)
+    return kept

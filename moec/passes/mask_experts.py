@@ -1,0 +1,105 @@
+"""MaskExperts: static expert masking — masked experts are never routed to and not stored.
+
+Rewrite rules, for every MoE layer function named in ``kept`` (``{layer: kept expert ids}``):
+
+- its router kernel is remade with ``kept``: scores stay the router's over all ``E`` experts,
+  top-k is taken over the kept experts only, and selections are numbered by their position
+  among the kept ones;
+- its group and expert kernels are remade for ``len(kept)`` experts, and its weight parameters
+  (``[E, ...]``) become ``[len(kept), ...]``;
+- ``main``'s parameters that feed those slots are retyped to match and recorded in ``main``'s
+  attribute ``moec.expert_slices`` (parameter name → kept ids), from which the compile driver
+  slices the stored weights: masked experts' weights are not in the artifact.
+
+A layer not in ``kept``, or kept whole, is left as it is. Runs first in the layers phase.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import tvm
+from tvm import relax
+from tvm.relax.expr_functor import PyExprVisitor, visitor
+
+from moec.kernels import kernel_kind, make_kernel
+from moec.passes.signature import OutTypeFix, called_kernels, is_layer, main_param_types, rebuild
+from moec.schedule import CpuSchedule
+
+LAYER_KERNELS = ("route", "group", "expert_up", "expert_down")
+
+
+@tvm.transform.module_pass(opt_level=0, name="MaskExperts")
+class MaskExperts:
+    """Keep only ``kept[layer]`` experts of each named layer; ``changed`` lists the layers."""
+
+    def __init__(self, kept: dict[str, list[int]]) -> None:
+        self.kept = {name: sorted(ids) for name, ids in kept.items()}
+        self.changed: list[str] = []
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        self.changed = []
+        layers = {}
+        kernels: dict[str, tvm.tirx.PrimFunc] = {}
+        slices: dict[str, dict[int, list[int]]] = {}
+        out_types: dict[str, OutTypeFix] = {}
+        for gvar, func in mod.functions_items():
+            name = gvar.name_hint
+            if not is_layer(func) or name not in self.kept:
+                continue
+            experts = json.loads(str(func.attrs["moec.layer"]))["experts"]
+            kept = self.kept[name]
+            if len(kept) == experts:
+                continue
+            types = {
+                i: relax.TensorType([len(kept), *list(p.ty.shape)[1:]], p.ty.dtype)
+                for i, p in enumerate(func.params[2:], start=2)
+            }
+            names = {}
+            for kernel in called_kernels(mod, func, LAYER_KERNELS):
+                kind = kernel_kind(mod[kernel])
+                config = json.loads(str(mod[kernel].attrs["moec.config"]))
+                config |= {"kept": kept} if kind == "route" else {"num_experts": len(kept)}
+                names[kernel.name_hint] = f"{name}_{kind}_masked"
+                kernels[names[kernel.name_hint]] = make_kernel(kind, config, CpuSchedule())
+                if kind == "group":  # offsets: one per kept expert, plus the end
+                    out_types[names[kernel.name_hint]] = functools.partial(_group_outputs, len(kept))
+            layers[name] = (func, types, names)
+            slices[name] = dict.fromkeys(types, kept)
+        main_types = (
+            main_param_types(mod["main"], {n: t for n, (_, t, _) in layers.items()}) if layers else None
+        )
+        if main_types is None:
+            return mod
+        expert_slices = {
+            var.name: self.kept[layer] for var, layer in _layer_arguments(mod["main"], slices).items()
+        }
+        attrs = {"moec.expert_slices": json.dumps(expert_slices)}
+        updated = rebuild(mod, kernels, layers, main_types, attrs, out_types)
+        self.changed = sorted(layers)
+        return updated
+
+
+def _layer_arguments(main: relax.Function, slots: dict[str, dict[int, list[int]]]) -> dict[relax.Var, str]:
+    """``main``'s parameters passed to the given slots of layer calls, with the layer's name."""
+    params = set(main.params)
+    found: dict[relax.Var, str] = {}
+
+    @visitor
+    class _Calls(PyExprVisitor):
+        def visit_call_(self, call: relax.Call) -> None:
+            layer = getattr(call.op, "name_hint", "")
+            for i in slots.get(layer, {}):
+                if call.args[i] in params:
+                    found[call.args[i]] = layer
+            super().visit_call_(call)
+
+    _Calls().visit_expr(main.body)
+    return found
+
+
+def _group_outputs(experts: int, declared: relax.TupleType) -> list[relax.TensorType]:
+    """The group kernel's outputs for ``experts`` experts: ``offset[experts + 1]``, then the
+    per-pair outputs as declared."""
+    return [relax.TensorType([experts + 1], "int32"), *list(declared.fields)[1:]]

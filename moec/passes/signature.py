@@ -1,0 +1,159 @@
+"""Helpers for passes that change the types of MoE layer weights (precision, expert masking).
+
+A Relax ``GlobalVar`` carries its function's signature, so a pass that retypes a layer
+function's parameters adds the function afresh under a new ``GlobalVar`` and points callers
+at it; ``main``'s parameters that feed the retyped slots are retyped to match, so the artifact
+stores the weights in their new form.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import tvm
+from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, PyExprVisitor, mutator, visitor
+
+from moec.kernels import kernel_kind
+
+ParamTypes = dict[int, relax.TensorType]
+"""New types of a function's parameters, by parameter position."""
+
+OutTypeFix = Callable[[relax.Type], relax.Type]
+"""The output type a ``call_tir`` of a remade kernel declares, from the one it declared."""
+
+
+@mutator
+class _Substitute(PyExprMutator):
+    """Substitutes variables and callees (used to retype parameters and retarget calls)."""
+
+    def __init__(
+        self,
+        remap: dict[relax.Var, relax.Var],
+        callees: dict[str, tvm.ir.GlobalVar],
+        mod: tvm.IRModule | None = None,
+        out_types: dict[str, OutTypeFix] | None = None,
+    ) -> None:
+        super().__init__(mod)
+        self.remap, self.callees, self.out_types = remap, callees, out_types or {}
+
+    def visit_var_(self, var: relax.Var) -> relax.Expr:
+        return self.remap[var] if var in self.remap else super().visit_var_(var)
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        new = super().visit_call_(call)
+        if new.op == tvm.ir.Op.get("relax.call_tir") and new.args[0].name_hint in self.out_types:
+            fix = self.out_types[new.args[0].name_hint]
+            return relax.call_tir(new.args[0], new.args[1], fix(new.ty_args[0]))
+        return new
+
+    def visit_global_var_(self, gvar: tvm.ir.GlobalVar) -> relax.Expr:
+        return self.callees.get(gvar.name_hint, gvar)
+
+
+@visitor
+class _CountVarUses(PyExprVisitor):
+    def __init__(self) -> None:
+        super().__init__()
+        self.uses: Counter = Counter()
+
+    def visit_var_(self, var: relax.Var) -> None:
+        self.uses[var] += 1
+
+
+def is_layer(func: object) -> bool:
+    """Whether ``func`` is an MoE layer function (attribute ``moec.layer``)."""
+    return isinstance(func, relax.Function) and func.attrs is not None and "moec.layer" in func.attrs
+
+
+def retype_params(
+    func: relax.Function,
+    types: ParamTypes,
+    callees: dict[str, tvm.ir.GlobalVar] | None = None,
+    mod: tvm.IRModule | None = None,
+    out_types: dict[str, OutTypeFix] | None = None,
+) -> relax.Function:
+    """``func`` with parameter ``i`` of type ``types[i]``, uses substituted, and calls to the
+    functions named in ``callees`` made through those (retyped) GlobalVars of ``mod``; a
+    ``call_tir`` of a kernel named in ``out_types`` declares that output type instead."""
+    remap = {func.params[i]: relax.Var(func.params[i].name, ty) for i, ty in types.items()}
+    body = _Substitute(remap, callees or {}, mod, out_types).visit_expr(func.body)
+    params = [remap.get(p, p) for p in func.params]
+    return relax.Function(params, body, func.ret_ty, func.is_pure, func.attrs, func.span)
+
+
+def called_kernels(mod: tvm.IRModule, func: relax.Function, kinds: tuple[str, ...]) -> list[tvm.ir.GlobalVar]:
+    """The moec kernels of the given kinds that ``func`` calls through ``call_tir``."""
+    found: list[tvm.ir.GlobalVar] = []
+
+    @visitor
+    class _Calls(PyExprVisitor):
+        def visit_call_(self, call: relax.Call) -> None:
+            if call.op == tvm.ir.Op.get("relax.call_tir"):
+                callee = call.args[0]
+                if kernel_kind(mod[callee]) in kinds and callee not in found:
+                    found.append(callee)
+            super().visit_call_(call)
+
+    _Calls().visit_expr(func.body)
+    return found
+
+
+def main_param_types(main: relax.Function, retyped: dict[str, ParamTypes]) -> ParamTypes | None:
+    """New types of ``main``'s parameters that feed retyped layer slots, by parameter index.
+
+    None when some slot is fed by anything but a parameter used only there (a weight shared
+    with another op, or computed at run time): the pass should then change nothing, as a
+    kernel may be shared between layers.
+    """
+    counter = _CountVarUses()
+    counter.visit_expr(main.body)
+    position = {p: i for i, p in enumerate(main.params)}
+    types: ParamTypes = {}
+    exclusive = True
+
+    @visitor
+    class _LayerCalls(PyExprVisitor):
+        def visit_call_(self, call: relax.Call) -> None:
+            nonlocal exclusive
+            for i, ty in retyped.get(getattr(call.op, "name_hint", ""), {}).items():
+                arg = call.args[i]
+                if arg in position and counter.uses[arg] == 1:
+                    types[position[arg]] = ty
+                else:
+                    exclusive = False
+            super().visit_call_(call)
+
+    _LayerCalls().visit_expr(main.body)
+    return types if exclusive else None
+
+
+def rebuild(
+    mod: tvm.IRModule,
+    kernels: dict[str, tvm.tirx.PrimFunc],
+    layers: dict[str, tuple[relax.Function, ParamTypes, dict[str, str]]],
+    main_types: ParamTypes,
+    main_attrs: dict[str, Any] | None = None,
+    out_types: dict[str, OutTypeFix] | None = None,
+) -> tvm.IRModule:
+    """``mod`` with ``kernels`` added (replacing functions of the same name), each layer function
+    retyped (``layers[name] = (function, parameter types, {old kernel name: new kernel name}``;
+    ``out_types`` by new kernel name where a kernel's outputs change; a fix must depend only on
+    the kernel, as structurally equal kernels are added once), and ``main`` retyped to
+    match (with extra attributes)."""
+    replaced = layers.keys() | kernels.keys()
+    kept = {gv: f for gv, f in mod.functions_items() if gv.name_hint not in replaced}
+    builder = relax.BlockBuilder(tvm.IRModule(kept, attrs=mod.attrs))
+    kernel_vars = {name: builder.add_func(func, name) for name, func in kernels.items()}
+    layer_vars = {}
+    for name, (func, types, kernel_names) in layers.items():
+        callees = {old: kernel_vars[new] for old, new in kernel_names.items()}
+        layer_vars[name] = builder.add_func(retype_params(func, types, callees, None, out_types), name)
+    updated = builder.get()
+    main = retype_params(updated["main"], main_types, layer_vars, updated)
+    for key, value in (main_attrs or {}).items():
+        main = main.with_attr(key, value)
+    updated["main"] = main
+    return relax.transform.DeadCodeElimination(["main"])(updated)
