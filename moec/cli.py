@@ -183,6 +183,12 @@ def main() -> None:
     type=float,
     help="With --profile: keep the experts routed at least this share of the tokens (0..1).",
 )
+@click.option(
+    "--prune-ratio",
+    type=float,
+    help="With --profile: drop this share (0..1) of every expert's intermediate channels, those "
+    "contributing least on the calibration data; they are not stored.",
+)
 @user_errors
 def compile(  # noqa: A001
     model: Path,
@@ -195,16 +201,26 @@ def compile(  # noqa: A001
     profile_path: Path | None,
     keep_experts: int | None,
     mask_threshold: float | None,
+    prune_ratio: float | None,
 ) -> None:
     """Compile MODEL (.onnx) into an artifact directory computing only the selected experts."""
-    from moec.analysis.masking import choose_kept, load_profile
+    from moec.analysis.masking import choose_channels, choose_kept, load_profile
     from moec.build.compile import compile_model
 
-    kept = None
+    kept, channels = None, None
     if profile_path is not None:
-        kept = choose_kept(load_profile(profile_path, model), keep_experts, mask_threshold)
-    elif keep_experts is not None or mask_threshold is not None:
-        _fail("--keep-experts and --mask-threshold need --profile PROFILE.json (from 'moec profile')")
+        profile = load_profile(profile_path, model)
+        if keep_experts is not None or mask_threshold is not None:
+            kept = choose_kept(profile, keep_experts, mask_threshold)
+        if prune_ratio is not None:
+            channels = choose_channels(profile, prune_ratio, kept)
+        if kept is None and channels is None:
+            _fail("--profile needs --keep-experts, --mask-threshold or --prune-ratio to act on")
+    elif keep_experts is not None or mask_threshold is not None or prune_ratio is not None:
+        _fail(
+            "--keep-experts, --mask-threshold and --prune-ratio need --profile PROFILE.json "
+            "(from 'moec profile')"
+        )
     compile_model(
         model,
         target,
@@ -214,10 +230,13 @@ def compile(  # noqa: A001
         weights_precision=weights_precision,
         max_tokens=max_tokens,
         kept_experts=kept,
+        kept_channels=channels,
         log=_progress,
     )
     for layer, experts in (kept or {}).items():
         click.echo(f"{layer}: kept experts {experts}")
+    for layer, per_expert in (channels or {}).items():
+        click.echo(f"{layer}: kept {len(per_expert[0])} intermediate channels per expert")
     click.echo(f"compiled {model} for {target} -> {out_dir}")
 
 

@@ -1,4 +1,5 @@
-"""Which experts to keep per layer, chosen from a router profile (static expert masking)."""
+"""What to keep, chosen from a router profile: experts per layer (static expert masking) and
+intermediate channels per expert (structured pruning)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,10 @@ def load_profile(path: Path, model_path: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise MoecError(f"{path}: not a moec profile (not readable JSON: {err})") from err
     if not isinstance(profile, dict) or profile.get("format") != FORMAT:
-        raise MoecError(f"{path}: not a moec profile (expected format {FORMAT})")
+        raise MoecError(
+            f"{path}: not a moec profile of this version (expected format {FORMAT}); "
+            "make it again with 'moec profile'"
+        )
     if profile["model"]["sha256"] != model_fingerprint(model_path):
         raise MoecError(
             f"{path}: profile of a different model ({profile['model']['path']}); "
@@ -61,4 +65,27 @@ def choose_kept(
                     f"{len(chosen)} expert(s), fewer than its top-k {layer['top_k']}; lower the threshold"
                 )
         kept[layer["name"]] = sorted(int(e) for e in chosen)
+    return kept
+
+
+def choose_channels(
+    profile: dict[str, Any], prune_ratio: float, kept_experts: dict[str, list[int]] | None = None
+) -> dict[str, list[list[int]]]:
+    """Per layer and kept expert, the intermediate channels to keep: all but the ``prune_ratio``
+    share with the least contribution on the calibration data (the same count for every expert)."""
+    if not 0.0 <= prune_ratio < 1.0:
+        raise MoecError(
+            f"--prune-ratio {prune_ratio}: must be at least 0 and below 1 (the share of channels dropped)"
+        )
+    kept = {}
+    for layer in profile["layers"]:
+        contribution = np.array(layer["channel_contribution"])
+        ffn = contribution.shape[1]
+        width = ffn - int(round(ffn * prune_ratio))
+        if width < 1:
+            raise MoecError(f"--prune-ratio {prune_ratio}: would leave layer {layer['name']} no channel")
+        experts = (kept_experts or {}).get(layer["name"], range(layer["experts"]))
+        kept[layer["name"]] = [
+            sorted(int(c) for c in np.argsort(-contribution[e], kind="stable")[:width]) for e in experts
+        ]
     return kept

@@ -2,8 +2,9 @@
 
 Per layer: how often each expert is selected (activation frequency) and how much routing weight
 it receives (weight mass), which experts are selected together for the same token (the
-co-activation graph, a :mod:`networkx` graph with pair counts as edge weights), and how sure the
-router is (the distribution of each token's top-1 weight). Later passes read it to mask, prune
+co-activation graph, a :mod:`networkx` graph with pair counts as edge weights), how sure the
+router is (the distribution of each token's top-1 weight), and how much each expert's
+intermediate channels contribute to its output (for structured pruning). Later passes read it to mask, prune
 and lay out experts; the model's sha256 ties a profile to the model it was made for.
 
 The routing comes from the numpy reference (the canonical layers of the model run by the ONNX
@@ -23,9 +24,10 @@ import onnx
 
 from moec.errors import MoecError
 from moec.frontend.layer import MoELayer
+from moec.reference.canonical import expert_hidden
 from moec.reference.stored import canonical_evaluator
 
-FORMAT = "moec-profile/1"
+FORMAT = "moec-profile/2"
 CONFIDENCE_BINS = 10
 
 
@@ -40,8 +42,16 @@ class _LayerStats:
         self.pairs = np.zeros((layer.num_experts, layer.num_experts), np.int64)
         self.top1 = np.zeros(CONFIDENCE_BINS, np.int64)
         self.top1_sum = 0.0
+        self.channels = np.zeros((layer.num_experts, layer.ffn), np.float64)
 
-    def add(self, index: np.ndarray, weight: np.ndarray) -> None:
+    def add(self, layer: MoELayer, x: np.ndarray, index: np.ndarray, weight: np.ndarray) -> None:
+        """Count one run's routing, and each expert's intermediate channels' contribution to its
+        output on the tokens it got: routing weight x |activation| x norm of the down column."""
+        for expert in np.unique(index):
+            rows, slots = np.nonzero(index == expert)
+            hidden = expert_hidden(layer, int(expert), x[rows].astype(np.float64))
+            column_norms = np.linalg.norm(layer.w_down[expert].astype(np.float64), axis=0)
+            self.channels[expert] += (weight[rows, slots, None] * np.abs(hidden)).sum(axis=0) * column_norms
         experts = self.layer.num_experts
         self.tokens += index.shape[0]
         np.add.at(self.counts, index.reshape(-1), 1)
@@ -81,6 +91,9 @@ class _LayerStats:
                     "counts": self.top1.tolist(),
                 },
             },
+            # Per expert, per intermediate channel: mean contribution to the layer output per token
+            # (structured pruning drops the smallest).
+            "channel_contribution": (self.channels / tokens).round(8).tolist(),
         }
 
 
@@ -116,8 +129,8 @@ def profile_model(
     """The profile (JSON-ready) of ``model``'s routers over ``samples``."""
     stats: list[_LayerStats] = []
 
-    def on_route(layer: int, index: np.ndarray, weight: np.ndarray) -> None:
-        stats[layer].add(index, weight)
+    def on_route(layer: int, spec: MoELayer, x: np.ndarray, index: np.ndarray, weight: np.ndarray) -> None:
+        stats[layer].add(spec, x, index, weight)
 
     evaluator, layers = canonical_evaluator(model, on_route=on_route)
     stats.extend(_LayerStats(layer) for layer in layers)

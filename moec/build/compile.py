@@ -121,24 +121,32 @@ def lower_model(
     dump_ir: Path | None = None,
     weights_precision: str = "fp32",
     kept_experts: dict[str, list[int]] | None = None,
+    kept_channels: dict[str, list[list[int]]] | None = None,
 ) -> tuple[tvm.IRModule, dict[str, list]]:
     """The Relax module moec hands to ``tvm.compile`` for ``target``, and its detached weights.
 
     This is everything target-specific that happens before TVM's own lowering: the MoE pass
     pipeline with the target file's kernel schedule. Passes may retype ``main``'s weight
-    parameters: the weights follow (masked experts sliced away, as ``main``'s attribute
-    ``moec.expert_slices`` lists; then converted to the parameter's dtype).
+    parameters: the weights follow (masked experts and pruned channels sliced away, as ``main``'s
+    attributes ``moec.expert_slices`` / ``moec.channel_slices`` list; then converted to the
+    parameter's dtype).
     """
     mod, params = relax.frontend.detach_params(imported.to_relax())
-    mod = moe_pipeline(target.schedule, dump_ir, weights_precision, kept_experts)(mod)
+    mod = moe_pipeline(target.schedule, dump_ir, weights_precision, kept_experts, kept_channels)(mod)
     main = mod["main"]
     slices = json.loads(str(main.attrs["moec.expert_slices"])) if "moec.expert_slices" in main.attrs else {}
+    channels = (
+        json.loads(str(main.attrs["moec.channel_slices"])) if "moec.channel_slices" in main.attrs else {}
+    )
     num_inputs = int(main.attrs["num_input"])
     weights = []
     for var, value in zip(main.params[num_inputs:], params.get("main", []), strict=True):
         array = value.numpy()
         if var.name in slices:
             array = array[slices[var.name]]
+        if var.name in channels:
+            axis, kept = channels[var.name]
+            array = np.stack([np.take(array[e], ids, axis=axis - 1) for e, ids in enumerate(kept)])
         dtype = str(var.ty.dtype)
         weights.append(tvm.runtime.tensor(np.ascontiguousarray(array.astype(dtype, copy=False))))
     return mod, {"main": weights}
@@ -154,6 +162,7 @@ def compile_model(
     weights_precision: str = "fp32",
     max_tokens: int | None = None,
     kept_experts: dict[str, list[int]] | None = None,
+    kept_channels: dict[str, list[list[int]]] | None = None,
     log: Callable[[str], None] = lambda _: None,
 ) -> Path:
     """Compile ``model_path`` for ``target_name`` into ``out_dir``; return ``out_dir``.
@@ -163,7 +172,8 @@ def compile_model(
     arithmetic stays fp32. ``max_tokens`` bounds the token dimension so intermediates are
     planned statically (:class:`moec.passes.bound_tokens.BoundTokens`); a call with more
     tokens then fails with an error saying so. None: no bound. ``kept_experts`` (per layer
-    name, from :func:`moec.analysis.masking.choose_kept`) masks the other experts statically.
+    name, from :func:`moec.analysis.masking.choose_kept`) masks the other experts statically;
+    ``kept_channels`` (per layer, per kept expert) prunes the other intermediate channels.
     """
     model_path, out_dir = Path(model_path), Path(out_dir)
     target = load_target(target_name)
@@ -172,10 +182,13 @@ def compile_model(
     log(f"loading {model_path}")
     imported = import_model(load_model(model_path))
     log(f"found {len(imported.blocks)} MoE layer(s); lifting to Relax")
-    unknown = sorted(set(kept_experts or {}) - {b.layer.name for b in imported.blocks})
+    named = set(kept_experts or {}) | set(kept_channels or {})
+    unknown = sorted(named - {b.layer.name for b in imported.blocks})
     if unknown:
-        raise MoecError(f"expert masking names layer(s) {', '.join(unknown)} that {model_path} does not have")
-    mod, params = lower_model(imported, target, dump_ir, weights_precision, kept_experts)
+        raise MoecError(
+            f"masking/pruning names layer(s) {', '.join(unknown)} that {model_path} does not have"
+        )
+    mod, params = lower_model(imported, target, dump_ir, weights_precision, kept_experts, kept_channels)
     if max_tokens is not None:
         symbols = [v.name for v in input_symbols(mod["main"])]
         if len(symbols) != 1:
@@ -199,6 +212,10 @@ def compile_model(
         verify_cuda_library(staging / LIBRARY, target, mod)  # CUDA targets: cubins, not source
         tvm.runtime.save_param_dict_to_file(weights, str(staging / WEIGHTS))
         manifest = build_manifest(imported, target, model_path, weights, kept_experts or {})
+        manifest["pruning"] = {
+            layer: {"ffn_kept": len(channels[0]), "channels": channels}
+            for layer, channels in (kept_channels or {}).items()
+        }
         if cuda_info:
             manifest["cuda_build"] = cuda_info
         manifest["max_tokens"] = max_tokens

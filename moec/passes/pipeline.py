@@ -26,6 +26,7 @@ from moec.passes.bound_tokens import BoundTokens
 from moec.passes.dump_ir import DumpIR
 from moec.passes.inline_layers import InlineLayers
 from moec.passes.mask_experts import MaskExperts
+from moec.passes.prune_channels import PruneChannels
 from moec.passes.store_expert_weights import StoreExpertWeights
 from moec.schedule import CpuSchedule, GpuSchedule
 
@@ -35,11 +36,13 @@ def moe_pipeline(
     dump_dir: Path | None = None,
     weights_precision: str = "fp32",
     kept_experts: dict[str, list[int]] | None = None,
+    kept_channels: dict[str, list[list[int]]] | None = None,
 ) -> tvm.transform.Pass:
     """The phases moec runs before handing the module to ``tvm.compile``.
 
     ``weights_precision``: how expert weight matrices are stored (``fp32``, ``fp16``).
     ``kept_experts``: per layer, the experts static masking keeps (the others are removed).
+    ``kept_channels``: per layer and kept expert, the intermediate channels pruning keeps.
     """
     phases: list[tuple[str, tvm.transform.Pass]] = [
         # Phase 1: MoE layer rewrites.
@@ -48,6 +51,7 @@ def moe_pipeline(
             tvm.transform.Sequential(
                 [
                     MaskExperts(kept_experts) if kept_experts else tvm.transform.Sequential([]),
+                    PruneChannels(kept_channels) if kept_channels else tvm.transform.Sequential([]),
                     StoreExpertWeights(weights_precision)
                     if weights_precision != "fp32"
                     else tvm.transform.Sequential([]),

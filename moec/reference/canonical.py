@@ -49,8 +49,9 @@ def route(layer: MoELayer, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return index, weight
 
 
-def expert_ffn(layer: MoELayer, expert: int, x: np.ndarray) -> np.ndarray:
-    """One expert's FFN on rows ``x`` ``[m, H]`` (float64)."""
+def expert_hidden(layer: MoELayer, expert: int, x: np.ndarray) -> np.ndarray:
+    """One expert's intermediate activations ``[m, F]`` on rows ``x`` ``[m, H]`` (float64): what
+    its down projection reads."""
 
     def linear(w, b):
         out = x @ w[expert].astype(np.float64).T
@@ -59,10 +60,13 @@ def expert_ffn(layer: MoELayer, expert: int, x: np.ndarray) -> np.ndarray:
     up = linear(layer.w_up, layer.b_up)
     if layer.gated:
         gate = np.minimum(linear(layer.w_gate, layer.b_gate), layer.limit)
-        h = _activation(layer, gate) * (np.clip(up, -layer.limit, layer.limit) + layer.beta)
-    else:
-        h = _activation(layer, up)
-    out = h @ layer.w_down[expert].astype(np.float64).T
+        return _activation(layer, gate) * (np.clip(up, -layer.limit, layer.limit) + layer.beta)
+    return _activation(layer, up)
+
+
+def expert_ffn(layer: MoELayer, expert: int, x: np.ndarray) -> np.ndarray:
+    """One expert's FFN on rows ``x`` ``[m, H]`` (float64)."""
+    out = expert_hidden(layer, expert, x) @ layer.w_down[expert].astype(np.float64).T
     return out if layer.b_down is None else out + layer.b_down[expert]
 
 

@@ -30,8 +30,9 @@ STORAGE_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 MATRIX_ROLES = ("w_up", "w_gate", "w_down")
 
 
-RouteHook = Callable[[int, np.ndarray, np.ndarray], None]
-"""Called per MoE layer run with (layer index, expert indices ``[n, k]``, weights ``[n, k]``)."""
+RouteHook = Callable[[int, MoELayer, np.ndarray, np.ndarray, np.ndarray], None]
+"""Called per MoE layer run with (layer index, the layer, its tokens ``[n, H]``, expert indices
+``[n, k]``, routing weights ``[n, k]``)."""
 
 
 def _layer_op(layers: list[MoELayer], on_route: RouteHook | None = None) -> type[OpRun]:
@@ -44,9 +45,10 @@ def _layer_op(layers: list[MoELayer], on_route: RouteHook | None = None) -> type
         roles = [r for r in WEIGHT_ROLES if spec.gated or r not in ("w_gate", "b_gate")]
         current = dataclasses.replace(spec, **dict(zip(roles, weights, strict=True)))
         flat_logits = logits.reshape(-1, spec.num_experts)
+        flat_x = x.reshape(-1, spec.hidden)
         if on_route is not None:
-            on_route(int(layer), *route(current, flat_logits))
-        flat = moe_forward(current, x.reshape(-1, spec.hidden), flat_logits)
+            on_route(int(layer), current, flat_x, *route(current, flat_logits))
+        flat = moe_forward(current, flat_x, flat_logits)
         return (flat.reshape(x.shape),)
 
     return type(LAYER_OP, (OpRun,), {"op_domain": LAYER_DOMAIN, "_run": _run})
