@@ -189,6 +189,17 @@ def main() -> None:
     help="With --profile: drop this share (0..1) of every expert's intermediate channels, those "
     "contributing least on the calibration data; they are not stored.",
 )
+@click.option(
+    "--skip-top1-above",
+    type=float,
+    help="Early exit: a token whose top-1 routing weight exceeds this (0..1] skips its other experts.",
+)
+@click.option(
+    "--skip-below-fraction",
+    type=float,
+    help="Early exit: skip a token's expert whose routing weight is below this fraction of its "
+    "top-1 expert's weight.",
+)
 @user_errors
 def compile(  # noqa: A001
     model: Path,
@@ -202,6 +213,8 @@ def compile(  # noqa: A001
     keep_experts: int | None,
     mask_threshold: float | None,
     prune_ratio: float | None,
+    skip_top1_above: float | None,
+    skip_below_fraction: float | None,
 ) -> None:
     """Compile MODEL (.onnx) into an artifact directory computing only the selected experts."""
     from moec.analysis.masking import choose_channels, choose_kept, load_profile
@@ -231,6 +244,11 @@ def compile(  # noqa: A001
         max_tokens=max_tokens,
         kept_experts=kept,
         kept_channels=channels,
+        early_exit=(
+            {"top1_above": skip_top1_above, "below_fraction": skip_below_fraction}
+            if skip_top1_above is not None or skip_below_fraction is not None
+            else None
+        ),
         log=_progress,
     )
     for layer, experts in (kept or {}).items():

@@ -122,6 +122,7 @@ def lower_model(
     weights_precision: str = "fp32",
     kept_experts: dict[str, list[int]] | None = None,
     kept_channels: dict[str, list[list[int]]] | None = None,
+    early_exit: dict[str, float] | None = None,
 ) -> tuple[tvm.IRModule, dict[str, list]]:
     """The Relax module moec hands to ``tvm.compile`` for ``target``, and its detached weights.
 
@@ -132,7 +133,9 @@ def lower_model(
     parameter's dtype).
     """
     mod, params = relax.frontend.detach_params(imported.to_relax())
-    mod = moe_pipeline(target.schedule, dump_ir, weights_precision, kept_experts, kept_channels)(mod)
+    mod = moe_pipeline(target.schedule, dump_ir, weights_precision, kept_experts, kept_channels, early_exit)(
+        mod
+    )
     main = mod["main"]
     slices = json.loads(str(main.attrs["moec.expert_slices"])) if "moec.expert_slices" in main.attrs else {}
     channels = (
@@ -163,6 +166,7 @@ def compile_model(
     max_tokens: int | None = None,
     kept_experts: dict[str, list[int]] | None = None,
     kept_channels: dict[str, list[list[int]]] | None = None,
+    early_exit: dict[str, float] | None = None,
     log: Callable[[str], None] = lambda _: None,
 ) -> Path:
     """Compile ``model_path`` for ``target_name`` into ``out_dir``; return ``out_dir``.
@@ -174,6 +178,7 @@ def compile_model(
     tokens then fails with an error saying so. None: no bound. ``kept_experts`` (per layer
     name, from :func:`moec.analysis.masking.choose_kept`) masks the other experts statically;
     ``kept_channels`` (per layer, per kept expert) prunes the other intermediate channels.
+    ``early_exit`` (``top1_above`` / ``below_fraction``) skips a confident token's other experts.
     """
     model_path, out_dir = Path(model_path), Path(out_dir)
     target = load_target(target_name)
@@ -188,7 +193,16 @@ def compile_model(
         raise MoecError(
             f"masking/pruning names layer(s) {', '.join(unknown)} that {model_path} does not have"
         )
-    mod, params = lower_model(imported, target, dump_ir, weights_precision, kept_experts, kept_channels)
+    if early_exit:
+        for key, value in early_exit.items():
+            if value is not None and not 0.0 < value <= 1.0:
+                option = "--skip-top1-above" if key == "top1_above" else "--skip-below-fraction"
+                raise MoecError(
+                    f"{option} {value}: must be in (0, 1] (a routing weight or a fraction of one)"
+                )
+    mod, params = lower_model(
+        imported, target, dump_ir, weights_precision, kept_experts, kept_channels, early_exit
+    )
     if max_tokens is not None:
         symbols = [v.name for v in input_symbols(mod["main"])]
         if len(symbols) != 1:
@@ -212,6 +226,7 @@ def compile_model(
         verify_cuda_library(staging / LIBRARY, target, mod)  # CUDA targets: cubins, not source
         tvm.runtime.save_param_dict_to_file(weights, str(staging / WEIGHTS))
         manifest = build_manifest(imported, target, model_path, weights, kept_experts or {})
+        manifest["early_exit"] = early_exit or {}
         manifest["pruning"] = {
             layer: {"ffn_kept": len(channels[0]), "channels": channels}
             for layer, channels in (kept_channels or {}).items()

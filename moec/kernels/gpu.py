@@ -68,6 +68,8 @@ def make_gpu_route_kernel(
     normalize: bool,
     tie_break: str = "low",
     kept: list[int] | None = None,
+    skip_top1_above: float | None = None,
+    skip_below_fraction: float | None = None,
     *,
     schedule: GpuSchedule,
 ) -> tirx.PrimFunc:
@@ -78,7 +80,9 @@ def make_gpu_route_kernel(
     _check_schedule(schedule)
     E, K = num_experts, top_k
     B = schedule.threads_per_row * schedule.rows_per_block
-    route_token = route_token_macro(E, K, scoring, normalize, tie_break, kept)
+    route_token = route_token_macro(
+        E, K, scoring, normalize, tie_break, kept, skip_top1_above, skip_below_fraction
+    )
 
     @T.prim_func
     def route(logits_h: T.handle, index_h: T.handle, weight_h: T.handle):
@@ -144,8 +148,11 @@ def make_gpu_group_kernel(num_experts: int, top_k: int, *, schedule: GpuSchedule
                                 token[cursor[0]] = T.Cast("int32", t)
                                 gain[cursor[0]] = weight[t, j]
                                 cursor[0] = cursor[0] + 1
-                if bx * B + tx == 0:
-                    offset[E] = T.Cast("int32", n * K)
+                if bx * B + tx == 0:  # pairs of skipped slots (index E) are not grouped
+                    cursor[0] = 0
+                    for e in range(E):
+                        cursor[0] = cursor[0] + count[e]
+                    offset[E] = cursor[0]
 
     return _unnamed(group)
 

@@ -15,7 +15,8 @@ def make_group_kernel(num_experts: int, top_k: int) -> tirx.PrimFunc:
     """PrimFunc ``group(index[n, k], weight[n, k]) -> (offset[E+1], token[n*k], gain[n*k])``.
 
     Rows ``offset[e] .. offset[e+1]`` of ``token``/``gain`` are the tokens routed to expert
-    ``e`` and their routing weights, in token order.
+    ``e`` and their routing weights, in token order. Slots the router skipped (index ``E``)
+    sort after ``offset[E]``, where no expert kernel reads.
     """
     E, K = num_experts, top_k
 
@@ -28,12 +29,12 @@ def make_group_kernel(num_experts: int, top_k: int) -> tirx.PrimFunc:
         offset = T.match_buffer(offset_h, (E + 1,), "int32")
         token = T.match_buffer(token_h, (n * K,), "int32")
         gain = T.match_buffer(gain_h, (n * K,), "float32")
-        cursor = T.alloc_buffer((E + 1,), "int32", scope="local")
-        for e in range(E + 1):
+        cursor = T.alloc_buffer((E + 2,), "int32", scope="local")
+        for e in range(E + 2):
             cursor[e] = 0
         for t, j in T.grid(n, K):
             cursor[index[t, j] + 1] = cursor[index[t, j] + 1] + 1
-        for e in range(E):
+        for e in range(E + 1):
             cursor[e + 1] = cursor[e + 1] + cursor[e]
         for e in range(E + 1):
             offset[e] = cursor[e]

@@ -18,6 +18,8 @@ def route_token_macro(
     normalize: bool,
     tie_break: str,
     kept: list[int] | None = None,
+    skip_top1_above: float | None = None,
+    skip_below_fraction: float | None = None,
 ):
     """A TIR macro ``route_token(logits, index, weight, score, taken, acc, best, t)`` routing token
     ``t``, with local scratch ``score[E]``, ``taken[E]`` (int32), ``acc[2]``, ``best[1]`` (int32).
@@ -28,6 +30,11 @@ def route_token_macro(
     scores are still the router's over all ``E`` experts, but top-k is taken over the kept ones
     only, and each selection is written as its position in ``kept`` (the masked layer's weights
     hold only the kept experts).
+
+    Early exit: slots after the first are skipped (index ``len(kept)``, weight 0: no expert
+    computes them) when the top-1 weight exceeds ``skip_top1_above``, or, each, when their
+    weight is below ``skip_below_fraction`` of the top-1 weight. With renormalisation the
+    weights left are renormalised over the experts still computed.
     """
     if scoring not in ("softmax", "sigmoid"):
         raise ValueError(f"unknown router scoring {scoring!r}")
@@ -38,6 +45,10 @@ def route_token_macro(
     if len(kept) < K or len(set(kept)) != len(kept) or not all(0 <= e < E for e in kept):
         raise ValueError(f"kept experts {kept} must be {K} or more distinct ids in 0..{E - 1}")
     masked = [e for e in range(E) if e not in kept]
+    skipping = skip_top1_above is not None or skip_below_fraction is not None
+    # thresholds that never trigger stand in for an absent rule (weights are at most 1)
+    top1_limit = T.float32(2.0 if skip_top1_above is None else skip_top1_above)
+    fraction = T.float32(0.0 if skip_below_fraction is None else skip_below_fraction)
 
     def is_masked(e):
         """1 for a masked expert id, else 0 (an int32 expression over the loop variable)."""
@@ -85,6 +96,16 @@ def route_token_macro(
         if normalize:
             for j in range(K):
                 weight[t, j] = weight[t, j] / acc[1]
+        if skipping:
+            acc[1] = weight[t, 0]
+            for j in range(1, K):
+                if weight[t, 0] > top1_limit or weight[t, j] < fraction * weight[t, 0]:
+                    index[t, j] = len(kept)
+                    weight[t, j] = T.float32(0)
+                acc[1] = acc[1] + weight[t, j]
+            if normalize:
+                for j in range(K):
+                    weight[t, j] = weight[t, j] / acc[1]
 
     return route_token
 
@@ -96,11 +117,15 @@ def make_route_kernel(
     normalize: bool,
     tie_break: str = "low",
     kept: list[int] | None = None,
+    skip_top1_above: float | None = None,
+    skip_below_fraction: float | None = None,
 ) -> tirx.PrimFunc:
     """PrimFunc ``route(logits[n, E]) -> (expert_index[n, k] int32, weight[n, k] float32)``, tokens
     in parallel (see :func:`route_token_macro`)."""
     E, K = num_experts, top_k
-    route_token = route_token_macro(E, K, scoring, normalize, tie_break, kept)
+    route_token = route_token_macro(
+        E, K, scoring, normalize, tie_break, kept, skip_top1_above, skip_below_fraction
+    )
 
     @T.prim_func
     def route(logits_h: T.handle, index_h: T.handle, weight_h: T.handle):

@@ -27,6 +27,7 @@ from moec.passes.dump_ir import DumpIR
 from moec.passes.inline_layers import InlineLayers
 from moec.passes.mask_experts import MaskExperts
 from moec.passes.prune_channels import PruneChannels
+from moec.passes.skip_experts import SkipExperts
 from moec.passes.store_expert_weights import StoreExpertWeights
 from moec.schedule import CpuSchedule, GpuSchedule
 
@@ -37,12 +38,14 @@ def moe_pipeline(
     weights_precision: str = "fp32",
     kept_experts: dict[str, list[int]] | None = None,
     kept_channels: dict[str, list[list[int]]] | None = None,
+    early_exit: dict[str, float] | None = None,
 ) -> tvm.transform.Pass:
     """The phases moec runs before handing the module to ``tvm.compile``.
 
     ``weights_precision``: how expert weight matrices are stored (``fp32``, ``fp16``).
     ``kept_experts``: per layer, the experts static masking keeps (the others are removed).
     ``kept_channels``: per layer and kept expert, the intermediate channels pruning keeps.
+    ``early_exit``: ``SkipExperts`` thresholds (``top1_above``, ``below_fraction``).
     """
     phases: list[tuple[str, tvm.transform.Pass]] = [
         # Phase 1: MoE layer rewrites.
@@ -52,6 +55,7 @@ def moe_pipeline(
                 [
                     MaskExperts(kept_experts) if kept_experts else tvm.transform.Sequential([]),
                     PruneChannels(kept_channels) if kept_channels else tvm.transform.Sequential([]),
+                    SkipExperts(**early_exit) if early_exit else tvm.transform.Sequential([]),
                     StoreExpertWeights(weights_precision)
                     if weights_precision != "fp32"
                     else tvm.transform.Sequential([]),
