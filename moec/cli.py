@@ -322,13 +322,35 @@ def run(artifact: Path, inputs: Path | None, output: Path | None, tokens: int, r
     help="Token counts to check with random inputs (repeatable; default 1 and 7).",
 )
 @click.option("--atol", default=1e-4, show_default=True, help="Largest acceptable absolute error.")
+@click.option(
+    "--against",
+    type=click.Choice(["reference", "original"]),
+    default="reference",
+    show_default=True,
+    help="'original': also report the accuracy cost of the artifact's changes against the unchanged model.",
+)
 @user_errors
-def verify(model: Path, artifact: Path, inputs: Path | None, tokens: tuple[int, ...], atol: float) -> None:
-    """Check ARTIFACT against the numpy reference of MODEL; exit 1 above tolerance."""
+def verify(
+    model: Path, artifact: Path, inputs: Path | None, tokens: tuple[int, ...], atol: float, against: str
+) -> None:
+    """Check ARTIFACT against the numpy reference of MODEL; exit 1 above tolerance.
+
+    The reference applies what the artifact changed (fp16 weights, masked experts, pruned
+    channels, early exit), so this checks the compilation exactly. With --against original it
+    also reports what those changes cost against the unchanged model: max abs error, cosine
+    similarity, top-1 agreement of logit-like outputs, and router agreement per MoE layer.
+    """
     from moec.frontend.loader import load_model
     from moec.runtime.board import RunnerSession, open_session
     from moec.runtime.session import random_inputs
-    from moec.verify import stored_precision, verify_artifact
+    from moec.verify import (
+        accuracy_against_original,
+        compare_outputs,
+        layer_plans,
+        reference_outputs,
+        router_agreement,
+        stored_precision,
+    )
 
     onnx_model = load_model(model)
     session = open_session(artifact)
@@ -345,11 +367,25 @@ def verify(model: Path, artifact: Path, inputs: Path | None, tokens: tuple[int, 
     precision = stored_precision(session.manifest)
     if precision != "fp32":
         click.echo(f"expert weights are stored as {precision}: the reference rounds them the same way")
+    changed = sorted(layer_plans(session.manifest))
+    if changed:
+        click.echo(f"layers {', '.join(changed)} are masked/pruned/early-exit: the reference does the same")
     worst = 0.0
     failed = False
     for feeds, count in cases:
         label = f"{count} token(s)" if count else str(inputs)
-        for err in verify_artifact(session, onnx_model, feeds, count or 0):
+        actual = session.run(feeds)
+        if against == "original":
+            for cost in accuracy_against_original(actual, onnx_model, feeds):
+                top1 = "" if cost.top1_agreement is None else f"  top-1 agreement {cost.top1_agreement:.1%}"
+                click.echo(
+                    f"{label:>14}  {cost.name} vs original model: max abs {cost.max_abs:.3e}  "
+                    f"cosine {cost.cosine:.6f}{top1}"
+                )
+            for layer, share in router_agreement(onnx_model, session.manifest, feeds).items():
+                click.echo(f"{label:>14}  {layer} router agreement with the original: {share:.1%}")
+        expected = reference_outputs(onnx_model, session.manifest, feeds)
+        for err in compare_outputs(actual, expected, count or 0):
             status = "ok" if err.within(atol) else "FAIL"
             failed |= not err.within(atol)
             worst = max(worst, err.max_abs)

@@ -9,9 +9,9 @@ import numpy as np
 import onnx
 
 from moec.errors import MoecError
+from moec.reference.canonical import LayerPlan
 from moec.reference.evaluator import run_reference
-from moec.reference.stored import run_stored_reference
-from moec.runtime.session import ArtifactSession
+from moec.reference.stored import canonical_evaluator, run_stored_reference
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,20 +63,80 @@ def stored_precision(manifest: dict[str, Any]) -> str:
     return precisions.pop() if precisions else "fp32"
 
 
+def layer_plans(manifest: dict[str, Any]) -> dict[str, LayerPlan]:
+    """Per layer name, what the artifact changed (masking, pruning, early exit); empty if nothing."""
+    early_exit = manifest.get("early_exit") or {}
+    pruning = manifest.get("pruning") or {}
+    plans = {}
+    for layer in manifest.get("layers", []):
+        kept = [entry["expert"] for entry in layer["plan"] if entry["kept"]]
+        plan = LayerPlan(
+            kept=kept if len(kept) < len(layer["plan"]) else None,
+            channels=pruning.get(layer["name"], {}).get("channels"),
+            top1_above=early_exit.get("top1_above"),
+            below_fraction=early_exit.get("below_fraction"),
+        )
+        if plan != LayerPlan():
+            plans[layer["name"]] = plan
+    return plans
+
+
 def reference_outputs(
     model: onnx.ModelProto, manifest: dict[str, Any], feeds: dict[str, np.ndarray]
 ) -> dict[str, np.ndarray]:
-    """What the artifact must compute: the model, with expert matrices rounded as it stores them."""
-    precision = stored_precision(manifest)
-    if precision == "fp32":
+    """What the artifact must compute: the model itself (the original graph, run by the ONNX
+    reference evaluator), or, when the artifact changed the model (weights stored narrower,
+    experts masked, channels pruned, early exit), its canonical layers with those changes."""
+    precision, plans = stored_precision(manifest), layer_plans(manifest)
+    if precision == "fp32" and not plans:
         return run_reference(model, feeds)
-    return run_stored_reference(model, precision, feeds)
+    return run_stored_reference(model, precision, feeds, plans)
 
 
-def verify_artifact(
-    session: ArtifactSession, model: onnx.ModelProto, feeds: dict[str, np.ndarray], tokens: int
-) -> list[OutputError]:
-    """Run the artifact and the reference on ``feeds``; return the error of each output."""
-    expected = reference_outputs(model, session.manifest, feeds)
-    actual = session.run(feeds)
-    return compare_outputs(actual, expected, tokens)
+@dataclasses.dataclass(frozen=True)
+class AccuracyCost:
+    """How far an optimised artifact's outputs are from the unoptimised model's, on some inputs."""
+
+    name: str
+    max_abs: float
+    cosine: float
+    top1_agreement: float | None  # share of positions with the same arg-max (logit-like outputs)
+
+
+def accuracy_against_original(
+    actual: dict[str, np.ndarray], model: onnx.ModelProto, feeds: dict[str, np.ndarray]
+) -> list[AccuracyCost]:
+    """Compare ``actual`` (the artifact's outputs) with the original model's (numpy reference)."""
+    costs = []
+    for name, ref in run_reference(model, feeds).items():
+        got = actual[name].astype(np.float64).reshape(-1)
+        want = np.asarray(ref, dtype=np.float64).reshape(-1)
+        norm = np.linalg.norm(got) * np.linalg.norm(want)
+        cosine = float(got @ want / norm) if norm > 0 else 1.0
+        top1 = None
+        if ref.ndim >= 2 and ref.shape[-1] > 1:
+            top1 = float(np.mean(np.argmax(actual[name], axis=-1) == np.argmax(ref, axis=-1)))
+        costs.append(AccuracyCost(name, float(np.abs(got - want).max()), cosine, top1))
+    return costs
+
+
+def router_agreement(
+    model: onnx.ModelProto, manifest: dict[str, Any], feeds: dict[str, np.ndarray]
+) -> dict[str, float]:
+    """Per MoE layer, the share of tokens the optimised model routes to the same set of experts
+    as the original (both from the numpy reference; skipped slots count as not computed)."""
+    routes: dict[str, dict[str, list[set[int]]]] = {"original": {}, "optimised": {}}
+
+    def recorder(kind: str):
+        def on_route(_index: int, layer: Any, _x: np.ndarray, index: np.ndarray, _w: np.ndarray) -> None:
+            routes[kind].setdefault(layer.name, []).extend(set(row[row >= 0].tolist()) for row in index)
+
+        return on_route
+
+    canonical_evaluator(model, on_route=recorder("original"))[0].run(None, feeds)
+    precision, plans = stored_precision(manifest), layer_plans(manifest)
+    canonical_evaluator(model, precision, recorder("optimised"), plans)[0].run(None, feeds)
+    return {
+        layer: float(np.mean([a == b for a, b in zip(sets, routes["optimised"][layer], strict=True)]))
+        for layer, sets in routes["original"].items()
+    }

@@ -7,6 +7,7 @@ experts, top-k over the kept ones, so the check is independent of moec's router 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -159,3 +160,25 @@ def test_bad_masking_options_are_one_clear_line(
     for culprit in culprits:
         assert culprit in lines[0], (culprit, lines[0])
     assert not out.exists()
+
+
+def test_verify_reports_accuracy_cost_against_the_original(model, tmp_path: Path) -> None:
+    path, _ = model
+    np.savez(tmp_path / "calib.npz", x=tokens_input(40, HIDDEN, seed=1))
+    assert (
+        invoke("profile", path, "--calib", tmp_path / "calib.npz", "-o", tmp_path / "p.json").exit_code == 0
+    )
+    for name, options in (
+        ("whole", []),
+        ("masked", ["--profile", tmp_path / "p.json", "--keep-experts", "2"]),
+    ):
+        assert invoke("compile", path, "-o", tmp_path / name, *options).exit_code == 0
+        result = invoke("verify", path, tmp_path / name, "--against", "original", "-n", "64")
+        assert result.exit_code == 0, result.output  # the artifact matches its own (masked) reference
+        (cosine,) = re.findall(r"cosine (\d\.\d+)", result.stdout)
+        (agreement,) = re.findall(r"moe0 router agreement with the original: ([\d.]+)%", result.stdout)
+        top1 = re.findall(r"top-1 agreement ([\d.]+)%", result.stdout)
+        if name == "whole":
+            assert float(cosine) > 0.999999 and float(agreement) == 100.0 and float(top1[0]) == 100.0
+        else:  # top-2 of only 2 kept experts: most tokens lose at least one of their experts
+            assert float(cosine) < 0.999 and float(agreement) < 100.0

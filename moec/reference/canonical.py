@@ -6,6 +6,7 @@ extracted, and by tests as a second oracle beside the ONNX reference evaluator.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -31,21 +32,58 @@ def _activation(layer: MoELayer, v: np.ndarray) -> np.ndarray:
     return v
 
 
-def route(layer: MoELayer, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k expert indices ``[n, k]`` and routing weights ``[n, k]`` for logits ``[n, E]``."""
+@dataclasses.dataclass(frozen=True)
+class LayerPlan:
+    """What a compiled artifact changed in one layer (read from its manifest).
+
+    kept: the experts static masking kept (None: all). channels: per kept expert, the
+    intermediate channels pruning kept (None: all). top1_above / below_fraction: early exit.
+    """
+
+    kept: list[int] | None = None
+    channels: list[list[int]] | None = None
+    top1_above: float | None = None
+    below_fraction: float | None = None
+
+
+def route(
+    layer: MoELayer, logits: np.ndarray, plan: LayerPlan | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k expert indices ``[n, k]`` and routing weights ``[n, k]`` for logits ``[n, E]``.
+
+    With a ``plan``: top-k over the kept experts only (scores still over all), and early-exit
+    slots dropped (index -1, weight 0) with the rest renormalised when the layer renormalises.
+    """
+    plan = plan or LayerPlan()
     logits = logits.astype(np.float64)
     if layer.scoring == "softmax":
         scores = np.exp(logits - logits.max(axis=-1, keepdims=True))
         scores /= scores.sum(axis=-1, keepdims=True)
     else:
         scores = _sigmoid(logits)
+    selectable = scores.copy()
+    if plan.kept is not None:
+        masked = np.setdiff1d(np.arange(layer.num_experts), plan.kept)
+        selectable[:, masked] = -1.0  # below every score: never selected
     if layer.tie_break == "low":
-        index = np.argsort(-scores, axis=-1, kind="stable")[:, : layer.top_k]
+        index = np.argsort(-selectable, axis=-1, kind="stable")[:, : layer.top_k]
     else:  # reverse the expert order so the stable sort prefers the highest index
-        index = scores.shape[-1] - 1 - np.argsort(-scores[:, ::-1], axis=-1, kind="stable")[:, : layer.top_k]
+        flipped = np.argsort(-selectable[:, ::-1], axis=-1, kind="stable")[:, : layer.top_k]
+        index = selectable.shape[-1] - 1 - flipped
     weight = np.take_along_axis(scores, index, axis=-1)
     if layer.normalize:
         weight = weight / weight.sum(axis=-1, keepdims=True)
+    if plan.top1_above is not None or plan.below_fraction is not None:
+        top1 = weight[:, :1]
+        skip = np.zeros_like(weight, dtype=bool)
+        if plan.top1_above is not None:
+            skip[:, 1:] |= top1 > plan.top1_above
+        if plan.below_fraction is not None:
+            skip[:, 1:] |= weight[:, 1:] < plan.below_fraction * top1
+        weight = np.where(skip, 0.0, weight)
+        index = np.where(skip, -1, index)
+        if layer.normalize:
+            weight = weight / weight.sum(axis=-1, keepdims=True)
     return index, weight
 
 
@@ -70,12 +108,24 @@ def expert_ffn(layer: MoELayer, expert: int, x: np.ndarray) -> np.ndarray:
     return out if layer.b_down is None else out + layer.b_down[expert]
 
 
-def moe_forward(layer: MoELayer, x: np.ndarray, logits: np.ndarray) -> np.ndarray:
-    """The layer's output for tokens ``x`` ``[n, H]`` and router logits ``[n, E]``."""
+def moe_forward(
+    layer: MoELayer, x: np.ndarray, logits: np.ndarray, plan: LayerPlan | None = None
+) -> np.ndarray:
+    """The layer's output for tokens ``x`` ``[n, H]`` and router logits ``[n, E]`` (with the
+    masking, pruning and early exit of ``plan``)."""
+    plan = plan or LayerPlan()
     x64 = x.astype(np.float64)
-    index, weight = route(layer, logits)
+    index, weight = route(layer, logits, plan)
     y = np.zeros_like(x64)
-    for expert in np.unique(index):
+    for expert in np.unique(index[index >= 0]):
         rows, slots = np.nonzero(index == expert)
-        y[rows] += weight[rows, slots, None] * expert_ffn(layer, int(expert), x64[rows])
+        hidden = expert_hidden(layer, int(expert), x64[rows])
+        if plan.channels is not None:
+            position = plan.kept.index(int(expert)) if plan.kept is not None else int(expert)
+            pruned = np.setdiff1d(np.arange(layer.ffn), plan.channels[position])
+            hidden[:, pruned] = 0.0
+        out = hidden @ layer.w_down[expert].astype(np.float64).T
+        if layer.b_down is not None:
+            out = out + layer.b_down[expert]
+        y[rows] += weight[rows, slots, None] * out
     return y.astype(x.dtype)

@@ -24,7 +24,7 @@ from onnx.reference.op_run import OpRun
 from moec.frontend.importer import find_blocks
 from moec.frontend.layer import MoELayer
 from moec.frontend.rewrite import LAYER_DOMAIN, LAYER_OP, WEIGHT_ROLES, layer_weight_names, replace_blocks
-from moec.reference.canonical import moe_forward, route
+from moec.reference.canonical import LayerPlan, moe_forward, route
 
 STORAGE_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 MATRIX_ROLES = ("w_up", "w_gate", "w_down")
@@ -35,8 +35,11 @@ RouteHook = Callable[[int, MoELayer, np.ndarray, np.ndarray, np.ndarray], None]
 ``[n, k]``, routing weights ``[n, k]``)."""
 
 
-def _layer_op(layers: list[MoELayer], on_route: RouteHook | None = None) -> type[OpRun]:
-    """An ``OpRun`` for ``moec::MoELayer`` nodes computing ``layers[attr layer]`` on its inputs."""
+def _layer_op(
+    layers: list[MoELayer], on_route: RouteHook | None = None, plans: dict[str, LayerPlan] | None = None
+) -> type[OpRun]:
+    """An ``OpRun`` for ``moec::MoELayer`` nodes computing ``layers[attr layer]`` on its inputs
+    (with the artifact changes ``plans`` names for that layer)."""
 
     def _run(
         self, x: np.ndarray, logits: np.ndarray, *weights: np.ndarray, layer: int = 0
@@ -46,19 +49,24 @@ def _layer_op(layers: list[MoELayer], on_route: RouteHook | None = None) -> type
         current = dataclasses.replace(spec, **dict(zip(roles, weights, strict=True)))
         flat_logits = logits.reshape(-1, spec.num_experts)
         flat_x = x.reshape(-1, spec.hidden)
+        plan = (plans or {}).get(spec.name)
         if on_route is not None:
-            on_route(int(layer), current, flat_x, *route(current, flat_logits))
-        flat = moe_forward(current, flat_x, flat_logits)
+            on_route(int(layer), current, flat_x, *route(current, flat_logits, plan))
+        flat = moe_forward(current, flat_x, flat_logits, plan)
         return (flat.reshape(x.shape),)
 
     return type(LAYER_OP, (OpRun,), {"op_domain": LAYER_DOMAIN, "_run": _run})
 
 
 def canonical_evaluator(
-    model: onnx.ModelProto, precision: str = "fp32", on_route: RouteHook | None = None
+    model: onnx.ModelProto,
+    precision: str = "fp32",
+    on_route: RouteHook | None = None,
+    plans: dict[str, LayerPlan] | None = None,
 ) -> tuple[ReferenceEvaluator, list[MoELayer]]:
     """A reference evaluator of ``model`` with its MoE blocks as canonical layers (expert matrices
-    rounded to ``precision``), calling ``on_route`` with every layer's routing; and the layers."""
+    rounded to ``precision``; masking, pruning and early exit as ``plans`` says per layer name),
+    calling ``on_route`` with every layer's routing; and the layers."""
     blocks = find_blocks(model)
     canonical = replace_blocks(model, blocks) if blocks else model
     rounded = {
@@ -74,13 +82,17 @@ def canonical_evaluator(
                 value = numpy_helper.to_array(tensor).astype(storage).astype(np.float32)
                 canonical.graph.initializer[index].CopyFrom(numpy_helper.from_array(value, tensor.name))
     layers = [b.layer for b in blocks]
-    return ReferenceEvaluator(canonical, new_ops=[_layer_op(layers, on_route)]), layers
+    return ReferenceEvaluator(canonical, new_ops=[_layer_op(layers, on_route, plans)]), layers
 
 
 def run_stored_reference(
-    model: onnx.ModelProto, precision: str, feeds: dict[str, np.ndarray]
+    model: onnx.ModelProto,
+    precision: str,
+    feeds: dict[str, np.ndarray],
+    plans: dict[str, LayerPlan] | None = None,
 ) -> dict[str, Any]:
-    """Outputs of ``model`` with every MoE layer's expert matrices rounded to ``precision``."""
-    evaluator, _ = canonical_evaluator(model, precision)
+    """Outputs of ``model`` with every MoE layer's expert matrices rounded to ``precision`` (and
+    the masking, pruning and early exit of ``plans``)."""
+    evaluator, _ = canonical_evaluator(model, precision, plans=plans)
     names = [o.name for o in model.graph.output]
     return dict(zip(names, evaluator.run(None, feeds), strict=True))
