@@ -57,3 +57,14 @@ def check_artifact(
         names = [o.name for o in ort_session.get_outputs()]
         for name, value in zip(names, ort_session.run(None, feeds), strict=True):
             assert_close(actual[name], value, atol, f"{name} vs onnxruntime")
+
+
+def softmax_top_k(x: np.ndarray, router_w: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k experts and renormalised weights per token of a softmax router ``x @ router_w``,
+    computed in float64 (the independent routing the masking/pruning/skipping tests start from)."""
+    logits = x.astype(np.float64) @ router_w
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    index = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    gain = np.take_along_axis(probs, index, 1)
+    return index, gain / gain.sum(1, keepdims=True)

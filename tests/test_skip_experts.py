@@ -15,7 +15,7 @@ from moec.build.compile import compile_model
 from moec.cli import main
 from moec.runtime.session import ArtifactSession
 from moec.zoo.standard import WeightsOut, build_dense_onehot_moe
-from tests.helpers import FP32_ATOL, assert_close, tokens_input
+from tests.helpers import FP32_ATOL, assert_close, softmax_top_k, tokens_input
 
 HIDDEN, FFN, EXPERTS, TOP_K = 16, 24, 6, 3
 
@@ -36,12 +36,7 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 
 
 def routing(x: np.ndarray, w: dict) -> tuple[np.ndarray, np.ndarray]:
-    logits = x.astype(np.float64) @ w["router_w"]
-    probs = np.exp(logits - logits.max(1, keepdims=True))
-    probs /= probs.sum(1, keepdims=True)
-    index = np.argsort(-probs, axis=1, kind="stable")[:, :TOP_K]
-    gain = np.take_along_axis(probs, index, 1)
-    return index, gain / gain.sum(1, keepdims=True)
+    return softmax_top_k(x, w["router_w"], TOP_K)
 
 
 def skipping_block(

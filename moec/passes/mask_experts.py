@@ -21,10 +21,16 @@ import json
 
 import tvm
 from tvm import relax
-from tvm.relax.expr_functor import PyExprVisitor, visitor
 
 from moec.kernels import kernel_kind, make_kernel
-from moec.passes.signature import OutTypeFix, called_kernels, is_layer, main_param_types, rebuild
+from moec.passes.signature import (
+    OutTypeFix,
+    called_kernels,
+    is_layer,
+    layer_arguments,
+    main_param_types,
+    rebuild,
+)
 from moec.schedule import CpuSchedule
 
 LAYER_KERNELS = ("route", "group", "expert_up", "expert_down")
@@ -73,30 +79,12 @@ class MaskExperts:
         if main_types is None:
             return mod
         expert_slices = {
-            var.name: self.kept[layer] for var, layer in _layer_arguments(mod["main"], slices).items()
+            var.name: self.kept[layer] for var, (layer, _) in layer_arguments(mod["main"], slices).items()
         }
         attrs = {"moec.expert_slices": json.dumps(expert_slices)}
         updated = rebuild(mod, kernels, layers, main_types, attrs, out_types)
         self.changed = sorted(layers)
         return updated
-
-
-def _layer_arguments(main: relax.Function, slots: dict[str, dict[int, list[int]]]) -> dict[relax.Var, str]:
-    """``main``'s parameters passed to the given slots of layer calls, with the layer's name."""
-    params = set(main.params)
-    found: dict[relax.Var, str] = {}
-
-    @visitor
-    class _Calls(PyExprVisitor):
-        def visit_call_(self, call: relax.Call) -> None:
-            layer = getattr(call.op, "name_hint", "")
-            for i in slots.get(layer, {}):
-                if call.args[i] in params:
-                    found[call.args[i]] = layer
-            super().visit_call_(call)
-
-    _Calls().visit_expr(main.body)
-    return found
 
 
 def _group_outputs(experts: int, declared: relax.TupleType) -> list[relax.TensorType]:

@@ -22,10 +22,16 @@ import json
 
 import tvm
 from tvm import relax
-from tvm.relax.expr_functor import PyExprVisitor, visitor
 
 from moec.kernels import kernel_kind, make_kernel
-from moec.passes.signature import OutTypeFix, called_kernels, is_layer, main_param_types, rebuild
+from moec.passes.signature import (
+    OutTypeFix,
+    called_kernels,
+    is_layer,
+    layer_arguments,
+    main_param_types,
+    rebuild,
+)
 from moec.schedule import CpuSchedule
 
 EXPERT_KERNELS = ("expert_up", "expert_down")
@@ -80,7 +86,7 @@ class PruneChannels:
             return mod
         channel_slices = {
             var.name: [axes[layer][slot], self.kept[layer]]
-            for var, (layer, slot) in _layer_arguments(mod["main"], axes).items()
+            for var, (layer, slot) in layer_arguments(mod["main"], axes).items()
         }
         attrs = {"moec.channel_slices": json.dumps(channel_slices)}
         updated = rebuild(mod, kernels, layers, main_types, attrs, out_types)
@@ -91,23 +97,3 @@ class PruneChannels:
 def _intermediate(width: int, declared: relax.TensorType) -> relax.TensorType:
     """The expert_up kernel's output ``[n*k, width]`` (rows as declared)."""
     return relax.TensorType([declared.shape.values[0], width], declared.dtype)
-
-
-def _layer_arguments(
-    main: relax.Function, slots: dict[str, dict[int, int]]
-) -> dict[relax.Var, tuple[str, int]]:
-    """``main``'s parameters passed to the given slots of layer calls: (layer name, slot)."""
-    params = set(main.params)
-    found: dict[relax.Var, tuple[str, int]] = {}
-
-    @visitor
-    class _Calls(PyExprVisitor):
-        def visit_call_(self, call: relax.Call) -> None:
-            layer = getattr(call.op, "name_hint", "")
-            for i in slots.get(layer, {}):
-                if call.args[i] in params:
-                    found[call.args[i]] = (layer, i)
-            super().visit_call_(call)
-
-    _Calls().visit_expr(main.body)
-    return found

@@ -157,3 +157,22 @@ def rebuild(
         main = main.with_attr(key, value)
     updated["main"] = main
     return relax.transform.DeadCodeElimination(["main"])(updated)
+
+
+def layer_arguments(main: relax.Function, slots: dict[str, Any]) -> dict[relax.Var, tuple[str, int]]:
+    """``main``'s parameters passed to the given slots (``{layer: {slot: ...}}``) of layer calls,
+    with the layer's name and the slot."""
+    params = set(main.params)
+    found: dict[relax.Var, tuple[str, int]] = {}
+
+    @visitor
+    class _Calls(PyExprVisitor):
+        def visit_call_(self, call: relax.Call) -> None:
+            layer = getattr(call.op, "name_hint", "")
+            for i in slots.get(layer, {}):
+                if call.args[i] in params:
+                    found[call.args[i]] = (layer, i)
+            super().visit_call_(call)
+
+    _Calls().visit_expr(main.body)
+    return found
