@@ -200,6 +200,14 @@ def main() -> None:
     help="Early exit: skip a token's expert whose routing weight is below this fraction of its "
     "top-1 expert's weight.",
 )
+@click.option(
+    "--routing",
+    type=click.Choice(["learned", "cycle", "tile"]),
+    default="learned",
+    show_default=True,
+    help="Replace the learned router by a fixed pattern over the tokens (for models trained that "
+    "way): cycle = token t to experts t, t+1, ...; tile = contiguous tiles of tokens per expert.",
+)
 @user_errors
 def compile(  # noqa: A001
     model: Path,
@@ -215,6 +223,7 @@ def compile(  # noqa: A001
     prune_ratio: float | None,
     skip_top1_above: float | None,
     skip_below_fraction: float | None,
+    routing: str,
 ) -> None:
     """Compile MODEL (.onnx) into an artifact directory computing only the selected experts."""
     from moec.analysis.masking import choose_channels, choose_kept, load_profile
@@ -249,6 +258,7 @@ def compile(  # noqa: A001
             if skip_top1_above is not None or skip_below_fraction is not None
             else None
         ),
+        routing=routing,
         log=_progress,
     )
     for layer, experts in (kept or {}).items():
@@ -369,7 +379,10 @@ def verify(
         click.echo(f"expert weights are stored as {precision}: the reference rounds them the same way")
     changed = sorted(layer_plans(session.manifest))
     if changed:
-        click.echo(f"layers {', '.join(changed)} are masked/pruned/early-exit: the reference does the same")
+        click.echo(
+            f"layers {', '.join(changed)} were changed (masking, pruning, early exit, fixed routing): "
+            "the reference makes the same changes"
+        )
     worst = 0.0
     failed = False
     for feeds, count in cases:

@@ -75,6 +75,7 @@ def layer_plans(manifest: dict[str, Any]) -> dict[str, LayerPlan]:
             channels=pruning.get(layer["name"], {}).get("channels"),
             top1_above=early_exit.get("top1_above"),
             below_fraction=early_exit.get("below_fraction"),
+            pattern=None if manifest.get("routing", "learned") == "learned" else manifest["routing"],
         )
         if plan != LayerPlan():
             plans[layer["name"]] = plan

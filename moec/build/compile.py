@@ -123,6 +123,7 @@ def lower_model(
     kept_experts: dict[str, list[int]] | None = None,
     kept_channels: dict[str, list[list[int]]] | None = None,
     early_exit: dict[str, float] | None = None,
+    routing: str = "learned",
 ) -> tuple[tvm.IRModule, dict[str, list]]:
     """The Relax module moec hands to ``tvm.compile`` for ``target``, and its detached weights.
 
@@ -133,9 +134,10 @@ def lower_model(
     parameter's dtype).
     """
     mod, params = relax.frontend.detach_params(imported.to_relax())
-    mod = moe_pipeline(target.schedule, dump_ir, weights_precision, kept_experts, kept_channels, early_exit)(
-        mod
+    pipeline = moe_pipeline(
+        target.schedule, dump_ir, weights_precision, kept_experts, kept_channels, early_exit, routing
     )
+    mod = pipeline(mod)
     main = mod["main"]
     slices = json.loads(str(main.attrs["moec.expert_slices"])) if "moec.expert_slices" in main.attrs else {}
     channels = (
@@ -167,6 +169,7 @@ def compile_model(
     kept_experts: dict[str, list[int]] | None = None,
     kept_channels: dict[str, list[list[int]]] | None = None,
     early_exit: dict[str, float] | None = None,
+    routing: str = "learned",
     log: Callable[[str], None] = lambda _: None,
 ) -> Path:
     """Compile ``model_path`` for ``target_name`` into ``out_dir``; return ``out_dir``.
@@ -179,6 +182,7 @@ def compile_model(
     name, from :func:`moec.analysis.masking.choose_kept`) masks the other experts statically;
     ``kept_channels`` (per layer, per kept expert) prunes the other intermediate channels.
     ``early_exit`` (``top1_above`` / ``below_fraction``) skips a confident token's other experts.
+    ``routing``: ``learned``, or a fixed pattern (``cycle``, ``tile``) replacing the router.
     """
     model_path, out_dir = Path(model_path), Path(out_dir)
     target = load_target(target_name)
@@ -201,7 +205,7 @@ def compile_model(
                     f"{option} {value}: must be in (0, 1] (a routing weight or a fraction of one)"
                 )
     mod, params = lower_model(
-        imported, target, dump_ir, weights_precision, kept_experts, kept_channels, early_exit
+        imported, target, dump_ir, weights_precision, kept_experts, kept_channels, early_exit, routing
     )
     if max_tokens is not None:
         symbols = [v.name for v in input_symbols(mod["main"])]
@@ -227,6 +231,7 @@ def compile_model(
         tvm.runtime.save_param_dict_to_file(weights, str(staging / WEIGHTS))
         manifest = build_manifest(imported, target, model_path, weights, kept_experts or {})
         manifest["early_exit"] = early_exit or {}
+        manifest["routing"] = routing
         manifest["pruning"] = {
             layer: {"ffn_kept": len(channels[0]), "channels": channels}
             for layer, channels in (kept_channels or {}).items()

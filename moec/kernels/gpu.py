@@ -70,6 +70,7 @@ def make_gpu_route_kernel(
     kept: list[int] | None = None,
     skip_top1_above: float | None = None,
     skip_below_fraction: float | None = None,
+    pattern: str | None = None,
     *,
     schedule: GpuSchedule,
 ) -> tirx.PrimFunc:
@@ -81,7 +82,7 @@ def make_gpu_route_kernel(
     E, K = num_experts, top_k
     B = schedule.threads_per_row * schedule.rows_per_block
     route_token = route_token_macro(
-        E, K, scoring, normalize, tie_break, kept, skip_top1_above, skip_below_fraction
+        E, K, scoring, normalize, tie_break, kept, skip_top1_above, skip_below_fraction, pattern
     )
 
     @T.prim_func

@@ -20,6 +20,7 @@ def route_token_macro(
     kept: list[int] | None = None,
     skip_top1_above: float | None = None,
     skip_below_fraction: float | None = None,
+    pattern: str | None = None,
 ):
     """A TIR macro ``route_token(logits, index, weight, score, taken, acc, best, t)`` routing token
     ``t``, with local scratch ``score[E]``, ``taken[E]`` (int32), ``acc[2]``, ``best[1]`` (int32).
@@ -35,7 +36,14 @@ def route_token_macro(
     computes them) when the top-1 weight exceeds ``skip_top1_above``, or, each, when their
     weight is below ``skip_below_fraction`` of the top-1 weight. With renormalisation the
     weights left are renormalised over the experts still computed.
+
+    Fixed-pattern routing ignores the logits: ``pattern = "cycle"`` sends token ``t``'s slot
+    ``j`` to expert ``(t + j) mod E``, ``"tile"`` splits the tokens into ``E`` contiguous tiles
+    (tile ``i``'s slot ``j`` goes to expert ``(i + j) mod E``); every slot weighs ``1/k``
+    (experts counted among the kept ones).
     """
+    if pattern not in (None, "cycle", "tile"):
+        raise ValueError(f"unknown routing pattern {pattern!r} (cycle, tile)")
     if scoring not in ("softmax", "sigmoid"):
         raise ValueError(f"unknown router scoring {scoring!r}")
     prefer_high = tie_break == "high"
@@ -60,8 +68,15 @@ def route_token_macro(
         below = [T.if_then_else(e > m, 1, 0) for m in masked]
         return e - sum(below[1:], below[0]) if below else e
 
+    fixed = pattern is not None
+    slots = len(kept)
+
+    def fixed_expert(t, j, tokens):
+        start = t if pattern == "cycle" else t * slots // tokens
+        return T.Cast("int32", (start + j) % slots)
+
     @T.macro
-    def route_token(logits, index, weight, score, taken, acc, best, t):
+    def route_learned(logits, index, weight, score, taken, acc, best, t):
         # scores
         acc[0] = logits[t, 0]
         for e in range(E):
@@ -107,6 +122,15 @@ def route_token_macro(
                 for j in range(K):
                     weight[t, j] = weight[t, j] / acc[1]
 
+    @T.macro
+    def route_token(logits, index, weight, score, taken, acc, best, t):
+        if fixed:
+            for j in range(K):
+                index[t, j] = fixed_expert(t, j, logits.shape[0])
+                weight[t, j] = T.float32(1.0 / K)
+        else:
+            route_learned(logits, index, weight, score, taken, acc, best, t)
+
     return route_token
 
 
@@ -119,12 +143,13 @@ def make_route_kernel(
     kept: list[int] | None = None,
     skip_top1_above: float | None = None,
     skip_below_fraction: float | None = None,
+    pattern: str | None = None,
 ) -> tirx.PrimFunc:
     """PrimFunc ``route(logits[n, E]) -> (expert_index[n, k] int32, weight[n, k] float32)``, tokens
     in parallel (see :func:`route_token_macro`)."""
     E, K = num_experts, top_k
     route_token = route_token_macro(
-        E, K, scoring, normalize, tie_break, kept, skip_top1_above, skip_below_fraction
+        E, K, scoring, normalize, tie_break, kept, skip_top1_above, skip_below_fraction, pattern
     )
 
     @T.prim_func

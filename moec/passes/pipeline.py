@@ -24,6 +24,7 @@ from tvm import relax
 from moec.passes.apply_kernel_schedule import ApplyKernelSchedule
 from moec.passes.bound_tokens import BoundTokens
 from moec.passes.dump_ir import DumpIR
+from moec.passes.fixed_routing import FixedRouting
 from moec.passes.inline_layers import InlineLayers
 from moec.passes.mask_experts import MaskExperts
 from moec.passes.prune_channels import PruneChannels
@@ -39,6 +40,7 @@ def moe_pipeline(
     kept_experts: dict[str, list[int]] | None = None,
     kept_channels: dict[str, list[list[int]]] | None = None,
     early_exit: dict[str, float] | None = None,
+    routing: str = "learned",
 ) -> tvm.transform.Pass:
     """The phases moec runs before handing the module to ``tvm.compile``.
 
@@ -46,6 +48,7 @@ def moe_pipeline(
     ``kept_experts``: per layer, the experts static masking keeps (the others are removed).
     ``kept_channels``: per layer and kept expert, the intermediate channels pruning keeps.
     ``early_exit``: ``SkipExperts`` thresholds (``top1_above``, ``below_fraction``).
+    ``routing``: ``learned`` (the model's router) or a ``FixedRouting`` pattern.
     """
     phases: list[tuple[str, tvm.transform.Pass]] = [
         # Phase 1: MoE layer rewrites.
@@ -56,6 +59,7 @@ def moe_pipeline(
                     MaskExperts(kept_experts) if kept_experts else tvm.transform.Sequential([]),
                     PruneChannels(kept_channels) if kept_channels else tvm.transform.Sequential([]),
                     SkipExperts(**early_exit) if early_exit else tvm.transform.Sequential([]),
+                    FixedRouting(routing) if routing != "learned" else tvm.transform.Sequential([]),
                     StoreExpertWeights(weights_precision)
                     if weights_precision != "fp32"
                     else tvm.transform.Sequential([]),

@@ -38,12 +38,14 @@ class LayerPlan:
 
     kept: the experts static masking kept (None: all). channels: per kept expert, the
     intermediate channels pruning kept (None: all). top1_above / below_fraction: early exit.
+    pattern: fixed routing (``cycle``/``tile``) instead of the router.
     """
 
     kept: list[int] | None = None
     channels: list[list[int]] | None = None
     top1_above: float | None = None
     below_fraction: float | None = None
+    pattern: str | None = None
 
 
 def route(
@@ -55,6 +57,12 @@ def route(
     slots dropped (index -1, weight 0) with the rest renormalised when the layer renormalises.
     """
     plan = plan or LayerPlan()
+    if plan.pattern is not None:
+        kept = np.array(plan.kept if plan.kept is not None else range(layer.num_experts))
+        tokens = np.arange(len(logits))
+        start = tokens if plan.pattern == "cycle" else tokens * len(kept) // len(logits)
+        slots = (start[:, None] + np.arange(layer.top_k)[None, :]) % len(kept)
+        return kept[slots], np.full(slots.shape, 1.0 / layer.top_k)
     logits = logits.astype(np.float64)
     if layer.scoring == "softmax":
         scores = np.exp(logits - logits.max(axis=-1, keepdims=True))
