@@ -124,6 +124,7 @@ def main() -> None:
       moec run out/                       run it and print latency
       moec verify model.onnx out/         compare it with the numpy reference
       moec package out/                   one .tar.gz to copy to the board and run there
+      moec profile model.onnx --calib data.npz -o p.json   router statistics for masking/pruning
     """
 
 
