@@ -59,7 +59,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shlex
 import shutil
@@ -74,6 +73,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from common import REPO, cpu_model, git_revision, log, write_markdown
 
 HIDDEN = 512
 FFN = 1024
@@ -101,19 +101,12 @@ READ = "numpy-read"
 SLOW_CALL_S = 0.05
 EVICT_CAP_MB = 1024
 EVICT_FLOOR_MB = 64
-REPO = Path(__file__).resolve().parent.parent
 CLOOP_SOURCE = Path(__file__).resolve().with_name("bench_mixtral_block_cloop.cpp")
 CLOOP_LIBRARY = "cloop.so"
 CLOOP_FLAGS = ("-O3", "-march=native", "-pthread", "-shared", "-fPIC")
-MD_BEGIN = "<!-- bench_mixtral_block:begin -->"
-MD_END = "<!-- bench_mixtral_block:end -->"
+MD_NAME = "bench_mixtral_block"
 
 Fn = Callable[[], object]
-
-
-def log(message: str) -> None:
-    """Progress line on stderr (stdout carries the result table)."""
-    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------
@@ -148,36 +141,6 @@ def llc_bytes() -> int:
 def default_evict_mb() -> int:
     """max(2 x LLC, 64 MiB), capped at 1 GiB: big enough to flush the LLC, cheap enough to repeat."""
     return int(min(max(2 * llc_bytes() // 2**20, EVICT_FLOOR_MB), EVICT_CAP_MB))
-
-
-def cpu_model() -> str:
-    """CPU model name as lscpu reports it, with the hypervisor when there is one."""
-    fields: dict[str, str] = {}
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    name = fields.get("Model name", platform.processor() or "unknown").strip()
-    hypervisor = fields.get("Hypervisor vendor", "").strip()
-    return f"{name} ({hypervisor} guest)" if hypervisor else name
-
-
-def git_revision() -> str:
-    """Short HEAD commit of the repository, marked when the tree has uncommitted changes."""
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(REPO), "status", "--porcelain"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        return head + (" + uncommitted changes" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 # ---------------------------------------------------------------------------
@@ -866,19 +829,6 @@ def report(results: dict[int, dict[str, Any]], facts: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_markdown(path: Path, section: str) -> None:
-    """Put ``section`` between this benchmark's markers in ``path`` (created if missing)."""
-    block = f"{MD_BEGIN}\n{section}\n{MD_END}\n"
-    text = path.read_text() if path.exists() else "# Benchmarks\n\nNumbers measured by `benchmarks/`.\n\n"
-    if MD_BEGIN in text and MD_END in text:
-        head, rest = text.split(MD_BEGIN, 1)
-        tail = rest.split(MD_END, 1)[1].lstrip("\n")
-        text = head + block + ("\n" + tail if tail else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    path.write_text(text)
-
-
 def run_parent(args: argparse.Namespace, argv: Sequence[str]) -> None:
     """Build models and the moec artifact, run the child processes, print and save the report."""
     import onnxruntime
@@ -967,7 +917,7 @@ def run_parent(args: argparse.Namespace, argv: Sequence[str]) -> None:
     section = report(results, facts)
     print(section)
     if args.markdown is not None:
-        write_markdown(Path(args.markdown), section)
+        write_markdown(Path(args.markdown), MD_NAME, section)
         log(f"updated {args.markdown}")
 
 

@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -55,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from common import REPO, cpu_model, git_revision, log, write_markdown
 
 HIDDEN = 512
 FFN = 1024
@@ -81,10 +81,8 @@ DECODE_TOKENS = 16
 BATCHES = 4
 """16-token calls per timed pass at 16 tokens."""
 TOLERANCE = 1e-4
-REPO = Path(__file__).resolve().parent.parent
 MOEC = str(REPO / ".venv" / "bin" / "moec")
-MD_BEGIN = "<!-- bench_sparsify:begin -->"
-MD_END = "<!-- bench_sparsify:end -->"
+MD_NAME = "bench_sparsify"
 
 VARIANTS: dict[str, list[str]] = {
     "baseline": [],
@@ -103,11 +101,6 @@ ARTICLE = (
     ("article: pruning", 3.2, 1.7, -1.1),
 )
 """(label, x less memory, speed-up, accuracy change in points) as the article states them."""
-
-
-def log(message: str) -> None:
-    """Progress line on stderr (stdout carries the result table)."""
-    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------
@@ -409,43 +402,6 @@ def report(variants: list[Variant], facts: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_markdown(path: Path, section: str) -> None:
-    """Put ``section`` between this benchmark's markers in ``path`` (appended if absent)."""
-    block = f"{MD_BEGIN}\n{section}\n{MD_END}\n"
-    text = path.read_text() if path.exists() else "# Benchmarks\n\nNumbers measured by `benchmarks/`.\n\n"
-    if MD_BEGIN in text and MD_END in text:
-        head, rest = text.split(MD_BEGIN, 1)
-        tail = rest.split(MD_END, 1)[1].lstrip("\n")
-        text = head + block + ("\n" + tail if tail else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    path.write_text(text)
-
-
-def git_revision() -> str:
-    """Short HEAD commit, marked when the tree has uncommitted changes."""
-    try:
-        git = ["git", "-C", str(REPO)]
-        head = subprocess.run(
-            [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        )
-        dirty = subprocess.run([*git, "status", "--porcelain"], capture_output=True, text=True, check=True)
-        return head.stdout.strip() + (" + uncommitted changes" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def cpu_model() -> str:
-    """CPU model name from /proc/cpuinfo (platform's guess if unreadable)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 # ---------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------
@@ -490,7 +446,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> None:
     section = report(variants, facts)
     print(section)
     if args.markdown is not None:
-        write_markdown(Path(args.markdown), section)
+        write_markdown(Path(args.markdown), MD_NAME, section)
         log(f"updated {args.markdown}")
 
 

@@ -1,0 +1,57 @@
+"""What every benchmark script shares: progress lines, run facts, and its BENCHMARKS.md section."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def log(message: str) -> None:
+    """Progress line on stderr (stdout carries the result table)."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def cpu_model() -> str:
+    """CPU model name as lscpu reports it, with the hypervisor when there is one."""
+    fields: dict[str, str] = {}
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    name = fields.get("Model name", platform.processor() or "unknown").strip()
+    hypervisor = fields.get("Hypervisor vendor", "").strip()
+    return f"{name} ({hypervisor} guest)" if hypervisor else name
+
+
+def git_revision() -> str:
+    """Short HEAD commit of the repository, marked when the tree has uncommitted changes."""
+    try:
+        git = ["git", "-C", str(REPO)]
+        head = subprocess.run(
+            [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        )
+        dirty = subprocess.run([*git, "status", "--porcelain"], capture_output=True, text=True, check=True)
+        return head.stdout.strip() + (" + uncommitted changes" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def write_markdown(path: Path, name: str, section: str) -> None:
+    """Put ``section`` between benchmark ``name``'s markers in ``path`` (appended if absent,
+    the file created if missing); the other benchmarks' sections stay as they are."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    block = f"{begin}\n{section}\n{end}\n"
+    text = path.read_text() if path.exists() else "# Benchmarks\n\nNumbers measured by `benchmarks/`.\n\n"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        tail = rest.split(end, 1)[1].lstrip("\n")
+        text = head + block + ("\n" + tail if tail else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    path.write_text(text)
