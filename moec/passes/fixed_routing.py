@@ -9,12 +9,9 @@ with such routing; on a model that was not, ``moec verify --against original`` r
 
 from __future__ import annotations
 
-import json
-
 import tvm
 
-from moec.kernels import kernel_kind, make_kernel
-from moec.schedule import CpuSchedule
+from moec.passes.signature import reconfigure_kernels
 
 PATTERNS = ("cycle", "tile")
 
@@ -30,12 +27,5 @@ class FixedRouting:
         self.changed: list[str] = []
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        self.changed = []
-        updated = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
-        for gvar, func in mod.functions_items():
-            if kernel_kind(func) != "route":
-                continue
-            config = json.loads(str(func.attrs["moec.config"])) | {"pattern": self.pattern}
-            updated[gvar] = make_kernel("route", config, CpuSchedule())
-            self.changed.append(gvar.name_hint)
+        updated, self.changed = reconfigure_kernels(mod, "route", {"pattern": self.pattern})
         return updated

@@ -22,7 +22,7 @@ import json
 import tvm
 from tvm import relax
 
-from moec.kernels import kernel_kind, make_kernel
+from moec.kernels import kernel_kind
 from moec.passes.signature import (
     OutTypeFix,
     called_kernels,
@@ -30,8 +30,8 @@ from moec.passes.signature import (
     layer_arguments,
     main_param_types,
     rebuild,
+    reconfigured,
 )
-from moec.schedule import CpuSchedule
 
 LAYER_KERNELS = ("route", "group", "expert_up", "expert_down")
 
@@ -65,10 +65,9 @@ class MaskExperts:
             names = {}
             for kernel in called_kernels(mod, func, LAYER_KERNELS):
                 kind = kernel_kind(mod[kernel])
-                config = json.loads(str(mod[kernel].attrs["moec.config"]))
-                config |= {"kept": kept} if kind == "route" else {"num_experts": len(kept)}
+                extra = {"kept": kept} if kind == "route" else {"num_experts": len(kept)}
                 names[kernel.name_hint] = f"{name}_{kind}_masked"
-                kernels[names[kernel.name_hint]] = make_kernel(kind, config, CpuSchedule())
+                kernels[names[kernel.name_hint]] = reconfigured(mod[kernel], extra)
                 if kind == "group":  # offsets: one per kept expert, plus the end
                     out_types[names[kernel.name_hint]] = functools.partial(_group_outputs, len(kept))
             layers[name] = (func, types, names)

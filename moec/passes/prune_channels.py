@@ -23,7 +23,7 @@ import json
 import tvm
 from tvm import relax
 
-from moec.kernels import kernel_kind, make_kernel
+from moec.kernels import kernel_kind
 from moec.passes.signature import (
     OutTypeFix,
     called_kernels,
@@ -31,8 +31,8 @@ from moec.passes.signature import (
     layer_arguments,
     main_param_types,
     rebuild,
+    reconfigured,
 )
-from moec.schedule import CpuSchedule
 
 EXPERT_KERNELS = ("expert_up", "expert_down")
 
@@ -73,9 +73,8 @@ class PruneChannels:
             names = {}
             for kernel in called_kernels(mod, func, EXPERT_KERNELS):
                 kind = kernel_kind(mod[kernel])
-                config = json.loads(str(mod[kernel].attrs["moec.config"])) | {"ffn": width}
                 names[kernel.name_hint] = f"{name}_{kind}_pruned"
-                kernels[names[kernel.name_hint]] = make_kernel(kind, config, CpuSchedule())
+                kernels[names[kernel.name_hint]] = reconfigured(mod[kernel], {"ffn": width})
                 if kind == "expert_up":
                     out_types[names[kernel.name_hint]] = functools.partial(_intermediate, width)
             layers[name] = (func, types, names)

@@ -8,6 +8,7 @@ stores the weights in their new form.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -16,7 +17,8 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, PyExprVisitor, mutator, visitor
 
-from moec.kernels import kernel_kind
+from moec.kernels import kernel_kind, make_kernel
+from moec.schedule import CpuSchedule
 
 ParamTypes = dict[int, relax.TensorType]
 """New types of a function's parameters, by parameter position."""
@@ -176,3 +178,24 @@ def layer_arguments(main: relax.Function, slots: dict[str, Any]) -> dict[relax.V
 
     _Calls().visit_expr(main.body)
     return found
+
+
+def reconfigured(kernel: tvm.tirx.PrimFunc, extra: dict[str, Any]) -> tvm.tirx.PrimFunc:
+    """A moec kernel remade from its ``moec.config`` updated by ``extra`` (default schedule: the
+    schedule phase retiles it)."""
+    config = json.loads(str(kernel.attrs["moec.config"])) | extra
+    return make_kernel(kernel_kind(kernel), config, CpuSchedule())
+
+
+def reconfigure_kernels(
+    mod: tvm.IRModule, kind: str, extra: dict[str, Any]
+) -> tuple[tvm.IRModule, list[str]]:
+    """``mod`` with every ``kind`` kernel :func:`reconfigured` by ``extra`` (same signature, so
+    callers need no change); and the names of the kernels remade."""
+    updated = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
+    changed = []
+    for gvar, func in mod.functions_items():
+        if kernel_kind(func) == kind:
+            updated[gvar] = reconfigured(func, extra)
+            changed.append(gvar.name_hint)
+    return updated, changed

@@ -10,12 +10,9 @@ left are renormalised. Kernel signatures do not change. ``top1_above = 1`` never
 
 from __future__ import annotations
 
-import json
-
 import tvm
 
-from moec.kernels import kernel_kind, make_kernel
-from moec.schedule import CpuSchedule
+from moec.passes.signature import reconfigure_kernels
 
 
 @tvm.transform.module_pass(opt_level=0, name="SkipExperts")
@@ -27,12 +24,5 @@ class SkipExperts:
         self.changed: list[str] = []
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        self.changed = []
-        updated = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
-        for gvar, func in mod.functions_items():
-            if kernel_kind(func) != "route":
-                continue
-            config = json.loads(str(func.attrs["moec.config"])) | self.skip
-            updated[gvar] = make_kernel("route", config, CpuSchedule())
-            self.changed.append(gvar.name_hint)
+        updated, self.changed = reconfigure_kernels(mod, "route", self.skip)
         return updated

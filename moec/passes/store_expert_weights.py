@@ -18,14 +18,10 @@ Runs in the layers phase, before ``ApplyKernelSchedule`` retiles the remade kern
 
 from __future__ import annotations
 
-import json
-
 import tvm
 from tvm import relax
 
-from moec.kernels import kernel_kind, make_kernel
-from moec.passes.signature import called_kernels, is_layer, main_param_types, rebuild
-from moec.schedule import CpuSchedule
+from moec.passes.signature import called_kernels, is_layer, main_param_types, rebuild, reconfigured
 
 PRECISION_DTYPES = {"fp32": "float32", "fp16": "float16"}
 WEIGHT_KERNELS = ("expert_up", "expert_down")
@@ -59,9 +55,7 @@ class StoreExpertWeights:
                 continue
             names = {}
             for kernel in called_kernels(mod, func, WEIGHT_KERNELS):
-                kernel_func = mod[kernel]
-                config = json.loads(str(kernel_func.attrs["moec.config"])) | {"weight_dtype": self.dtype}
-                kernels[kernel.name_hint] = make_kernel(kernel_kind(kernel_func), config, CpuSchedule())
+                kernels[kernel.name_hint] = reconfigured(mod[kernel], {"weight_dtype": self.dtype})
                 names[kernel.name_hint] = kernel.name_hint
             layers[gvar.name_hint] = (func, types, names)
         retyped = {name: types for name, (_, types, _) in layers.items()}
