@@ -146,13 +146,16 @@ def lower_model(
     num_inputs = int(main.attrs["num_input"])
     weights = []
     for var, value in zip(main.params[num_inputs:], params.get("main", []), strict=True):
+        dtype = str(var.ty.dtype)
+        if var.name not in slices and var.name not in channels and str(value.dtype) == dtype:
+            weights.append(value)  # unchanged: no copy
+            continue
         array = value.numpy()
         if var.name in slices:
             array = array[slices[var.name]]
         if var.name in channels:
             axis, kept = channels[var.name]
             array = np.stack([np.take(array[e], ids, axis=axis - 1) for e, ids in enumerate(kept)])
-        dtype = str(var.ty.dtype)
         weights.append(tvm.runtime.tensor(np.ascontiguousarray(array.astype(dtype, copy=False))))
     return mod, {"main": weights}
 
