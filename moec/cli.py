@@ -52,6 +52,11 @@ def _progress(message: str) -> None:
     click.echo(f"[{time.perf_counter() - _STARTED:6.1f}s] {message}", err=True)
 
 
+def _note(label: str, message: str) -> None:
+    """A line of ``verify``'s report that is neither a result nor an error."""
+    click.echo(f"{label:>14}  note: {message}")
+
+
 def _load_inputs(path: Path, session) -> dict[str, np.ndarray]:
     feeds = _read_npz(path)
     session.check_inputs(feeds, str(path))
@@ -262,6 +267,10 @@ def compile(  # noqa: A001
         routing=routing,
         log=_progress,
     )
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    for layer in manifest["layers"]:
+        for caveat in layer.get("caveats", []):
+            click.echo(f"moec: warning: {layer['name']}: {caveat}", err=True)
     for layer, experts in (kept or {}).items():
         click.echo(f"{layer}: kept experts {experts}")
     for layer, per_expert in (channels or {}).items():
@@ -332,6 +341,12 @@ def run(artifact: Path, inputs: Path | None, output: Path | None, tokens: int, r
     type=click.IntRange(min=1),
     help="Token counts to check with random inputs (repeatable; default 1 and 7).",
 )
+@click.option(
+    "--expected",
+    type=click.Path(path_type=Path),
+    help="With --inputs: .npz of the outputs the original framework (e.g. PyTorch) gave for them, keyed "
+    "by ONNX output name; checked as well as the reference.",
+)
 @click.option("--atol", default=1e-4, show_default=True, help="Largest acceptable absolute error.")
 @click.option(
     "--against",
@@ -342,7 +357,13 @@ def run(artifact: Path, inputs: Path | None, output: Path | None, tokens: int, r
 )
 @user_errors
 def verify(
-    model: Path, artifact: Path, inputs: Path | None, tokens: tuple[int, ...], atol: float, against: str
+    model: Path,
+    artifact: Path,
+    inputs: Path | None,
+    tokens: tuple[int, ...],
+    expected: Path | None,
+    atol: float,
+    against: str,
 ) -> None:
     """Check ARTIFACT against the numpy reference of MODEL; exit 1 above tolerance.
 
@@ -369,6 +390,13 @@ def verify(
         click.echo(session.how)
     _check_interface(onnx_model, session, model, artifact)
     cases = []
+    if expected and not inputs:
+        _fail(f"--expected {expected}: pass the inputs those outputs came from with --inputs")
+    known = _read_npz(expected) if expected else {}
+    outputs = [o["name"] for o in session.outputs]
+    unknown = sorted(set(known) - set(outputs))
+    if unknown:
+        _fail(f"{expected}: {unknown} are not outputs of {artifact}; its outputs are {outputs}")
     if inputs:
         feeds = _load_inputs(inputs, session)
         cases.append((feeds, None))
@@ -398,18 +426,23 @@ def verify(
                 )
             for layer, share in router_agreement(onnx_model, session.manifest, feeds).items():
                 click.echo(f"{label:>14}  {layer} router agreement with the original: {share:.1%}")
-        expected = reference_outputs(onnx_model, session.manifest, feeds)
-        for err in compare_outputs(actual, expected, count or 0):
-            status = "ok" if err.within(atol) else "FAIL"
-            failed |= not err.within(atol)
-            worst = max(worst, err.max_abs)
-            shape_note = "" if err.shape_ok else " (shape or dtype differs)"
-            click.echo(
-                f"{label:>14}  {err.name}: max abs {err.max_abs:.3e}  max rel {err.max_rel:.3e}  "
-                f"{status}{shape_note}"
-            )
+        note = functools.partial(_note, label)
+        checks = [("", reference_outputs(onnx_model, session.manifest, feeds, on_fallback=note))]
+        if known:
+            checks.append((f" vs {expected.name}", known))
+        for against_what, wanted in checks:
+            for err in compare_outputs(actual, wanted, count or 0):
+                status = "ok" if err.within(atol) else "FAIL"
+                failed |= not err.within(atol)
+                worst = max(worst, err.max_abs)
+                shape_note = "" if err.shape_ok else " (shape or dtype differs)"
+                click.echo(
+                    f"{label:>14}  {err.name}{against_what}: max abs {err.max_abs:.3e}  "
+                    f"max rel {err.max_rel:.3e}  {status}{shape_note}"
+                )
     if failed:
-        _fail(f"{artifact} differs from the reference of {model} by {worst:.3e} > atol {atol:g}")
+        what = f"the reference of {model}" + (f" or {expected}" if known else "")
+        _fail(f"{artifact} differs from {what} by {worst:.3e} > atol {atol:g}")
     click.echo(f"verified: max abs error {worst:.3e} <= {atol:g}")
 
 
@@ -505,17 +538,39 @@ def inspect(model: Path, as_json: bool) -> None:
     click.echo(f"{model}: {len(layers)} MoE layer(s)")
     header = (
         f"{'layer':<6} {'experts':>7} {'top-k':>5} {'hidden':>6} {'ffn':>6} {'activation':<14} "
-        f"{'router':<16} {'shared':<6} {'params MB':>9} {'dense MB/tok':>12} {'sparse MB/tok':>13}"
+        f"{'router':<32} {'shared':<6} {'params MB':>9} {'dense MB/tok':>12} {'sparse MB/tok':>13}"
     )
     click.echo(header)
     for layer in layers:
-        router = layer["router"]["scoring"] + (" +renorm" if layer["router"]["normalize"] else "")
+        router = _router_summary(layer["router"])
         click.echo(
             f"{layer['name']:<6} {layer['experts']:>7} {layer['top_k']:>5} {layer['hidden']:>6} "
-            f"{layer['ffn']:>6} {layer['activation']:<14} {router:<16} "
+            f"{layer['ffn']:>6} {layer['activation']:<14} {router:<32} "
             f"{'yes' if layer['shared_expert'] else 'no':<6} {layer['parameter_bytes'] / 1e6:>9.3f} "
             f"{layer['bytes_per_token_dense'] / 1e6:>12.3f} {layer['bytes_per_token_sparse'] / 1e6:>13.3f}"
         )
+    for layer in layers:
+        for caveat in layer.get("caveats", []):
+            click.echo(f"moec: warning: {layer['name']}: {caveat}", err=True)
+
+
+def _router_summary(rule: dict) -> str:
+    """A routing rule (``MoELayer.router()``) in a few words, e.g. ``sigmoid +bias 2/4grp +norm x2.5``
+    or ``softmax capacity 64``."""
+    words = [rule["scoring"]]
+    if "selection_bias" in rule:
+        words.append("+bias")
+    if "groups" in rule:
+        words.append(f"{rule['top_groups']}/{rule['groups']}grp")
+    if rule["normalize"]:
+        words.append("+norm")
+    if "scale" in rule:
+        words.append(f"x{rule['scale']:g}")
+    if rule.get("gain_on_input"):
+        words.append("w*x")
+    if "capacity" in rule:
+        words.append(f"capacity {rule['capacity']}")
+    return " ".join(words)
 
 
 @main.command()

@@ -12,6 +12,7 @@ from moec.reference.evaluator import run_reference
 from moec.runtime.session import ArtifactSession
 
 FP32_ATOL = 1e-4
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 
 
 def assert_close(actual: np.ndarray, expected: np.ndarray, atol: float, what: str = "") -> None:
@@ -68,3 +69,14 @@ def softmax_top_k(x: np.ndarray, router_w: np.ndarray, k: int) -> tuple[np.ndarr
     index = np.argsort(-probs, axis=1, kind="stable")[:, :k]
     gain = np.take_along_axis(probs, index, 1)
     return index, gain / gain.sum(1, keepdims=True)
+
+
+def fixture_cases(name: str) -> dict[str, tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
+    """An exported fixture's npz (keys ``CASE.in.NAME`` / ``CASE.out.NAME``) as
+    {case: (inputs, PyTorch outputs)}."""
+    cases: dict = {}
+    with np.load(FIXTURES / "models" / f"{name}.npz") as data:
+        for key in data.files:
+            case, kind, tensor = key.split(".", 2)
+            cases.setdefault(case, ({}, {}))[0 if kind == "in" else 1][tensor] = data[key]
+    return cases

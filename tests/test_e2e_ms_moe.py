@@ -24,6 +24,8 @@ VARIANTS = [
     ("silu-with-fc3", dict(activation="silu", fc3=True), False),
     ("top1-unnormalised", dict(activation="relu", k=1, normalize=0, router_bias=True), True),
     ("top3-of-8", dict(activation="silu", k=3, experts=8), True),
+    # onnxruntime's CPU kernel ignores use_sparse_mixer (plain softmax top-2): numpy only
+    ("sparse-mixer", dict(activation="silu", k=2, use_sparse_mixer=1), False),
 ]
 
 

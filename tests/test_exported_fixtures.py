@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from click.testing import CliRunner
 
@@ -21,10 +22,9 @@ from moec.cli import main
 from moec.frontend.importer import find_blocks
 from moec.frontend.loader import load_model
 from moec.reference.evaluator import run_reference
+from moec.reference.stored import canonical_evaluator
 from moec.runtime.session import ArtifactSession
-from tests.helpers import FP32_ATOL, assert_close
-
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+from tests.helpers import FIXTURES, FP32_ATOL, assert_close, fixture_cases
 
 # family -> exporters whose block moec compiles sparsely (fixtures/README.md has the whole map).
 SUPPORTED = {
@@ -54,15 +54,29 @@ SUPPORTED = {
     ],
 }
 SUPPORTED["gpt_oss"] = [*SUPPORTED["mixtral"]]  # router bias, top-k then softmax, clamped SwiGLU, biases
+# sigmoid scores, correction bias, group-limited top-k, renormalised then scaled; shared experts
+SUPPORTED["deepseek_v3"] = [*SUPPORTED["mixtral"]]
+SUPPORTED["phimoe"] = [*SUPPORTED["mixtral"], "torchscript-eager"]  # sparsemixer routing
+# sigmoid top-1 weighting the expert *input*, dense bmm over all experts, shared expert
+SUPPORTED["llama4"] = ["dynamo-na", "torchscript-na", "hf-onnx-na", "hf-onnx-ort-cuda-na"]
+# top-1 softmax, relu experts in a traced per-expert loop (its router's .to() breaks torch.export)
+SUPPORTED["switch_transformers"] = ["torchscript-na"]
 # TorchScript's trace of the eager loop, unrolled for every expert: compiled for every routing
 # (onnxruntime runs the same graph only when every expert is hit).
 SUPPORTED["mixtral"].append("torchscript-eager")
 SUPPORTED["gpt_oss"].append("torchscript-eager")
 # ... and unrolled for fewer experts than the router has: refused, with how to re-export.
 TRACE_SPECIALISED = {
+    "deepseek_v3-block-torchscript-eager": (6, 8),
     "olmoe-block-torchscript-eager": (5, 8),
+    "qwen2_moe-block-torchscript-eager": (7, 8),
     "qwen3_moe-block-torchscript-eager": (7, 8),
     "qwen3_moe-decoder-torchscript-eager": (6, 8),
+}
+# Traces of a loop over the experts, with split sizes from the traced input: the graph itself runs
+# only at the traced token count (moec's compiled layer, and the canonical reference, at any).
+TRACED_LOOPS = {f"{family}-block-torchscript-eager" for family in SUPPORTED} | {
+    "switch_transformers-block-torchscript-na"
 }
 IN_CI = {
     "mixtral-block-dynamo-batched_mm",
@@ -72,6 +86,10 @@ IN_CI = {
     "olmoe-block-hf-onnx-ort-cuda-batched_mm",
     "qwen2_moe-block-dynamo-batched_mm",
     "gpt_oss-block-torchscript-batched_mm",
+    "deepseek_v3-block-torchscript-batched_mm",
+    "phimoe-block-dynamo-batched_mm",
+    "llama4-block-hf-onnx-na",
+    "switch_transformers-block-torchscript-na",
 }
 
 
@@ -82,16 +100,6 @@ def _fixtures() -> list:
     return [pytest.param(name, marks=() if name in IN_CI else pytest.mark.slow) for name in names]
 
 
-def _cases(name: str) -> dict[str, tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
-    """npz keys ``CASE.in.NAME`` / ``CASE.out.NAME`` as {case: (inputs, PyTorch outputs)}."""
-    cases: dict = {}
-    with np.load(FIXTURES / "models" / f"{name}.npz") as data:
-        for key in data.files:
-            case, kind, tensor = key.split(".", 2)
-            cases.setdefault(case, ({}, {}))[0 if kind == "in" else 1][tensor] = data[key]
-    return cases
-
-
 @pytest.mark.parametrize("name", _fixtures())
 def test_exported_block_compiles_sparse_and_matches_pytorch(name: str, tmp_path: Path) -> None:
     path = FIXTURES / "models" / f"{name}.onnx"
@@ -99,14 +107,18 @@ def test_exported_block_compiles_sparse_and_matches_pytorch(name: str, tmp_path:
     blocks = find_blocks(model)
     assert len(blocks) == 1, f"{name}: {len(blocks)} MoE blocks recognised"
     session = ArtifactSession(compile_model(path, "host", tmp_path / "artifact"))
-    cases = _cases(name)
+    canonical, _ = canonical_evaluator(model)  # the graph with each block as numpy layer semantics
+    outputs = [o.name for o in model.graph.output]
+    cases = fixture_cases(name)
     assert set(cases) == {"traced", "other", "one"}
     for case, (feeds, torch_outputs) in cases.items():
         actual = session.run(feeds)
         for output, expected in torch_outputs.items():
             assert_close(actual[output], expected, FP32_ATOL, f"{name} {case} {output} vs PyTorch")
-        if name.endswith("eager") and case == "one":
-            continue  # the traced graph itself cannot run when an expert is not hit (nor can onnxruntime)
+        for output, expected in zip(outputs, canonical.run(None, feeds), strict=True):
+            assert_close(actual[output], expected, FP32_ATOL, f"{name} {case} {output} vs canonical numpy")
+        if case != "traced" and name in TRACED_LOOPS:
+            continue  # the traced graph itself cannot run at other counts (nor can onnxruntime)
         for output, expected in run_reference(model, feeds).items():
             assert_close(actual[output], expected, FP32_ATOL, f"{name} {case} {output} vs numpy")
 
@@ -135,3 +147,86 @@ def test_trace_specialised_graph_is_refused_with_how_to_reexport(
     assert f"only {unrolled} of the router's {experts} experts" in lines[0]
     assert "TorchScript" in lines[0] and "batched_mm" in lines[0] and "TopK" in lines[0]
     assert not out.exists()
+
+
+def test_expert_capacity_is_compiled_as_the_graph_applies_it(tmp_path: Path) -> None:
+    """Switch's router drops the tokens of a sequence past an expert's capacity (3 in the
+    fixture): at 13 tokens PyTorch drops some (their output rows are 0), and moec drops the same."""
+    name = "switch_transformers-block-torchscript-na"
+    path = FIXTURES / "models" / f"{name}.onnx"
+    (block,) = find_blocks(load_model(path))
+    assert block.layer.capacity == 3 and block.layer.caveats == ()
+    feeds, torch_outputs = fixture_cases(name)["other"]
+    dropped = np.flatnonzero(~torch_outputs["output"].any(axis=-1).reshape(-1))
+    assert len(dropped) >= 2, "the fixture's 13 tokens overflow an expert"
+    actual = ArtifactSession(compile_model(path, "host", tmp_path / "artifact")).run(feeds)["output"]
+    assert_close(actual, torch_outputs["output"], FP32_ATOL, f"{name} vs PyTorch")
+    assert not actual.reshape(-1, actual.shape[-1])[dropped].any()
+    result = CliRunner(env={"MOEC_DEBUG": None}).invoke(main, ["inspect", str(path)])
+    assert result.exit_code == 0 and "capacity 3" in result.output, result.output
+
+
+def test_expert_capacity_moec_cannot_model_is_reported(tmp_path: Path) -> None:
+    """A running count moec does not model (here over the experts instead of the tokens: it never
+    drops) is compiled without a capacity, with a warning that says so."""
+    model = load_model(FIXTURES / "models" / "switch_transformers-block-torchscript-na.onnx")
+    producers = {o: n for n in model.graph.node for o in n.output}
+    (cumsum,) = [n for n in model.graph.node if n.op_type == "CumSum"]
+    producers[cumsum.input[1]].attribute[0].t.CopyFrom(onnx.numpy_helper.from_array(np.array(-1)))
+    (block,) = find_blocks(model)
+    assert block.layer.capacity is None and len(block.layer.caveats) == 1
+    assert "expert capacity of 3 in a way moec does not model" in block.layer.caveats[0]
+    onnx.save(model, tmp_path / "counted_over_experts.onnx")
+    result = CliRunner(env={"MOEC_DEBUG": None}).invoke(
+        main, ["inspect", str(tmp_path / "counted_over_experts.onnx")]
+    )
+    assert result.exit_code == 0, result.output
+    assert "moec: warning: moe0: the graph drops the tokens past an expert capacity of 3" in result.stderr
+
+
+def test_cli_verifies_a_compiled_export_against_pytorch_outputs(tmp_path: Path) -> None:
+    """`moec compile` then `moec verify --inputs --expected` with the fixture's PyTorch outputs, at the
+    traced, another and a single-token shape; outputs that differ fail with a one-line error."""
+    name = "deepseek_v3-block-torchscript-batched_mm"
+    path = FIXTURES / "models" / f"{name}.onnx"
+    out = tmp_path / "out"
+    runner = CliRunner(env={"MOEC_DEBUG": None})
+    compiled = runner.invoke(main, ["compile", str(path), "--target", "host", "-o", str(out)])
+    assert compiled.exit_code == 0, compiled.output
+    for case, (feeds, torch_outputs) in fixture_cases(name).items():
+        np.savez(tmp_path / f"{case}.in.npz", **feeds)
+        np.savez(tmp_path / f"{case}.torch.npz", **torch_outputs)
+        args = ["verify", str(path), str(out), "--inputs", str(tmp_path / f"{case}.in.npz")]
+        verified = runner.invoke(main, [*args, "--expected", str(tmp_path / f"{case}.torch.npz")])
+        assert verified.exit_code == 0, verified.output
+        assert f"output vs {case}.torch.npz: max abs" in verified.output and " ok" in verified.output
+    np.savez(tmp_path / "wrong.npz", output=torch_outputs["output"] + 0.01)
+    wrong = runner.invoke(main, [*args, "--expected", str(tmp_path / "wrong.npz")])
+    assert wrong.exit_code == 1 and "FAIL" in wrong.output
+    assert wrong.stderr.strip().splitlines()[-1].startswith("moec: error:")
+    assert "wrong.npz by 1.000e-02 > atol" in wrong.stderr
+    np.savez(tmp_path / "unknown.npz", logits=torch_outputs["output"])
+    unknown = runner.invoke(main, [*args, "--expected", str(tmp_path / "unknown.npz")])
+    assert unknown.exit_code == 1 and "['logits'] are not outputs" in unknown.stderr
+    alone = runner.invoke(main, ["verify", str(path), str(out), "--expected", str(tmp_path / "wrong.npz")])
+    assert alone.exit_code == 1 and "pass the inputs those outputs came from with --inputs" in alone.stderr
+
+
+def test_cli_verifies_a_masked_capacity_layer_where_the_traced_graph_cannot_run(tmp_path: Path) -> None:
+    """Switch's traced loop runs (in onnx's reference) at some token counts only; verify then checks
+    through the canonical layers and says so. Masking remakes the capacity kernel for the experts kept."""
+    path = FIXTURES / "models" / "switch_transformers-block-torchscript-na.onnx"
+    runner = CliRunner(env={"MOEC_DEBUG": None})
+    profiled = runner.invoke(
+        main, ["profile", str(path), "--synthetic", "64", "-o", str(tmp_path / "p.json")]
+    )
+    assert profiled.exit_code == 0, profiled.output
+    for extra in ([], ["--profile", str(tmp_path / "p.json"), "--keep-experts", "3"]):
+        out = tmp_path / f"out{len(extra)}"
+        compiled = runner.invoke(main, ["compile", str(path), "-o", str(out), *extra])
+        assert compiled.exit_code == 0, compiled.output
+        verified = runner.invoke(main, ["verify", str(path), str(out), "-n", "1", "-n", "13", "-n", "30"])
+        assert verified.exit_code == 0, verified.output
+        assert verified.output.count("output: max abs") == 3
+        if not extra:
+            assert "1 token(s)  note: the graph itself does not run at these shapes" in verified.output

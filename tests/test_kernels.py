@@ -11,7 +11,7 @@ import tvm
 
 from moec.frontend.layer import MoELayer
 from moec.kernels import make_kernel
-from moec.reference.canonical import expert_ffn, route
+from moec.reference.canonical import LayerPlan, drop_past_capacity, expert_ffn, route
 from moec.schedule import CpuSchedule
 from tests.helpers import assert_close
 
@@ -89,6 +89,75 @@ def test_route_matches_numpy_including_ties(tie_break, scoring, normalize):
     expected_index, expected_weight = route(layer, logits)
     assert_close(index, expected_index.astype(np.int32), 0)
     assert_close(weight, expected_weight.astype(np.float32), 1e-6)
+
+
+ROUTING_RULES = {
+    # DeepSeek-V3: sigmoid, correction bias, 2 of 4 groups, renormalised then scaled
+    "grouped": {"scoring": "sigmoid", "normalize": True, "groups": 4, "top_groups": 2, "scale": 2.5},
+    "biased": {"scoring": "sigmoid", "normalize": False, "scale": 0.5},
+    # PhiMoE's sparsemixer (a wide and a narrow jitter window)
+    "sparsemixer": {"scoring": "sparsemixer", "normalize": False, "jitter_eps": 0.01},
+    "sparsemixer-wide": {"scoring": "sparsemixer", "normalize": False, "jitter_eps": 0.5},
+}
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("rule", sorted(ROUTING_RULES))
+def test_route_rules_match_numpy(rule, masked):
+    experts, k = 8, 2
+    rng = np.random.default_rng(7)
+    rule = dict(ROUTING_RULES[rule])
+    if rule["scoring"] != "sparsemixer":
+        rule["selection_bias"] = (rng.standard_normal(experts) * 0.3).astype(np.float32).tolist()
+    layer = _layer(experts=experts, k=k, **{key: v for key, v in rule.items() if key != "normalize"})
+    layer.normalize = rule["normalize"]
+    logits = rng.standard_normal((11, experts)).astype(np.float32)
+    logits[0] = 0.0  # sparsemixer's gap is 0/0 here: those experts count (torch's mask is False)
+    logits[1, [2, 5]] = 2.0  # a tie for first place
+    kept = [0, 2, 3, 5, 6, 7] if masked else None
+    config = {"num_experts": experts, "top_k": k, "tie_break": "low", **rule}
+    if kept:
+        config["kept"] = kept
+    index, weight = _run(
+        "route", config, CpuSchedule(), logits, outputs=[((11, k), "int32"), ((11, k), "float32")]
+    )
+    plan = LayerPlan(kept=kept)
+    expected_index, expected_weight = route(layer, logits, plan)
+    if kept:
+        expected_index = np.searchsorted(kept, expected_index)
+    assert_close(index, expected_index.astype(np.int32), 0)
+    assert_close(weight, expected_weight.astype(np.float32), 1e-6)
+
+
+@pytest.mark.parametrize(("sequences", "tokens", "k", "capacity"), [(1, 1, 1, 1), (3, 9, 1, 2), (2, 7, 2, 3)])
+def test_capacity_drops_what_numpy_drops(sequences, tokens, k, capacity):
+    """Per sequence, each expert keeps its first ``capacity`` selections; slots already skipped
+    (index E in the kernels, -1 in numpy) stay skipped and take no room."""
+    experts = 4
+    rng = np.random.default_rng(sequences * 10 + tokens)
+    index = np.stack([rng.choice(experts, k, replace=False) for _ in range(sequences * tokens)])
+    index[rng.random(index.shape) < 0.15] = -1
+    weight = np.where(index >= 0, rng.random(index.shape), 0.0).astype(np.float32)
+    kernel_index = np.where(index >= 0, index, experts).astype(np.int32).reshape(sequences, tokens, k)
+    shape = (sequences, tokens, k)
+    kept_index, kept_weight = _run(
+        "capacity",
+        {"num_experts": experts, "top_k": k, "capacity": capacity},
+        CpuSchedule(),
+        kernel_index,
+        weight.reshape(shape),
+        outputs=[(shape, "int32"), (shape, "float32")],
+    )
+    expected_index, expected_weight = drop_past_capacity(index, weight, capacity, tokens)
+    expected_kernel_index = np.where(expected_index >= 0, expected_index, experts).astype(np.int32)
+    assert_close(kept_index.reshape(-1, k), expected_kernel_index, 0)
+    assert_close(kept_weight.reshape(-1, k), expected_weight.astype(np.float32), 0)
+    if sequences > 1:  # the case drops something, and counts each sequence afresh
+        assert (expected_index == -1).sum() > (index == -1).sum()
+        assert not np.array_equal(
+            drop_past_capacity(index, weight, capacity, tokens)[0],
+            drop_past_capacity(index, weight, capacity, len(index))[0],
+        )
 
 
 @pytest.mark.parametrize("tokens", [1, 4, 7])

@@ -170,7 +170,8 @@ UP = {
     "limit": float("inf"),
 }
 DOWN = {"num_experts": 6, "hidden": 64, "ffn": 96, "top_k": 2}
-CASES = {"route": ROUTE, "group": GROUP, "expert_up": UP, "expert_down": DOWN}
+CAPACITY = {"num_experts": 6, "top_k": 2, "capacity": 3}
+CASES = {"route": ROUTE, "capacity": CAPACITY, "group": GROUP, "expert_up": UP, "expert_down": DOWN}
 
 
 @pytest.fixture(scope="module")
@@ -230,6 +231,26 @@ def test_gpu_expert_kernels_compile_across_schedules_and_tails(schedule, config,
     assert f"moe0_{kind}_kernel" in cubins[0].functions
     if config.get("weight_dtype") == "float16":
         assert "half" in source
+
+
+@needs_nvcc
+@pytest.mark.parametrize(
+    "rule",
+    [
+        {
+            "scoring": "sigmoid",
+            "selection_bias": [0.1, -0.2, 0.0, 0.3, 0.05, -0.1],
+            "groups": 3,
+            "top_groups": 2,
+        },
+        {"scoring": "sparsemixer", "jitter_eps": 0.01},
+    ],
+    ids=["deepseek-grouped", "phimoe-sparsemixer"],
+)
+def test_gpu_route_kernel_compiles_every_routing_rule(rule, orin):
+    config = {"num_experts": 6, "top_k": 2, "normalize": True, "tie_break": "low", "scale": 2.5, **rule}
+    source, cubins = _build("route", config, GpuSchedule(), orin)
+    assert "moe0_route_kernel" in cubins[0].functions and "threadIdx.x" in source
 
 
 def test_gpu_schedule_gives_thread_bound_kernels_marked_scheduled():

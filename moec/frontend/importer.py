@@ -10,11 +10,14 @@ from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
 from moec.errors import MoecError
 from moec.frontend.block import MoEBlock
+from moec.frontend.contrib_ops import converter as contrib_converter
+from moec.frontend.fold import fold_constants
 from moec.frontend.graph import GraphIndex, node_label
 from moec.frontend.layer import MoELayer
 from moec.frontend.lift import lift_to_relax
 from moec.frontend.ms_moe import find_ms_moe_blocks
 from moec.frontend.rewrite import LAYER_OP, replace_blocks
+from moec.frontend.shape_arith import scalarize_shape_arithmetic
 from moec.frontend.standard import find_standard_blocks
 
 
@@ -54,9 +57,13 @@ def import_model(model: onnx.ModelProto) -> ImportedModel:
     """Locate MoE blocks, replace them, and check every remaining op can be converted."""
     blocks = find_blocks(model)
     canonical = replace_blocks(model, blocks) if blocks else model
+    canonical = fold_constants(canonical)  # shapes known at compile time: see moec.frontend.fold
+    canonical = scalarize_shape_arithmetic(canonical)
     supported = _get_convert_map()
     for node in canonical.graph.node:
         if node.op_type == LAYER_OP and node.domain == "moec":
+            continue
+        if contrib_converter(node.domain, node.op_type) is not None:
             continue
         if node.op_type not in supported or node.domain not in ("", "ai.onnx"):
             raise MoecError(

@@ -2,8 +2,8 @@
 
 Everything except the MoE layers goes through TVM's own ONNX frontend. Each MoE layer
 becomes a Relax function ``<layer>`` (attribute ``moec.layer`` holds its JSON description)
-called from ``main``; its body calls our sparse TIR kernels: route → group → expert_up →
-expert_down. Weights stay function parameters (``keep_params_in_input``) so they can be
+called from ``main``; its body calls our sparse TIR kernels: route → (capacity) → group →
+expert_up → expert_down. Weights stay function parameters (``keep_params_in_input``) so they can be
 stored outside the compiled library.
 """
 
@@ -16,10 +16,22 @@ import tvm
 from tvm import relax
 from tvm.relax.frontend.onnx.onnx_frontend import ONNXGraphImporter
 
+from moec.frontend.contrib_ops import converter as contrib_converter
+from moec.frontend.converters import CONVERTERS as OWN_CONVERTERS
 from moec.frontend.layer import MoELayer
 from moec.frontend.rewrite import LAYER_OP
 from moec.kernels import make_kernel
 from moec.schedule import CpuSchedule
+
+
+def _route_rule(layer: MoELayer) -> dict:
+    """The route kernel's routing-rule keywords: the layer's router, less what only describes it."""
+    rule = layer.router()
+    rule.pop("gain_on_input", None)  # applied around the kernels, not by the router
+    rule.pop("capacity", None)  # a kernel of its own
+    if layer.scoring != "sparsemixer":
+        rule.pop("jitter_eps", None)
+    return rule
 
 
 def build_layer_function(
@@ -28,17 +40,14 @@ def build_layer_function(
     """Adds ``layer``'s kernels and its Relax function to ``bb``'s module; returns the function.
 
     Kernels get the default schedule; the pipeline's ``ApplyKernelSchedule`` retiles them.
+    The function takes ``x`` ``[n, H]`` and ``logits`` ``[n, E]``, or, with an expert capacity,
+    ``[r, s, H]`` and ``[r, s, E]``: ``r`` sequences of ``s`` tokens, each counted on its own.
     """
     E, K, H, F = layer.num_experts, layer.top_k, layer.hidden, layer.ffn
     prefix = layer.name
     configs = {
-        "route": {
-            "num_experts": E,
-            "top_k": K,
-            "scoring": layer.scoring,
-            "normalize": layer.normalize,
-            "tie_break": layer.tie_break,
-        },
+        "route": {"num_experts": E, "top_k": K, "tie_break": layer.tie_break, **_route_rule(layer)},
+        "capacity": {"num_experts": E, "top_k": K, "capacity": layer.capacity},
         "group": {"num_experts": E, "top_k": K},
         "expert_up": {
             "num_experts": E,
@@ -53,27 +62,47 @@ def build_layer_function(
         },
         "expert_down": {"num_experts": E, "hidden": H, "ffn": F, "top_k": K},
     }
-    route, group, up, down = (
-        bb.add_func(make_kernel(kind, config, CpuSchedule()), f"{prefix}_{kind}")
+    if layer.capacity is None:
+        del configs["capacity"]
+    kernels = {
+        kind: bb.add_func(make_kernel(kind, config, CpuSchedule()), f"{prefix}_{kind}")
         for kind, config in configs.items()
-    )
+    }
+    route, group, up, down = (kernels[kind] for kind in ("route", "group", "expert_up", "expert_down"))
 
-    n = tvm.tirx.Var("n", "int64")
-    x = relax.Var("x", relax.TensorType((n, H), "float32"))
-    logits = relax.Var("logits", relax.TensorType((n, E), "float32"))
+    if layer.capacity is None:
+        n = tvm.tirx.Var("n", "int64")
+        rows: tuple = (n,)
+    else:
+        rows = (tvm.tirx.Var("r", "int64"), tvm.tirx.Var("s", "int64"))
+        n = rows[0] * rows[1]
+    x_in = relax.Var("x", relax.TensorType((*rows, H), "float32"))
+    logits_in = relax.Var("logits", relax.TensorType((*rows, E), "float32"))
     weights = [relax.Var(f"w{i}", ty) for i, ty in enumerate(weight_types)]
     lb = relax.BlockBuilder()
     # No dataflow block: our kernels are opaque to the fusion passes that inspect those.
-    with lb.function(prefix, params=[x, logits, *weights], private=True):
-        routed = lb.emit(
-            relax.call_tir(
-                route, [logits], [relax.TensorType((n, K), "int32"), relax.TensorType((n, K), "float32")]
+    with lb.function(prefix, params=[x_in, logits_in, *weights], private=True):
+        x, logits = x_in, logits_in
+        if layer.capacity is not None:
+            x = lb.emit(relax.op.reshape(x_in, (n, H)))
+            logits = lb.emit(relax.op.reshape(logits_in, (n, E)))
+        pair_types = [relax.TensorType((n, K), "int32"), relax.TensorType((n, K), "float32")]
+        routed = lb.emit(relax.call_tir(route, [logits], pair_types))
+        index, routing_weight = relax.TupleGetItem(routed, 0), relax.TupleGetItem(routed, 1)
+        if layer.capacity is not None:
+            by_sequence = [lb.emit(relax.op.reshape(v, (*rows, K))) for v in (index, routing_weight)]
+            sequence_types = [relax.TensorType((*rows, K), t.dtype) for t in pair_types]
+            limited = lb.emit(relax.call_tir(kernels["capacity"], by_sequence, sequence_types))
+            index, routing_weight = (
+                lb.emit(relax.op.reshape(relax.TupleGetItem(limited, i), (n, K))) for i in range(2)
             )
-        )
+        if layer.gain_on_input:  # top-1 (Llama 4): the expert reads w * x, its output is not scaled
+            x = lb.emit(relax.op.multiply(x, routing_weight))
+            routing_weight = lb.emit(relax.op.ones_like(routing_weight))
         grouped = lb.emit(
             relax.call_tir(
                 group,
-                [relax.TupleGetItem(routed, 0), relax.TupleGetItem(routed, 1)],
+                [index, routing_weight],
                 [
                     relax.TensorType((E + 1,), "int32"),
                     relax.TensorType((n * K,), "int32"),
@@ -96,8 +125,26 @@ def build_layer_function(
     return bb.add_func(func, prefix)
 
 
+CONTRIB_PREFIX = "moec.contrib:"
+"""Op-type prefix that marks, in the lifted copy of the graph, a node converted by
+:mod:`moec.frontend.contrib_ops` (TVM's converter hook sees op types, not domains:
+``com.microsoft::RotaryEmbedding`` is not ONNX's own ``RotaryEmbedding``)."""
+
+
+def _tag_contrib_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose contrib-op nodes have op type ``CONTRIB_PREFIX + domain:op``."""
+    if not any(contrib_converter(n.domain, n.op_type) for n in model.graph.node):
+        return model
+    tagged = onnx.ModelProto()
+    tagged.CopyFrom(model)
+    for node in tagged.graph.node:
+        if contrib_converter(node.domain, node.op_type):
+            node.op_type = f"{CONTRIB_PREFIX}{node.domain}:{node.op_type}"
+    return tagged
+
+
 class MoEGraphImporter(ONNXGraphImporter):
-    """TVM's ONNX importer, taught the ``moec::MoELayer`` node."""
+    """TVM's ONNX importer, taught the ``moec::MoELayer`` node and onnxruntime's contrib ops."""
 
     def __init__(self, layers: list[MoELayer], **kwargs) -> None:
         super().__init__(**kwargs)
@@ -106,20 +153,33 @@ class MoEGraphImporter(ONNXGraphImporter):
     def _check_for_unsupported_ops(self, graph: onnx.GraphProto) -> None:
         ours = onnx.GraphProto()
         ours.CopyFrom(graph)
-        kept = [n for n in ours.node if n.op_type != LAYER_OP]
+        kept = [n for n in ours.node if n.op_type != LAYER_OP and not n.op_type.startswith(CONTRIB_PREFIX)]
         del ours.node[:]
         ours.node.extend(kept)
         super()._check_for_unsupported_ops(ours)
 
     def _convert_operator(self, op_name, inputs, attrs, opset):
+        if op_name.startswith(CONTRIB_PREFIX):
+            domain, op_type = op_name[len(CONTRIB_PREFIX) :].split(":", 1)
+            result = contrib_converter(domain, op_type)(self.bb, list(inputs), attrs)
+            return self.bb.normalize(result) if isinstance(result, relax.Expr) else result
+        if op_name in OWN_CONVERTERS:
+            result = OWN_CONVERTERS[op_name](self.bb, list(inputs), attrs)
+            if result is not None:
+                return self.bb.normalize(result)
         if op_name != LAYER_OP:
             return super()._convert_operator(op_name, inputs, attrs, opset)
         layer = self._layers[attrs["layer"]]
         x, logits, *weights = inputs
         func = build_layer_function(self.bb, layer, [w.ty for w in weights])
         x_shape = x.ty.shape
-        flat_x = self.bb.emit(relax.op.reshape(x, (-1, layer.hidden)))
-        flat_logits = self.bb.emit(relax.op.reshape(logits, (-1, layer.num_experts)))
+        if layer.capacity is None:
+            leading: tuple = (-1,)
+        else:  # sequences: rows of the input's second-last axis
+            dims = list(x_shape.values)
+            leading = (-1, dims[-2]) if len(dims) >= 3 else (1, -1)
+        flat_x = self.bb.emit(relax.op.reshape(x, (*leading, layer.hidden)))
+        flat_logits = self.bb.emit(relax.op.reshape(logits, (*leading, layer.num_experts)))
         y = self.bb.emit(relax.Call(func, [flat_x, flat_logits, *weights]))
         return self.bb.normalize(relax.op.reshape(y, x_shape))  # typed: the next converter reads it
 
@@ -132,4 +192,4 @@ def lift_to_relax(
         layers, shape_dict=shape_dict, dtype_dict="float32", keep_params_in_input=True, sanitize=True
     )
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
-    return importer.from_onnx(model.graph, opset)
+    return importer.from_onnx(_tag_contrib_nodes(model).graph, opset)

@@ -26,7 +26,7 @@ def load_model(path: str | Path) -> onnx.ModelProto:
         raise MoecError(f"{path}: not an ONNX model (no graph found); is this the right file?")
     _import_missing_domains(model)
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(_checkable(model))
     except onnx.checker.ValidationError as err:
         detail = " ".join(str(err).split())  # the checker names the node on a later line
         raise MoecError(f"{path}: invalid ONNX model: {detail}; re-export it or fix the graph") from err
@@ -55,3 +55,24 @@ def _import_missing_domains(model: onnx.ModelProto) -> None:
     used = {node.domain for node in model.graph.node}
     for domain in sorted((used & IMPLIED_DOMAINS.keys()) - imported):
         model.opset_import.append(onnx.helper.make_opsetid(domain, IMPLIED_DOMAINS[domain]))
+
+
+ORT_DEFAULT_DOMAIN_OPS = {"SimplifiedLayerNormalization"}
+"""onnxruntime contrib ops registered in the default ONNX domain, which onnx's checker does not
+know ("No Op registered for SimplifiedLayerNormalization"); transformers' exporter with
+onnxruntime fusions writes them. moec runs them (``moec.frontend.contrib_ops``)."""
+
+
+def _checkable(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model``, or a copy for onnx's checker with the default-domain onnxruntime ops moved to
+    ``com.microsoft`` (whose ops the checker leaves alone); the model itself stays as written."""
+    if not any(n.op_type in ORT_DEFAULT_DOMAIN_OPS and n.domain in ("", "ai.onnx") for n in model.graph.node):
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for node in copy.graph.node:
+        if node.op_type in ORT_DEFAULT_DOMAIN_OPS and node.domain in ("", "ai.onnx"):
+            node.domain = "com.microsoft"
+    if not any(o.domain == "com.microsoft" for o in copy.opset_import):
+        copy.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    return copy

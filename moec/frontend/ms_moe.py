@@ -8,6 +8,8 @@ Rules (onnxruntime 1.32 semantics, see :mod:`moec.reference.ms_moe`):
   ``swiglu_fusion`` (1: interleaved rows, 2: first half gate, 0: fc1 gate and fc3 linear; 0
   without fc3 reads as 1), with ``activation_alpha`` (default 1), ``activation_beta``
   (default 0) and ``swiglu_limit`` (default none) — GPT-OSS's clamped SwiGLU;
+- ``use_sparse_mixer == 1`` → PhiMoE's sparsemixer top-2 (jitter eps 0.01, fixed in onnxruntime's
+  kernel; renormalisation does not apply)
 - ``k`` → top-k; ``normalize_routing_weights == 1`` → renormalise top-k; scoring is softmax
   over ``router_probs`` (logits); ties between equal scores go to the higher expert index.
 """
@@ -23,6 +25,9 @@ from moec.errors import MoecError
 from moec.frontend.block import MoEBlock
 from moec.frontend.graph import GraphIndex, attribute, node_label
 from moec.frontend.layer import MoELayer
+
+#: The jitter eps onnxruntime's ``sparse_mixer_top2`` kernel hard-codes.
+ORT_SPARSE_MIXER_JITTER_EPS = 0.01
 
 POINTWISE = {"relu": "relu", "gelu": "gelu_tanh", "silu": "silu", "identity": "identity"}
 FUSED_GATED = {"swiglu": "silu", "geglu": "gelu_tanh"}
@@ -75,9 +80,10 @@ def _split_fused(node: onnx.NodeProto, fc1: np.ndarray, fc1_b: np.ndarray | None
 def _block_from_node(index: GraphIndex, node: onnx.NodeProto, name: str) -> MoEBlock:
     act = _as_str(attribute(node, "activation_type", "relu"))
     fusion = int(attribute(node, "swiglu_fusion", 0))
-    if int(attribute(node, "use_sparse_mixer", 0)):
+    sparse_mixer = int(attribute(node, "use_sparse_mixer", 0)) == 1
+    if sparse_mixer and int(attribute(node, "k", 1)) != 2:
         raise MoecError(
-            f"{node_label(node)}: use_sparse_mixer=1 (Phi-3.5 sparsemixer routing) is not supported yet"
+            f"{node_label(node)}: use_sparse_mixer=1 needs k=2 (onnxruntime's sparsemixer is top-2)"
         )
     fc1, fc1_b, fc2, fc2_b = (_weight(index, node, i) for i in (2, 3, 4, 5))
     fc3, fc3_b = _weight(index, node, 6), _weight(index, node, 7)
@@ -112,14 +118,16 @@ def _block_from_node(index: GraphIndex, node: onnx.NodeProto, name: str) -> MoEB
             hidden=hidden,
             ffn=ffn,
             activation=activation,
-            normalize=int(attribute(node, "normalize_routing_weights", 0)) == 1,
+            normalize=int(attribute(node, "normalize_routing_weights", 0)) == 1 and not sparse_mixer,
             w_up=up,
             w_gate=gate,
             w_down=fc2,
             b_up=up_b,
             b_gate=gate_b,
             b_down=fc2_b,
-            tie_break="high",
+            tie_break="low" if sparse_mixer else "high",
+            scoring="sparsemixer" if sparse_mixer else "softmax",
+            jitter_eps=ORT_SPARSE_MIXER_JITTER_EPS if sparse_mixer else 0.0,
             source=f"com.microsoft::MoE '{node.name}'",
             alpha=float(attribute(node, "activation_alpha", 1.0)) if gated else 1.0,
             beta=float(attribute(node, "activation_beta", 0.0)) if gated else 0.0,

@@ -2,9 +2,16 @@
 
 Recognition is by structure, confirmed by semantics:
 
-1. **Router**: a ``TopK`` over ``Softmax(logits)`` where ``logits = x @ W_r (+ b_r)`` with a
-   constant ``W_r`` ``[H, E]``. ``x`` is the block input.
-2. **Block output**: the first tensor after the ``TopK`` with ``x``'s rank whose *region*
+1. **Router**: ``logits = x @ W_r (+ b_r)`` with a constant ``W_r`` ``[H, E]`` whose *routing
+   area* (the nodes after the logits, up to the next matmul) selects experts with a ``TopK``
+   over ``E`` scores or with ``ArgMax`` steps. ``x`` is the block input. The area's ops hint
+   at the routing rule (see :class:`~moec.frontend.layer.MoELayer`): ``Softmax`` or
+   ``Sigmoid`` scores; ``Abs`` beside ``ArgMax`` is PhiMoE's sparsemixer (its ``Greater``
+   threshold is twice the jitter eps); an ``Add`` of a constant ``[E]`` after the scores is a
+   selection bias; a ``Reshape`` to ``[.., G, E/G]`` with a ``TopK`` over ``G`` group scores is
+   group-limited routing; a float scalar ``Mul`` may be a routed scaling factor; a ``Mul``
+   feeding a matmul applies the routing weight to the expert input (Llama 4).
+2. **Block output**: the first tensor after the logits with ``x``'s rank whose *region*
    (nodes downstream of ``x`` and upstream of it, router excluded) is closed: nothing inside
    is read from outside but that tensor, and it reads only ``x``, the logits and constants.
 3. **Experts**: the region's MatMul/Gemm nodes with constant weights. 3-D ``[E, in, out]``
@@ -12,15 +19,18 @@ Recognition is by structure, confirmed by semantics:
    projection (experts ordered as they appear in the graph). A first-layer matmul whose
    path to the down projection passes an activation is the gate of a gated expert.
    ``Relu``/``Erf``/``Tanh``/``Sigmoid`` name the activation; ``Add`` of a constant after a matmul is
-   its bias; ``Div`` of the top-k weights by their ``ReduceSum`` is renormalisation.
+   its bias; a ``Div`` in the routing area hints at renormalisation.
 4. **Confirmation**: the region is run alone with the ONNX reference evaluator on random
-   tokens and logits, and must match the extracted layer's numpy semantics. A candidate
+   tokens and logits, and must match the extracted layer's numpy semantics; where the
+   structure leaves a choice open (renormalised or not, a fused weight's split, which scalar
+   is the scaling factor) every choice is a candidate, hinted ones first. A candidate
    that does not match is not an MoE block as far as moec is concerned (it stays in the
    graph and is compiled densely by TVM).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -34,11 +44,15 @@ from moec.frontend.block import MoEBlock
 from moec.frontend.graph import GraphIndex, attribute, node_label
 from moec.frontend.layer import MoELayer
 from moec.reference.canonical import moe_forward
+from moec.reference.onnx_fixes import FIXED_OPS
 
 MATMUL_OPS = ("MatMul", "Gemm")
 VIEW_OPS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity")
 GATHER_OPS = ("Gather", "GatherND")
 FLOAT = onnx.TensorProto.FLOAT
+#: Largest expert capacity whose token drops the confirmation sample exercises (one more token
+#: than the capacity goes to one expert); a larger one is confirmed on the structure alone.
+MAX_SAMPLED_CAPACITY = 1024
 
 
 def find_standard_blocks(
@@ -46,15 +60,36 @@ def find_standard_blocks(
 ) -> list[MoEBlock]:
     """Standard-op MoE blocks of the graph (whose model imports ``opsets``), in graph order."""
     finder = _BlockFinder(index, list(opsets))
-    blocks = []
+    blocks: list[MoEBlock] = []
+    claimed: set[int] = set()
     for node in index.graph.node:
-        if node.op_type == "TopK":
-            block = finder.match(node, f"moe{first_index + len(blocks)}")
-            if block is not None:
-                blocks.append(block)
-            else:
-                finder.reject_trace_specialised(node)
+        if id(node) in claimed:
+            continue
+        router = finder.router(node)
+        if router is None:
+            continue
+        block = finder.match(router, f"moe{first_index + len(blocks)}")
+        if block is not None:
+            blocks.append(block)
+            claimed |= {id(n) for n in block.nodes}
+        else:
+            finder.reject_trace_specialised(router)
     return blocks
+
+
+@dataclasses.dataclass
+class _Router:
+    """A router candidate: ``logits = input @ W_r (+ b_r)`` and the routing area after it."""
+
+    input: str
+    logits: str
+    nodes: list[onnx.NodeProto]  # the router matmul (and its bias Add)
+    experts: int
+    top_k: int
+    area: list[onnx.NodeProto]
+
+    def ops(self, *op_types: str) -> list[onnx.NodeProto]:
+        return [n for n in self.area if n.op_type in op_types]
 
 
 class _BlockFinder:
@@ -64,6 +99,7 @@ class _BlockFinder:
         self.nodes = list(index.graph.node)
         self.position = {id(n): i for i, n in enumerate(self.nodes)}
         self.graph_outputs = {o.name for o in index.graph.output}
+        self._constant_memo: dict[str, list[onnx.NodeProto] | None] = {}
         model = helper.make_model(index.graph, opset_imports=self.opsets)
         try:
             inferred = onnx.shape_inference.infer_shapes(model).graph
@@ -99,35 +135,35 @@ class _BlockFinder:
         return seen
 
     # --- trace-specialised graphs ---------------------------------------------------------
-    def unrolled_experts(self, topk: onnx.NodeProto) -> int | None:
+    def unrolled_experts(self, router: _Router) -> int | None:
         """How many expert iterations a traced loop over the *hit* experts was unrolled into.
 
         transformers' ``eager`` experts loop over ``nonzero(expert_hit)``; TorchScript records
         one iteration per expert the trace input hit, as a ``Split`` of that ``NonZero`` into
-        fixed pieces. None when no such ``Split`` reads the routing of ``topk``.
+        fixed pieces. None when no such ``Split`` reads the routing of ``router``.
         """
-        for node in self._descendant_nodes(topk.output[1]):
-            if node.op_type != "Split" or not any(
-                n.op_type == "NonZero" for n in self._nodes_between(topk.output[1], node.input[0])
-            ):
+        selected = {o for n in router.ops("TopK", "ArgMax") for o in n.output}
+        for node in self._descendant_nodes(router.logits):
+            if node.op_type != "Split":
                 continue
-            return len(node.output)
+            between = self._nodes_between(router.logits, node.input[0])
+            if any(n.op_type == "NonZero" for n in between) and selected & {
+                i for n in between for i in n.input
+            }:
+                return len(node.output)
         return None
 
     def _nodes_between(self, source: str, tensor: str) -> list[onnx.NodeProto]:
         ancestors = self._ancestor_ids(tensor)
         return [n for n in self._descendant_nodes(source) if id(n) in ancestors]
 
-    def reject_trace_specialised(self, topk: onnx.NodeProto) -> None:
+    def reject_trace_specialised(self, router: _Router) -> None:
         """Refuse a router whose experts were unrolled for fewer experts than it routes to."""
-        router = self._router(topk)
-        unrolled = self.unrolled_experts(topk)
-        if router is None or unrolled is None:
-            return
-        experts = router[4]
-        if unrolled < experts:
+        unrolled = self.unrolled_experts(router)
+        if unrolled is not None and unrolled < router.experts:
+            selection = node_label((router.ops("TopK", "ArgMax") or router.nodes)[-1])
             raise MoecError(
-                f"{node_label(topk)}: this graph computes only {unrolled} of the router's {experts} experts: "
+                f"{selection}: this graph computes only {unrolled} of the router's {router.experts} experts: "
                 "the TorchScript exporter unrolled transformers' 'eager' experts loop for the experts its "
                 "trace input happened to hit, so other routings give wrong results or fail; re-export "
                 "with config._experts_implementation = 'batched_mm' (or torch.onnx.export(..., dynamo=True))"
@@ -142,30 +178,53 @@ class _BlockFinder:
             node = self.index.producer.get(node.input[0])
         return node
 
-    def _router(self, topk: onnx.NodeProto):
-        softmax = self._producer_past_casts(topk.input[0])
-        if softmax is not None and softmax.op_type == "Softmax":
-            logits = softmax.input[0]
-        elif any(c.op_type == "Softmax" for c in self.index.consumers.get(topk.output[0], [])):
-            logits = topk.input[0]  # top-k of the logits, softmax over the k (GPT-OSS): renormalised
+    def _routing_area(self, logits: str) -> list[onnx.NodeProto]:
+        """The nodes reachable from ``logits`` without passing a matmul, in graph order."""
+        seen: dict[int, onnx.NodeProto] = {}
+        frontier = [logits]
+        while frontier:
+            for node in self.index.consumers.get(frontier.pop(), []):
+                if id(node) not in seen and node.op_type not in MATMUL_OPS:
+                    seen[id(node)] = node
+                    frontier.extend(node.output)
+        return sorted(seen.values(), key=lambda n: self.position[id(n)])
+
+    def router(self, node: onnx.NodeProto) -> _Router | None:
+        """``node`` as a router matmul: a constant ``[H, E]`` weight whose routing area selects
+        experts (a ``TopK`` over ``E`` scores, or ``ArgMax`` steps); None otherwise."""
+        weight = _weight_of(self.index, node) if node.op_type in MATMUL_OPS else None
+        if weight is None or weight.ndim != 2 or weight.shape[0] < 2:
+            return None
+        experts = weight.shape[0]
+        nodes, logits = [node], node.output[0]
+        consumers = self.index.consumers.get(logits, [])
+        if len(consumers) == 1 and consumers[0].op_type == "Add":  # router bias (GPT-OSS)
+            other = [i for i in consumers[0].input if i != logits]
+            if other and self.index.constant(other[0]) is not None:
+                nodes.append(consumers[0])
+                logits = consumers[0].output[0]
+        area = self._routing_area(logits)
+        topks = [
+            n
+            for n in area
+            if n.op_type == "TopK"
+            and self.index.constant(n.input[1]) is not None
+            and int(attribute(n, "largest", 1)) == 1
+            and self.shapes.get(n.input[0], [experts])[-1] in (experts, None)
+        ]
+        if topks:
+            k = int(self.index.constant(topks[-1].input[1]).reshape(-1)[0])
         else:
+            k = sum(1 for n in area if n.op_type == "ArgMax")
+        if not 1 <= k <= experts:
             return None
-        producer = self._producer_past_casts(logits)
-        router_nodes = []
-        bias = None
-        if producer is not None and producer.op_type == "Add":
-            consts = [self.index.constant(i) for i in producer.input]
-            if consts[1] is not None:
-                bias, router_nodes = consts[1], [producer]
-                producer = self.index.producer.get(producer.input[0])
-        weight = _weight_of(self.index, producer) if producer is not None else None
-        if weight is None or weight.ndim != 2:
-            return None
-        k = self.index.constant(topk.input[1])
-        if k is None or int(attribute(topk, "largest", 1)) != 1:
-            return None
-        del bias  # the router stays in the graph; only its shape matters here
-        return producer.input[0], logits, [producer, *router_nodes], int(k.reshape(-1)[0]), weight.shape[0]
+        return _Router(node.input[0], logits, nodes, experts, k, area)
+
+    def _is_view(self, node: onnx.NodeProto) -> bool:
+        """A reshape or float-to-float ``Cast`` of a computed tensor: the same values."""
+        if self.index.constant(node.input[0]) is not None:
+            return False
+        return node.op_type in VIEW_OPS or (node.op_type == "Cast" and attribute(node, "to", 0) == FLOAT)
 
     def _views(self, x: str) -> list[onnx.NodeProto]:
         """The chain of reshapes that made ``x`` from an earlier tensor, earliest first.
@@ -176,26 +235,23 @@ class _BlockFinder:
         """
         chain = []
         node = self.index.producer.get(x)
-        while node is not None and node.op_type in VIEW_OPS and self.index.constant(node.input[0]) is None:
+        while node is not None and self._is_view(node):
             chain.append(node)
             node = self.index.producer.get(node.input[0])
         return chain[::-1]
 
-    def match(self, topk: onnx.NodeProto, name: str) -> MoEBlock | None:
-        router = self._router(topk)
-        if router is None:
-            return None
-        router_input, logits, router_nodes, k, experts = router
+    def match(self, router: _Router, name: str) -> MoEBlock | None:
+        router_input, logits = router.input, router.logits
         views = self._views(router_input)
         x = views[0].input[0] if views else router_input
         # The views and the shape arithmetic they use (Shape(x) → Gather → Concat ...): functions
         # of x alone, which the experts may read too.
         prelude = [n for n in self._descendant_nodes(x) if id(n) in self._ancestor_ids(router_input)]
         aliases = {x} | {o for n in prelude for o in n.output}
-        router_ids = {id(n) for n in router_nodes} | self._ancestor_ids(logits)
+        router_ids = {id(n) for n in router.nodes} | self._ancestor_ids(logits)
         below_x = [n for n in self._descendant_nodes(x) if id(n) not in router_ids]
         x_rank = len(self.shapes[x]) if x in self.shapes else None
-        for candidate in self._descendant_nodes(topk.output[0]):
+        for candidate in self._descendant_nodes(logits):
             out = candidate.output[0]
             out_rank = len(self.shapes[out]) if out in self.shapes else None
             flat = x_rank is not None and x_rank > 2 and out_rank == 2
@@ -205,12 +261,46 @@ class _BlockFinder:
             region = [n for n in below_x if id(n) in ancestors]
             if not self._closed(region, out, aliases | {logits}):
                 continue
-            for layer in _extract_layers(self.index, region, topk, k, experts, name):
+            capacity = _expert_capacity(self.index, region)
+            for layer in _extract_layers(self.index, region, router, name):
+                if capacity is not None:
+                    layer.capacity = capacity
+                    if self._confirms(prelude, region, layer, x, logits, out):
+                        return MoEBlock(
+                            layer=layer, input=x, logits=logits, output=out, nodes=region, flat_output=flat
+                        )
+                    # Not the per-sequence count moec models: compiled without it, and said so.
+                    layer.capacity = None
+                    layer.caveats = (
+                        f"the graph drops the tokens past an expert capacity of {capacity} in a way moec "
+                        "does not model; moec computes every token, so outputs differ when more than "
+                        f"{capacity} tokens go to one expert",
+                    )
                 if self._confirms(prelude, region, layer, x, logits, out):
                     return MoEBlock(
                         layer=layer, input=x, logits=logits, output=out, nodes=region, flat_output=flat
                     )
         return None
+
+    def _constant_producers(self, tensor: str) -> list[onnx.NodeProto] | None:
+        """The nodes computing ``tensor`` from constants alone (none for an initializer), or
+        None when it depends on a graph input."""
+        if tensor not in self._constant_memo:
+            node = self.index.producer.get(tensor)
+            if tensor in self.index.initializers:
+                found: list | None = []
+            elif node is None:
+                found = None
+            else:
+                found = [node]
+                for source in filter(None, node.input):
+                    upstream = self._constant_producers(source)
+                    if upstream is None:
+                        found = None
+                        break
+                    found = upstream + found
+            self._constant_memo[tensor] = found
+        return self._constant_memo[tensor]
 
     def _closed(self, region: list[onnx.NodeProto], out: str, allowed_inputs: set[str]) -> bool:
         ids = {id(n) for n in region}
@@ -228,7 +318,7 @@ class _BlockFinder:
                     tensor
                     and tensor not in produced
                     and tensor not in allowed_inputs
-                    and self.index.constant(tensor) is None
+                    and self._constant_producers(tensor) is None
                 ):
                     return False
         return True
@@ -243,28 +333,36 @@ class _BlockFinder:
         """Run the region (after the ``prelude`` computed from ``x``) alone; compare with the layer."""
         region = list(prelude) + list(region)
         produced = {o for n in region for o in n.output}
-        consts, constant_nodes = [], []
+        constant_nodes: dict[int, onnx.NodeProto] = {}
         for node in region:
             for tensor in node.input:
                 if tensor and tensor not in produced and tensor not in (x, logits):
-                    if tensor in self.index.initializers:
-                        consts.append(self.index.initializers[tensor])
-                    else:
-                        constant_nodes.append(self.index.producer[tensor])
+                    constant_nodes |= {id(n): n for n in self._constant_producers(tensor) or []}
+        computed = sorted(constant_nodes.values(), key=lambda n: self.position[id(n)]) + region
+        consts = [
+            self.index.initializers[t]
+            for t in dict.fromkeys(i for n in computed for i in n.input)
+            if t in self.index.initializers
+        ]
         rng = np.random.default_rng(1234)
         # 6 tokens with unit-scale logits (routing weights far from 0/1, so e.g. renormalised and
         # raw top-k weights differ clearly), then one token per expert whose logit for it is
         # boosted: every expert is hit, so a graph that only works when every expert is (a trace
         # of a loop over the hit experts) is still exercised as a whole.
-        experts, tokens = layer.num_experts, 6 + layer.num_experts
+        # With an expert capacity, first capacity + 2 more tokens all for expert 0, so that the
+        # sample drops some (when the capacity is small enough to sample).
+        sampled = layer.capacity is not None and layer.capacity <= MAX_SAMPLED_CAPACITY
+        crowd = layer.capacity + 2 if sampled else 0
+        experts, tokens = layer.num_experts, 6 + crowd + layer.num_experts
         x_value = rng.standard_normal(self._sample_shape(x, layer.hidden, tokens)).astype(np.float32)
         logit_value = rng.standard_normal(self._sample_shape(logits, experts, tokens))
         flat = logit_value.reshape(-1, experts)  # fewer rows when the graph fixes the token count
+        flat[6 : 6 + crowd, 0] += 4.0
         boosted = np.arange(min(experts, len(flat)))
         flat[len(flat) - len(boosted) + boosted, boosted] += 4.0
         logit_value = flat.reshape(logit_value.shape).astype(np.float32)
         graph = helper.make_graph(
-            constant_nodes + region,
+            computed,
             "moe_region",
             [
                 helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, x_value.shape),
@@ -275,17 +373,34 @@ class _BlockFinder:
         )
         model = helper.make_model(graph, opset_imports=self.opsets)
         try:
-            (actual,) = ReferenceEvaluator(model).run(None, {x: x_value, logits: logit_value})
+            (actual,) = ReferenceEvaluator(model, new_ops=FIXED_OPS).run(
+                None, {x: x_value, logits: logit_value}
+            )
         except Exception:  # the candidate is not a runnable block on its own
             return False
         expected = moe_forward(
-            layer, x_value.reshape(-1, layer.hidden), logit_value.reshape(-1, layer.num_experts)
+            layer,
+            x_value.reshape(-1, layer.hidden),
+            logit_value.reshape(-1, layer.num_experts),
+            sequence=x_value.shape[-2] if x_value.ndim >= 3 else None,
         )
         actual = np.asarray(actual, dtype=np.float64)
         if actual.size != expected.size:
             return False
         error = np.abs(actual.reshape(expected.shape) - expected).max()
         return bool(error <= 1e-4 * (1.0 + np.abs(expected).max()))
+
+
+def _expert_capacity(index: GraphIndex, region: list[onnx.NodeProto]) -> int | None:
+    """The expert capacity ``region`` applies, if any: a running count of each expert's tokens
+    (``CumSum``) compared with a constant (Switch Transformers: ``<= capacity``)."""
+    counts = {n.output[0] for n in region if n.op_type == "CumSum"}
+    for node in region:
+        if node.op_type in ("LessOrEqual", "Less") and node.input[0] in counts:
+            limit = index.constant(node.input[1])
+            if limit is not None and limit.size == 1:
+                return int(limit.reshape(-1)[0]) - (node.op_type == "Less")
+    return None
 
 
 def _gathered_weight(index: GraphIndex, tensor: str) -> np.ndarray | None:
@@ -425,17 +540,68 @@ FUSED_SPLITS = {
 """How exporters lay out a fused ``[E, 2F, ...]`` gate+up weight; confirmation picks the one used."""
 
 
+def _routing_choices(index: GraphIndex, router: _Router) -> list[dict]:
+    """The routing rules (MoELayer fields) the routing area may compute, hinted ones first."""
+    sparsemixer = bool(router.ops("Abs")) and bool(router.ops("ArgMax"))
+    fields: dict = {"scoring": "softmax"}
+    if sparsemixer:
+        thresholds = [_scalar(index, n.input[1]) for n in router.ops("Greater")]
+        jitter_eps = next((t / 2 for t in thresholds if t is not None), 0.0)
+        fields = {"scoring": "sparsemixer", "jitter_eps": jitter_eps}
+    elif router.ops("Sigmoid") and not router.ops("Softmax"):
+        fields["scoring"] = "sigmoid"
+    scored = {o for n in router.ops("Sigmoid", "Softmax") for o in n.output}
+    for node in router.ops("Add"):
+        bias = [index.constant(i) for i in node.input if i not in scored]
+        reads_scores = any(i in scored for i in node.input)
+        if reads_scores and bias and bias[0] is not None and bias[0].size == router.experts:
+            fields["selection_bias"] = bias[0].reshape(-1)
+    for node in router.ops("Reshape"):
+        shape = index.constant(node.input[1])
+        if (
+            shape is not None
+            and shape.size >= 2
+            and shape[-1] > 0
+            and shape[-2] * shape[-1] == router.experts
+        ):
+            groups = int(shape[-2])
+            # the TopK over the group scores: a ReduceSum of each group's top two
+            group_ks = [
+                index.constant(n.input[1])
+                for n in router.ops("TopK")
+                if getattr(index.producer.get(n.input[0]), "op_type", None) == "ReduceSum"
+            ]
+            if groups > 1 and group_ks and group_ks[0] is not None:
+                fields |= {"groups": groups, "top_groups": int(group_ks[0].reshape(-1)[0])}
+    scales = [1.0]
+    for node in router.ops("Mul"):
+        value = next((v for v in map(lambda i: _scalar(index, i), node.input) if v is not None), None)
+        if value is not None and value not in scales:
+            scales.append(value)
+    gain_on_input = [False]
+    if router.top_k == 1 and any(_feeds_matmul(index, n.output[0]) for n in router.ops("Mul")):
+        gain_on_input.insert(0, True)
+    normalize = [bool(router.ops("Div")), not router.ops("Div")]
+    return [
+        fields | {"normalize": norm, "scale": scale, "gain_on_input": gain}
+        for gain, scale, norm in itertools.product(gain_on_input, scales[::-1], normalize)
+    ]
+
+
+def _feeds_matmul(index: GraphIndex, tensor: str) -> bool:
+    """Whether ``tensor`` is a matmul's input, directly or through reshapes."""
+    for node in index.consumers.get(tensor, []):
+        if node.op_type in MATMUL_OPS or (node.op_type in VIEW_OPS and _feeds_matmul(index, node.output[0])):
+            return True
+    return False
+
+
 def _extract_layers(
-    index: GraphIndex,
-    region: list[onnx.NodeProto],
-    topk: onnx.NodeProto,
-    k: int,
-    experts: int,
-    name: str,
+    index: GraphIndex, region: list[onnx.NodeProto], router: _Router, name: str
 ) -> list[MoELayer]:
     """The layers ``region`` may compute, to be confirmed numerically (several when the
     structure leaves a choice open, e.g. how a fused gate+up weight is split)."""
-    fields = _extract_layer(index, region, topk, k, experts, name)
+    fields = _extract_layer(index, region, router.top_k, router.experts, name)
     if fields is None:
         return []
     half = fields["ffn"]
@@ -444,13 +610,10 @@ def _extract_layers(
         and fields["w_up"].shape[1] == 2 * half
         and fields["activation"] != "identity"
     )
-    # Renormalisation is read off a Div of the top-k weights, but exporters may cast first:
-    # the other choice is a candidate too.
-    normalize_choices = (fields["normalize"], not fields["normalize"])
     splits = FUSED_SPLITS.values() if fused else [None]
     variants = []
-    for split, normalize in itertools.product(splits, normalize_choices):
-        variant = fields | {"normalize": normalize}
+    for split, routing in itertools.product(splits, _routing_choices(index, router)):
+        variant = fields | routing
         if split is not None:
             gate, up = split(fields["w_up"], half)
             b_gate, b_up = split(fields["b_up"], half) if fields["b_up"] is not None else (None, None)
@@ -467,12 +630,7 @@ def _extract_layers(
 
 
 def _extract_layer(
-    index: GraphIndex,
-    region: list[onnx.NodeProto],
-    topk: onnx.NodeProto,
-    k: int,
-    experts: int,
-    name: str,
+    index: GraphIndex, region: list[onnx.NodeProto], k: int, experts: int, name: str
 ) -> dict | None:
     """The fields of the MoELayer that ``region`` computes, as far as its structure tells."""
     ids = {id(n) for n in region}
@@ -501,7 +659,6 @@ def _extract_layer(
             return None
         path = upstream(down) - upstream(first) - {id(first)}
         ops_between[id(first)] = ({n.op_type for n in region if id(n) in path and id(n) in ids}, down)
-    normalize = any(n.op_type == "Div" and n.input[0] == topk.output[0] for n in region)
     alpha, beta, limit = _activation_constants(index, region)
 
     def activation_of(ops: set[str]) -> str:
@@ -571,7 +728,6 @@ def _extract_layer(
         "hidden": stacked["up"].shape[2],
         "ffn": stacked["down"].shape[2],
         "activation": activation,
-        "normalize": normalize,
         "alpha": alpha,
         "beta": beta,
         "limit": limit,

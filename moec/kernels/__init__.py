@@ -13,8 +13,10 @@ from typing import Any
 
 from tvm import tirx
 
+from moec.kernels.capacity import make_capacity_kernel
 from moec.kernels.expert_ffn import make_expert_down_kernel, make_expert_up_kernel
 from moec.kernels.gpu import (
+    make_gpu_capacity_kernel,
     make_gpu_expert_down_kernel,
     make_gpu_expert_up_kernel,
     make_gpu_group_kernel,
@@ -26,6 +28,7 @@ from moec.schedule import CpuSchedule, GpuSchedule
 
 KERNEL_MAKERS: dict[str, Callable[..., tirx.PrimFunc]] = {
     "route": make_route_kernel,
+    "capacity": make_capacity_kernel,
     "group": make_group_kernel,
     "expert_up": make_expert_up_kernel,
     "expert_down": make_expert_down_kernel,
@@ -34,6 +37,7 @@ SCHEDULED_KERNELS = ("expert_up", "expert_down")
 # CUDA forms of every kernel: on a GPU each PrimFunc needs thread binding, so all take the schedule.
 GPU_KERNEL_MAKERS: dict[str, Callable[..., tirx.PrimFunc]] = {
     "route": make_gpu_route_kernel,
+    "capacity": make_gpu_capacity_kernel,
     "group": make_gpu_group_kernel,
     "expert_up": make_gpu_expert_up_kernel,
     "expert_down": make_gpu_expert_down_kernel,

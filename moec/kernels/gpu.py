@@ -1,9 +1,10 @@
-"""CUDA versions of the four MoE kernels: same signatures and semantics as the CPU ones.
+"""CUDA versions of the MoE kernels: same signatures and semantics as the CPU ones.
 
-On a GPU every PrimFunc needs its loops bound to threads, so all four kernels have a CUDA
+On a GPU every PrimFunc needs its loops bound to threads, so every kernel has a CUDA
 form here, parameterised by :class:`moec.schedule.GpuSchedule`:
 
 - ``route``: one thread per token (the ``E`` scores live in thread-local memory).
+- ``capacity``: one thread per sequence (the count is a running one over its tokens).
 - ``group``: one thread block; thread ``e`` counts, then places, the pairs routed to expert
   ``e`` in token order (a stable counting sort with no atomics, so results are
   deterministic). All threads read the same ``index`` element at once: a broadcast.
@@ -27,6 +28,7 @@ import math
 from tvm import tirx
 from tvm.script import tirx as T
 
+from moec.kernels.capacity import limit_sequence_macro
 from moec.kernels.expert_ffn import _activation
 from moec.kernels.route import route_token_macro
 from moec.schedule import GpuSchedule
@@ -73,6 +75,7 @@ def make_gpu_route_kernel(
     pattern: str | None = None,
     *,
     schedule: GpuSchedule,
+    **rule,
 ) -> tirx.PrimFunc:
     """CUDA ``route(logits[n, E]) -> (expert_index[n, k] int32, weight[n, k] float32)``.
 
@@ -82,7 +85,7 @@ def make_gpu_route_kernel(
     E, K = num_experts, top_k
     B = schedule.threads_per_row * schedule.rows_per_block
     route_token = route_token_macro(
-        E, K, scoring, normalize, tie_break, kept, skip_top1_above, skip_below_fraction, pattern
+        E, K, scoring, normalize, tie_break, kept, skip_top1_above, skip_below_fraction, pattern, **rule
     )
 
     @T.prim_func
@@ -102,6 +105,34 @@ def make_gpu_route_kernel(
                     route_token(logits, index, weight, score, taken, acc, best, bx * B + tx)
 
     return _unnamed(route)
+
+
+def make_gpu_capacity_kernel(
+    num_experts: int, top_k: int, capacity: int, *, schedule: GpuSchedule
+) -> tirx.PrimFunc:
+    """CUDA ``capacity(index[r, s, k], weight[r, s, k]) -> (index, weight)``: thread ``b`` walks
+    sequence ``b`` as the CPU kernel does (:mod:`moec.kernels.capacity`)."""
+    _check_schedule(schedule)
+    E, K = num_experts, top_k
+    B = schedule.threads_per_row * schedule.rows_per_block
+    limit_sequence = limit_sequence_macro(num_experts, top_k, capacity)
+
+    @T.prim_func
+    def limit_capacity(index_h: T.handle, weight_h: T.handle, index_out_h: T.handle, weight_out_h: T.handle):
+        T.func_attr(_SCHEDULED)
+        r = T.int64()
+        s = T.int64()
+        index = T.match_buffer(index_h, (r, s, K), "int32")
+        weight = T.match_buffer(weight_h, (r, s, K), "float32")
+        index_out = T.match_buffer(index_out_h, (r, s, K), "int32")
+        weight_out = T.match_buffer(weight_out_h, (r, s, K), "float32")
+        for bx in T.thread_binding((r + B - 1) // B, thread="blockIdx.x"):
+            for tx in T.thread_binding(B, thread="threadIdx.x"):
+                count = T.alloc_buffer((E + 1,), "int32", scope="local")
+                if bx * B + tx < r:
+                    limit_sequence(index, weight, index_out, weight_out, count, bx * B + tx)
+
+    return _unnamed(limit_capacity)
 
 
 def make_gpu_group_kernel(num_experts: int, top_k: int, *, schedule: GpuSchedule) -> tirx.PrimFunc:

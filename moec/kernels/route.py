@@ -21,11 +21,19 @@ def route_token_macro(
     skip_top1_above: float | None = None,
     skip_below_fraction: float | None = None,
     pattern: str | None = None,
+    selection_bias: list[float] | None = None,
+    groups: int = 1,
+    top_groups: int = 1,
+    scale: float = 1.0,
+    jitter_eps: float = 0.0,
 ):
     """A TIR macro ``route_token(logits, index, weight, score, taken, acc, best, t)`` routing token
     ``t``, with local scratch ``score[E]``, ``taken[E]`` (int32), ``acc[2]``, ``best[1]`` (int32).
 
     Shared by the CPU and CUDA route kernels, which differ only in how tokens map to threads.
+    The routing rule is :class:`moec.frontend.layer.MoELayer`'s: softmax, sigmoid or sparsemixer
+    scores; the ``selection_bias`` (a constant table) and the ``groups``/``top_groups`` limit
+    change which experts are chosen, never their weights; ``scale`` multiplies the weights.
     ``tie_break`` picks the lowest (ONNX ``TopK``) or highest (onnxruntime's fused MoE) expert
     index among equal scores. With ``kept`` (ascending expert ids; static expert masking) the
     scores are still the router's over all ``E`` experts, but top-k is taken over the kept ones
@@ -44,19 +52,28 @@ def route_token_macro(
     """
     if pattern not in (None, "cycle", "tile"):
         raise ValueError(f"unknown routing pattern {pattern!r} (cycle, tile)")
-    if scoring not in ("softmax", "sigmoid"):
+    if scoring not in ("softmax", "sigmoid", "sparsemixer"):
         raise ValueError(f"unknown router scoring {scoring!r}")
     prefer_high = tie_break == "high"
     use_softmax = scoring == "softmax"
-    E, K = num_experts, top_k
+    sparsemixer = scoring == "sparsemixer"
+    E, K, G = num_experts, top_k, groups
+    S = E // G  # experts per group
+    if E % G or (G > 1 and S < 2) or not 1 <= top_groups <= G:
+        raise ValueError(f"cannot route over the top {top_groups} of {G} groups of {E} experts")
+    bias = [0.0] * E if selection_bias is None else [float(v) for v in selection_bias]
+    if len(bias) != E:
+        raise ValueError(f"selection_bias has {len(bias)} values for {E} experts")
     kept = list(range(E)) if kept is None else sorted(kept)
     if len(kept) < K or len(set(kept)) != len(kept) or not all(0 <= e < E for e in kept):
         raise ValueError(f"kept experts {kept} must be {K} or more distinct ids in 0..{E - 1}")
     masked = [e for e in range(E) if e not in kept]
     skipping = skip_top1_above is not None or skip_below_fraction is not None
     # thresholds that never trigger stand in for an absent rule (weights are at most 1)
-    top1_limit = T.float32(2.0 if skip_top1_above is None else skip_top1_above)
+    top1_limit = T.float32(2.0 * scale if skip_top1_above is None else skip_top1_above)
     fraction = T.float32(0.0 if skip_below_fraction is None else skip_below_fraction)
+    gap_limit = T.float32(2.0 * jitter_eps)
+    lowest = T.min_value("float32")
 
     def is_masked(e):
         """1 for a masked expert id, else 0 (an int32 expression over the loop variable)."""
@@ -68,6 +85,15 @@ def route_token_macro(
         below = [T.if_then_else(e > m, 1, 0) for m in masked]
         return e - sum(below[1:], below[0]) if below else e
 
+    def bias_of(e, first=0, count=E):
+        """``bias[e]`` as a balanced tree of selects over the constant table."""
+        if count == 1:
+            return T.float32(bias[first])
+        half = count // 2
+        return T.if_then_else(
+            e < first + half, bias_of(e, first, half), bias_of(e, first + half, count - half)
+        )
+
     fixed = pattern is not None
     slots = len(kept)
 
@@ -76,8 +102,48 @@ def route_token_macro(
         return T.Cast("int32", (start + j) % slots)
 
     @T.macro
-    def route_learned(logits, index, weight, score, taken, acc, best, t):
-        # scores
+    def pick_best(values, taken, count, best, ties_to_high):
+        """``best[0]``: the position below ``count`` not yet taken with the largest value (ties: the
+        lowest position, or the highest with ``ties_to_high``)."""
+        best[0] = -1
+        for i in range(count):
+            if taken[i] == 0:
+                if best[0] < 0:
+                    best[0] = i
+                elif ties_to_high and values[i] >= values[best[0]]:
+                    best[0] = i
+                elif not ties_to_high and values[i] > values[best[0]]:
+                    best[0] = i
+
+    @T.macro
+    def limit_groups(choice, taken):
+        """Marks taken every expert outside the ``top_groups`` groups with the largest top-2 sums."""
+        group_score = T.alloc_buffer((G,), "float32", scope="local")
+        group_taken = T.alloc_buffer((G,), "int32", scope="local")
+        top2 = T.alloc_buffer((2,), "float32", scope="local")
+        chosen = T.alloc_buffer((1,), "int32", scope="local")
+        for g in range(G):
+            top2[0] = lowest
+            top2[1] = lowest
+            for i in range(S):
+                if choice[g * S + i] > top2[0]:
+                    top2[1] = top2[0]
+                    top2[0] = choice[g * S + i]
+                elif choice[g * S + i] > top2[1]:
+                    top2[1] = choice[g * S + i]
+            group_score[g] = top2[0] + top2[1]
+            group_taken[g] = 0
+        for _ in range(top_groups):
+            pick_best(group_score, group_taken, G, chosen, False)
+            group_taken[chosen[0]] = 1
+        for e in range(E):
+            if group_taken[e // S] == 0:
+                taken[e] = 1
+
+    @T.macro
+    def select_top_k(logits, index, weight, score, taken, acc, best, t):
+        """Softmax/sigmoid scores, then k arg-max steps over the scores plus the selection bias."""
+        choice = T.alloc_buffer((E,), "float32", scope="local")
         acc[0] = logits[t, 0]
         for e in range(E):
             acc[0] = T.max(acc[0], logits[t, e])
@@ -92,35 +158,64 @@ def route_token_macro(
         if use_softmax:
             for e in range(E):
                 score[e] = score[e] / acc[1]
-        # top-k selection
-        acc[1] = T.float32(0)
+        for e in range(E):
+            choice[e] = score[e] + bias_of(e) if selection_bias is not None else score[e]
+        if G > 1:
+            limit_groups(choice, taken)
         for j in range(K):
-            best[0] = -1
-            for e in range(E):
-                if taken[e] == 0:
-                    if best[0] < 0:
-                        best[0] = e
-                    elif prefer_high and score[e] >= score[best[0]]:
-                        best[0] = e
-                    elif not prefer_high and score[e] > score[best[0]]:
-                        best[0] = e
+            pick_best(choice, taken, E, best, prefer_high)
             taken[best[0]] = 1
             index[t, j] = compact(best[0])
             weight[t, j] = score[best[0]]
-            acc[1] = acc[1] + score[best[0]]
+
+    @T.macro
+    def select_sparsemixer(logits, index, weight, taken, acc, best, t):
+        """k arg-max steps over the logits; each weighed by a softmax over the near experts left."""
+        row = T.alloc_buffer((E,), "float32", scope="local")
+        for e in range(E):
+            taken[e] = is_masked(e)
+            row[e] = logits[t, e]
+        for j in range(K):
+            pick_best(row, taken, E, best, False)
+            acc[0] = logits[t, best[0]]
+            acc[1] = T.float32(0)
+            for e in range(E):
+                if taken[e] == 0:
+                    acc[1] = acc[1] + T.if_then_else(
+                        (acc[0] - logits[t, e]) / T.max(T.fabs(logits[t, e]), acc[0]) > gap_limit,
+                        T.float32(0),
+                        T.exp(logits[t, e] - acc[0]),
+                    )
+            taken[best[0]] = 1
+            index[t, j] = compact(best[0])
+            weight[t, j] = T.float32(1) / acc[1]
+
+    @T.macro
+    def renormalise(weight, acc, t):
+        acc[1] = T.float32(0)
+        for j in range(K):
+            acc[1] = acc[1] + weight[t, j]
+        for j in range(K):
+            weight[t, j] = weight[t, j] / acc[1] * T.float32(scale)
+
+    @T.macro
+    def route_learned(logits, index, weight, score, taken, acc, best, t):
+        if sparsemixer:
+            select_sparsemixer(logits, index, weight, taken, acc, best, t)
+        else:
+            select_top_k(logits, index, weight, score, taken, acc, best, t)
         if normalize:
+            renormalise(weight, acc, t)
+        elif scale != 1.0:
             for j in range(K):
-                weight[t, j] = weight[t, j] / acc[1]
+                weight[t, j] = weight[t, j] * T.float32(scale)
         if skipping:
-            acc[1] = weight[t, 0]
             for j in range(1, K):
                 if weight[t, 0] > top1_limit or weight[t, j] < fraction * weight[t, 0]:
                     index[t, j] = len(kept)
                     weight[t, j] = T.float32(0)
-                acc[1] = acc[1] + weight[t, j]
             if normalize:
-                for j in range(K):
-                    weight[t, j] = weight[t, j] / acc[1]
+                renormalise(weight, acc, t)
 
     @T.macro
     def route_token(logits, index, weight, score, taken, acc, best, t):
@@ -144,12 +239,13 @@ def make_route_kernel(
     skip_top1_above: float | None = None,
     skip_below_fraction: float | None = None,
     pattern: str | None = None,
+    **rule,
 ) -> tirx.PrimFunc:
     """PrimFunc ``route(logits[n, E]) -> (expert_index[n, k] int32, weight[n, k] float32)``, tokens
-    in parallel (see :func:`route_token_macro`)."""
+    in parallel (see :func:`route_token_macro`; ``rule`` holds its routing-rule keywords)."""
     E, K = num_experts, top_k
     route_token = route_token_macro(
-        E, K, scoring, normalize, tie_break, kept, skip_top1_above, skip_below_fraction, pattern
+        E, K, scoring, normalize, tie_break, kept, skip_top1_above, skip_below_fraction, pattern, **rule
     )
 
     @T.prim_func

@@ -33,7 +33,7 @@ from moec.passes.signature import (
     reconfigured,
 )
 
-LAYER_KERNELS = ("route", "group", "expert_up", "expert_down")
+LAYER_KERNELS = ("route", "capacity", "group", "expert_up", "expert_down")
 
 
 @tvm.transform.module_pass(opt_level=0, name="MaskExperts")

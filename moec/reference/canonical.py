@@ -64,23 +64,14 @@ def route(
         slots = (start[:, None] + np.arange(layer.top_k)[None, :]) % len(kept)
         return kept[slots], np.full(slots.shape, 1.0 / layer.top_k)
     logits = logits.astype(np.float64)
-    if layer.scoring == "softmax":
-        scores = np.exp(logits - logits.max(axis=-1, keepdims=True))
-        scores /= scores.sum(axis=-1, keepdims=True)
+    masked = np.setdiff1d(np.arange(layer.num_experts), plan.kept) if plan.kept is not None else []
+    if layer.scoring == "sparsemixer":
+        index, weight = _sparsemixer(logits, layer.top_k, layer.jitter_eps, masked)
     else:
-        scores = _sigmoid(logits)
-    selectable = scores.copy()
-    if plan.kept is not None:
-        masked = np.setdiff1d(np.arange(layer.num_experts), plan.kept)
-        selectable[:, masked] = -1.0  # below every score: never selected
-    if layer.tie_break == "low":
-        index = np.argsort(-selectable, axis=-1, kind="stable")[:, : layer.top_k]
-    else:  # reverse the expert order so the stable sort prefers the highest index
-        flipped = np.argsort(-selectable[:, ::-1], axis=-1, kind="stable")[:, : layer.top_k]
-        index = selectable.shape[-1] - 1 - flipped
-    weight = np.take_along_axis(scores, index, axis=-1)
+        index, weight = _top_k(layer, logits, masked)
     if layer.normalize:
         weight = weight / weight.sum(axis=-1, keepdims=True)
+    weight = weight * layer.scale
     if plan.top1_above is not None or plan.below_fraction is not None:
         top1 = weight[:, :1]
         skip = np.zeros_like(weight, dtype=bool)
@@ -91,7 +82,53 @@ def route(
         weight = np.where(skip, 0.0, weight)
         index = np.where(skip, -1, index)
         if layer.normalize:
-            weight = weight / weight.sum(axis=-1, keepdims=True)
+            weight = weight / weight.sum(axis=-1, keepdims=True) * layer.scale
+    return index, weight
+
+
+def _top_k(layer: MoELayer, logits: np.ndarray, masked) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax or sigmoid scores; top-k of the scores plus the selection bias, over the
+    experts of the best groups and never a ``masked`` one; the selected scores."""
+    if layer.scoring == "softmax":
+        scores = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        scores /= scores.sum(axis=-1, keepdims=True)
+    else:
+        scores = _sigmoid(logits)
+    choice = scores if layer.selection_bias is None else scores + layer.selection_bias
+    if layer.groups > 1:
+        by_group = choice.reshape(len(choice), layer.groups, -1)
+        group_score = np.sort(by_group, axis=-1)[..., -2:].sum(axis=-1)
+        best_groups = np.argsort(-group_score, axis=-1, kind="stable")[:, : layer.top_groups]
+        outside = np.ones(group_score.shape, dtype=bool)
+        np.put_along_axis(outside, best_groups, False, axis=-1)
+        choice = np.where(np.repeat(outside, by_group.shape[-1], axis=-1), -np.inf, choice)
+    choice = choice.copy()
+    choice[:, masked] = -np.inf  # never selected
+    if layer.tie_break == "low":
+        index = np.argsort(-choice, axis=-1, kind="stable")[:, : layer.top_k]
+    else:  # reverse the expert order so the stable sort prefers the highest index
+        flipped = np.argsort(-choice[:, ::-1], axis=-1, kind="stable")[:, : layer.top_k]
+        index = choice.shape[-1] - 1 - flipped
+    return index, np.take_along_axis(scores, index, axis=-1)
+
+
+def _sparsemixer(logits: np.ndarray, k: int, jitter_eps: float, masked) -> tuple[np.ndarray, np.ndarray]:
+    """PhiMoE's inference routing (see :class:`MoELayer`): k arg-max steps, each weighed by a
+    softmax over the experts left whose relative gap to the step's maximum is within 2 eps."""
+    left = np.ones(logits.shape, dtype=bool)
+    left[:, masked] = False
+    rows = np.arange(len(logits))
+    index = np.zeros((len(logits), k), dtype=np.int64)
+    weight = np.zeros((len(logits), k))
+    for j in range(k):
+        candidates = np.where(left, logits, -np.inf)
+        best = np.argmax(candidates, axis=-1)
+        top = candidates[rows, best][:, None]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            far = (top - logits) / np.maximum(np.abs(logits), top) > 2 * jitter_eps
+        weight[:, j] = 1.0 / np.where(left & ~far, np.exp(candidates - top), 0.0).sum(axis=-1)
+        index[:, j] = best
+        left[rows, best] = False
     return index, weight
 
 
@@ -116,18 +153,40 @@ def expert_ffn(layer: MoELayer, expert: int, x: np.ndarray) -> np.ndarray:
     return out if layer.b_down is None else out + layer.b_down[expert]
 
 
+def drop_past_capacity(
+    index: np.ndarray, weight: np.ndarray, capacity: int, sequence: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``index``/``weight`` ``[n, k]`` with each expert's selections past its ``capacity`` in
+    each run of ``sequence`` tokens (counted token by token, then slot) dropped (-1, weight 0)."""
+    rows, k = len(index) // sequence, index.shape[1]
+    flat = index.reshape(rows, sequence * k)
+    hits = flat[..., None] == np.arange(max(int(index.max(initial=0)) + 1, 1))
+    position = np.take_along_axis(np.cumsum(hits, axis=1), np.maximum(flat, 0)[..., None], axis=2)[..., 0]
+    dropped = ((flat >= 0) & (position > capacity)).reshape(index.shape)
+    return np.where(dropped, -1, index), np.where(dropped, 0.0, weight)
+
+
 def moe_forward(
-    layer: MoELayer, x: np.ndarray, logits: np.ndarray, plan: LayerPlan | None = None
+    layer: MoELayer,
+    x: np.ndarray,
+    logits: np.ndarray,
+    plan: LayerPlan | None = None,
+    sequence: int | None = None,
 ) -> np.ndarray:
     """The layer's output for tokens ``x`` ``[n, H]`` and router logits ``[n, E]`` (with the
-    masking, pruning and early exit of ``plan``)."""
+    masking, pruning and early exit of ``plan``); an expert capacity counts per run of
+    ``sequence`` tokens (default: all ``n``)."""
     plan = plan or LayerPlan()
     x64 = x.astype(np.float64)
     index, weight = route(layer, logits, plan)
+    if layer.capacity is not None:
+        index, weight = drop_past_capacity(index, weight, layer.capacity, sequence or len(x))
     y = np.zeros_like(x64)
     for expert in np.unique(index[index >= 0]):
         rows, slots = np.nonzero(index == expert)
-        hidden = expert_hidden(layer, int(expert), x64[rows])
+        gain = weight[rows, slots, None]
+        tokens = x64[rows] * gain if layer.gain_on_input else x64[rows]
+        hidden = expert_hidden(layer, int(expert), tokens)
         if plan.channels is not None:
             position = plan.kept.index(int(expert)) if plan.kept is not None else int(expert)
             pruned = np.setdiff1d(np.arange(layer.ffn), plan.channels[position])
@@ -135,5 +194,5 @@ def moe_forward(
         out = hidden @ layer.w_down[expert].astype(np.float64).T
         if layer.b_down is not None:
             out = out + layer.b_down[expert]
-        y[rows] += weight[rows, slots, None] * out
+        y[rows] += out if layer.gain_on_input else gain * out
     return y.astype(x.dtype)

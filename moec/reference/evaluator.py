@@ -1,9 +1,10 @@
-"""Whole-graph numpy reference: ``onnx.reference.ReferenceEvaluator`` plus ``com.microsoft::MoE``.
+"""Whole-graph numpy reference: ``onnx.reference.ReferenceEvaluator`` plus onnxruntime's contrib ops.
 
 moec needs an oracle for complete models, not just the MoE node. The ONNX
 reference evaluator runs every standard op; this module teaches it the
 onnxruntime ``MoE`` contrib op by registering a custom ``OpRun`` that calls
-:func:`moec.reference.ms_moe.ms_moe`. Nothing here imports TVM or onnxruntime.
+:func:`moec.reference.ms_moe.ms_moe`, and the attention fusions of transformers' exporter
+(:mod:`moec.reference.contrib`). Nothing here imports TVM or onnxruntime.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import onnx
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 
+from moec.reference.contrib import CONTRIB_OPS
 from moec.reference.ms_moe import ms_moe
+from moec.reference.onnx_fixes import FIXED_OPS
 
 __all__ = ["MS_DOMAIN", "MoE", "run_reference"]
 
@@ -108,7 +111,7 @@ def run_reference(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[
     Graph outputs are returned in graph order, keyed by their names.
     """
     model = _with_ms_opset(model)
-    sess = ReferenceEvaluator(model, new_ops=[MoE])
+    sess = ReferenceEvaluator(model, new_ops=[MoE, *CONTRIB_OPS, *FIXED_OPS])
     names = [out.name for out in model.graph.output]
     results: list[Any] = sess.run(names, feeds)
     return {name: np.asarray(value) for name, value in zip(names, results, strict=True)}

@@ -25,6 +25,7 @@ from moec.frontend.importer import find_blocks
 from moec.frontend.layer import MoELayer
 from moec.frontend.rewrite import LAYER_DOMAIN, LAYER_OP, WEIGHT_ROLES, layer_weight_names, replace_blocks
 from moec.reference.canonical import LayerPlan, moe_forward, route
+from moec.reference.onnx_fixes import FIXED_OPS
 
 STORAGE_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 MATRIX_ROLES = ("w_up", "w_gate", "w_down")
@@ -52,7 +53,8 @@ def _layer_op(
         plan = (plans or {}).get(spec.name)
         if on_route is not None:
             on_route(int(layer), current, flat_x, *route(current, flat_logits, plan))
-        flat = moe_forward(current, flat_x, flat_logits, plan)
+        sequence = x.shape[-2] if x.ndim >= 3 else None  # the tokens an expert capacity counts over
+        flat = moe_forward(current, flat_x, flat_logits, plan, sequence)
         return (flat.reshape(x.shape),)
 
     return type(LAYER_OP, (OpRun,), {"op_domain": LAYER_DOMAIN, "_run": _run})
@@ -82,7 +84,7 @@ def canonical_evaluator(
                 value = numpy_helper.to_array(tensor).astype(storage).astype(np.float32)
                 canonical.graph.initializer[index].CopyFrom(numpy_helper.from_array(value, tensor.name))
     layers = [b.layer for b in blocks]
-    return ReferenceEvaluator(canonical, new_ops=[_layer_op(layers, on_route, plans)]), layers
+    return ReferenceEvaluator(canonical, new_ops=[_layer_op(layers, on_route, plans), *FIXED_OPS]), layers
 
 
 def run_stored_reference(

@@ -1,0 +1,167 @@
+"""Folding with the shapes known at compile time (``moec.frontend.fold``), and moec's converters for
+the standard ops where TVM's lose shapes (``moec.frontend.converters``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from moec.frontend.fold import fold_constants
+from moec.reference.evaluator import run_reference
+from tests.helpers import check_artifact, compile_to
+
+
+def _model(nodes: list, inputs: list, outputs: list, inits: list | None = None) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "fold", inputs, outputs, initializer=inits or [])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+
+
+def _ints(name: str, values: list[int]) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.array(values, np.int64), name)
+
+
+def _shape_reshape_model(dims: list) -> onnx.ModelProto:
+    """y = Reshape(x, Concat(Shape(x)[0:1], [-1]) ) * 2 computed the way exporters write it."""
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"]),
+        helper.make_node("Gather", ["shape", "zero"], ["first"], axis=0),
+        helper.make_node("Unsqueeze", ["first", "axes"], ["first1"]),
+        helper.make_node("Shape", ["x"], ["tail"], start=1),
+        helper.make_node("ReduceProd", ["tail"], ["rest"], keepdims=1),
+        helper.make_node("Concat", ["first1", "rest"], ["target"], axis=0),
+        helper.make_node("Reshape", ["x", "target"], ["flat"]),
+        helper.make_node("Mul", ["flat", "two"], ["y"]),
+    ]
+    inits = [
+        numpy_helper.from_array(np.array(0, np.int64), "zero"),
+        _ints("axes", [0]),
+        numpy_helper.from_array(np.array(2.0, np.float32), "two"),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    return _model(nodes, [x], [y], inits)
+
+
+def test_static_shape_subgraph_folds_to_a_constant() -> None:
+    model = _shape_reshape_model([2, 3, 4])
+    folded = fold_constants(model)
+    ops = [n.op_type for n in folded.graph.node]
+    assert ops == ["Constant", "Reshape", "Mul"], ops
+    target = numpy_helper.to_array(folded.graph.node[0].attribute[0].t)
+    assert target.tolist() == [2, 12]
+    # Float initializers stay initializers (weights); int ones became constants.
+    assert [t.name for t in folded.graph.initializer] == ["two"]
+    x = np.random.default_rng(0).standard_normal((2, 3, 4)).astype(np.float32)
+    np.testing.assert_array_equal(run_reference(folded, {"x": x})["y"], run_reference(model, {"x": x})["y"])
+
+
+def test_partly_static_shape_keeps_the_symbolic_part() -> None:
+    folded = fold_constants(_shape_reshape_model(["n", 3, 4]))
+    ops = [n.op_type for n in folded.graph.node]
+    # Shape(x)[1:] is static (3, 4) and folds; Shape(x)[0] is the symbolic batch and stays.
+    assert "ReduceProd" not in ops and ops.count("Shape") == 1, ops
+    x = np.random.default_rng(1).standard_normal((5, 3, 4)).astype(np.float32)
+    assert run_reference(folded, {"x": x})["y"].shape == (5, 12)
+
+
+def test_int_initializer_shape_of_expand_compiles(tmp_path: Path) -> None:
+    """An Expand whose shape is an int64 initializer: TVM, keeping initializers as parameters,
+    read it back at run time into fresh symbolic dims the VM could not compute."""
+    nodes = [
+        helper.make_node("Unsqueeze", ["x", "axes"], ["x5"]),
+        helper.make_node("Expand", ["x5", "shape"], ["wide"]),
+        helper.make_node("Reshape", ["wide", "flat"], ["y"]),
+    ]
+    inits = [_ints("axes", [2]), _ints("shape", [1, 2, 2, 8, 8]), _ints("flat", [1, 4, 8, 8])]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])
+    model = _model(nodes, [x], [y], inits)
+    session = compile_to(model, tmp_path)
+    check_artifact(
+        session, model, {"x": np.random.default_rng(2).standard_normal((1, 2, 8, 8)).astype(np.float32)}
+    )
+
+
+def test_constant_of_empty_shape_compiles(tmp_path: Path) -> None:
+    """ConstantOfShape of an empty shape is a scalar; TVM's converter broadcast its 1-element value to
+    rank 0 ("broadcast_to expects the input shape to have the number of ndim at least ...")."""
+    value = numpy_helper.from_array(np.array([0.5], np.float32), "value")
+    nodes = [
+        helper.make_node("ConstantOfShape", ["empty"], ["half"], value=value),
+        helper.make_node("Add", ["x", "half"], ["y"]),
+    ]
+    empty = numpy_helper.from_array(np.zeros(0, np.int64), "empty")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "s", 4])
+    model = _model(nodes, [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "s", 4])], [empty])
+    session = compile_to(model, tmp_path)
+    for seq in (1, 3):
+        check_artifact(session, model, {"x": np.ones((1, seq, 4), np.float32)})
+
+
+def test_range_of_a_symbolic_length_keeps_the_dim(tmp_path: Path) -> None:
+    """positions = Range(0, seq, 1) (rotary embeddings, causal masks): x * positions must keep x's
+    shape (TVM's Range gave a fresh dim, and the product lost its shape). Also Reshape of shape
+    arithmetic (Add(1, seq) → [-1]) used as a Slice end."""
+    nodes = [
+        helper.make_node("Shape", ["x"], ["seq1"], start=0, end=1),
+        helper.make_node("Squeeze", ["seq1"], ["seq"]),
+        helper.make_node("Range", ["zero", "seq", "one"], ["positions"]),
+        helper.make_node("Cast", ["positions"], ["fpos"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["fpos", "axes"], ["col"]),
+        helper.make_node("Mul", ["x", "col"], ["scaled"]),
+        helper.make_node("Add", ["one", "seq"], ["seq_plus"]),
+        helper.make_node("Reshape", ["seq_plus", "minus_one"], ["end"]),
+        helper.make_node("Concat", ["scaled", "x"], ["both"], axis=0),
+        helper.make_node("Slice", ["both", "one1", "end", "axes1"], ["y"]),
+    ]
+    inits = [
+        numpy_helper.from_array(np.array(0, np.int64), "zero"),
+        numpy_helper.from_array(np.array(1, np.int64), "one"),
+        _ints("axes", [1]),
+        _ints("minus_one", [-1]),
+        _ints("one1", [1]),
+        _ints("axes1", [0]),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["s", 3])
+    model = _model(nodes, [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["s", 3])], inits)
+    session = compile_to(model, tmp_path)
+    for seq in (1, 4):
+        check_artifact(
+            session, model, {"x": np.random.default_rng(seq).standard_normal((seq, 3)).astype(np.float32)}
+        )
+
+
+def test_arithmetic_on_shape_values_and_expand_of_symbolic_data(tmp_path: Path) -> None:
+    """tokens = Shape(x)[0:1] * Shape(x)[1:2] (TVM: "cannot handle ShapeExpr inputs"), then
+    Range(tokens) and an Expand of [b, s, 1] data to a constant [1, 1, 4] (TVM read the data's
+    symbolic dims as numbers)."""
+    nodes = [
+        helper.make_node("Shape", ["x"], ["b"], start=0, end=1),
+        helper.make_node("Shape", ["x"], ["s"], start=1, end=2),
+        helper.make_node("Mul", ["b", "s"], ["tokens1"]),
+        helper.make_node("Squeeze", ["tokens1"], ["tokens"]),
+        helper.make_node("Range", ["zero", "tokens", "one"], ["ids"]),
+        helper.make_node("Cast", ["ids"], ["fids"], to=TensorProto.FLOAT),
+        helper.make_node("Reshape", ["x", "flat"], ["xf"]),
+        helper.make_node("Add", ["xf", "fids"], ["sum"]),
+        helper.make_node("Concat", ["b", "s", "one1"], ["back"], axis=0),
+        helper.make_node("Reshape", ["sum", "back"], ["col"]),
+        helper.make_node("Expand", ["col", "wide"], ["y"]),
+    ]
+    inits = [
+        numpy_helper.from_array(np.array(0, np.int64), "zero"),
+        numpy_helper.from_array(np.array(1, np.int64), "one"),
+        _ints("flat", [-1]),
+        _ints("one1", [1]),
+        _ints("wide", [1, 1, 4]),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s"])
+    model = _model(nodes, [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", 4])], inits)
+    session = compile_to(model, tmp_path)
+    for shape in ((1, 1), (2, 3)):
+        check_artifact(
+            session, model, {"x": np.random.default_rng(7).standard_normal(shape).astype(np.float32)}
+        )
