@@ -71,6 +71,43 @@ def test_skip_simplified_layer_norm_with_bias_and_sum_output(tmp_path: Path) -> 
         check_artifact(session, model, _feeds({"x": dims, "skip": dims}, seed=dims[1]))
 
 
+@pytest.mark.parametrize("optional", ["beta+bias", "none"])
+def test_skip_layer_norm_with_and_without_beta_and_bias(optional: str, tmp_path: Path) -> None:
+    rng = _rng(3)
+    names = ["gamma", "beta", "bias"] if optional == "beta+bias" else ["gamma"]
+    inits = [numpy_helper.from_array(rng.standard_normal(16).astype(np.float32), n) for n in names]
+    node = helper.make_node(
+        "SkipLayerNormalization",
+        ["x", "skip", *names],
+        ["y", "mean", "inv_std", "sum"],
+        domain=MS,
+        epsilon=1e-5,
+    )
+    shape = ["b", "s", 16]
+    stats = ["b", "s", 1]
+    outputs = [_f32("y", shape), _f32("mean", stats), _f32("inv_std", stats), _f32("sum", shape)]
+    model = _model(node, [_f32("x", shape), _f32("skip", shape)], outputs, inits)
+    session = compile_to(model, tmp_path)
+    for dims in ((1, 1, 16), (2, 7, 16)):
+        feeds = _feeds({"x": dims, "skip": dims}, seed=dims[1])
+        feeds["x"] += 3.0  # a mean far from 0: LayerNorm centres, RMSNorm would not
+        check_artifact(session, model, feeds)
+
+
+@pytest.mark.parametrize(
+    "attrs", [{"transB": 1}, {"transA": 1, "alpha": 0.125}, {}], ids=["transB", "transA-alpha", "plain"]
+)
+def test_fused_matmul_transposes_and_scales(attrs: dict, tmp_path: Path) -> None:
+    a_shape = ["b", 2, 8, 5] if attrs.get("transA") else ["b", 2, 5, 8]
+    b_shape = [1, 2, 6, 8] if attrs.get("transB") else [1, 2, 8, 6]
+    node = helper.make_node("FusedMatMul", ["a", "b"], ["y"], domain=MS, **attrs)
+    model = _model(node, [_f32("a", a_shape), _f32("b", b_shape)], [_f32("y", ["b", 2, 5, 6])])
+    session = compile_to(model, tmp_path)
+    for batch in (1, 3):
+        dims = {"a": (batch, *a_shape[1:]), "b": tuple(b_shape)}
+        check_artifact(session, model, _feeds(dims, seed=batch))
+
+
 def _caches(max_seq: int, half: int) -> list[onnx.TensorProto]:
     angles = np.arange(max_seq)[:, None] / (10000.0 ** (np.arange(half) / half))[None, :]
     return [

@@ -2,10 +2,10 @@
 
 The fixtures (``fixtures/models/*-decoder-*``, made by ``fixtures/make_fixtures.py``) are 2-layer
 ``ForCausalLM`` models (vocab 128): ``FAMILY-decoder-EXPORTER-EXPERTS`` at a fixed ``input_ids``
-``[1, 8]``, and ``FAMILY-decoder-dynamic-EXPORTER-EXPERTS`` with batch and sequence dynamic
-(cases ``traced`` [2, 7], ``other`` [3, 13], ``one`` [1, 1]). Each must have both MoE blocks
-recognised, compile with one build for every shape, and match PyTorch's logits and the numpy
-reference within 1e-4.
+``[1, 8]`` (every family whose decoder exports), and ``FAMILY-decoder-dynamic-EXPORTER-EXPERTS``
+(Mixtral, Qwen3-MoE) with batch and sequence dynamic (cases ``traced`` [2, 7], ``other`` [3, 13],
+``one`` [1, 1]). Each must have both MoE blocks recognised, compile with one build for every
+shape, and match PyTorch's logits and the numpy reference within 1e-4.
 """
 
 from __future__ import annotations
@@ -34,6 +34,12 @@ STATIC = [
         "hf-onnx-ort-cuda-batched_mm",  # MultiHeadAttention, RotaryEmbedding, (Skip)SimplifiedLayerNorm, MoE
     )
 ] + ["mixtral-decoder-torchscript-eager"]  # (qwen3_moe's eager trace is refused: test_exported_fixtures)
+# Every other family's decoder from each exporter (Llama 4's complex-valued RoPE exports with none).
+STATIC += [
+    f"{family}-decoder-{exporter}-batched_mm"
+    for family in ("qwen2_moe", "olmoe", "phimoe", "gpt_oss", "deepseek_v3")
+    for exporter in ("dynamo", "torchscript", "hf-onnx", "hf-onnx-ort-cuda")
+]
 DYNAMIC = [
     f"{family}-decoder-dynamic-{exporter}-batched_mm"
     for family in ("mixtral", "qwen3_moe")
@@ -43,6 +49,8 @@ IN_CI = {
     "mixtral-decoder-torchscript-batched_mm",  # shape subgraphs folded (ConstantOfShape of [])
     # contrib ops and com.microsoft::MoE at symbolic batch x sequence, shape arithmetic, Expand
     "qwen3_moe-decoder-dynamic-hf-onnx-ort-cuda-batched_mm",
+    "gpt_oss-decoder-hf-onnx-ort-cuda-batched_mm",  # FusedMatMul in the attention (with sinks)
+    "phimoe-decoder-hf-onnx-ort-cuda-batched_mm",  # SkipLayerNormalization, sparsemixer routing
 }
 
 

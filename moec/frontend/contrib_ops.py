@@ -3,7 +3,9 @@
 transformers' exporter with ``ort_fusions`` writes them into whole decoders:
 ``SimplifiedLayerNormalization`` (RMSNorm, in the *default* domain as onnxruntime registers it),
 ``com.microsoft::SkipSimplifiedLayerNormalization`` (residual add + RMSNorm),
-``com.microsoft::RotaryEmbedding`` and ``com.microsoft::MultiHeadAttention``. Semantics follow
+``com.microsoft::SkipLayerNormalization`` (residual add + LayerNorm), ``com.microsoft::FusedMatMul``
+(matmul with transposes and a scale), ``com.microsoft::RotaryEmbedding`` and
+``com.microsoft::MultiHeadAttention``. Semantics follow
 onnxruntime's ``docs/ContribOperators.md``; :mod:`moec.reference.contrib` is the independent
 numpy version the tests compare against. Forms these converters do not implement raise
 :class:`MoecError` naming the node's op and the attribute or input at fault.
@@ -68,6 +70,50 @@ def skip_simplified_layer_norm(bb: relax.BlockBuilder, inputs: list, attrs: dict
         return out
     mean = bb.emit(relax.op.mean(relax.op.astype(total, "float32"), axis=[-1], keepdims=True))
     return relax.Tuple([bb.emit(out), mean, inv_std, total])
+
+
+def skip_layer_norm(bb: relax.BlockBuilder, inputs: list, attrs: dict) -> relax.Expr:
+    """(LayerNorm(input + skip + bias) * gamma + beta, mean, inverse std, input + skip + bias)."""
+    x, skip, gamma, *rest = inputs
+    beta, bias = (rest + [None, None])[:2]
+    total = relax.op.add(x, skip)
+    if bias is not None:
+        total = relax.op.add(total, bias)
+    total = bb.emit(total)
+    t32 = bb.emit(relax.op.astype(total, "float32"))
+    mean = bb.emit(relax.op.mean(t32, axis=[-1], keepdims=True))
+    centred = bb.emit(relax.op.subtract(t32, mean))
+    variance = relax.op.mean(relax.op.multiply(centred, centred), axis=[-1], keepdims=True)
+    epsilon = relax.const(float(attrs.get("epsilon", 1e-5)), "float32")
+    inv_std = bb.emit(relax.op.rsqrt(relax.op.add(variance, epsilon)))
+    out = relax.op.multiply(relax.op.multiply(centred, inv_std), gamma)
+    if beta is not None:
+        out = relax.op.add(out, beta)
+    out = relax.op.astype(out, bb.normalize(x).ty.dtype)
+    if attrs["tvm_custom"]["num_outputs"] == 1:
+        return out
+    return relax.Tuple([bb.emit(out), mean, inv_std, total])
+
+
+def fused_matmul(bb: relax.BlockBuilder, inputs: list, attrs: dict) -> relax.Expr:
+    """``alpha * op(A) @ op(B)``: ``transA``/``transB`` swap the last two axes."""
+    if attrs.get("transBatchA", 0) or attrs.get("transBatchB", 0):
+        raise MoecError(
+            "FusedMatMul: transBatchA/transBatchB are not supported; re-export without ORT fusions"
+        )
+    a, b = inputs[:2]
+    for flag, operand in (("transA", 0), ("transB", 1)):
+        if attrs.get(flag, 0):
+            value = (a, b)[operand]
+            ndim = len(_shape(bb, value))
+            axes = list(range(ndim - 2)) + [ndim - 1, ndim - 2]
+            swapped = bb.emit(relax.op.permute_dims(value, axes))
+            a, b = (swapped, b) if operand == 0 else (a, swapped)
+    product = relax.op.matmul(a, b)
+    alpha = float(attrs.get("alpha", 1.0))
+    if alpha == 1.0:
+        return product
+    return relax.op.multiply(bb.emit(product), relax.const(alpha, bb.normalize(a).ty.dtype))
 
 
 def rotary_embedding(bb: relax.BlockBuilder, inputs: list, attrs: dict) -> relax.Expr:
@@ -203,6 +249,8 @@ CONVERTERS: dict[tuple[str, str], Converter] = {
     ("", "SimplifiedLayerNormalization"): simplified_layer_norm,
     (MS_DOMAIN, "SimplifiedLayerNormalization"): simplified_layer_norm,
     (MS_DOMAIN, "SkipSimplifiedLayerNormalization"): skip_simplified_layer_norm,
+    (MS_DOMAIN, "SkipLayerNormalization"): skip_layer_norm,
+    (MS_DOMAIN, "FusedMatMul"): fused_matmul,
     (MS_DOMAIN, "RotaryEmbedding"): rotary_embedding,
     (MS_DOMAIN, "MultiHeadAttention"): multi_head_attention,
 }

@@ -3,7 +3,9 @@
 transformers' ONNX exporter with ``ort_fusions`` writes, besides ``com.microsoft::MoE``:
 ``SimplifiedLayerNormalization`` (RMSNorm; onnxruntime registers it in the *default* domain),
 ``com.microsoft::SkipSimplifiedLayerNormalization`` (residual add + RMSNorm),
-``com.microsoft::RotaryEmbedding`` and ``com.microsoft::MultiHeadAttention``. These follow
+``com.microsoft::SkipLayerNormalization`` (residual add + LayerNorm), ``com.microsoft::FusedMatMul``
+(matmul with transposes and a scale), ``com.microsoft::RotaryEmbedding`` and
+``com.microsoft::MultiHeadAttention``. These follow
 onnxruntime's operator specs (``docs/ContribOperators.md``) and its CPU kernels, written
 independently of moec's Relax converters (``moec.frontend.contrib_ops``), which they check.
 Arithmetic is float32 throughout (``stash_type=1``), the other values are refused.
@@ -37,6 +39,39 @@ def skip_rms_norm(
     out, inv_std = rms_norm(total, gamma, epsilon)
     mean = np.mean(total.astype(np.float32), axis=-1, keepdims=True)
     return out, mean, inv_std, total
+
+
+def skip_layer_norm(
+    x: np.ndarray,
+    skip: np.ndarray,
+    gamma: np.ndarray,
+    beta: np.ndarray | None,
+    bias: np.ndarray | None,
+    epsilon: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """SkipLayerNormalization: (LayerNorm(input + skip + bias) * gamma + beta, mean, inv_std_var,
+    input + skip + bias), normalising over the last axis."""
+    total = x + skip if bias is None else x + skip + bias
+    t32 = total.astype(np.float32)
+    mean = np.mean(t32, axis=-1, keepdims=True)
+    inv_std = (
+        1.0 / np.sqrt(np.mean((t32 - mean) ** 2, axis=-1, keepdims=True) + np.float32(epsilon))
+    ).astype(np.float32)
+    out = (t32 - mean) * inv_std * gamma
+    if beta is not None:
+        out = out + beta
+    return out.astype(x.dtype), mean, inv_std, total
+
+
+def fused_matmul(
+    a: np.ndarray, b: np.ndarray, *, alpha: float = 1.0, trans_a: int = 0, trans_b: int = 0
+) -> np.ndarray:
+    """``alpha * op(A) @ op(B)``, ``op`` swapping the last two axes where asked."""
+    if trans_a:
+        a = np.swapaxes(a, -1, -2)
+    if trans_b:
+        b = np.swapaxes(b, -1, -2)
+    return (np.float32(alpha) * np.matmul(a, b)).astype(a.dtype)
 
 
 def rotary_embedding(
@@ -168,6 +203,24 @@ class SkipSimplifiedLayerNormalization(OpRun):
         return skip_rms_norm(x, skip, gamma, bias, epsilon)
 
 
+class SkipLayerNormalization(OpRun):
+    op_domain = MS_DOMAIN
+
+    def _run(self, x, skip, gamma, beta=None, bias=None, *, epsilon=1e-5):  # type: ignore[override]
+        return skip_layer_norm(x, skip, gamma, beta, bias, epsilon)
+
+
+class FusedMatMul(OpRun):
+    op_domain = MS_DOMAIN
+
+    def _run(  # type: ignore[override]
+        self, a, b, *, alpha=1.0, transA=0, transB=0, transBatchA=0, transBatchB=0
+    ):
+        if transBatchA or transBatchB:
+            raise NotImplementedError("FusedMatMul: transBatchA/transBatchB are not implemented")
+        return (fused_matmul(a, b, alpha=alpha, trans_a=transA, trans_b=transB),)
+
+
 class RotaryEmbedding(OpRun):
     op_domain = MS_DOMAIN
 
@@ -244,6 +297,8 @@ CONTRIB_OPS = [
     SimplifiedLayerNormalization,
     SimplifiedLayerNormalizationMs,
     SkipSimplifiedLayerNormalization,
+    SkipLayerNormalization,
+    FusedMatMul,
     RotaryEmbedding,
     MultiHeadAttention,
 ]
