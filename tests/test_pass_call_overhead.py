@@ -20,7 +20,7 @@ from moec.reference.evaluator import run_reference
 from moec.runtime.session import ArtifactSession
 from moec.schedule import CpuSchedule
 from moec.zoo.standard import build_dense_onehot_moe
-from tests.helpers import FP32_ATOL, assert_close, tokens_input
+from tests.helpers import FIXTURES, FP32_ATOL, assert_close, fixture_cases, tokens_input
 
 E, H, F, K = 4, 8, 16, 2
 UP = {
@@ -169,6 +169,20 @@ def test_compiled_library_calls_kernels_from_main(model: Path, tmp_path: Path) -
     for tokens in (1, 7):
         feeds = {"x": tokens_input(tokens, 32)}
         assert_close(session.run(feeds)["y"], run_reference(onnx.load(model), feeds)["y"], FP32_ATOL, "y")
+
+
+def test_layer_whose_dimension_binds_to_a_constant_is_inlined(tmp_path: Path) -> None:
+    """Switch's capacity layer takes ``[sequences, tokens, H]``; its input ``[1, seq, H]`` binds
+    ``sequences`` to the constant 1, which inlining accepts: the kernels run straight from main."""
+    name = "switch_transformers-block-torchscript-na"
+    compile_model(FIXTURES / "models" / f"{name}.onnx", "host", tmp_path / "a")
+    library = tvm.runtime.load_module(str(tmp_path / "a" / "model.so"))
+    text = relax.VMExecutable(library).as_text()
+    main = text[text.index("@main:") : text.index("ret ", text.index("@main:"))]
+    assert "moe0 " not in main and "moe0_capacity" in main and "expert_down" in main, main
+    session = ArtifactSession(tmp_path / "a")
+    for case, (feeds, torch_outputs) in fixture_cases(name).items():
+        assert_close(session.run(feeds)["output"], torch_outputs["output"], FP32_ATOL, f"{case} vs PyTorch")
 
 
 def test_max_tokens_bound_and_clear_error_above_it(model: Path, tmp_path: Path) -> None:

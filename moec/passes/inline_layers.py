@@ -4,16 +4,17 @@ Rewrite rule, for every call ``y = moe<i>(x, logits, *weights)`` in ``main`` who
 Relax function with attribute ``moec.layer``:
 
 - the callee's symbolic dimensions are bound to the caller's (its ``n`` becomes, e.g., ``main``'s
-  ``tokens``), read off the shapes of the arguments;
+  ``tokens``, or a constant such as the one sequence of a ``[1, seq, H]`` capacity layer), read
+  off the shapes of the arguments;
 - its parameters are replaced by the arguments and its bindings (the ``call_tir`` of ``route``,
   ``group``, ``expert_up``, ``expert_down`` and the tuple projections between them) are emitted
   in place of the call, in ``main``'s block; the call's result is the callee's result;
 - a layer function no longer called from anywhere is removed from the module.
 
 A call is left as it is when an argument lacks a shape for one of the callee's symbolic
-dimensions, or when that dimension is an expression rather than one of the caller's variables
-(a ``[batch, seq, hidden]`` input flattened to ``batch * seq`` tokens: binding ``n`` to it
-would leave ``batch`` and ``seq`` undefined in the inlined body); such layers keep the call.
+dimensions, or when that dimension is an expression rather than one of the caller's variables or
+a constant (a ``[batch, seq, hidden]`` input flattened to ``batch * seq`` tokens: binding ``n`` to
+it would leave ``batch`` and ``seq`` undefined in the inlined body); such layers keep the call.
 
 Why: on the Relax VM a call to a Relax function is a new frame, a shape heap, a
 ``check_tensor_info`` and a ``match_shape`` per argument, and a ``match_shape`` of the result,
@@ -58,7 +59,7 @@ def _symbol_bindings(
             return None
         for dim, value in zip(param.ty.shape.values, arg_shape, strict=True):
             if isinstance(dim, tvm.tirx.Var) and dim not in bindings:
-                if not isinstance(value, tvm.tirx.Var):
+                if not isinstance(value, tvm.tirx.Var | tvm.tirx.IntImm):
                     return None  # e.g. batch * seq: the inlined body would use undefined vars
                 bindings[dim] = value
     return bindings
