@@ -66,12 +66,14 @@ SUPPORTED["switch_transformers"] = ["torchscript-na"]
 SUPPORTED["mixtral"].append("torchscript-eager")
 SUPPORTED["gpt_oss"].append("torchscript-eager")
 # ... and unrolled for fewer experts than the router has: refused, with how to re-export.
+# (name -> experts the router has; how many the trace unrolled is PyTorch's count of the experts its
+# traced input hit, which make_fixtures.py records in index.json as experts_hit_by_traced.)
 TRACE_SPECIALISED = {
-    "deepseek_v3-block-torchscript-eager": (6, 8),
-    "olmoe-block-torchscript-eager": (5, 8),
-    "qwen2_moe-block-torchscript-eager": (7, 8),
-    "qwen3_moe-block-torchscript-eager": (7, 8),
-    "qwen3_moe-decoder-torchscript-eager": (6, 8),
+    "deepseek_v3-block-torchscript-eager": 8,
+    "olmoe-block-torchscript-eager": 8,
+    "qwen2_moe-block-torchscript-eager": 8,
+    "qwen3_moe-block-torchscript-eager": 8,
+    "qwen3_moe-decoder-torchscript-eager": 8,
 }
 # Traces of a loop over the experts, with split sizes from the traced input: the graph itself runs
 # only at the traced token count (moec's compiled layer, and the canonical reference, at any).
@@ -136,7 +138,10 @@ def test_fixture_index_lists_every_supported_fixture() -> None:
 def test_trace_specialised_graph_is_refused_with_how_to_reexport(
     name: str, command: str, tmp_path: Path
 ) -> None:
-    unrolled, experts = TRACE_SPECIALISED[name]
+    experts = TRACE_SPECIALISED[name]
+    index = {entry["name"]: entry for entry in json.loads((FIXTURES / "index.json").read_text())["fixtures"]}
+    unrolled = index[name]["experts_hit_by_traced"][0]  # the first MoE layer's router is named
+    assert unrolled < experts
     path = FIXTURES / "models" / f"{name}.onnx"
     out = tmp_path / "out"
     args = [command, str(path)] + (["-o", str(out)] if command == "compile" else [])
@@ -150,20 +155,22 @@ def test_trace_specialised_graph_is_refused_with_how_to_reexport(
 
 
 def test_expert_capacity_is_compiled_as_the_graph_applies_it(tmp_path: Path) -> None:
-    """Switch's router drops the tokens of a sequence past an expert's capacity (3 in the
-    fixture): at 13 tokens PyTorch drops some (their output rows are 0), and moec drops the same."""
+    """Switch's router drops the tokens of a sequence past an expert's capacity (2 in the
+    fixture): at 7 and 13 tokens PyTorch drops some (their output rows are 0), and moec drops the same."""
     name = "switch_transformers-block-torchscript-na"
     path = FIXTURES / "models" / f"{name}.onnx"
     (block,) = find_blocks(load_model(path))
-    assert block.layer.capacity == 3 and block.layer.caveats == ()
-    feeds, torch_outputs = fixture_cases(name)["other"]
-    dropped = np.flatnonzero(~torch_outputs["output"].any(axis=-1).reshape(-1))
-    assert len(dropped) >= 2, "the fixture's 13 tokens overflow an expert"
-    actual = ArtifactSession(compile_model(path, "host", tmp_path / "artifact")).run(feeds)["output"]
-    assert_close(actual, torch_outputs["output"], FP32_ATOL, f"{name} vs PyTorch")
-    assert not actual.reshape(-1, actual.shape[-1])[dropped].any()
+    assert block.layer.capacity == 2 and block.layer.caveats == ()
+    session = ArtifactSession(compile_model(path, "host", tmp_path / "artifact"))
+    for case, (feeds, torch_outputs) in fixture_cases(name).items():
+        expected = torch_outputs["output"].reshape(-1, block.layer.hidden)
+        dropped = np.flatnonzero(~expected.any(axis=-1))
+        assert case == "one" or len(dropped) >= 1, f"{case}: the fixture's tokens overflow an expert"
+        actual = session.run(feeds)["output"]
+        assert_close(actual, torch_outputs["output"], FP32_ATOL, f"{name} {case} vs PyTorch")
+        assert not actual.reshape(expected.shape)[dropped].any()
     result = CliRunner(env={"MOEC_DEBUG": None}).invoke(main, ["inspect", str(path)])
-    assert result.exit_code == 0 and "capacity 3" in result.output, result.output
+    assert result.exit_code == 0 and "capacity 2" in result.output, result.output
 
 
 def test_expert_capacity_moec_cannot_model_is_reported(tmp_path: Path) -> None:
@@ -175,13 +182,13 @@ def test_expert_capacity_moec_cannot_model_is_reported(tmp_path: Path) -> None:
     producers[cumsum.input[1]].attribute[0].t.CopyFrom(onnx.numpy_helper.from_array(np.array(-1)))
     (block,) = find_blocks(model)
     assert block.layer.capacity is None and len(block.layer.caveats) == 1
-    assert "expert capacity of 3 in a way moec does not model" in block.layer.caveats[0]
+    assert "expert capacity of 2 in a way moec does not model" in block.layer.caveats[0]
     onnx.save(model, tmp_path / "counted_over_experts.onnx")
     result = CliRunner(env={"MOEC_DEBUG": None}).invoke(
         main, ["inspect", str(tmp_path / "counted_over_experts.onnx")]
     )
     assert result.exit_code == 0, result.output
-    assert "moec: warning: moe0: the graph drops the tokens past an expert capacity of 3" in result.stderr
+    assert "moec: warning: moe0: the graph drops the tokens past an expert capacity of 2" in result.stderr
 
 
 def test_cli_verifies_a_compiled_export_against_pytorch_outputs(tmp_path: Path) -> None:
