@@ -267,10 +267,7 @@ def compile(  # noqa: A001
         routing=routing,
         log=_progress,
     )
-    manifest = json.loads((out_dir / "manifest.json").read_text())
-    for layer in manifest["layers"]:
-        for caveat in layer.get("caveats", []):
-            click.echo(f"moec: warning: {layer['name']}: {caveat}", err=True)
+    _warn_caveats(json.loads((out_dir / "manifest.json").read_text())["layers"])
     for layer, experts in (kept or {}).items():
         click.echo(f"{layer}: kept experts {experts}")
     for layer, per_expert in (channels or {}).items():
@@ -549,6 +546,12 @@ def inspect(model: Path, as_json: bool) -> None:
             f"{'yes' if layer['shared_expert'] else 'no':<6} {layer['parameter_bytes'] / 1e6:>9.3f} "
             f"{layer['bytes_per_token_dense'] / 1e6:>12.3f} {layer['bytes_per_token_sparse'] / 1e6:>13.3f}"
         )
+    _warn_caveats(layers)
+
+
+def _warn_caveats(layers: list[dict]) -> None:
+    """A warning on stderr for each way a layer (``MoELayer.describe()``) computes differently
+    from its graph."""
     for layer in layers:
         for caveat in layer.get("caveats", []):
             click.echo(f"moec: warning: {layer['name']}: {caveat}", err=True)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from moec.errors import MoecError
+from moec.errors import MoecError, first_line
 
 EXPORTERS = ("dynamo", "torchscript", "hf-onnx")
 SETTING = "config._experts_implementation"
@@ -85,7 +85,7 @@ def explain_export_error(
 ) -> str:
     """One line for an export that raised ``error``: what failed, and the setting that exports."""
     _check_exporter(exporter)
-    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    message = first_line(error)
     cause = next((c for s, c in _SIGNATURES.items() if s in str(error)), None)
     if cause == "switch":
         return (

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from moec.errors import MoecError
+from moec.errors import MoecError, first_line
 from moec.reference.canonical import LayerPlan
 from moec.reference.evaluator import run_reference
 from moec.reference.stored import canonical_evaluator, run_stored_reference
@@ -106,9 +106,9 @@ def reference_outputs(
             if not manifest.get("layers"):
                 raise
             if on_fallback is not None:
-                reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
                 on_fallback(
-                    f"the graph itself does not run at these shapes ({type(err).__name__}: {reason[:100]}); "
+                    f"the graph itself does not run at these shapes ({type(err).__name__}: "
+                    f"{first_line(err)[:100]}); "
                     "checked against its MoE layers' numpy reference instead"
                 )
     return run_stored_reference(model, precision, feeds, plans)

@@ -7,7 +7,7 @@ from pathlib import Path
 import onnx
 from google.protobuf.message import DecodeError
 
-from moec.errors import MoecError
+from moec.errors import MoecError, first_line
 
 
 def load_model(path: str | Path) -> onnx.ModelProto:
@@ -20,8 +20,9 @@ def load_model(path: str | Path) -> onnx.ModelProto:
     try:
         model = onnx.load(str(path), load_external_data=True)
     except (DecodeError, RuntimeError, ValueError, OSError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise MoecError(f"{path}: not a readable ONNX model ({first}); is the file complete?") from err
+        raise MoecError(
+            f"{path}: not a readable ONNX model ({first_line(err)}); is the file complete?"
+        ) from err
     if not model.graph.node and not model.graph.output:
         raise MoecError(f"{path}: not an ONNX model (no graph found); is this the right file?")
     _import_missing_domains(model)

@@ -263,23 +263,16 @@ class _BlockFinder:
                 continue
             capacity = _expert_capacity(self.index, region)
             for layer in _extract_layers(self.index, region, router, name):
-                if capacity is not None:
-                    layer.capacity = capacity
-                    if self._confirms(prelude, region, layer, x, logits, out):
+                for candidate in _capacity_candidates(layer, capacity):
+                    if self._confirms(prelude, region, candidate, x, logits, out):
                         return MoEBlock(
-                            layer=layer, input=x, logits=logits, output=out, nodes=region, flat_output=flat
+                            layer=candidate,
+                            input=x,
+                            logits=logits,
+                            output=out,
+                            nodes=region,
+                            flat_output=flat,
                         )
-                    # Not the per-sequence count moec models: compiled without it, and said so.
-                    layer.capacity = None
-                    layer.caveats = (
-                        f"the graph drops the tokens past an expert capacity of {capacity} in a way moec "
-                        "does not model; moec computes every token, so outputs differ when more than "
-                        f"{capacity} tokens go to one expert",
-                    )
-                if self._confirms(prelude, region, layer, x, logits, out):
-                    return MoEBlock(
-                        layer=layer, input=x, logits=logits, output=out, nodes=region, flat_output=flat
-                    )
         return None
 
     def _constant_producers(self, tensor: str) -> list[onnx.NodeProto] | None:
@@ -401,6 +394,19 @@ def _expert_capacity(index: GraphIndex, region: list[onnx.NodeProto]) -> int | N
             if limit is not None and limit.size == 1:
                 return int(limit.reshape(-1)[0]) - (node.op_type == "Less")
     return None
+
+
+def _capacity_candidates(layer: MoELayer, capacity: int | None) -> list[MoELayer]:
+    """``layer`` as the region may compute it: with the graph's expert capacity, else (a running
+    count that is not the per-sequence one moec models) without it, saying so."""
+    if capacity is None:
+        return [layer]
+    unmodelled = (
+        f"the graph drops the tokens past an expert capacity of {capacity} in a way moec does not "
+        f"model; moec computes every token, so outputs differ when more than {capacity} tokens go "
+        "to one expert"
+    )
+    return [dataclasses.replace(layer, capacity=capacity), dataclasses.replace(layer, caveats=(unmodelled,))]
 
 
 def _gathered_weight(index: GraphIndex, tensor: str) -> np.ndarray | None:
