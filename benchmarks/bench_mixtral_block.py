@@ -5,7 +5,7 @@ What: hidden 512, FFN 1024, 8 SwiGLU experts, top-2 of a softmax router with the
 weights renormalised, fp32, no biases (8 x 6 MiB = 48 MiB of expert weights). Five
 systems run that block with identical weights:
 
-``moec``       the standard-op ONNX model compiled by ``moec.build.compile.compile_model``
+``moec``       the standard-op ONNX model compiled by ``moec.compiler.compile.compile_model``
                for the ``host`` target; timed as ``vm["main"](x, *params)`` on
                pre-converted TVM tensors.
 ``ort-moe``    onnxruntime's fused ``com.microsoft::MoE`` op (swiglu, ``swiglu_fusion=1``:
@@ -157,7 +157,7 @@ def build_models(workdir: Path) -> dict[str, Any]:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from moec.zoo.standard import build_dense_batched_moe
+    from tests.zoo.standard import build_dense_batched_moe
 
     weights: dict[str, Any] = {}
     std = build_dense_batched_moe(
@@ -797,7 +797,8 @@ def report(results: dict[int, dict[str, Any]], facts: dict[str, Any]) -> str:
         '`tvm.runtime.Tensor`s, onnxruntime as `session.run(["y"], feeds)`.',
         f"- Plain TVM: `relax.frontend.onnx.from_onnx(model, keep_params_in_input=False)` + "
         f"`tvm.compile` for `llvm -mcpu=<host> num-cores=<threads>`, default pipeline; "
-        f'{first["tvm_build"]}. moec: `compile_model(model, "host", ...)` of the same ONNX file '
+        f'{first["tvm_build"]}. moec: `compile_model(model, out, CompileOptions(target="host"))` of the '
+        f"same ONNX file "
         f"(the dense batched-MatMul export pattern; moec detected 1 MoE layer).",
         f"- C loop: `benchmarks/bench_mixtral_block_cloop.cpp` built with `g++ "
         f"{' '.join(CLOOP_FLAGS)}` ({facts['cxx']}), called through ctypes with pointers to "
@@ -835,9 +836,10 @@ def run_parent(args: argparse.Namespace, argv: Sequence[str]) -> None:
     import tvm
 
     import moec
-    from moec.build.compile import compile_model
+    from moec.compiler.compile import compile_model
     from moec.frontend.importer import import_model
     from moec.frontend.loader import load_model
+    from moec.options import CompileOptions
 
     wall = time.perf_counter()
     thread_counts = [int(n) for n in args.threads.split(",")]
@@ -854,7 +856,10 @@ def run_parent(args: argparse.Namespace, argv: Sequence[str]) -> None:
             raise SystemExit(f"moec found {len(blocks)} MoE layers in the standard model, expected 1")
         log(f"moec detected 1 MoE layer: {json.dumps(blocks[0].layer.describe())}")
         compile_model(
-            workdir / "standard.onnx", "host", workdir / "moec", force=True, log=lambda m: log(f"moec: {m}")
+            workdir / "standard.onnx",
+            workdir / "moec",
+            CompileOptions(target="host", force=True),
+            log=lambda m: log(f"moec: {m}"),
         )
         for proc in range(args.procs):
             for n in thread_counts:

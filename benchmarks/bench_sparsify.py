@@ -120,7 +120,7 @@ def build_model(path: Path) -> None:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from moec.zoo.standard import build_dense_batched_moe
+    from tests.zoo.standard import build_dense_batched_moe
 
     weights: dict[str, Any] = {}
     model = build_dense_batched_moe(
@@ -353,7 +353,7 @@ def report(variants: list[Variant], facts: dict[str, Any]) -> str:
         f"total wall time {facts['wall_s']:.0f} s.",
         "",
         f"Model: one MoE block (hidden {HIDDEN}, FFN {FFN}, {EXPERTS} SwiGLU experts, top-{TOP_K} of a "
-        f"softmax router renormalised over the {TOP_K}, fp32; `moec.zoo.standard."
+        f"softmax router renormalised over the {TOP_K}, fp32; `tests.zoo.standard."
         f"build_dense_batched_moe`) followed by an LM-head MatMul to {VOCAB} logits. The router is "
         f"skewed: the columns of experts {', '.join(map(str, HOT))} are tilted towards three input "
         f"directions, and the inputs are noise + (uniform {SCALE[0]:g}–{SCALE[1]:g}) × one of those "

@@ -1,4 +1,6 @@
-"""What every benchmark script shares: progress lines, run facts, and its BENCHMARKS.md section."""
+"""What every benchmark script shares: progress lines, run facts, its BENCHMARKS.md section, and
+the repository root on ``sys.path`` (the scripts run as ``python benchmarks/<script>.py`` and
+build their models with the tests' synthetic builders, ``tests.zoo``)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 
 
 def log(message: str) -> None:

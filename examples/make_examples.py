@@ -10,17 +10,20 @@ ms_moe_tiny.onnx: the same kind of block as onnxruntime's fused com.microsoft::M
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import onnx
-
-from moec.zoo.ms_moe import build_two_layer_ms_moe_model
-from moec.zoo.standard import build_two_layer_model
 
 HERE = Path(__file__).resolve().parent
 
 
 def main() -> None:
+    # The builders are the tests' synthetic models (tests/zoo/), importable from the repository root.
+    sys.path.insert(0, str(HERE.parent))
+    from tests.zoo.ms_moe import build_two_layer_ms_moe_model
+    from tests.zoo.standard import build_two_layer_model
+
     models = {
         "mixtral_tiny.onnx": build_two_layer_model(
             "sparse_dispatch", activation="swiglu", hidden=64, inter=128, experts=8, k=2, seed=2026

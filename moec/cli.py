@@ -12,7 +12,27 @@ from pathlib import Path
 import click
 import numpy as np
 
-from moec.errors import MoecError
+from moec.errors import MoecError, first_line
+from moec.options import ROUTINGS, WEIGHT_PRECISIONS, CompileOptions, OptionError
+
+OPTION_FLAGS = {
+    "target": "--target",
+    "force": "--force",
+    "dump_ir": "--dump-ir",
+    "weights_precision": "--weights-precision",
+    "max_tokens": "--max-tokens",
+    "kept_experts": "--keep-experts/--mask-threshold",
+    "kept_channels": "--prune-ratio",
+    "skip_top1_above": "--skip-top1-above",
+    "skip_below_fraction": "--skip-below-fraction",
+    "routing": "--routing",
+    "keep_experts": "--keep-experts",
+    "mask_threshold": "--mask-threshold",
+    "prune_ratio": "--prune-ratio",
+}
+"""The flag of each compile option (:class:`moec.options.CompileOptions` fields and the
+parameters of :mod:`moec.analysis.masking`): an :class:`OptionError` names the option by field,
+and ``compile`` restates it with the flag the user typed."""
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -34,9 +54,8 @@ def user_errors(func):
         except Exception as err:  # never a traceback for users; MOEC_DEBUG=1 shows it
             if os.environ.get("MOEC_DEBUG"):
                 raise
-            first = (str(err).strip().splitlines() or [type(err).__name__])[-1]
             _fail(
-                f"internal error: {type(err).__name__}: {first} "
+                f"internal error: {type(err).__name__}: {first_line(err)} "
                 "(rerun with MOEC_DEBUG=1 for the traceback and report it)",
                 3,
             )
@@ -80,7 +99,7 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
 
 def _check_interface(onnx_model, session, model: Path, artifact: Path) -> None:
     """Raise :class:`MoecError` unless MODEL has the inputs and outputs ARTIFACT was compiled with."""
-    from moec.build.compile import graph_inputs, value_info
+    from moec.artifact import graph_inputs, value_info
 
     found = {v["name"]: v for v in map(value_info, graph_inputs(onnx_model))}
     for spec in session.inputs:
@@ -158,7 +177,7 @@ def main() -> None:
 )
 @click.option(
     "--weights-precision",
-    type=click.Choice(["fp32", "fp16"]),
+    type=click.Choice(WEIGHT_PRECISIONS),
     default="fp32",
     show_default=True,
     help="How expert weight matrices are stored. fp16 halves their memory and the bytes read "
@@ -208,7 +227,7 @@ def main() -> None:
 )
 @click.option(
     "--routing",
-    type=click.Choice(["learned", "cycle", "tile"]),
+    type=click.Choice(ROUTINGS),
     default="learned",
     show_default=True,
     help="Replace the learned router by a fixed pattern over the tokens (for models trained that "
@@ -233,41 +252,43 @@ def compile(  # noqa: A001
 ) -> None:
     """Compile MODEL (.onnx) into an artifact directory computing only the selected experts."""
     from moec.analysis.masking import choose_channels, choose_kept, load_profile
-    from moec.build.compile import compile_model
+    from moec.artifact import read_manifest
+    from moec.compiler.compile import compile_model
 
-    kept, channels = None, None
-    if profile_path is not None:
-        profile = load_profile(profile_path, model)
-        if keep_experts is not None or mask_threshold is not None:
-            kept = choose_kept(profile, keep_experts, mask_threshold)
-        if prune_ratio is not None:
-            channels = choose_channels(profile, prune_ratio, kept)
-        if kept is None and channels is None:
-            _fail("--profile needs --keep-experts, --mask-threshold or --prune-ratio to act on")
-    elif keep_experts is not None or mask_threshold is not None or prune_ratio is not None:
+    masking = keep_experts is not None or mask_threshold is not None
+    if profile_path is None and (masking or prune_ratio is not None):
         _fail(
             "--keep-experts, --mask-threshold and --prune-ratio need --profile PROFILE.json "
             "(from 'moec profile')"
         )
-    compile_model(
-        model,
-        target,
-        out_dir,
-        force=force,
-        dump_ir=dump_ir,
-        weights_precision=weights_precision,
-        max_tokens=max_tokens,
-        kept_experts=kept,
-        kept_channels=channels,
-        early_exit=(
-            {"top1_above": skip_top1_above, "below_fraction": skip_below_fraction}
-            if skip_top1_above is not None or skip_below_fraction is not None
-            else None
-        ),
-        routing=routing,
-        log=_progress,
-    )
-    _warn_caveats(json.loads((out_dir / "manifest.json").read_text())["layers"])
+    if keep_experts is not None and mask_threshold is not None:
+        _fail("masking: pass exactly one of --keep-experts N and --mask-threshold F")
+    kept, channels = None, None
+    try:
+        if profile_path is not None:
+            profile = load_profile(profile_path, model)
+            if masking:
+                kept = choose_kept(profile, keep_experts, mask_threshold)
+            if prune_ratio is not None:
+                channels = choose_channels(profile, prune_ratio, kept)
+            if kept is None and channels is None:
+                _fail("--profile needs --keep-experts, --mask-threshold or --prune-ratio to act on")
+        options = CompileOptions(
+            target=target,
+            weights_precision=weights_precision,
+            max_tokens=max_tokens,
+            kept_experts=kept,
+            kept_channels=channels,
+            skip_top1_above=skip_top1_above,
+            skip_below_fraction=skip_below_fraction,
+            routing=routing,
+            dump_ir=dump_ir,
+            force=force,
+        )
+        compile_model(model, out_dir, options, log=_progress)
+    except OptionError as err:
+        raise MoecError(err.naming(OPTION_FLAGS[err.option])) from err
+    _warn_caveats(read_manifest(out_dir)["layers"])
     for layer, experts in (kept or {}).items():
         click.echo(f"{layer}: kept experts {experts}")
     for layer, per_expert in (channels or {}).items():
@@ -466,8 +487,7 @@ def profile(model: Path, calib: Path | None, synthetic: int | None, output: Path
     names the model by its sha256, so it is only used with that model.
     """
     from moec.analysis.profile import calibration_samples, profile_model
-    from moec.build.artifact import write_atomically
-    from moec.build.compile import graph_inputs, value_info
+    from moec.artifact import graph_inputs, value_info, write_atomically
     from moec.frontend.loader import load_model
     from moec.runtime.session import check_feeds, random_inputs
 

@@ -5,8 +5,14 @@ class MoecError(Exception):
     """An error caused by the user's input (file, option, model); printed without a traceback."""
 
 
-def first_line(error: BaseException | str) -> str:
-    """The first line of an error's message (its type's name when the message is empty), for
-    quoting another tool's error inside a one-line moec message."""
+def first_line(error: BaseException | str, default: str = "no output") -> str:
+    """The first line of an error's message or of another tool's output, for quoting it inside a
+    one-line moec message; when there is none, an exception's type name, or ``default`` for output.
+
+    The first line, because that is where the message is: Python's exceptions and TVM 0.27's alike
+    (a TVMScript diagnostic follows it with the source line and a caret underline).
+    """
     text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    if text:
+        return text.splitlines()[0]
+    return type(error).__name__ if isinstance(error, BaseException) else default

@@ -1,6 +1,9 @@
 """Target files: which machine to compile for, and the facts about it that scheduling needs.
 
 A target is a TOML file (bundled ones live in ``targets/``; ``--target`` also takes a path).
+The bundled target files and schedule tables ship in the wheel as the packages
+``moec.bundled_targets`` and ``moec.bundled_schedules`` (``pyproject.toml`` maps the repo's
+folders to them) and are read with ``importlib.resources``, so an installed moec finds them.
 Every per-target choice lives in that file, not in code: the TVM target (and the host CPU
 target of a GPU board), the cross toolchain and how to run its binaries here, the hardware
 (architecture, cores, SIMD width, cache line and sizes, memory bandwidth, the precisions it
@@ -14,18 +17,26 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
-import tomllib
+import sys
+from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tvm
 
-from moec.errors import MoecError
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, from PyPI
+    import tomli as tomllib
+
+from moec.errors import MoecError, first_line
 from moec.schedule import SCHEDULE_KINDS, CpuSchedule, GpuSchedule
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-TARGETS_DIR = PROJECT_ROOT / "targets"
-SCHEDULES_DIR = PROJECT_ROOT / "schedules"
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+
+TARGETS_PACKAGE = "moec.bundled_targets"  # the repo's targets/
+SCHEDULES_PACKAGE = "moec.bundled_schedules"  # the repo's schedules/
 
 PRECISIONS = ("fp32", "fp16", "int8")
 ARCHES = ("x86_64", "aarch64")
@@ -75,11 +86,11 @@ class CudaSpec:
 
 @dataclasses.dataclass(frozen=True)
 class TargetSpec:
-    """A resolved target file."""
+    """A resolved target file; ``path`` is the user's file, or the bundled one as a package resource."""
 
     name: str
     description: str
-    path: Path
+    path: Traversable
     tvm_config: dict[str, Any]
     host_config: dict[str, Any] | None
     hardware: Hardware
@@ -109,9 +120,26 @@ class TargetSpec:
         }
 
 
+def _bundled_tomls(package: str) -> dict[str, Traversable]:
+    """The TOML files shipped in ``package``, by name without ``.toml``."""
+    files = resources.files(package).iterdir()
+    return {file.name.removesuffix(".toml"): file for file in files if file.name.endswith(".toml")}
+
+
 def bundled_targets() -> list[str]:
     """Names of the target files shipped with moec."""
-    return sorted(p.stem for p in TARGETS_DIR.glob("*.toml"))
+    return sorted(_bundled_tomls(TARGETS_PACKAGE))
+
+
+def bundled_target_file(name: str) -> Traversable:
+    """The bundled target file ``name`` (``targets/<name>.toml`` in the repo), for reading or copying."""
+    files = _bundled_tomls(TARGETS_PACKAGE)
+    if name not in files:
+        raise MoecError(
+            f"unknown target '{name}'; valid targets: "
+            f"{', '.join(sorted(files))} (or the path of a .toml target file)"
+        )
+    return files[name]
 
 
 class _Table:
@@ -210,16 +238,12 @@ def _natively_computes(target: tvm.target.Target, arch: str, precision: str) -> 
 
 def load_target(name_or_path: str) -> TargetSpec:
     """Resolve ``--target``: a bundled name or the path of a user's TOML file."""
-    path = Path(name_or_path)
-    if not (name_or_path.endswith(".toml") or os.sep in name_or_path):
-        path = TARGETS_DIR / f"{name_or_path}.toml"
-        if not path.exists():
-            raise MoecError(
-                f"unknown target '{name_or_path}'; valid targets: "
-                f"{', '.join(bundled_targets())} (or the path of a .toml target file)"
-            )
-    if not path.exists():
-        raise MoecError(f"{path}: target file not found")
+    if name_or_path.endswith(".toml") or os.sep in name_or_path:
+        path: Traversable = Path(name_or_path)
+        if not path.is_file():
+            raise MoecError(f"{path}: target file not found")
+    else:
+        path = bundled_target_file(name_or_path)
     try:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:
@@ -259,8 +283,7 @@ def load_target(name_or_path: str) -> TargetSpec:
     try:  # a bad [tvm] table is the user's file to fix, not an internal error at codegen time
         target = tvm.target.Target(tvm_config, host=host_config)
     except Exception as err:
-        cause = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise MoecError(f"{path}: [tvm] is not a valid TVM target ({cause})") from err
+        raise MoecError(f"{path}: [tvm] is not a valid TVM target ({first_line(err)})") from err
     for precision in hardware.compute_precisions:
         computes, needs = _natively_computes(target, hardware.arch, precision)
         if not computes:
@@ -335,14 +358,15 @@ def load_schedule(name: str, hardware: Hardware, where: str = "") -> CpuSchedule
     ``lanes = "simd"`` means as many float32 lanes as the target's SIMD registers hold.
     """
     if name.endswith(".toml"):
-        path = Path(where).parent / name
-        if not path.exists():
+        path: Traversable = Path(where).parent / name
+        if not path.is_file():
             raise MoecError(f"{where}: schedule file {path} not found")
     else:
-        path = SCHEDULES_DIR / f"{name}.toml"
-        if not path.exists():
-            known = ", ".join(sorted(p.stem for p in SCHEDULES_DIR.glob("*.toml")))
-            raise MoecError(f"{where}: schedule '{name}' not found in {SCHEDULES_DIR} (known: {known})")
+        bundled = _bundled_tomls(SCHEDULES_PACKAGE)
+        if name not in bundled:
+            known = ", ".join(sorted(bundled))
+            raise MoecError(f"{where}: schedule '{name}' is not a bundled schedule (known: {known})")
+        path = bundled[name]
     try:
         table = _Table(tomllib.loads(path.read_text()), str(path))
     except tomllib.TOMLDecodeError as err:

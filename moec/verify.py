@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import onnx
 
+from moec.canonical.semantics import LayerPlan
 from moec.errors import MoecError, first_line
-from moec.reference.canonical import LayerPlan
 from moec.reference.evaluator import run_reference
 from moec.reference.stored import canonical_evaluator, run_stored_reference
 

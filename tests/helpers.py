@@ -1,18 +1,26 @@
-"""The one numeric check every test uses, and helpers to compile and run test models."""
+"""Helpers every kind of test imports: the one numeric check, compiling and running test models,
+driving the ``moec`` command line, and the plain-numpy routing and experts the pass tests start from."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
 import onnx
+from click.testing import CliRunner, Result
 
-from moec.build.compile import compile_model
+from moec.cli import main
+from moec.compiler.compile import compile_model
+from moec.options import CompileOptions
 from moec.reference.evaluator import run_reference
 from moec.runtime.session import ArtifactSession
 
 FP32_ATOL = 1e-4
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = REPO_ROOT / "fixtures"
+EXAMPLE_MODEL = REPO_ROOT / "examples" / "mixtral_tiny.onnx"  # two MoE layers, hidden 64
+PROGRESS = re.compile(r"^\[\s*\d+\.\d+s\] ")  # compile's progress lines, also on stderr
 
 
 def assert_close(actual: np.ndarray, expected: np.ndarray, atol: float, what: str = "") -> None:
@@ -35,7 +43,7 @@ def compile_to(model: onnx.ModelProto, directory: Path, target: str = "host") ->
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "model.onnx"
     onnx.save(model, path)
-    compile_model(path, target, directory / "artifact")
+    compile_model(path, directory / "artifact", CompileOptions(target=target))
     return ArtifactSession(directory / "artifact")
 
 
@@ -60,15 +68,37 @@ def check_artifact(
             assert_close(actual[name], value, atol, f"{name} vs onnxruntime")
 
 
-def softmax_top_k(x: np.ndarray, router_w: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def softmax_top_k(
+    x: np.ndarray, router_w: np.ndarray, k: int, kept: list[int] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Top-k experts and renormalised weights per token of a softmax router ``x @ router_w``,
-    computed in float64 (the independent routing the masking/pruning/skipping tests start from)."""
+    computed in float64 (the independent routing the masking/pruning/skipping tests start from).
+
+    ``kept``: top-k over these experts only, the scores still a softmax over all of them.
+    """
     logits = x.astype(np.float64) @ router_w
     probs = np.exp(logits - logits.max(1, keepdims=True))
     probs /= probs.sum(1, keepdims=True)
-    index = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    choice = probs
+    if kept is not None:
+        choice = np.full_like(probs, -1.0)
+        choice[:, kept] = probs[:, kept]
+    index = np.argsort(-choice, axis=1, kind="stable")[:, :k]
     gain = np.take_along_axis(probs, index, 1)
     return index, gain / gain.sum(1, keepdims=True)
+
+
+def swiglu_hidden(x: np.ndarray, w: dict, e: int) -> np.ndarray:
+    """Expert ``e``'s intermediate activations ``silu(x @ gate) * (x @ up)`` for a block built with
+    ``weights_out`` (``w["gate"][e]``, ``w["up"][e]``: ``[H, F]``), in float64."""
+    x = x.astype(np.float64)
+    gate, up = x @ w["gate"][e], x @ w["up"][e]
+    return gate / (1 + np.exp(-gate)) * up
+
+
+def swiglu_expert(x: np.ndarray, w: dict, e: int) -> np.ndarray:
+    """Expert ``e``'s output ``swiglu_hidden(x) @ down`` in float64."""
+    return swiglu_hidden(x, w, e) @ w["down"][e]
 
 
 def fixture_cases(name: str) -> dict[str, tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
@@ -80,3 +110,44 @@ def fixture_cases(name: str) -> dict[str, tuple[dict[str, np.ndarray], dict[str,
             case, kind, tensor = key.split(".", 2)
             cases.setdefault(case, ({}, {}))[0 if kind == "in" else 1][tensor] = data[key]
     return cases
+
+
+def invoke(*args: str | Path) -> Result:
+    """Run ``moec ARGS`` in-process (MOEC_DEBUG unset, so errors are never re-raised)."""
+    return CliRunner(env={"MOEC_DEBUG": None}).invoke(main, [str(a) for a in args])
+
+
+def error_line(stderr: str) -> str:
+    """The single non-progress line of ``stderr``, which must be a ``moec: error:`` line."""
+    lines = [line for line in stderr.splitlines() if line.strip() and not PROGRESS.match(line)]
+    assert len(lines) == 1, f"expected exactly one error line on stderr, got {lines!r}"
+    assert lines[0].startswith("moec: error: "), lines[0]
+    return lines[0]
+
+
+def assert_user_error(result: Result, *culprits: str | Path) -> str:
+    """Exit 1, one ``moec: error:`` line naming every culprit, and no traceback; return the line."""
+    assert "Traceback" not in result.output and "Traceback" not in result.stderr, result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    line = error_line(result.stderr)
+    assert result.exit_code == 1, f"exit {result.exit_code} (3 means an internal error): {line}"
+    assert "internal error" not in line, line
+    for culprit in culprits:
+        assert str(culprit) in line, f"{culprit!r} not named in {line!r}"
+    return line
+
+
+def assert_nothing_written(out_dir: Path) -> None:
+    """Neither ``out_dir`` nor a hidden ``.<name>.*`` staging sibling exists."""
+    assert not out_dir.exists(), f"{out_dir} was left behind"
+    staging = sorted(p.name for p in out_dir.parent.glob(f".{out_dir.name}.*"))
+    assert not staging, f"staging directories left behind: {staging}"
+
+
+def profile_model(model: Path, directory: Path, calib: dict[str, np.ndarray], *extra: str) -> Path:
+    """``moec profile MODEL`` on ``calib`` (saved as ``directory/calib.npz``); the profile's path."""
+    np.savez(directory / "calib.npz", **calib)
+    profile = directory / "p.json"
+    result = invoke("profile", model, "--calib", directory / "calib.npz", "-o", profile, *extra)
+    assert result.exit_code == 0, result.output
+    return profile

@@ -22,9 +22,9 @@ import networkx as nx
 import numpy as np
 import onnx
 
+from moec.canonical.layer import MoELayer
+from moec.canonical.semantics import expert_hidden
 from moec.errors import MoecError
-from moec.frontend.layer import MoELayer
-from moec.reference.canonical import expert_hidden
 from moec.reference.stored import canonical_evaluator
 
 FORMAT = "moec-profile/2"

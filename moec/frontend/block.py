@@ -6,7 +6,7 @@ import dataclasses
 
 import onnx
 
-from moec.frontend.layer import MoELayer
+from moec.canonical.layer import MoELayer
 
 
 @dataclasses.dataclass

@@ -8,17 +8,17 @@ import onnx
 import tvm
 from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
-from moec.errors import MoecError
+from moec.canonical.layer import MoELayer
+from moec.errors import MoecError, first_line
 from moec.frontend.block import MoEBlock
 from moec.frontend.contrib_ops import converter as contrib_converter
 from moec.frontend.fold import fold_constants
 from moec.frontend.graph import GraphIndex, node_label
-from moec.frontend.layer import MoELayer
 from moec.frontend.lift import lift_to_relax
 from moec.frontend.ms_moe import find_ms_moe_blocks
 from moec.frontend.rewrite import LAYER_OP, replace_blocks
 from moec.frontend.shape_arith import scalarize_shape_arithmetic
-from moec.frontend.standard import find_standard_blocks
+from moec.frontend.standard.finder import find_standard_blocks
 
 
 @dataclasses.dataclass
@@ -40,8 +40,7 @@ class ImportedModel:
         except MoecError:
             raise
         except Exception as err:  # TVM's frontend raises many types; name the cause, once
-            first = (str(err).strip().splitlines() or [type(err).__name__])[-1]
-            raise MoecError(f"TVM's ONNX frontend could not convert the model: {first}") from err
+            raise MoecError(f"TVM's ONNX frontend could not convert the model: {first_line(err)}") from err
 
 
 def find_blocks(model: onnx.ModelProto) -> list[MoEBlock]:

@@ -2,7 +2,8 @@
 
 Everything except the MoE layers goes through TVM's own ONNX frontend. Each MoE layer
 becomes a Relax function ``<layer>`` (attribute ``moec.layer`` holds its JSON description)
-called from ``main``; its body calls our sparse TIR kernels: route → (capacity) → group →
+called from ``main``; its body calls our sparse TIR kernels (as specs, built in the schedule
+phase): route → (capacity) → group →
 expert_up → expert_down. Weights stay function parameters (``keep_params_in_input``) so they can be
 stored outside the compiled library.
 """
@@ -16,59 +17,77 @@ import tvm
 from tvm import relax
 from tvm.relax.frontend.onnx.onnx_frontend import ONNXGraphImporter
 
+from moec.canonical.layer import MoELayer
 from moec.frontend.contrib_ops import converter as contrib_converter
 from moec.frontend.converters import CONVERTERS as OWN_CONVERTERS
-from moec.frontend.layer import MoELayer
 from moec.frontend.rewrite import LAYER_OP
-from moec.kernels import make_kernel
-from moec.schedule import CpuSchedule
+from moec.kernels import kernel_spec
+from moec.kernels.config import (
+    CapacityConfig,
+    ExpertDownConfig,
+    ExpertUpConfig,
+    GroupConfig,
+    KernelConfig,
+    RouteConfig,
+)
 
 
-def _route_rule(layer: MoELayer) -> dict:
-    """The route kernel's routing-rule keywords: the layer's router, less what only describes it."""
-    rule = layer.router()
-    rule.pop("gain_on_input", None)  # applied around the kernels, not by the router
-    rule.pop("capacity", None)  # a kernel of its own
-    if layer.scoring != "sparsemixer":
-        rule.pop("jitter_eps", None)
-    return rule
+def layer_kernel_configs(layer: MoELayer) -> dict[str, KernelConfig]:
+    """The kernels an MoE layer calls, by kind, in call order (``capacity`` only with one)."""
+    E, K, H, F = layer.num_experts, layer.top_k, layer.hidden, layer.ffn
+    bias = layer.selection_bias
+    configs: dict[str, KernelConfig] = {
+        "route": RouteConfig(
+            num_experts=E,
+            top_k=K,
+            scoring=layer.scoring,
+            normalize=layer.normalize,
+            tie_break=layer.tie_break,
+            selection_bias=None if bias is None else tuple(float(v) for v in bias),
+            groups=layer.groups,
+            top_groups=layer.top_groups,
+            scale=layer.scale,
+            jitter_eps=layer.jitter_eps if layer.scoring == "sparsemixer" else 0.0,
+        )
+    }
+    if layer.capacity is not None:
+        configs["capacity"] = CapacityConfig(num_experts=E, top_k=K, capacity=layer.capacity)
+    configs["group"] = GroupConfig(num_experts=E, top_k=K)
+    configs["expert_up"] = ExpertUpConfig(
+        num_experts=E,
+        hidden=H,
+        ffn=F,
+        top_k=K,
+        activation=layer.activation,
+        gated=layer.gated,
+        alpha=layer.alpha,
+        beta=layer.beta,
+        limit=layer.limit,
+    )
+    configs["expert_down"] = ExpertDownConfig(num_experts=E, hidden=H, ffn=F, top_k=K)
+    return configs
+
+
+def kernel_call(kernel: relax.GlobalVar, config: KernelConfig, args: list[relax.Expr], rows) -> relax.Call:
+    """``call_tir`` of a kernel, its output types taken from the config's signature over ``rows``."""
+    outputs = [relax.TensorType(b.shape, b.dtype) for b in config.outputs(rows)]
+    return relax.call_tir(kernel, args, outputs if len(outputs) > 1 else outputs[0])
 
 
 def build_layer_function(
     bb: relax.BlockBuilder, layer: MoELayer, weight_types: list[relax.TensorType]
 ) -> relax.GlobalVar:
-    """Adds ``layer``'s kernels and its Relax function to ``bb``'s module; returns the function.
+    """Adds ``layer``'s kernel specs and its Relax function to ``bb``'s module; returns the function.
 
-    Kernels get the default schedule; the pipeline's ``ApplyKernelSchedule`` retiles them.
-    The function takes ``x`` ``[n, H]`` and ``logits`` ``[n, E]``, or, with an expert capacity,
-    ``[r, s, H]`` and ``[r, s, E]``: ``r`` sequences of ``s`` tokens, each counted on its own.
+    The kernels are specs (signature and config, no code): the schedule phase builds them for the
+    target. The function takes ``x`` ``[n, H]`` and ``logits`` ``[n, E]``, or, with an expert
+    capacity, ``[r, s, H]`` and ``[r, s, E]``: ``r`` sequences of ``s`` tokens, each counted on
+    its own.
     """
-    E, K, H, F = layer.num_experts, layer.top_k, layer.hidden, layer.ffn
+    E, K, H = layer.num_experts, layer.top_k, layer.hidden
     prefix = layer.name
-    configs = {
-        "route": {"num_experts": E, "top_k": K, "tie_break": layer.tie_break, **_route_rule(layer)},
-        "capacity": {"num_experts": E, "top_k": K, "capacity": layer.capacity},
-        "group": {"num_experts": E, "top_k": K},
-        "expert_up": {
-            "num_experts": E,
-            "hidden": H,
-            "ffn": F,
-            "top_k": K,
-            "activation": layer.activation,
-            "gated": layer.gated,
-            "alpha": layer.alpha,
-            "beta": layer.beta,
-            "limit": layer.limit,
-        },
-        "expert_down": {"num_experts": E, "hidden": H, "ffn": F, "top_k": K},
-    }
-    if layer.capacity is None:
-        del configs["capacity"]
-    kernels = {
-        kind: bb.add_func(make_kernel(kind, config, CpuSchedule()), f"{prefix}_{kind}")
-        for kind, config in configs.items()
-    }
-    route, group, up, down = (kernels[kind] for kind in ("route", "group", "expert_up", "expert_down"))
+    configs = layer_kernel_configs(layer)
+    kernels = {kind: bb.add_func(kernel_spec(config), f"{prefix}_{kind}") for kind, config in configs.items()}
 
     if layer.capacity is None:
         n = tvm.tirx.Var("n", "int64")
@@ -76,6 +95,10 @@ def build_layer_function(
     else:
         rows = (tvm.tirx.Var("r", "int64"), tvm.tirx.Var("s", "int64"))
         n = rows[0] * rows[1]
+
+    def call(kind: str, args: list[relax.Expr]) -> relax.Expr:
+        return lb.emit(kernel_call(kernels[kind], configs[kind], args, rows if kind == "capacity" else (n,)))
+
     x_in = relax.Var("x", relax.TensorType((*rows, H), "float32"))
     logits_in = relax.Var("logits", relax.TensorType((*rows, E), "float32"))
     weights = [relax.Var(f"w{i}", ty) for i, ty in enumerate(weight_types)]
@@ -86,40 +109,22 @@ def build_layer_function(
         if layer.capacity is not None:
             x = lb.emit(relax.op.reshape(x_in, (n, H)))
             logits = lb.emit(relax.op.reshape(logits_in, (n, E)))
-        pair_types = [relax.TensorType((n, K), "int32"), relax.TensorType((n, K), "float32")]
-        routed = lb.emit(relax.call_tir(route, [logits], pair_types))
+        routed = call("route", [logits])
         index, routing_weight = relax.TupleGetItem(routed, 0), relax.TupleGetItem(routed, 1)
         if layer.capacity is not None:
             by_sequence = [lb.emit(relax.op.reshape(v, (*rows, K))) for v in (index, routing_weight)]
-            sequence_types = [relax.TensorType((*rows, K), t.dtype) for t in pair_types]
-            limited = lb.emit(relax.call_tir(kernels["capacity"], by_sequence, sequence_types))
+            limited = call("capacity", by_sequence)
             index, routing_weight = (
                 lb.emit(relax.op.reshape(relax.TupleGetItem(limited, i), (n, K))) for i in range(2)
             )
         if layer.gain_on_input:  # top-1 (Llama 4): the expert reads w * x, its output is not scaled
             x = lb.emit(relax.op.multiply(x, routing_weight))
             routing_weight = lb.emit(relax.op.ones_like(routing_weight))
-        grouped = lb.emit(
-            relax.call_tir(
-                group,
-                [index, routing_weight],
-                [
-                    relax.TensorType((E + 1,), "int32"),
-                    relax.TensorType((n * K,), "int32"),
-                    relax.TensorType((n * K,), "float32"),
-                ],
-            )
-        )
+        grouped = call("group", [index, routing_weight])
         offset, token, gain = (relax.TupleGetItem(grouped, i) for i in range(3))
         *first_layer, w_down, b_down = weights
-        inter = lb.emit(
-            relax.call_tir(up, [x, *first_layer, offset, token], relax.TensorType((n * K, F), "float32"))
-        )
-        y = lb.emit(
-            relax.call_tir(
-                down, [inter, w_down, b_down, offset, token, gain], relax.TensorType((n, H), "float32")
-            )
-        )
+        inter = call("expert_up", [x, *first_layer, offset, token])
+        y = call("expert_down", [inter, w_down, b_down, offset, token, gain])
         lb.emit_func_output(y)
     func = lb.get()[prefix].with_attr("moec.layer", json.dumps(layer.describe()))
     return bb.add_func(func, prefix)

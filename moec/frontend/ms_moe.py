@@ -21,10 +21,10 @@ import math
 import numpy as np
 import onnx
 
+from moec.canonical.layer import MoELayer
 from moec.errors import MoecError
 from moec.frontend.block import MoEBlock
 from moec.frontend.graph import GraphIndex, attribute, node_label
-from moec.frontend.layer import MoELayer
 
 #: The jitter eps onnxruntime's ``sparse_mixer_top2`` kernel hard-codes.
 ORT_SPARSE_MIXER_JITTER_EPS = 0.01

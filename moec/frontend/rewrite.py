@@ -16,13 +16,11 @@ from moec.frontend.block import MoEBlock
 
 LAYER_DOMAIN = "moec"
 LAYER_OP = "MoELayer"
-WEIGHT_ROLES = ("w_up", "b_up", "w_gate", "b_gate", "w_down", "b_down")
 
 
 def layer_weight_names(block: MoEBlock) -> list[str]:
     """Initializer names of the canonical node's weight inputs, in kernel argument order."""
-    roles = [r for r in WEIGHT_ROLES if block.layer.gated or r not in ("w_gate", "b_gate")]
-    return [f"{block.layer.name}.{role}" for role in roles]
+    return [f"{block.layer.name}.{role}" for role in block.layer.weight_roles]
 
 
 def _canonical_weights(block: MoEBlock) -> dict[str, np.ndarray]:

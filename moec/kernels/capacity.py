@@ -12,11 +12,14 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
+from moec.kernels.backend import Backend
+from moec.kernels.config import CapacityConfig
+
 
 def limit_sequence_macro(num_experts: int, top_k: int, capacity: int):
     """A TIR macro ``limit_sequence(index, weight, index_out, weight_out, count, b)``: sequence
     ``b`` of the ``[r, s, k]`` buffers, counting in ``count`` (``E + 1`` local int32s); the
-    CPU and CUDA kernels share it."""
+    kernel runs it once per sequence."""
     E, K, C = num_experts, top_k, capacity
 
     @T.macro
@@ -35,27 +38,32 @@ def limit_sequence_macro(num_experts: int, top_k: int, capacity: int):
     return limit_sequence
 
 
-def make_capacity_kernel(num_experts: int, top_k: int, capacity: int) -> tirx.PrimFunc:
+def make_capacity_kernel(config: CapacityConfig, backend: Backend) -> tirx.PrimFunc:
     """PrimFunc ``capacity(index[r, s, k], weight[r, s, k]) -> (index[r, s, k], weight[r, s, k])``.
 
-    For each of the ``r`` sequences of ``s`` tokens, the selections (token-major, then slot) are
-    counted per expert; from the ``capacity + 1``-th on, an expert's selections become skipped
-    slots. Slots already skipped (index ``E``) stay so and count for no expert.
+    For each of the ``r`` sequences of ``s`` tokens (spread over the backend's threads), the
+    selections (token-major, then slot) are counted per expert; from the ``capacity + 1``-th on,
+    an expert's selections become skipped slots. Slots already skipped (index ``E``) stay so and
+    count for no expert.
     """
-    E, K = num_experts, top_k
-    limit_sequence = limit_sequence_macro(num_experts, top_k, capacity)
+    E, K = config.num_experts, config.top_k
+    limit_sequence = limit_sequence_macro(E, K, config.capacity)
+
+    sequences = backend.items()
 
     @T.prim_func
     def limit_capacity(index_h: T.handle, weight_h: T.handle, index_out_h: T.handle, weight_out_h: T.handle):
-        T.func_attr({"tir.noalias": True, "op_pattern": 8})
+        T.func_attr(backend.attrs)
         r = T.int64()
         s = T.int64()
         index = T.match_buffer(index_h, (r, s, K), "int32")
         weight = T.match_buffer(weight_h, (r, s, K), "float32")
         index_out = T.match_buffer(index_out_h, (r, s, K), "int32")
         weight_out = T.match_buffer(weight_out_h, (r, s, K), "float32")
-        count = T.alloc_buffer((E + 1,), "int32", scope="local")
-        for b in range(r):
-            limit_sequence(index, weight, index_out, weight_out, count, b)
+        for o in sequences.outer(r):
+            for i in sequences.inner():
+                count = T.alloc_buffer((E + 1,), "int32", scope="local")
+                if sequences.valid(o, i, r):
+                    limit_sequence(index, weight, index_out, weight_out, count, sequences.index(o, i))
 
     return limit_capacity

@@ -1,17 +1,18 @@
 """Sparse expert dispatch kernels: only the experts that some token selected are read.
 
-Both kernels walk the groups made by :mod:`moec.kernels.group` (``offset``/``token``):
-for each expert with at least one token, every weight row is streamed from memory once
-and dotted with all of that expert's tokens while it sits in L1 (a GEMM over the group;
-at one token this is a gather-GEMV over the k selected experts). Experts with no tokens
-cost nothing: their weights are never touched.
+Both kernels walk the groups made by :mod:`moec.kernels.group` (``offset``/``token``): for
+each expert with at least one token, every weight row is streamed from memory once and dotted
+with all of that expert's tokens while it sits in cache (a GEMM over the group; at one token
+this is a gather-GEMV over the k selected experts). Experts with no tokens cost nothing: their
+weights are never touched.
 
-Schedule (from :class:`moec.schedule.CpuSchedule`): output rows are split into
-``rows_per_task`` chunks run in parallel (each thread streams its own contiguous slice of
-each expert); the dot over the input dimension is vectorised ``lanes`` wide with a
-register accumulator per token; tokens are processed ``token_block`` at a time so one row
-load feeds several FMAs. Each thread owns whole output columns, so accumulating into the
-output needs no synchronisation.
+One algorithm per kernel, for every target: the output rows are tiled by the backend
+(:mod:`moec.kernels.backend`: parallel row tasks on a CPU, thread blocks on CUDA); for each
+expert group, tokens are taken ``token_block`` at a time so one weight load feeds several
+FMAs (then the tail one by one); the backend's dot leaves each row's sums in ``acc[m, pi, 0]``
+and the thread that owns the row applies the epilogue (the activation, or the weighted
+accumulation into the output). Each output element is written by one thread only, experts in
+a fixed order, so there are no atomics and results are deterministic.
 """
 
 from __future__ import annotations
@@ -21,95 +22,15 @@ import math
 from tvm import tirx
 from tvm.script import tirx as T
 
-from moec.schedule import CpuSchedule
-
-WEIGHT_DTYPES = ("float32", "float16")
-
-
-def _largest_divisor_at_most(value: int, limit: int) -> int:
-    return max(d for d in range(1, min(value, limit) + 1) if value % d == 0)
+from moec.kernels.backend import Backend
+from moec.kernels.config import ExpertDownConfig, ExpertUpConfig
 
 
-def _largest_pow2_divisor_at_most(value: int, limit: int) -> int:
-    size = 1
-    while size * 2 <= limit and value % (size * 2) == 0:
-        size *= 2
-    return size
-
-
-def _widen(weight_dtype: str):
-    """``load(value)``: a weight element as float32 (weights may be stored narrower)."""
-    if weight_dtype not in WEIGHT_DTYPES:
-        raise ValueError(f"weight_dtype must be one of {WEIGHT_DTYPES}, got {weight_dtype!r}")
-    if weight_dtype == "float32":
-        return lambda value: value
-    return lambda value: T.Cast("float32", value)
-
-
-def _make_dot(length: int, schedule: CpuSchedule, indirect: bool, weight_dtype: str = "float32"):
-    """A TIR macro ``dot(acc, w, e, j, src, token, p0, count)`` leaving in ``acc[pi, 0]`` the dot of
-    weight row ``w[e, j]`` with source row ``token[p0 + pi]`` (``indirect``) or ``p0 + pi``, for
-    ``pi < count``. Weights are read as ``weight_dtype`` and multiplied in float32.
-
-    The ``length``-long dot runs ``accumulators`` independent vector chains, each ``lanes`` wide, so
-    FMA latency is hidden; the partial sums are then folded by halving (log2 steps, not a serial
-    chain). ``acc`` must be a local ``[token_block, lanes * accumulators]`` buffer.
-    """
-    load = _widen(weight_dtype)
-    L = _largest_pow2_divisor_at_most(length, schedule.lanes)
-    A = _largest_pow2_divisor_at_most(length // L, schedule.accumulators)
-    W = L * A
-
-    @T.macro
-    def halve(acc, pi, half):
-        for lane in T.vectorized(half):
-            acc[pi, lane] = acc[pi, lane] + acc[pi, lane + half]
-
-    @T.macro
-    def dot(acc, w, e, j, src, token, p0, count):
-        for pi, lane in T.grid(count, W):
-            acc[pi, lane] = T.float32(0)
-        for ho in range(length // W):
-            for a in T.unroll(A):
-                for pi in T.unroll(count):
-                    for lane in T.vectorized(L):
-                        if indirect:
-                            acc[pi, a * L + lane] = (
-                                acc[pi, a * L + lane]
-                                + load(w[e, j, ho * W + a * L + lane])
-                                * src[token[p0 + pi], ho * W + a * L + lane]
-                            )
-                        else:
-                            acc[pi, a * L + lane] = (
-                                acc[pi, a * L + lane]
-                                + load(w[e, j, ho * W + a * L + lane]) * src[p0 + pi, ho * W + a * L + lane]
-                            )
-        for pi in T.unroll(count):
-            if W >= 128:
-                halve(acc, pi, 64)
-            if W >= 64:
-                halve(acc, pi, 32)
-            if W >= 32:
-                halve(acc, pi, 16)
-            if W >= 16:
-                halve(acc, pi, 8)
-            if W >= 8:
-                halve(acc, pi, 4)
-            if W >= 4:
-                halve(acc, pi, 2)
-            if W >= 2:
-                halve(acc, pi, 1)
-
-    if W > 256:
-        raise ValueError(f"lanes x accumulators = {W} is more than the 256 this kernel folds")
-    return dot, W
-
-
-def _activation(name: str, gated: bool, alpha: float, beta: float, limit: float):
+def activation_epilogue(name: str, gated: bool, alpha: float, beta: float, limit: float):
     """A TIR expression builder ``(gate, up) -> value`` for the expert activation.
 
     Ungated: ``act(up)``; gated: ``act(min(gate, limit)) * (clip(up, -limit, limit) + beta)``
-    (see :class:`moec.frontend.layer.MoELayer`); clamps are left out when ``limit`` is inf.
+    (see :class:`moec.canonical.layer.MoELayer`); clamps are left out when ``limit`` is inf.
     """
 
     def sigmoid(v):
@@ -144,159 +65,146 @@ def _activation(name: str, gated: bool, alpha: float, beta: float, limit: float)
     return clamped
 
 
-def make_expert_up_kernel(
-    num_experts: int,
-    hidden: int,
-    ffn: int,
-    top_k: int,
-    activation: str,
-    gated: bool,
-    *,
-    schedule: CpuSchedule,
-    alpha: float = 1.0,
-    beta: float = 0.0,
-    limit: float = math.inf,
-    weight_dtype: str = "float32",
-) -> tirx.PrimFunc:
-    """PrimFunc computing ``inter[p] = act(gate_e(x[token[p]]), up_e(x[token[p]]))`` per group.
+def _without_params(func: tirx.PrimFunc, names: tuple[str, ...]) -> tirx.PrimFunc:
+    """``func`` without the (unused) parameters ``names``: one TVMScript source serves signatures
+    that differ only by optional inputs (the gate of ungated experts)."""
+    params = [p for p in func.params if p.name not in names]
+    return tirx.PrimFunc(params, func.body, func.ret_type, func.attrs)
 
-    Signature: ``(x[n, H], w_up[E, F, H], b_up[E, F], [w_gate[E, F, H], b_gate[E, F],]
-    offset[E+1], token[n*k]) -> inter[n*k, F]``; the ``w_*`` are ``weight_dtype``, the rest
+
+def expert_rows_macro(backend: Backend, count: int, experts: int, matrices: int, width: int, step, zero=None):
+    """The loop nest both expert kernels share, as a TIR macro ``nest(buffers, offset, n)``.
+
+    The backend tiles the ``count`` output rows over threads; each thread walks the expert
+    groups (``offset``) in order and, for each of its rows, calls
+    ``step(acc, buffers, e, j, p0, count, lane, owner)`` on the group's tokens ``token_block`` at
+    a time, then one by one for the tail. ``acc`` is the thread's local ``[matrices,
+    token_block, width]`` accumulator; ``owner`` says whether this thread writes row ``j``.
+    ``zero(buffers, n, j)``, if given, first clears each owned output row.
+    """
+    rows, PB = backend.rows(count), backend.token_block
+
+    @T.macro
+    def nest(buffers, offset, n):
+        for task in rows.tasks():
+            for thread in rows.threads():
+                for lane in rows.lanes():
+                    acc = T.alloc_buffer((matrices, PB, width), "float32", scope="local")
+                    if zero is not None:
+                        for r in rows.per_thread():
+                            if rows.owns(task, thread, r, lane):
+                                zero(buffers, n, rows.row(task, thread, r))
+                    for e in range(experts):
+                        for r in rows.per_thread():
+                            for pb in range((offset[e + 1] - offset[e]) // PB):
+                                step(
+                                    acc, buffers, e, rows.row(task, thread, r), offset[e] + pb * PB, PB,
+                                    lane, rows.owns(task, thread, r, lane),
+                                )  # fmt: skip
+                            for pt in range((offset[e + 1] - offset[e]) % PB):
+                                step(
+                                    acc, buffers, e, rows.row(task, thread, r), offset[e + 1] - pt - 1, 1,
+                                    lane, rows.owns(task, thread, r, lane),
+                                )  # fmt: skip
+
+    return nest
+
+
+def make_expert_up_kernel(config: ExpertUpConfig, backend: Backend) -> tirx.PrimFunc:
+    """PrimFunc ``inter[p] = act(gate_e(x[token[p]]), up_e(x[token[p]]))`` per expert group.
+
+    Signature: :meth:`ExpertUpConfig.signature` (``x``, ``w_up``, ``b_up``, [``w_gate``,
+    ``b_gate``,] ``offset``, ``token`` → ``inter``); the ``w_*`` are ``weight_dtype``, the rest
     float32.
     """
-    E, H, F, K = num_experts, hidden, ffn, top_k
-    RB = _largest_divisor_at_most(F, schedule.rows_per_task)
-    PB = schedule.token_block
-    act = _activation(activation, gated, alpha, beta, limit)
-    dot, W = _make_dot(H, schedule, indirect=True, weight_dtype=weight_dtype)
+    c = config
+    E, H, F, K, WD, gated = c.num_experts, c.hidden, c.ffn, c.top_k, c.weight_dtype, c.gated
+    act = activation_epilogue(c.activation, gated, c.alpha, c.beta, c.limit)
+    dot, W = backend.dot(H, indirect=True, weight_dtype=WD)
 
-    if gated:
+    @T.macro
+    def step(acc, buffers, e, j, p0, count, lane, owner):
+        """Row ``j`` of expert ``e`` for the ``count`` pairs from ``p0``: up (and gate) dots, then
+        the activation."""
+        x, w_up, b_up, w_gate, b_gate, token, inter = buffers
+        dot(acc, 0, w_up, e, j, x, token, p0, count, lane)
+        if gated:
+            dot(acc, 1, w_gate, e, j, x, token, p0, count, lane)
+        if owner:
+            for pi in range(count):
+                if gated:
+                    inter[p0 + pi, j] = act(acc[1, pi, 0] + b_gate[e, j], acc[0, pi, 0] + b_up[e, j])
+                else:
+                    inter[p0 + pi, j] = act(T.float32(0), acc[0, pi, 0] + b_up[e, j])
 
-        @T.prim_func
-        def expert_up(
-            x_h: T.handle,
-            w_up: T.Buffer((E, F, H), weight_dtype),
-            b_up: T.Buffer((E, F), "float32"),
-            w_gate: T.Buffer((E, F, H), weight_dtype),
-            b_gate: T.Buffer((E, F), "float32"),
-            offset: T.Buffer((E + 1,), "int32"),
-            token_h: T.handle,
-            inter_h: T.handle,
-        ):
-            T.func_attr({"tir.noalias": True, "op_pattern": 8})
-            n = T.int64()
-            x = T.match_buffer(x_h, (n, H), "float32")
-            token = T.match_buffer(token_h, (n * K,), "int32")
-            inter = T.match_buffer(inter_h, (n * K, F), "float32")
-            for jo in T.parallel(F // RB):
-                acc_u = T.alloc_buffer((PB, W), "float32", scope="local")
-                acc_g = T.alloc_buffer((PB, W), "float32", scope="local")
-                for e in range(E):
-                    for ji in range(RB):
-                        for pb in range((offset[e + 1] - offset[e]) // PB):
-                            dot(acc_u, w_up, e, jo * RB + ji, x, token, offset[e] + pb * PB, PB)
-                            dot(acc_g, w_gate, e, jo * RB + ji, x, token, offset[e] + pb * PB, PB)
-                            for pi in range(PB):
-                                inter[offset[e] + pb * PB + pi, jo * RB + ji] = act(
-                                    acc_g[pi, 0] + b_gate[e, jo * RB + ji],
-                                    acc_u[pi, 0] + b_up[e, jo * RB + ji],
-                                )
-                        for pt in range((offset[e + 1] - offset[e]) % PB):
-                            dot(acc_u, w_up, e, jo * RB + ji, x, token, offset[e + 1] - pt - 1, 1)
-                            dot(acc_g, w_gate, e, jo * RB + ji, x, token, offset[e + 1] - pt - 1, 1)
-                            inter[offset[e + 1] - pt - 1, jo * RB + ji] = act(
-                                acc_g[0, 0] + b_gate[e, jo * RB + ji], acc_u[0, 0] + b_up[e, jo * RB + ji]
-                            )
-
-        return expert_up
+    nest = expert_rows_macro(backend, F, E, 2 if gated else 1, W, step)
 
     @T.prim_func
-    def expert_up_ungated(
+    def expert_up(
         x_h: T.handle,
-        w_up: T.Buffer((E, F, H), weight_dtype),
+        w_up: T.Buffer((E, F, H), WD),
         b_up: T.Buffer((E, F), "float32"),
+        w_gate: T.Buffer((E, F, H), WD),
+        b_gate: T.Buffer((E, F), "float32"),
         offset: T.Buffer((E + 1,), "int32"),
         token_h: T.handle,
         inter_h: T.handle,
     ):
-        T.func_attr({"tir.noalias": True, "op_pattern": 8})
+        T.func_attr(backend.attrs)
         n = T.int64()
         x = T.match_buffer(x_h, (n, H), "float32")
         token = T.match_buffer(token_h, (n * K,), "int32")
         inter = T.match_buffer(inter_h, (n * K, F), "float32")
-        for jo in T.parallel(F // RB):
-            acc_u = T.alloc_buffer((PB, W), "float32", scope="local")
-            for e in range(E):
-                for ji in range(RB):
-                    for pb in range((offset[e + 1] - offset[e]) // PB):
-                        dot(acc_u, w_up, e, jo * RB + ji, x, token, offset[e] + pb * PB, PB)
-                        for pi in range(PB):
-                            inter[offset[e] + pb * PB + pi, jo * RB + ji] = act(
-                                T.float32(0), acc_u[pi, 0] + b_up[e, jo * RB + ji]
-                            )
-                    for pt in range((offset[e + 1] - offset[e]) % PB):
-                        dot(acc_u, w_up, e, jo * RB + ji, x, token, offset[e + 1] - pt - 1, 1)
-                        inter[offset[e + 1] - pt - 1, jo * RB + ji] = act(
-                            T.float32(0), acc_u[0, 0] + b_up[e, jo * RB + ji]
-                        )
+        nest((x, w_up, b_up, w_gate, b_gate, token, inter), offset, n)
 
-    return expert_up_ungated
+    return expert_up if gated else _without_params(expert_up, ("w_gate", "b_gate"))
 
 
-def make_expert_down_kernel(
-    num_experts: int,
-    hidden: int,
-    ffn: int,
-    top_k: int,
-    *,
-    schedule: CpuSchedule,
-    weight_dtype: str = "float32",
-) -> tirx.PrimFunc:
+def make_expert_down_kernel(config: ExpertDownConfig, backend: Backend) -> tirx.PrimFunc:
     """PrimFunc ``y[token[p]] += gain[p] * (w_down_e @ inter[p] + b_down_e)`` over all groups.
 
-    Signature: ``(inter[n*k, F], w_down[E, H, F], b_down[E, H], offset[E+1], token[n*k],
-    gain[n*k]) -> y[n, H]``; ``y`` is zeroed first, so the result is the full MoE output.
-    ``w_down`` is ``weight_dtype``, the rest float32.
+    Signature: :meth:`ExpertDownConfig.signature` (``inter``, ``w_down``, ``b_down``, ``offset``,
+    ``token``, ``gain`` → ``y``); ``y`` is zeroed first, so the result is the full MoE output.
+    The thread owning row ``j`` visits the experts in order, so a token's k contributions are
+    added by one thread in a fixed order.
     """
-    E, H, F, K = num_experts, hidden, ffn, top_k
-    RB = _largest_divisor_at_most(H, schedule.rows_per_task)
-    PB = schedule.token_block
-    dot, W = _make_dot(F, schedule, indirect=False, weight_dtype=weight_dtype)
+    c = config
+    E, H, F, K, WD = c.num_experts, c.hidden, c.ffn, c.top_k, c.weight_dtype
+    dot, W = backend.dot(F, indirect=False, weight_dtype=WD)
 
     @T.macro
-    def accumulate(acc, y, b_down, gain, token, e, j, p, pi):
-        y[token[p], j] = y[token[p], j] + gain[p] * (acc[pi, 0] + b_down[e, j])
+    def zero(buffers, n, j):
+        y = buffers[-1]
+        for t in range(n):
+            y[t, j] = T.float32(0)
+
+    @T.macro
+    def step(acc, buffers, e, j, p0, count, lane, owner):
+        """Row ``j`` of expert ``e`` for the ``count`` pairs from ``p0``, added into ``y``."""
+        inter, w_down, b_down, token, gain, y = buffers
+        dot(acc, 0, w_down, e, j, inter, token, p0, count, lane)
+        if owner:
+            for pi in range(count):
+                y[token[p0 + pi], j] = y[token[p0 + pi], j] + gain[p0 + pi] * (acc[0, pi, 0] + b_down[e, j])
+
+    nest = expert_rows_macro(backend, H, E, 1, W, step, zero)
 
     @T.prim_func
     def expert_down(
         inter_h: T.handle,
-        w_down: T.Buffer((E, H, F), weight_dtype),
+        w_down: T.Buffer((E, H, F), WD),
         b_down: T.Buffer((E, H), "float32"),
         offset: T.Buffer((E + 1,), "int32"),
         token_h: T.handle,
         gain_h: T.handle,
         y_h: T.handle,
     ):
-        T.func_attr({"tir.noalias": True, "op_pattern": 8})
+        T.func_attr(backend.attrs)
         n = T.int64()
         inter = T.match_buffer(inter_h, (n * K, F), "float32")
         token = T.match_buffer(token_h, (n * K,), "int32")
         gain = T.match_buffer(gain_h, (n * K,), "float32")
         y = T.match_buffer(y_h, (n, H), "float32")
-        for jo in T.parallel(H // RB):
-            acc = T.alloc_buffer((PB, W), "float32", scope="local")
-            for t, ji in T.grid(n, RB):
-                y[t, jo * RB + ji] = T.float32(0)
-            for e in range(E):
-                for ji in range(RB):
-                    for pb in range((offset[e + 1] - offset[e]) // PB):
-                        dot(acc, w_down, e, jo * RB + ji, inter, token, offset[e] + pb * PB, PB)
-                        for pi in range(PB):
-                            accumulate(
-                                acc, y, b_down, gain, token, e, jo * RB + ji, offset[e] + pb * PB + pi, pi
-                            )
-                    for pt in range((offset[e + 1] - offset[e]) % PB):
-                        dot(acc, w_down, e, jo * RB + ji, inter, token, offset[e + 1] - pt - 1, 1)
-                        accumulate(acc, y, b_down, gain, token, e, jo * RB + ji, offset[e + 1] - pt - 1, 0)
+        nest((inter, w_down, b_down, token, gain, y), offset, n)
 
     return expert_down

@@ -10,6 +10,9 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
+from moec.kernels.backend import Backend
+from moec.kernels.config import RouteConfig
+
 
 def route_token_macro(
     num_experts: int,
@@ -17,11 +20,11 @@ def route_token_macro(
     scoring: str,
     normalize: bool,
     tie_break: str,
-    kept: list[int] | None = None,
+    kept: tuple[int, ...] | None = None,
     skip_top1_above: float | None = None,
     skip_below_fraction: float | None = None,
     pattern: str | None = None,
-    selection_bias: list[float] | None = None,
+    selection_bias: tuple[float, ...] | None = None,
     groups: int = 1,
     top_groups: int = 1,
     scale: float = 1.0,
@@ -31,7 +34,7 @@ def route_token_macro(
     ``t``, with local scratch ``score[E]``, ``taken[E]`` (int32), ``acc[2]``, ``best[1]`` (int32).
 
     Shared by the CPU and CUDA route kernels, which differ only in how tokens map to threads.
-    The routing rule is :class:`moec.frontend.layer.MoELayer`'s: softmax, sigmoid or sparsemixer
+    The routing rule is :class:`moec.canonical.layer.MoELayer`'s: softmax, sigmoid or sparsemixer
     scores; the ``selection_bias`` (a constant table) and the ``groups``/``top_groups`` limit
     change which experts are chosen, never their weights; ``scale`` multiplies the weights.
     ``tie_break`` picks the lowest (ONNX ``TopK``) or highest (onnxruntime's fused MoE) expert
@@ -229,37 +232,32 @@ def route_token_macro(
     return route_token
 
 
-def make_route_kernel(
-    num_experts: int,
-    top_k: int,
-    scoring: str,
-    normalize: bool,
-    tie_break: str = "low",
-    kept: list[int] | None = None,
-    skip_top1_above: float | None = None,
-    skip_below_fraction: float | None = None,
-    pattern: str | None = None,
-    **rule,
-) -> tirx.PrimFunc:
-    """PrimFunc ``route(logits[n, E]) -> (expert_index[n, k] int32, weight[n, k] float32)``, tokens
-    in parallel (see :func:`route_token_macro`; ``rule`` holds its routing-rule keywords)."""
-    E, K = num_experts, top_k
+def make_route_kernel(config: RouteConfig, backend: Backend) -> tirx.PrimFunc:
+    """PrimFunc ``route(logits[n, E]) -> (expert_index[n, k] int32, weight[n, k] float32)``: every
+    token routed by :func:`route_token_macro`, tokens spread over the backend's threads."""
+    c = config
+    E, K = c.num_experts, c.top_k
     route_token = route_token_macro(
-        E, K, scoring, normalize, tie_break, kept, skip_top1_above, skip_below_fraction, pattern, **rule
-    )
+        E, K, c.scoring, c.normalize, c.tie_break, c.kept, c.skip_top1_above, c.skip_below_fraction,
+        c.pattern, c.selection_bias, c.groups, c.top_groups, c.scale, c.jitter_eps,
+    )  # fmt: skip
+
+    tokens = backend.items()
 
     @T.prim_func
     def route(logits_h: T.handle, index_h: T.handle, weight_h: T.handle):
-        T.func_attr({"tir.noalias": True, "op_pattern": 8})
+        T.func_attr(backend.attrs)
         n = T.int64()
         logits = T.match_buffer(logits_h, (n, E), "float32")
         index = T.match_buffer(index_h, (n, K), "int32")
         weight = T.match_buffer(weight_h, (n, K), "float32")
-        for t in T.parallel(n):
-            score = T.alloc_buffer((E,), "float32", scope="local")
-            taken = T.alloc_buffer((E,), "int32", scope="local")
-            acc = T.alloc_buffer((2,), "float32", scope="local")
-            best = T.alloc_buffer((1,), "int32", scope="local")
-            route_token(logits, index, weight, score, taken, acc, best, t)
+        for o in tokens.outer(n):
+            for i in tokens.inner():
+                score = T.alloc_buffer((E,), "float32", scope="local")
+                taken = T.alloc_buffer((E,), "int32", scope="local")
+                acc = T.alloc_buffer((2,), "float32", scope="local")
+                best = T.alloc_buffer((1,), "int32", scope="local")
+                if tokens.valid(o, i, n):
+                    route_token(logits, index, weight, score, taken, acc, best, tokens.index(o, i))
 
     return route

@@ -8,7 +8,7 @@ Rewrite rules, for every MoE layer function named in ``kept`` (``{layer: kept ex
 - its group and expert kernels are remade for ``len(kept)`` experts, and its weight parameters
   (``[E, ...]``) become ``[len(kept), ...]``;
 - ``main``'s parameters that feed those slots are retyped to match and recorded in ``main``'s
-  attribute ``moec.expert_slices`` (parameter name → kept ids), from which the compile driver
+  attribute ``moec.expert_slices`` (parameter name → kept ids), from which ``SliceWeights``
   slices the stored weights: masked experts' weights are not in the artifact.
 
 A layer not in ``kept``, or kept whole, is left as it is. Runs first in the layers phase.

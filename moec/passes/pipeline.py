@@ -1,80 +1,81 @@
 """moec's pass pipeline over the Relax module the frontend lifted, in phases.
 
 Phase 0 (frontend, not here): MoE blocks → canonical layer functions calling our kernels.
-Phase 1 (layers): rewrites of MoE layers driven by the calibration profile and options —
-         expert weight storage precision (``StoreExpertWeights``); expert masking, pruning,
-         per-expert precision and weight layout come with later issues.
+Phase 1 (layers): rewrites of MoE layers driven by the compile options (masking and pruning
+         chosen from the calibration profile) — ``MaskExperts``, ``PruneChannels``,
+         ``SkipExperts``, ``FixedRouting``, ``StoreExpertWeights``, each only when asked for.
 Phase 2 (schedule): kernels retiled for the target (``ApplyKernelSchedule``).
-Phase 3 (lowering, in ``tvm.compile``; :func:`lowering_pipeline`): redundant reshapes
+Phase 3 (export): the detached weights sliced and converted to ``main``'s signature as the
+         layer passes left it (``SliceWeights``), then, for CUDA targets, ``main``'s parameters
+         renamed to C identifiers (``CIdentifiers``).
+Phase 4 (lowering, in ``tvm.compile``; :func:`lowering_pipeline`): redundant reshapes
          removed, then TVM's default lowering for the target (legalisation and fusion of the
          ordinary graph, dataflow lowering, memory planning, VM code generation) with moec's
          per-call overhead passes after the dataflow lowering: ``InlineLayers``, binding
-         clean-up (and ``BoundTokens`` with ``--max-tokens``), before memory planning.
+         clean-up (and ``BoundTokens`` with a ``max_tokens`` bound), before memory planning.
 
-With ``dump_dir`` the module is written as TVMScript before and after every phase.
+With ``options.dump_ir`` the module is written as TVMScript before and after every phase.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import tvm
 from tvm import relax
 
+from moec.options import CompileOptions
 from moec.passes.apply_kernel_schedule import ApplyKernelSchedule
 from moec.passes.bound_tokens import BoundTokens
+from moec.passes.c_identifiers import CIdentifiers
 from moec.passes.dump_ir import DumpIR
 from moec.passes.fixed_routing import FixedRouting
 from moec.passes.inline_layers import InlineLayers
 from moec.passes.mask_experts import MaskExperts
 from moec.passes.prune_channels import PruneChannels
 from moec.passes.skip_experts import SkipExperts
+from moec.passes.slice_weights import SliceWeights
 from moec.passes.store_expert_weights import StoreExpertWeights
 from moec.schedule import CpuSchedule, GpuSchedule
 
 
 def moe_pipeline(
     schedule: CpuSchedule | GpuSchedule,
-    dump_dir: Path | None = None,
-    weights_precision: str = "fp32",
-    kept_experts: dict[str, list[int]] | None = None,
-    kept_channels: dict[str, list[list[int]]] | None = None,
-    early_exit: dict[str, float] | None = None,
-    routing: str = "learned",
+    options: CompileOptions,
+    weights: SliceWeights,
+    c_identifiers: bool = False,
 ) -> tvm.transform.Pass:
     """The phases moec runs before handing the module to ``tvm.compile``.
 
-    ``weights_precision``: how expert weight matrices are stored (``fp32``, ``fp16``).
-    ``kept_experts``: per layer, the experts static masking keeps (the others are removed).
-    ``kept_channels``: per layer and kept expert, the intermediate channels pruning keeps.
-    ``early_exit``: ``SkipExperts`` thresholds (``top1_above``, ``below_fraction``).
-    ``routing``: ``learned`` (the model's router) or a ``FixedRouting`` pattern.
+    ``options`` choose the layer rewrites (masking, pruning, early exit, fixed routing, weight
+    precision) and the IR dump directory. ``weights`` holds ``main``'s detached weights; once
+    the pipeline has run, its ``weights`` follow ``main``'s signature. ``c_identifiers``: rename
+    ``main``'s parameters to C identifiers (CUDA targets, whose kernel parameters TVM names
+    after them).
     """
+    layers: list[tvm.transform.Pass] = []
+    if options.kept_experts:
+        layers.append(MaskExperts(dict(options.kept_experts)))
+    if options.kept_channels:
+        layers.append(PruneChannels(dict(options.kept_channels)))
+    if options.skips_experts:
+        layers.append(SkipExperts(options.skip_top1_above, options.skip_below_fraction))
+    if options.routing != "learned":
+        layers.append(FixedRouting(options.routing))
+    if options.weights_precision != "fp32":
+        layers.append(StoreExpertWeights(options.weights_precision))
     phases: list[tuple[str, tvm.transform.Pass]] = [
         # Phase 1: MoE layer rewrites.
-        (
-            "layers",
-            tvm.transform.Sequential(
-                [
-                    MaskExperts(kept_experts) if kept_experts else tvm.transform.Sequential([]),
-                    PruneChannels(kept_channels) if kept_channels else tvm.transform.Sequential([]),
-                    SkipExperts(**early_exit) if early_exit else tvm.transform.Sequential([]),
-                    FixedRouting(routing) if routing != "learned" else tvm.transform.Sequential([]),
-                    StoreExpertWeights(weights_precision)
-                    if weights_precision != "fp32"
-                    else tvm.transform.Sequential([]),
-                ]
-            ),
-        ),
+        ("layers", tvm.transform.Sequential(layers)),
         # Phase 2: kernel schedules from the target file.
         ("schedule", ApplyKernelSchedule(schedule)),
+        # Phase 3: the weights follow main's signature; names the generated code can use.
+        ("export", tvm.transform.Sequential([weights, *([CIdentifiers()] if c_identifiers else [])])),
     ]
-    passes: list[tvm.transform.Pass] = [
-        DumpIR(dump_dir, "00-frontend") if dump_dir else tvm.transform.Sequential([])
-    ]
+    dump_dir = options.dump_ir
+    passes: list[tvm.transform.Pass] = [DumpIR(dump_dir, "00-frontend")] if dump_dir else []
     for number, (name, phase) in enumerate(phases, start=1):
         passes.append(phase)
-        passes.append(DumpIR(dump_dir, f"{number:02d}-{name}") if dump_dir else tvm.transform.Sequential([]))
+        if dump_dir:
+            passes.append(DumpIR(dump_dir, f"{number:02d}-{name}"))
     return tvm.transform.Sequential(passes, name="moec")
 
 
@@ -83,7 +84,7 @@ LOWERING_BACKENDS = {"llvm": "cpu_generic", "cuda": "cuda"}
 
 
 def lowering_pipeline(target: tvm.target.Target, max_tokens: int | None = None) -> tvm.transform.Pass:
-    """Phase 3: TVM's default Relax pipeline for ``target`` with moec's call-overhead passes.
+    """Phase 4: TVM's default Relax pipeline for ``target`` with moec's call-overhead passes.
 
     First TVM's ``RemoveRedundantReshape`` drops reshapes to the shape a tensor already has
     (the frontend's flattening around each layer call; the last one was a copy kernel). The

@@ -8,7 +8,7 @@ intermediate channels it keeps}``, the same count ``F'`` for every expert):
 - its expert kernels are remade for ``ffn = F'`` and the intermediate tensor between them is
   ``[n*k, F']``;
 - ``main``'s parameters that feed those slots are retyped and recorded in ``main``'s attribute
-  ``moec.channel_slices`` (parameter name → [axis, per-expert channel ids]); the compile driver
+  ``moec.channel_slices`` (parameter name → [axis, per-expert channel ids]); ``SliceWeights``
   slices the stored weights, so pruned channels are not in the artifact.
 
 Dropping a channel removes its row of ``w_up``/``w_gate`` and its column of ``w_down``, i.e. its

@@ -8,7 +8,6 @@ stores the weights in their new form.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -17,8 +16,8 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, PyExprVisitor, mutator, visitor
 
-from moec.kernels import kernel_kind, make_kernel
-from moec.schedule import CpuSchedule
+from moec.kernels import kernel_config, kernel_kind, kernel_spec
+from moec.kernels.config import replace
 
 ParamTypes = dict[int, relax.TensorType]
 """New types of a function's parameters, by parameter position."""
@@ -181,10 +180,8 @@ def layer_arguments(main: relax.Function, slots: dict[str, Any]) -> dict[relax.V
 
 
 def reconfigured(kernel: tvm.tirx.PrimFunc, extra: dict[str, Any]) -> tvm.tirx.PrimFunc:
-    """A moec kernel remade from its ``moec.config`` updated by ``extra`` (default schedule: the
-    schedule phase retiles it)."""
-    config = json.loads(str(kernel.attrs["moec.config"])) | extra
-    return make_kernel(kernel_kind(kernel), config, CpuSchedule())
+    """The spec of a moec kernel whose config is updated by ``extra`` (the schedule phase builds it)."""
+    return kernel_spec(replace(kernel_config(kernel), **extra))
 
 
 def reconfigure_kernels(

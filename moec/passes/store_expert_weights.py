@@ -10,10 +10,10 @@ not float32:
   float32 (what the Cortex-A72 computes natively) while the bytes streamed from memory halve;
 - ``main``'s parameters passed to those slots get the same dtype, so the artifact stores them
   narrow. If any slot is fed by something else (a weight also used by another op), nothing
-  is rewritten. :func:`moec.build.compile.lower_model` then converts the
+  is rewritten. :class:`moec.passes.slice_weights.SliceWeights` then converts the
   weight arrays to ``main``'s signature.
 
-Runs in the layers phase, before ``ApplyKernelSchedule`` retiles the remade kernels.
+Runs in the layers phase, on kernel specs: ``ApplyKernelSchedule`` then builds them.
 """
 
 from __future__ import annotations

@@ -16,9 +16,9 @@ import onnx
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 
+from moec.onnx_fixes import FIXED_OPS
 from moec.reference.contrib import CONTRIB_OPS
 from moec.reference.ms_moe import ms_moe
-from moec.reference.onnx_fixes import FIXED_OPS
 
 __all__ = ["MS_DOMAIN", "MoE", "run_reference"]
 

@@ -95,7 +95,7 @@ What was checked against onnxruntime 1.32.0 (CPU) and what was not
 ===================================================================
 
 Cross-checked numerically against the ORT 1.32 CPU kernel (see
-tests/test_reference_ms_moe.py): the weight layouts above, softmax top-k
+tests/unit/test_reference_ms_moe.py): the weight layouts above, softmax top-k
 routing with both normalisation settings, the higher-index tie-break, skipping
 of zero-weight routes, relu / gelu (tanh) / silu / identity, swiglu with
 ``swiglu_fusion=1`` (gate at even columns) including alpha, beta and limit and

@@ -5,7 +5,7 @@ rounding of the weights is the point. What it must match is the model *with thos
 rounded*: the frontend's canonical graph (every MoE block one ``moec::MoELayer`` node whose
 weights are initializers), with the expert matrices rounded to the stored precision, run by
 ``onnx.reference.ReferenceEvaluator`` with the numpy layer semantics of
-:mod:`moec.reference.canonical`. The canonical layer is itself checked against the original
+:mod:`moec.canonical.semantics`. The canonical layer is itself checked against the original
 graph when the frontend extracts it, so this oracle stays independent of TVM.
 """
 
@@ -21,11 +21,11 @@ from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 
+from moec.canonical.layer import MoELayer
+from moec.canonical.semantics import LayerPlan, moe_forward, route
 from moec.frontend.importer import find_blocks
-from moec.frontend.layer import MoELayer
-from moec.frontend.rewrite import LAYER_DOMAIN, LAYER_OP, WEIGHT_ROLES, layer_weight_names, replace_blocks
-from moec.reference.canonical import LayerPlan, moe_forward, route
-from moec.reference.onnx_fixes import FIXED_OPS
+from moec.frontend.rewrite import LAYER_DOMAIN, LAYER_OP, layer_weight_names, replace_blocks
+from moec.onnx_fixes import FIXED_OPS
 
 STORAGE_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 MATRIX_ROLES = ("w_up", "w_gate", "w_down")
@@ -46,8 +46,7 @@ def _layer_op(
         self, x: np.ndarray, logits: np.ndarray, *weights: np.ndarray, layer: int = 0
     ) -> tuple[np.ndarray]:
         spec = layers[int(layer)]
-        roles = [r for r in WEIGHT_ROLES if spec.gated or r not in ("w_gate", "b_gate")]
-        current = dataclasses.replace(spec, **dict(zip(roles, weights, strict=True)))
+        current = dataclasses.replace(spec, **dict(zip(spec.weight_roles, weights, strict=True)))
         flat_logits = logits.reshape(-1, spec.num_experts)
         flat_x = x.reshape(-1, spec.hidden)
         plan = (plans or {}).get(spec.name)

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from moec.build.artifact import read_manifest
+from moec.artifact import read_manifest
 from moec.errors import MoecError
 from moec.runtime import native, wheels
 

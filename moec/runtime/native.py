@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from moec.build.artifact import read_manifest
-from moec.errors import MoecError
+from moec.artifact import read_manifest
+from moec.errors import MoecError, first_line
 
 SOURCE = Path(__file__).parent / "native" / "runner.cc"
 
@@ -117,8 +117,8 @@ def build_runner(
             build_command(temp, cxx, lib_dirs, relocatable), capture_output=True, text=True
         )
         if result.returncode != 0:
-            errors = [line for line in result.stderr.splitlines() if "error" in line]
-            detail = (errors or result.stderr.strip().splitlines() or ["no output"])[0]
+            error = next((line for line in result.stderr.splitlines() if "error" in line), result.stderr)
+            detail = first_line(error)
             raise MoecError(f"{SOURCE}: building the native runner with {cxx} failed: {detail}")
         temp.chmod(0o755)
         temp.replace(out_path)

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from moec.build.artifact import read_manifest
+from moec.artifact import read_manifest
 from moec.errors import MoecError
 from moec.runtime.board import RUNNER, ArtifactTarget, ensure_runner, runtime_library_dirs
 

@@ -10,8 +10,8 @@ import numpy as np
 import tvm.runtime
 from tvm.runtime.vm import VirtualMachine
 
-from moec.build.artifact import read_manifest
-from moec.errors import MoecError
+from moec.artifact import read_manifest
+from moec.errors import MoecError, first_line
 from moec.runtime.hugepages import HugePageArena
 
 
@@ -28,8 +28,7 @@ class ArtifactSession:
             stored = tvm.runtime.load_param_dict_from_file(str(self.dir / self.manifest["weights"]))
             missing = [name for name in self.manifest["params"] if name not in stored]
         except Exception as err:
-            cause = (str(err).strip().splitlines() or [type(err).__name__])[-1].strip()
-            raise MoecError(f"{self.dir}: damaged artifact ({cause}); recompile the model") from err
+            raise MoecError(f"{self.dir}: damaged artifact ({first_line(err)}); recompile the model") from err
         if missing:
             cause = f"weights lack {missing[0]!r}"
             raise MoecError(f"{self.dir}: damaged artifact ({cause}); recompile the model")

@@ -1,0 +1,260 @@
+"""The artifact format: what ``moec compile`` writes and every runtime reads, in one place.
+
+An artifact is a directory holding :data:`LIBRARY` (kernels and Relax VM bytecode),
+:data:`WEIGHTS` (TVM's param-dict format, in ``manifest["params"]`` order) and :data:`MANIFEST`
+(:class:`Manifest`: what the library computes and how it was built). The compiler writes it
+(:func:`build_manifest`, :func:`write_manifest`, :func:`staged_directory`); the Python runtime,
+the board runner (``moec/runtime/native/runner.cc``, which reads the same keys) and ``moec
+package`` read it (:func:`read_manifest`). The module does not import TVM, so packaging an
+artifact loads no compiler.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypedDict
+
+import onnx
+
+import moec
+from moec.errors import MoecError
+from moec.frontend.rewrite import layer_weight_names
+from moec.options import CompileOptions, OptionError
+
+if TYPE_CHECKING:
+    import tvm
+
+    from moec.frontend.importer import ImportedModel
+    from moec.targets import TargetSpec
+
+LIBRARY = "model.so"
+WEIGHTS = "weights.params"
+MANIFEST = "manifest.json"
+FORMAT = "moec-artifact/1"
+STORED_PRECISIONS = {"float32": "fp32", "float16": "fp16"}
+"""The precision names the plan uses, by the numpy dtype an expert matrix is stored in."""
+
+
+class ValueInfo(TypedDict):
+    """A graph input or output: ``shape`` holds ints for fixed dimensions and names (``"tokens"``,
+    ``"?"`` if unnamed) for symbolic ones."""
+
+    name: str
+    shape: list[int | str]
+    dtype: str
+
+
+class ExpertPlan(TypedDict):
+    """One expert of a layer: whether it is stored (masking), its stored and computed precision,
+    and the bytes it occupies in the weights file (0 when masked)."""
+
+    expert: int
+    kept: bool
+    precision: str
+    compute: str
+    bytes: int
+
+
+class Pruning(TypedDict):
+    """A pruned layer: the intermediate channels each kept expert keeps, and how many."""
+
+    ffn_kept: int
+    channels: list[list[int]]
+
+
+class _ManifestKeys(TypedDict):
+    """The keys every manifest has (see :class:`Manifest`)."""
+
+    format: str
+    moec_version: str
+    tvm_version: str
+    model: dict[str, str]
+    target: dict[str, Any]
+    inputs: list[ValueInfo]
+    outputs: list[ValueInfo]
+    params: list[str]
+    library: str
+    weights: str
+    layers: list[dict[str, Any]]
+    early_exit: dict[str, float | None]
+    routing: str
+    pruning: dict[str, Pruning]
+    max_tokens: int | None
+
+
+class Manifest(_ManifestKeys, total=False):
+    """``manifest.json``. ``layers`` holds each MoE layer's ``MoELayer.describe()`` plus
+    ``weights`` (role → parameter name) and ``plan`` (one :class:`ExpertPlan` per expert);
+    ``early_exit`` holds ``top1_above`` / ``below_fraction`` (empty when off); ``pruning`` the
+    pruned layers; ``max_tokens`` the token bound (None: none). ``cuda_build``, for CUDA targets
+    only, names the toolchain that made the cubins."""
+
+    cuda_build: dict[str, Any]
+
+
+def value_info(value: onnx.ValueInfoProto) -> ValueInfo:
+    """The manifest's description of an ONNX graph input or output."""
+    tensor = value.type.tensor_type
+    dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tensor.shape.dim]
+    return {
+        "name": value.name,
+        "shape": dims,
+        "dtype": onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name,
+    }
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """Graph inputs that are real inputs (not initializers listed as inputs)."""
+    initializers = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in initializers]
+
+
+def build_manifest(
+    imported: ImportedModel,
+    target: TargetSpec,
+    model_path: Path,
+    weights: dict[str, tvm.runtime.Tensor],
+    options: CompileOptions,
+    cuda_build: dict[str, Any] | None = None,
+) -> Manifest:
+    """The manifest of ``imported`` compiled for ``target`` with ``options``.
+
+    ``weights`` are the stored weight tensors by name, in ``main``'s parameter order: each
+    layer's plan reports the precision its expert matrices are stored in and the bytes one
+    expert occupies in the weights file. ``cuda_build``: what the CUDA build used (CUDA targets).
+    """
+    import tvm  # already loaded by the compiler; imported here to keep it out of the readers' imports
+
+    kept_experts = options.kept_experts or {}
+    layers = []
+    for block in imported.blocks:
+        layer = block.layer
+        entry = layer.describe()
+        names = layer_weight_names(block)
+        entry["weights"] = {name.rsplit(".", 1)[1]: name for name in names}
+        precision = STORED_PRECISIONS[str(weights[f"{layer.name}.w_up"].dtype)]
+        kept = kept_experts.get(layer.name, list(range(layer.num_experts)))
+        expert_bytes = sum(weights[name].numpy().nbytes for name in names) // len(kept)
+        entry["plan"] = [
+            ExpertPlan(
+                expert=expert,
+                kept=expert in kept,
+                precision=precision,
+                compute="fp32",
+                bytes=expert_bytes if expert in kept else 0,
+            )
+            for expert in range(layer.num_experts)
+        ]
+        layers.append(entry)
+    manifest = Manifest(
+        format=FORMAT,
+        moec_version=moec.__version__,
+        tvm_version=tvm.__version__,
+        model={
+            "path": str(model_path),
+            "sha256": hashlib.sha256(Path(model_path).read_bytes()).hexdigest(),
+        },
+        target=target.describe(),
+        inputs=[value_info(v) for v in graph_inputs(imported.original)],
+        outputs=[value_info(v) for v in imported.original.graph.output],
+        params=list(weights),
+        library=LIBRARY,
+        weights=WEIGHTS,
+        layers=layers,
+        early_exit=(
+            {"top1_above": options.skip_top1_above, "below_fraction": options.skip_below_fraction}
+            if options.skips_experts
+            else {}
+        ),
+        routing=options.routing,
+        pruning={
+            layer: Pruning(ffn_kept=len(channels[0]), channels=channels)
+            for layer, channels in (options.kept_channels or {}).items()
+        },
+        max_tokens=options.max_tokens,
+    )
+    if cuda_build:
+        manifest["cuda_build"] = cuda_build
+    return manifest
+
+
+def write_manifest(artifact_dir: Path, manifest: Manifest) -> None:
+    """Write ``manifest`` as the manifest of the (staged) artifact directory ``artifact_dir``."""
+    (Path(artifact_dir) / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def read_manifest(artifact_dir: Path) -> Manifest:
+    """The manifest of an artifact directory, with a clear error if it is not one."""
+    artifact_dir = Path(artifact_dir)
+    path = artifact_dir / MANIFEST
+    if not artifact_dir.is_dir() or not path.exists():
+        raise MoecError(
+            f"{artifact_dir}: not a moec artifact directory (no {MANIFEST}); make one with 'moec compile'"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise MoecError(f"{path}: corrupt manifest ({err}); recompile the model") from err
+    found = manifest.get("format") if isinstance(manifest, dict) else None
+    if found != FORMAT:
+        raise MoecError(f"{path}: unknown artifact format {found!r}; this moec reads {FORMAT}")
+    return manifest
+
+
+def check_replaceable(out_dir: Path, force: bool) -> None:
+    """Raise :class:`OptionError` (option ``force``) if ``out_dir`` exists and ``force`` is off."""
+    if Path(out_dir).exists() and not force:
+        raise OptionError("force", f"{out_dir}: output directory exists; pass {{option}} to replace it")
+
+
+@contextlib.contextmanager
+def staged_directory(out_dir: Path, force: bool) -> Iterator[Path]:
+    """Yield a temporary sibling of ``out_dir``; move it into place only if the block succeeds.
+
+    A failed compile leaves nothing behind, and an existing ``out_dir`` is replaced only with
+    ``force`` and only once the new artifact is complete.
+    """
+    out_dir = Path(out_dir)
+    check_replaceable(out_dir, force)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the artifact should not be
+    try:
+        yield staging
+        if out_dir.exists():
+            if out_dir.is_dir():
+                shutil.rmtree(out_dir)
+            else:
+                out_dir.unlink()
+        staging.rename(out_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary sibling, so a failure leaves no partial file."""
+    path = Path(path)
+    if path.is_dir():
+        raise MoecError(f"{path}: is a directory; pass a file path")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    temp = Path(temp_name)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        temp.chmod(0o666 & ~umask)
+        temp.replace(path)
+    finally:
+        temp.unlink(missing_ok=True)

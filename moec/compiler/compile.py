@@ -1,0 +1,145 @@
+"""Compile an ONNX model into an artifact directory for one target: the compile driver.
+
+:func:`compile_model` imports the model (``moec.frontend``), runs the pass pipeline
+(:func:`moec.passes.pipeline.moe_pipeline`) with the target's schedule, hands the module to
+``tvm.compile`` with moec's lowering, links the library for the target and writes the artifact
+(:mod:`moec.artifact`). What to compile and how is one :class:`moec.options.CompileOptions`.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import tvm
+from tvm import relax
+
+from moec.artifact import (
+    LIBRARY,
+    WEIGHTS,
+    build_manifest,
+    check_replaceable,
+    staged_directory,
+    write_manifest,
+)
+from moec.compiler.cuda import cuda_build, verify_cuda_library
+from moec.errors import MoecError
+from moec.frontend.importer import ImportedModel, import_model
+from moec.frontend.loader import load_model
+from moec.options import CompileOptions, OptionError
+from moec.passes.bound_tokens import input_symbols
+from moec.passes.pipeline import lowering_pipeline, moe_pipeline
+from moec.passes.slice_weights import SliceWeights
+from moec.targets import TargetSpec, load_target
+
+
+def require_tool(command: str, package: str, purpose: str) -> str:
+    """The path of ``command``, or a one-line error naming the Debian package that provides it."""
+    path = shutil.which(command)
+    if path is None:
+        raise MoecError(
+            f"{command}: not installed; it {purpose}. Install it with 'apt-get install {package}' "
+            "(scripts/setup.sh does this)"
+        )
+    return path
+
+
+def library_linker(target: TargetSpec) -> Callable[..., None] | None:
+    """The ``fcompile`` that links the model library for ``target`` (None: TVM's native default)."""
+    if target.runs_here:
+        return None
+    require_tool(target.toolchain.cxx, target.toolchain.package, f"links the {target.name} library")
+    return tvm.support.cc.cross_compiler(target.toolchain.cxx)
+
+
+def lower_model(
+    imported: ImportedModel, target: TargetSpec, options: CompileOptions | None = None
+) -> tuple[tvm.IRModule, dict[str, tvm.runtime.Tensor]]:
+    """The Relax module moec hands to ``tvm.compile`` for ``target``, and the weights it takes.
+
+    This is everything target-specific that happens before TVM's own lowering: the MoE pass
+    pipeline with ``options`` (default: none of its changes) and the target file's kernel
+    schedule. ``target`` is the loaded target (``options.target`` is only its name). The
+    weights are by parameter name (the ONNX names), in ``main``'s parameter order, as
+    ``SliceWeights`` made them follow ``main``'s signature.
+    """
+    options = options or CompileOptions()
+    mod, params = relax.frontend.detach_params(imported.to_relax())
+    weights = SliceWeights(params.get("main", []))
+    pipeline = moe_pipeline(target.schedule, options, weights, c_identifiers=target.cuda is not None)
+    return pipeline(mod), weights.weights
+
+
+def check_model_options(imported: ImportedModel, model_path: Path, options: CompileOptions) -> None:
+    """Raise :class:`OptionError` if the masking or pruning in ``options`` does not fit the model:
+    a layer it does not have, an expert or channel id past a layer's, or channels for a different
+    number of experts than the layer keeps."""
+    layers = {b.layer.name: b.layer for b in imported.blocks}
+    for option in ("kept_experts", "kept_channels"):
+        unknown = sorted(set(getattr(options, option) or {}) - set(layers))
+        if unknown:
+            raise OptionError(
+                option, f"{{option}}: names layer(s) {', '.join(unknown)} that {model_path} does not have"
+            )
+    for name, kept in (options.kept_experts or {}).items():
+        experts = layers[name].num_experts
+        if max(kept) >= experts:
+            raise OptionError(
+                "kept_experts", f"{{option}}: layer {name} keeps expert {max(kept)} but has {experts} experts"
+            )
+    for name, channels in (options.kept_channels or {}).items():
+        layer = layers[name]
+        experts = len((options.kept_experts or {}).get(name, range(layer.num_experts)))
+        if len(channels) != experts or max(max(ids) for ids in channels) >= layer.ffn:
+            raise OptionError(
+                "kept_channels",
+                f"{{option}}: layer {name} needs channel ids below {layer.ffn} for each of its "
+                f"{experts} kept experts; got {len(channels)} lists",
+            )
+
+
+def compile_model(
+    model_path: str | Path,
+    out_dir: str | Path,
+    options: CompileOptions | None = None,
+    log: Callable[[str], None] = lambda _: None,
+) -> Path:
+    """Compile ``model_path`` into the artifact directory ``out_dir`` as ``options`` say (default:
+    for ``host``, unchanged); return ``out_dir``. ``log`` receives a progress line per stage.
+
+    Options that do not fit the model (a token bound on a model with several symbolic
+    dimensions, masking a layer it does not have) raise :class:`OptionError`.
+    """
+    model_path, out_dir = Path(model_path), Path(out_dir)
+    options = options or CompileOptions()
+    target = load_target(options.target)
+    check_replaceable(out_dir, options.force)
+    log(f"loading {model_path}")
+    imported = import_model(load_model(model_path))
+    log(f"found {len(imported.blocks)} MoE layer(s); lifting to Relax")
+    check_model_options(imported, model_path, options)
+    mod, weights = lower_model(imported, target, options)
+    if options.max_tokens is not None:
+        symbols = [v.name for v in input_symbols(mod["main"])]
+        if len(symbols) != 1:
+            raise OptionError(
+                "max_tokens",
+                f"{{option}} {options.max_tokens}: the model's inputs have {len(symbols)} symbolic "
+                f"dimensions ({', '.join(symbols) or 'none'}); a token bound needs exactly one",
+            )
+    fcompile = library_linker(target)
+    log(f"compiling for {target.name} ({target.tvm_config.get('mcpu', target.tvm_config['kind'])})")
+    with target.tvm_target, cuda_build(target, log) as cuda_info:
+        executable = tvm.compile(
+            mod,
+            target=target.tvm_target,
+            relax_pipeline=lowering_pipeline(target.tvm_target, options.max_tokens),
+        )
+    with staged_directory(out_dir, options.force) as staging:
+        executable.export_library(str(staging / LIBRARY), fcompile=fcompile)
+        verify_cuda_library(staging / LIBRARY, target, mod)  # CUDA targets: cubins, not source
+        tvm.runtime.save_param_dict_to_file(weights, str(staging / WEIGHTS))
+        write_manifest(staging, build_manifest(imported, target, model_path, weights, options, cuda_info))
+    log(f"wrote {out_dir}")
+    return out_dir

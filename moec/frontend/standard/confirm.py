@@ -1,0 +1,100 @@
+"""Numerical confirmation: does a candidate region compute the layer extracted from it?
+
+Structure only proposes: the region is run alone with onnx's reference evaluator on random
+tokens and logits and must match the candidate layer's numpy semantics
+(:func:`moec.canonical.semantics.moe_forward`). The sample is chosen so that wrong readings
+show: routing weights far from 0 and 1 (renormalised or not differ), every expert hit (a trace
+of a loop over the hit experts is exercised whole), and with an expert capacity one expert sent
+more tokens than it takes. A candidate that does not match is not an MoE block as far as moec
+is concerned: it stays in the graph and TVM compiles it densely.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper
+from onnx.reference import ReferenceEvaluator
+
+from moec.canonical.layer import MoELayer
+from moec.canonical.semantics import moe_forward
+from moec.frontend.standard.walks import GraphWalk
+from moec.onnx_fixes import FIXED_OPS
+
+#: Largest expert capacity whose token drops the confirmation sample exercises (one more token
+#: than the capacity goes to one expert); a larger one is confirmed on the structure alone.
+MAX_SAMPLED_CAPACITY = 1024
+
+
+def _sample_shape(walk: GraphWalk, tensor: str, last: int, tokens: int) -> list[int]:
+    """``tensor``'s inferred shape with ``tokens`` in the token axis (second-last) where it is
+    symbolic, 1 in other symbolic axes, and ``last`` as the last dimension."""
+    dims = walk.shapes.get(tensor, [None, last])
+    leading = [d if d is not None else tokens if i == len(dims) - 2 else 1 for i, d in enumerate(dims[:-1])]
+    return [*leading, last]
+
+
+def confirms(
+    walk: GraphWalk,
+    prelude: list[onnx.NodeProto],
+    region: list[onnx.NodeProto],
+    layer: MoELayer,
+    x: str,
+    logits: str,
+    out: str,
+) -> bool:
+    """Run the region (after the ``prelude`` computed from ``x``) alone; compare with the layer."""
+    region = list(prelude) + list(region)
+    produced = {o for n in region for o in n.output}
+    constant_nodes: dict[int, onnx.NodeProto] = {}
+    for node in region:
+        for tensor in node.input:
+            if tensor and tensor not in produced and tensor not in (x, logits):
+                constant_nodes |= {id(n): n for n in walk.constant_producers(tensor) or []}
+    computed = walk.in_graph_order(list(constant_nodes.values())) + region
+    initializers = walk.index.initializers
+    read = dict.fromkeys(i for n in computed for i in n.input)
+    consts = [initializers[t] for t in read if t in initializers]
+    rng = np.random.default_rng(1234)
+    # 6 tokens with unit-scale logits (routing weights far from 0/1, so e.g. renormalised and
+    # raw top-k weights differ clearly), then one token per expert whose logit for it is
+    # boosted: every expert is hit, so a graph that only works when every expert is (a trace
+    # of a loop over the hit experts) is still exercised as a whole.
+    # With an expert capacity, first capacity + 2 more tokens all for expert 0, so that the
+    # sample drops some (when the capacity is small enough to sample).
+    sampled = layer.capacity is not None and layer.capacity <= MAX_SAMPLED_CAPACITY
+    crowd = layer.capacity + 2 if sampled else 0
+    experts, tokens = layer.num_experts, 6 + crowd + layer.num_experts
+    x_value = rng.standard_normal(_sample_shape(walk, x, layer.hidden, tokens)).astype(np.float32)
+    logit_value = rng.standard_normal(_sample_shape(walk, logits, experts, tokens))
+    flat = logit_value.reshape(-1, experts)  # fewer rows when the graph fixes the token count
+    flat[6 : 6 + crowd, 0] += 4.0
+    boosted = np.arange(min(experts, len(flat)))
+    flat[len(flat) - len(boosted) + boosted, boosted] += 4.0
+    logit_value = flat.reshape(logit_value.shape).astype(np.float32)
+    graph = helper.make_graph(
+        computed,
+        "moe_region",
+        [
+            helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, x_value.shape),
+            helper.make_tensor_value_info(logits, onnx.TensorProto.FLOAT, logit_value.shape),
+        ],
+        [helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None)],
+        {t.name: t for t in consts}.values(),
+    )
+    model = helper.make_model(graph, opset_imports=walk.opsets)
+    try:
+        (actual,) = ReferenceEvaluator(model, new_ops=FIXED_OPS).run(None, {x: x_value, logits: logit_value})
+    except Exception:  # the candidate is not a runnable block on its own
+        return False
+    expected = moe_forward(
+        layer,
+        x_value.reshape(-1, layer.hidden),
+        logit_value.reshape(-1, layer.num_experts),
+        sequence=x_value.shape[-2] if x_value.ndim >= 3 else None,
+    )
+    actual = np.asarray(actual, dtype=np.float64)
+    if actual.size != expected.size:
+        return False
+    error = np.abs(actual.reshape(expected.shape) - expected).max()
+    return bool(error <= 1e-4 * (1.0 + np.abs(expected).max()))

@@ -1,0 +1,311 @@
+"""Backend strategies: how one kernel algorithm maps onto a target kind's parallelism.
+
+Each kernel in this package is written once, as TVMScript over a few strategy hooks; a backend
+fills them in for one kind of target:
+
+- **Items** (``route``, ``capacity``, ``group``): independent work items (tokens, sequences).
+  CPU: a parallel loop over the items. CUDA: blocks of threads, one item per thread, with a
+  bounds guard.
+- **Rows** (``expert_up``, ``expert_down``): output rows of the expert matrices. CPU: parallel
+  tasks of ``rows_per_task`` contiguous rows, each computed whole by one thread. CUDA: a block
+  owns ``rows_per_block`` rows (``threadIdx.y``) and ``threads_per_row`` lanes
+  (``threadIdx.x``) share each row's dot product; lane 0 writes the result (the lane-0 guard).
+- **Dot**: the dot product of a weight row with ``count`` source rows. CPU: ``lanes``-wide
+  vector accumulators (``accumulators`` chains) folded by halving. CUDA: lanes stride over the
+  row (coalesced loads) and their partial sums are folded with warp shuffles.
+
+The loops are returned as TVMScript frames (``T.parallel``, ``T.thread_binding``, ...), so the
+kernels write ``for task in rows.tasks():`` whatever the target.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from tvm.script import tirx as T
+
+from moec.schedule import CpuSchedule, GpuSchedule
+
+WARP_SIZE = 32
+_FULL_MASK = 0xFFFFFFFF
+
+
+def _largest_divisor_at_most(value: int, limit: int) -> int:
+    return max(d for d in range(1, min(value, limit) + 1) if value % d == 0)
+
+
+def _largest_pow2_divisor_at_most(value: int, limit: int) -> int:
+    size = 1
+    while size * 2 <= limit and value % (size * 2) == 0:
+        size *= 2
+    return size
+
+
+def halving_ladder(step, width: int):
+    """A TIR macro ``fold(acc, m, pi)`` calling ``step(acc, m, pi, half)`` for ``half = width / 2,
+    width / 4, ..., 1``: a tree reduction of ``width`` partial sums in log2 steps (vector halves on
+    a CPU, warp shuffles on CUDA). ``width`` is a power of two, at least 2."""
+    half = width // 2
+    if half == 1:
+
+        @T.macro
+        def last(acc, m, pi):
+            step(acc, m, pi, 1)
+
+        return last
+    rest = halving_ladder(step, half)
+
+    @T.macro
+    def fold(acc, m, pi):
+        step(acc, m, pi, half)
+        rest(acc, m, pi)
+
+    return fold
+
+
+def widen(weight_dtype: str):
+    """``load(value)``: a stored weight element as float32 (narrower weights widen on load)."""
+    if weight_dtype == "float32":
+        return lambda value: value
+    return lambda value: T.Cast("float32", value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Items:
+    """Independent items (tokens, sequences), ``per_outer`` of them per outer loop step.
+
+    A kernel over ``count`` items writes ``for o in items.outer(count): for i in items.inner():
+    if items.valid(o, i, count):`` and works on item ``items.index(o, i)``.
+    """
+
+    per_outer: int
+    outer_kind: str  # "parallel", "serial" or "blockIdx.x"
+    inner_kind: str  # "serial" or "threadIdx.x"
+
+    def outer(self, count):
+        extent = (count + self.per_outer - 1) // self.per_outer
+        if self.outer_kind == "parallel":
+            return T.parallel(extent)
+        if self.outer_kind == "serial":
+            return T.serial(extent)
+        return T.thread_binding(extent, thread=self.outer_kind)
+
+    def inner(self):
+        if self.inner_kind == "serial":
+            return T.serial(self.per_outer)
+        return T.thread_binding(self.per_outer, thread=self.inner_kind)
+
+    def index(self, o, i):
+        return o if self.per_outer == 1 else o * self.per_outer + i
+
+    def valid(self, o, i, count):
+        return True if self.per_outer == 1 else o * self.per_outer + i < count
+
+
+@dataclasses.dataclass(frozen=True)
+class Rows:
+    """``count`` output rows tiled as tasks × threads per task × rows per thread, with ``lanes``
+    threads sharing each row.
+
+    A kernel writes::
+
+        for task in rows.tasks():
+            for thread in rows.threads():
+                for lane in rows.lanes():
+                    ...
+                    for r in rows.per_thread():
+                        j = rows.row(task, thread, r)      # the row computed
+                        if rows.owns(task, thread, r, lane):  # this thread writes row j
+    """
+
+    count: int
+    threads_per_task: int
+    rows_per_thread: int
+    lane_count: int
+    task_kind: str  # "parallel" or "blockIdx.x"
+
+    @property
+    def rows_per_task(self) -> int:
+        return self.threads_per_task * self.rows_per_thread
+
+    @property
+    def exact(self) -> bool:
+        return self.count % self.rows_per_task == 0
+
+    def tasks(self):
+        extent = (self.count + self.rows_per_task - 1) // self.rows_per_task
+        if self.task_kind == "parallel":
+            return T.parallel(extent)
+        return T.thread_binding(extent, thread=self.task_kind)
+
+    def threads(self):
+        if self.threads_per_task == 1:
+            return T.serial(1)
+        return T.thread_binding(self.threads_per_task, thread="threadIdx.y")
+
+    def lanes(self):
+        if self.lane_count == 1:
+            return T.serial(1)
+        return T.thread_binding(self.lane_count, thread="threadIdx.x")
+
+    def per_thread(self):
+        return T.serial(self.rows_per_thread)
+
+    def _unclamped(self, task, thread, r):
+        return (task * self.threads_per_task + thread) * self.rows_per_thread + r
+
+    def row(self, task, thread, r):
+        """The row this thread computes; a tail thread recomputes the last row (its result is
+        not written), so every lane of a warp takes part in the shuffles."""
+        index = self._unclamped(task, thread, r)
+        return index if self.exact else T.min(index, self.count - 1)
+
+    def owns(self, task, thread, r, lane):
+        """Whether this thread writes its row's result (lane 0 of a row inside the matrix)."""
+        inside = True if self.exact else self._unclamped(task, thread, r) < self.count
+        if self.lane_count == 1:
+            return inside
+        return lane == 0 if inside is True else T.And(lane == 0, inside)
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuBackend:
+    """Parallel row tasks and vector accumulators (:class:`moec.schedule.CpuSchedule`)."""
+
+    schedule: CpuSchedule
+
+    attrs = {"tir.noalias": True, "op_pattern": 8}
+
+    @property
+    def token_block(self) -> int:
+        return self.schedule.token_block
+
+    def items(self, parallel: bool = True) -> Items:
+        return Items(1, "parallel" if parallel else "serial", "serial")
+
+    def rows(self, count: int) -> Rows:
+        return Rows(count, 1, _largest_divisor_at_most(count, self.schedule.rows_per_task), 1, "parallel")
+
+    def dot(self, length: int, indirect: bool, weight_dtype: str):
+        """``(dot, width)``: a TIR macro ``dot(acc, m, w, e, j, src, token, p0, count, lane)``
+        leaving in ``acc[m, pi, 0]`` the dot of weight row ``w[e, j]`` with source row
+        ``token[p0 + pi]`` (``indirect``) or ``p0 + pi``, for ``pi < count``; ``acc`` is a local
+        ``[matrices, token_block, width]`` buffer.
+
+        The ``length``-long dot runs ``accumulators`` independent vector chains, each ``lanes``
+        wide, so FMA latency is hidden; the partial sums are then folded by halving (log2 steps,
+        not a serial chain).
+        """
+        load = widen(weight_dtype)
+        L = _largest_pow2_divisor_at_most(length, self.schedule.lanes)
+        A = _largest_pow2_divisor_at_most(length // L, self.schedule.accumulators)
+        W = L * A
+
+        @T.macro
+        def halve(acc, m, pi, half):
+            for v in T.vectorized(half):
+                acc[m, pi, v] = acc[m, pi, v] + acc[m, pi, v + half]
+
+        fold = halving_ladder(halve, W)
+
+        @T.macro
+        def dot(acc, m, w, e, j, src, token, p0, count, lane):
+            for pi, v in T.grid(count, W):
+                acc[m, pi, v] = T.float32(0)
+            for ho in range(length // W):
+                for a in T.unroll(A):
+                    for pi in T.unroll(count):
+                        for v in T.vectorized(L):
+                            if indirect:
+                                acc[m, pi, a * L + v] = acc[m, pi, a * L + v] + load(
+                                    w[e, j, ho * W + a * L + v]
+                                ) * src[token[p0 + pi], ho * W + a * L + v]
+                            else:
+                                acc[m, pi, a * L + v] = (
+                                    acc[m, pi, a * L + v]
+                                    + load(w[e, j, ho * W + a * L + v]) * src[p0 + pi, ho * W + a * L + v]
+                                )
+            if W > 1:
+                for pi in T.unroll(count):
+                    fold(acc, m, pi)
+
+        return dot, W
+
+
+@dataclasses.dataclass(frozen=True)
+class CudaBackend:
+    """Thread binding, warp reduction and the lane-0 guard (:class:`moec.schedule.GpuSchedule`).
+
+    Kernels are marked ``tirx.is_scheduled`` so TVM's default GPU schedules (dlight) leave
+    them alone; the ordinary graph operators get dlight's schedules in ``tvm.compile``.
+    """
+
+    schedule: GpuSchedule
+
+    attrs = {"tir.noalias": True, "op_pattern": 8, "tirx.is_scheduled": True}
+
+    def __post_init__(self) -> None:
+        tpr = self.schedule.threads_per_row
+        if tpr > WARP_SIZE or tpr & (tpr - 1):
+            raise ValueError(f"threads_per_row must be a power of two at most {WARP_SIZE}, got {tpr}")
+        if tpr * self.schedule.rows_per_block > 1024:
+            raise ValueError("threads_per_row * rows_per_block must be at most 1024 (threads per block)")
+
+    @property
+    def token_block(self) -> int:
+        return self.schedule.token_block
+
+    def items(self, parallel: bool = True) -> Items:
+        threads = self.schedule.threads_per_row * self.schedule.rows_per_block if parallel else 1
+        return Items(threads, "blockIdx.x", "threadIdx.x")
+
+    def rows(self, count: int) -> Rows:
+        s = self.schedule
+        return Rows(count, s.rows_per_block, 1, s.threads_per_row, "blockIdx.x")
+
+    def dot(self, length: int, indirect: bool, weight_dtype: str):
+        """``(dot, 1)``: the TIR macro of :meth:`CpuBackend.dot` for one lane of a row: lane
+        ``lane`` reads elements ``lane, lane + TPR, ...`` (a warp's reads of a row are
+        contiguous), loads each weight once into a register for all ``count`` tokens, and the
+        lanes' sums are folded with warp shuffles so lane 0 holds them in ``acc[m, pi, 0]``."""
+        load = widen(weight_dtype)
+        TPR = self.schedule.threads_per_row
+        STEPS = (length + TPR - 1) // TPR
+        exact = length % TPR == 0
+
+        @T.macro
+        def shuffle_down(acc, m, pi, delta):
+            acc[m, pi, 0] = acc[m, pi, 0] + T.tvm_warp_shuffle_down(
+                T.uint32(_FULL_MASK), acc[m, pi, 0], delta, TPR, WARP_SIZE
+            )
+
+        fold = halving_ladder(shuffle_down, TPR)
+
+        @T.macro
+        def dot(acc, m, w, e, j, src, token, p0, count, lane):
+            wv = T.alloc_buffer((1,), "float32", scope="local")
+            for pi in range(count):
+                acc[m, pi, 0] = T.float32(0)
+            for s in range(STEPS):
+                if exact or s * TPR + lane < length:
+                    wv[0] = load(w[e, j, s * TPR + lane])
+                    for pi in T.unroll(count):
+                        if indirect:
+                            acc[m, pi, 0] = acc[m, pi, 0] + wv[0] * src[token[p0 + pi], s * TPR + lane]
+                        else:
+                            acc[m, pi, 0] = acc[m, pi, 0] + wv[0] * src[p0 + pi, s * TPR + lane]
+            if TPR > 1:
+                for pi in T.unroll(count):
+                    fold(acc, m, pi)
+
+        return dot, 1
+
+
+Backend = CpuBackend | CudaBackend
+
+
+def backend_for(schedule: CpuSchedule | GpuSchedule) -> Backend:
+    """The backend strategy of ``schedule``'s target kind."""
+    if isinstance(schedule, GpuSchedule):
+        return CudaBackend(schedule)
+    return CpuBackend(schedule)

@@ -1,0 +1,220 @@
+"""Typed configurations of moec's kernels and the signature each kernel has.
+
+A config says *what* a kernel computes (sizes, routing rule, activation, weight format); a
+schedule (:mod:`moec.schedule`) says *how* it is tiled for a target. The frontend and the layer
+passes only ever handle configs: the kernel code is built once from config and schedule in the
+schedule phase (:class:`moec.passes.apply_kernel_schedule.ApplyKernelSchedule`).
+
+Every config knows its kernel's signature (:meth:`KernelConfig.signature`): the buffers it
+takes and writes, their shapes over the caller's token count and their dtypes. One table
+serves the kernel placeholders the frontend emits, the output types of each ``call_tir`` and
+the built kernels, whose signature a test checks against it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any, ClassVar
+
+from tvm.ir import Expr as PrimExpr
+
+WEIGHT_DTYPES = ("float32", "float16")
+"""Storage formats of expert weight matrices the expert kernels read (widened to float32)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BufferSpec:
+    """One parameter of a kernel: name, shape (over the token count), dtype, written or read."""
+
+    name: str
+    shape: tuple[PrimExpr | int, ...]
+    dtype: str
+    output: bool = False
+
+
+Rows = tuple[PrimExpr, ...]
+"""The caller's token dimensions: ``(n,)`` for a flat batch, ``(r, s)`` for ``r`` sequences."""
+
+
+def _tokens(rows: Rows) -> PrimExpr:
+    total = rows[0]
+    for dim in rows[1:]:
+        total = total * dim
+    return total
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """What every kernel config has: its kind, the layer's expert count and top-k, its JSON form
+    and its signature."""
+
+    kind: ClassVar[str]
+
+    num_experts: int
+    top_k: int
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    def signature(self, rows: Rows) -> tuple[BufferSpec, ...]:
+        """The kernel's parameters, inputs then outputs, for a call over ``rows`` tokens."""
+        raise NotImplementedError
+
+    def outputs(self, rows: Rows) -> list[BufferSpec]:
+        return [b for b in self.signature(rows) if b.output]
+
+    @property
+    def row_dims(self) -> int:
+        """How many token dimensions the kernel's signature is written over."""
+        return 1
+
+
+@dataclasses.dataclass(frozen=True)
+class RouteConfig(KernelConfig):
+    """Router top-k over ``num_experts`` logits (see :func:`moec.kernels.route.route_token_macro`)."""
+
+    kind: ClassVar[str] = "route"
+
+    scoring: str
+    normalize: bool
+    tie_break: str = "low"
+    kept: tuple[int, ...] | None = None
+    skip_top1_above: float | None = None
+    skip_below_fraction: float | None = None
+    pattern: str | None = None
+    selection_bias: tuple[float, ...] | None = None
+    groups: int = 1
+    top_groups: int = 1
+    scale: float = 1.0
+    jitter_eps: float = 0.0
+
+    def signature(self, rows: Rows) -> tuple[BufferSpec, ...]:
+        n, E, K = _tokens(rows), self.num_experts, self.top_k
+        return (
+            BufferSpec("logits", (n, E), "float32"),
+            BufferSpec("index", (n, K), "int32", output=True),
+            BufferSpec("weight", (n, K), "float32", output=True),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class CapacityConfig(KernelConfig):
+    """Expert capacity per sequence (Switch Transformers): see :mod:`moec.kernels.capacity`."""
+
+    kind: ClassVar[str] = "capacity"
+
+    capacity: int
+
+    @property
+    def row_dims(self) -> int:
+        return 2
+
+    def signature(self, rows: Rows) -> tuple[BufferSpec, ...]:
+        shape = (*rows, self.top_k)
+        return (
+            BufferSpec("index", shape, "int32"),
+            BufferSpec("weight", shape, "float32"),
+            BufferSpec("index_out", shape, "int32", output=True),
+            BufferSpec("weight_out", shape, "float32", output=True),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupConfig(KernelConfig):
+    """Stable sort of the (token, slot) pairs by expert: see :mod:`moec.kernels.group`."""
+
+    kind: ClassVar[str] = "group"
+
+    def signature(self, rows: Rows) -> tuple[BufferSpec, ...]:
+        n, E, K = _tokens(rows), self.num_experts, self.top_k
+        return (
+            BufferSpec("index", (n, K), "int32"),
+            BufferSpec("weight", (n, K), "float32"),
+            BufferSpec("offset", (E + 1,), "int32", output=True),
+            BufferSpec("token", (n * K,), "int32", output=True),
+            BufferSpec("gain", (n * K,), "float32", output=True),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertConfig(KernelConfig):
+    """What both expert kernels have: the layer's sizes and the stored format of its weights."""
+
+    hidden: int
+    ffn: int
+    weight_dtype: str = dataclasses.field(default="float32", kw_only=True)
+
+    def __post_init__(self) -> None:
+        if self.weight_dtype not in WEIGHT_DTYPES:
+            raise ValueError(f"weight_dtype must be one of {WEIGHT_DTYPES}, got {self.weight_dtype!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertUpConfig(ExpertConfig):
+    """First expert layer ``act(gate(x), up(x))`` per expert group: see :mod:`moec.kernels.expert_ffn`."""
+
+    kind: ClassVar[str] = "expert_up"
+
+    activation: str
+    gated: bool
+    alpha: float = 1.0
+    beta: float = 0.0
+    limit: float = math.inf
+
+    def signature(self, rows: Rows) -> tuple[BufferSpec, ...]:
+        n, E, H, F, K = _tokens(rows), self.num_experts, self.hidden, self.ffn, self.top_k
+        WD = self.weight_dtype
+        gate = (BufferSpec("w_gate", (E, F, H), WD), BufferSpec("b_gate", (E, F), "float32"))
+        return (
+            BufferSpec("x", (n, H), "float32"),
+            BufferSpec("w_up", (E, F, H), WD),
+            BufferSpec("b_up", (E, F), "float32"),
+            *(gate if self.gated else ()),
+            BufferSpec("offset", (E + 1,), "int32"),
+            BufferSpec("token", (n * K,), "int32"),
+            BufferSpec("inter", (n * K, F), "float32", output=True),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertDownConfig(ExpertConfig):
+    """Second expert layer, weighted and summed into the output: see :mod:`moec.kernels.expert_ffn`."""
+
+    kind: ClassVar[str] = "expert_down"
+
+    def signature(self, rows: Rows) -> tuple[BufferSpec, ...]:
+        n, E, H, F, K = _tokens(rows), self.num_experts, self.hidden, self.ffn, self.top_k
+        WD = self.weight_dtype
+        return (
+            BufferSpec("inter", (n * K, F), "float32"),
+            BufferSpec("w_down", (E, H, F), WD),
+            BufferSpec("b_down", (E, H), "float32"),
+            BufferSpec("offset", (E + 1,), "int32"),
+            BufferSpec("token", (n * K,), "int32"),
+            BufferSpec("gain", (n * K,), "float32"),
+            BufferSpec("y", (n, H), "float32", output=True),
+        )
+
+
+CONFIG_TYPES: dict[str, type[KernelConfig]] = {
+    cls.kind: cls for cls in (RouteConfig, CapacityConfig, GroupConfig, ExpertUpConfig, ExpertDownConfig)
+}
+
+
+def config_from_dict(kind: str, fields: dict[str, Any]) -> KernelConfig:
+    """The ``kind`` config with these fields (lists become tuples, so configs stay hashable)."""
+    return CONFIG_TYPES[kind](**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+
+
+def config_from_json(kind: str, text: str) -> KernelConfig:
+    """The ``kind`` config written by :meth:`KernelConfig.to_json`."""
+    return config_from_dict(kind, json.loads(text))
+
+
+def replace(config: KernelConfig, **changes: Any) -> KernelConfig:
+    """``config`` with ``changes`` (sequences stored as tuples, so configs stay hashable)."""
+    return dataclasses.replace(
+        config, **{k: tuple(v) if isinstance(v, list) else v for k, v in changes.items()}
+    )

@@ -1,0 +1,152 @@
+"""The compile contract: every choice ``moec compile`` makes, as one frozen, validated value.
+
+:class:`CompileOptions` is what :func:`moec.compiler.compile.compile_model` and the pass
+pipeline (:func:`moec.passes.pipeline.moe_pipeline`) read; it is validated once, when it is
+made. A bad value raises :class:`OptionError`, which names the option by its field here; a
+front end that spells options differently (the command line's ``--flags``, in ``moec/cli.py``
+only) restates the message with its own spelling. The module imports nothing heavy, so the
+command line can read the choices below without loading TVM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from moec.errors import MoecError
+
+WEIGHT_PRECISIONS = ("fp32", "fp16")
+"""How expert weight matrices may be stored (``StoreExpertWeights``)."""
+ROUTINGS = ("learned", "cycle", "tile")
+"""The model's own router, or a fixed pattern (``FixedRouting``'s ``PATTERNS``)."""
+
+
+class OptionError(MoecError):
+    """A bad compile option. The message says ``{option}`` where the option's name goes; ``str()``
+    fills in the field name, :meth:`naming` any other spelling of it (a command-line flag)."""
+
+    def __init__(self, option: str, message: str) -> None:
+        self.option = option
+        self.message = message
+        super().__init__(self.naming(option))
+
+    def naming(self, spelling: str) -> str:
+        """The one-line message with the option called ``spelling``."""
+        return self.message.replace("{option}", spelling)
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileOptions:
+    """What to compile for and what to change, for one ``compile_model`` call.
+
+    ``target``: a bundled target name or the path of a target ``.toml`` file.
+    ``weights_precision``: how expert weight matrices are stored (``fp32``/``fp16``); the
+    arithmetic stays fp32.
+    ``max_tokens``: an upper bound on the token dimension, so intermediates are planned
+    statically (``BoundTokens``); a call with more tokens fails. None: no bound.
+    ``kept_experts``: per layer name, the experts static masking keeps (the others are never
+    routed to and not stored), as :func:`moec.analysis.masking.choose_kept` chooses them.
+    ``kept_channels``: per layer name and kept expert, the intermediate channels pruning keeps
+    (the same count for every expert; :func:`moec.analysis.masking.choose_channels`).
+    ``skip_top1_above``: early exit; a token whose top-1 routing weight exceeds this skips its
+    other experts. ``skip_below_fraction``: skip a token's expert whose routing weight is below
+    this fraction of its top-1 expert's weight. Both in ``(0, 1]``; None: off.
+    ``routing``: ``learned``, or a fixed pattern replacing the router (``cycle``, ``tile``).
+    ``dump_ir``: a directory that receives the module as TVMScript after each pipeline phase.
+    ``force``: replace an existing output directory.
+
+    Frozen: fields are never reassigned, and the mappings are the options' own copies, so a
+    caller changing its dict afterwards changes nothing here. ``dataclasses.replace`` makes a
+    changed copy, validated again.
+    """
+
+    target: str = "host"
+    weights_precision: str = "fp32"
+    max_tokens: int | None = None
+    kept_experts: Mapping[str, Sequence[int]] | None = None
+    kept_channels: Mapping[str, Sequence[Sequence[int]]] | None = None
+    skip_top1_above: float | None = None
+    skip_below_fraction: float | None = None
+    routing: str = "learned"
+    dump_ir: Path | None = None
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        """Check every field and normalise it to plain Python values (JSON-ready for the manifest);
+        raise :class:`OptionError` on the first bad one."""
+        if not isinstance(self.target, str) or not self.target:
+            raise OptionError("target", f"{{option}} {self.target!r}: name a bundled target or a .toml file")
+        _choice("weights_precision", self.weights_precision, WEIGHT_PRECISIONS)
+        _choice("routing", self.routing, ROUTINGS)
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
+            raise OptionError(
+                "max_tokens", f"{{option}} {self.max_tokens}: must be a whole number of at least 1"
+            )
+        if self.max_tokens is not None:
+            object.__setattr__(self, "max_tokens", int(self.max_tokens))
+        for name in ("skip_top1_above", "skip_below_fraction"):
+            value = getattr(self, name)
+            if value is not None and not (_is_real(value) and 0.0 < value <= 1.0):
+                raise OptionError(
+                    name, f"{{option}} {value}: must be in (0, 1] (a routing weight or a fraction of one)"
+                )
+            if value is not None:
+                object.__setattr__(self, name, float(value))
+        if self.kept_experts is not None:
+            object.__setattr__(self, "kept_experts", _kept_experts(self.kept_experts))
+        if self.kept_channels is not None:
+            object.__setattr__(self, "kept_channels", _kept_channels(self.kept_channels))
+        if self.dump_ir is not None:
+            object.__setattr__(self, "dump_ir", Path(self.dump_ir))
+        object.__setattr__(self, "force", bool(self.force))
+
+    @property
+    def skips_experts(self) -> bool:
+        """Whether early exit is on (either threshold given)."""
+        return self.skip_top1_above is not None or self.skip_below_fraction is not None
+
+
+def _is_int(value: object) -> bool:
+    """An integer (numpy's too), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    """A real number (numpy's too), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _choice(option: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise OptionError(option, f"{{option}} {value!r}: must be one of {', '.join(choices)}")
+
+
+def _ids(option: str, layer: str, ids: Sequence[int], what: str) -> list[int]:
+    """``ids`` as a list of distinct non-negative Python ints, or an error naming ``layer``."""
+    ids = list(ids)
+    if not ids or not all(_is_int(i) and i >= 0 for i in ids) or len(set(ids)) != len(ids):
+        raise OptionError(
+            option,
+            f"{{option}}: layer {layer} keeps {ids}; {what} must be distinct non-negative ids, at least one",
+        )
+    return [int(i) for i in ids]
+
+
+def _kept_experts(kept: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
+    return {layer: _ids("kept_experts", layer, ids, "experts") for layer, ids in kept.items()}
+
+
+def _kept_channels(kept: Mapping[str, Sequence[Sequence[int]]]) -> dict[str, list[list[int]]]:
+    out = {}
+    for layer, per_expert in kept.items():
+        channels = [_ids("kept_channels", layer, ids, "channels") for ids in per_expert]
+        if not channels or len({len(ids) for ids in channels}) != 1:
+            raise OptionError(
+                "kept_channels",
+                f"{{option}}: layer {layer} keeps {[len(ids) for ids in channels]} channels per expert; "
+                "every expert must keep the same number, at least one",
+            )
+        out[layer] = channels
+    return out

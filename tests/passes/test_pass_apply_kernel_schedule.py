@@ -1,0 +1,144 @@
+"""ApplyKernelSchedule: Before (kernel specs) and Expected (built kernels) as literal TVMScript."""
+
+from __future__ import annotations
+
+import tvm
+from tvm.script import ir as I
+from tvm.script import tirx as T
+
+from moec.passes.apply_kernel_schedule import ApplyKernelSchedule
+from moec.schedule import CpuSchedule
+
+SCHEDULE = CpuSchedule(lanes=4, rows_per_task=2, token_block=1, accumulators=1)
+DOWN_CONFIG = '{"ffn": 4, "hidden": 2, "num_experts": 2, "top_k": 1, "weight_dtype": "float32"}'
+GROUP_CONFIG = '{"num_experts": 2, "top_k": 1}'
+BUILT_FOR = '{"accumulators": 1, "kind": "cpu", "lanes": 4, "rows_per_task": 2, "token_block": 1}'
+
+
+@I.ir_module
+class Before:
+    @T.prim_func(private=True)
+    def moe0_group(index_h: T.handle, weight_h: T.handle, offset: T.Buffer((3,), "int32"), token_h: T.handle, gain_h: T.handle):
+        T.func_attr({"moec.config": GROUP_CONFIG, "moec.kernel": "group"})
+        n = T.int64()
+        index = T.match_buffer(index_h, (n, 1), "int32")
+        weight = T.match_buffer(weight_h, (n, 1), "float32")
+        token = T.match_buffer(token_h, (n,), "int32")
+        gain = T.match_buffer(gain_h, (n,), "float32")
+        assert T.bool(False), "moec: the group kernel was never built (no schedule phase ran)"
+        T.evaluate(T.call_extern("int32", "moec_kernel_not_built"))
+
+    @T.prim_func(private=True)
+    def moe0_expert_down(inter_h: T.handle, w_down: T.Buffer((2, 2, 4), "float32"), b_down: T.Buffer((2, 2), "float32"), offset: T.Buffer((3,), "int32"), token_h: T.handle, gain_h: T.handle, y_h: T.handle):
+        T.func_attr({"moec.config": DOWN_CONFIG, "moec.kernel": "expert_down"})
+        n = T.int64()
+        inter = T.match_buffer(inter_h, (n, 4), "float32")
+        token = T.match_buffer(token_h, (n,), "int32")
+        gain = T.match_buffer(gain_h, (n,), "float32")
+        y = T.match_buffer(y_h, (n, 2), "float32")
+        assert T.bool(False), "moec: the expert_down kernel was never built (no schedule phase ran)"
+        T.evaluate(T.call_extern("int32", "moec_kernel_not_built"))
+
+    @T.prim_func(private=True)
+    def unrelated(a: T.Buffer((4,), "float32")):
+        for i in range(4):
+            a[i] = T.float32(0)
+
+
+@I.ir_module
+class Expected:
+    @T.prim_func(private=True)
+    def moe0_group(index_h: T.handle, weight_h: T.handle, offset: T.Buffer((3,), "int32"), token_h: T.handle, gain_h: T.handle):
+        T.func_attr({"moec.config": GROUP_CONFIG, "moec.kernel": "group", "moec.schedule": BUILT_FOR, "op_pattern": 8, "tir.noalias": True})
+        n = T.int64()
+        index = T.match_buffer(index_h, (n, 1), "int32")
+        weight = T.match_buffer(weight_h, (n, 1), "float32")
+        token = T.match_buffer(token_h, (n,), "int32")
+        gain = T.match_buffer(gain_h, (n,), "float32")
+        # one serial stable counting sort of the (token, slot) pairs by expert
+        for _block, _thread in T.grid(1, 1):
+            cursor = T.alloc_local((4,), "int32")
+            for e in range(4):
+                cursor[e] = 0
+            for t, j in T.grid(n, 1):
+                cursor[index[t, j] + 1] = cursor[index[t, j] + 1] + 1
+            for e in range(3):
+                cursor[e + 1] = cursor[e + 1] + cursor[e]
+            for e in range(3):
+                offset[e] = cursor[e]
+            for t, j in T.grid(n, 1):
+                token[cursor[index[t, j]]] = T.Cast("int32", t)
+                gain[cursor[index[t, j]]] = weight[t, j]
+                cursor[index[t, j]] = cursor[index[t, j]] + 1
+
+    @T.prim_func(private=True)
+    def moe0_expert_down(inter_h: T.handle, w_down: T.Buffer((2, 2, 4), "float32"), b_down: T.Buffer((2, 2), "float32"), offset: T.Buffer((3,), "int32"), token_h: T.handle, gain_h: T.handle, y_h: T.handle):
+        T.func_attr({"moec.config": DOWN_CONFIG, "moec.kernel": "expert_down", "moec.schedule": BUILT_FOR, "op_pattern": 8, "tir.noalias": True})
+        n = T.int64()
+        inter = T.match_buffer(inter_h, (n, 4), "float32")
+        token = T.match_buffer(token_h, (n,), "int32")
+        gain = T.match_buffer(gain_h, (n,), "float32")
+        y = T.match_buffer(y_h, (n, 2), "float32")
+        # rows_per_task=2: both output rows in one parallel task; one thread, one lane per row
+        for task in T.parallel(1):
+            for thread, lane in T.grid(1, 1):
+                acc = T.alloc_local((1, 1, 4))
+                for r, t in T.grid(2, n):
+                    y[t, (task + thread) * 2 + r] = T.float32(0)
+                for e, r in T.grid(2, 2):
+                    # token_block=1: every pair of the group in a full block, no tail
+                    for pb in range(offset[e + 1] - offset[e]):
+                        for pi, v in T.grid(1, 4):
+                            acc[0, pi, v] = T.float32(0)
+                        for ho in range(1):
+                            for a in T.unroll(1):
+                                for pi in T.unroll(1):
+                                    # lanes=4: one 4-wide vector accumulator per token
+                                    for v in T.vectorized(4):
+                                        acc[0, pi, a * 4 + v] = acc[0, pi, a * 4 + v] + w_down[e, (task + thread) * 2 + r, ho * 4 + a * 4 + v] * inter[offset[e] + pb + pi, ho * 4 + a * 4 + v]
+                        for pi in T.unroll(1):  # fold the 4 lanes by halving
+                            for v in T.vectorized(2):
+                                acc[0, pi, v] = acc[0, pi, v] + acc[0, pi, v + 2]
+                            for v in T.vectorized(1):
+                                acc[0, pi, v] = acc[0, pi, v] + acc[0, pi, v + 1]
+                        for pi in range(1):
+                            y[token[offset[e] + pb + pi], (task + thread) * 2 + r] = y[token[offset[e] + pb + pi], (task + thread) * 2 + r] + gain[offset[e] + pb + pi] * (acc[0, pi, 0] + b_down[e, (task + thread) * 2 + r])
+                    for pt in range(0):
+                        for pi, v in T.grid(1, 4):
+                            acc[0, pi, v] = T.float32(0)
+                        for ho in range(1):
+                            for a in T.unroll(1):
+                                for pi in T.unroll(1):
+                                    for v in T.vectorized(4):
+                                        acc[0, pi, a * 4 + v] = acc[0, pi, a * 4 + v] + w_down[e, (task + thread) * 2 + r, ho * 4 + a * 4 + v] * inter[offset[e + 1] - pt - 1 + pi, ho * 4 + a * 4 + v]
+                        for pi in T.unroll(1):
+                            for v in T.vectorized(2):
+                                acc[0, pi, v] = acc[0, pi, v] + acc[0, pi, v + 2]
+                            for v in T.vectorized(1):
+                                acc[0, pi, v] = acc[0, pi, v] + acc[0, pi, v + 1]
+                        for pi in range(1):
+                            y[token[offset[e + 1] - pt - 1 + pi], (task + thread) * 2 + r] = y[token[offset[e + 1] - pt - 1 + pi], (task + thread) * 2 + r] + gain[offset[e + 1] - pt - 1 + pi] * (acc[0, pi, 0] + b_down[e, (task + thread) * 2 + r])
+
+    @T.prim_func(private=True)
+    def unrelated(a: T.Buffer((4,), "float32")):
+        for i in range(4):
+            a[i] = T.float32(0)
+
+
+def test_builds_every_kernel_spec_and_nothing_else():
+    apply = ApplyKernelSchedule(SCHEDULE)
+    tvm.ir.assert_structural_equal(apply(Before), Expected)
+    assert sorted(apply.changed) == ["moe0_expert_down", "moe0_group"]
+
+
+def test_kernels_built_for_the_schedule_are_left_alone():
+    apply = ApplyKernelSchedule(SCHEDULE)
+    tvm.ir.assert_structural_equal(apply(Expected), Expected)
+    assert apply.changed == []
+
+
+def test_kernels_built_for_another_schedule_are_rebuilt():
+    other = ApplyKernelSchedule(CpuSchedule())(Before)
+    apply = ApplyKernelSchedule(SCHEDULE)
+    tvm.ir.assert_structural_equal(apply(other), Expected)
+    assert sorted(apply.changed) == ["moe0_expert_down", "moe0_group"]

@@ -1,0 +1,239 @@
+"""The standalone C++ runner (what a board runs): same numbers as the numpy reference, runtime-only links.
+
+The runner is built once per module into pytest's temporary directory; the artifacts it runs are
+compiled by the same helpers the end-to-end tests use.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from moec.artifact import FORMAT, LIBRARY, MANIFEST, WEIGHTS
+from moec.errors import MoecError
+from moec.reference.evaluator import run_reference
+from moec.runtime.native import build_runner, output_file_stem, run_native
+from tests.helpers import FP32_ATOL, assert_close, compile_to, tokens_input
+from tests.zoo.ms_moe import build_two_layer_ms_moe_model
+from tests.zoo.standard import build_two_layer_model
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="the native runner needs g++")
+
+# (id, model builder, hidden size)
+MODELS = {
+    "standard-sparse-dispatch": (
+        lambda: build_two_layer_model(
+            "sparse_dispatch", activation="swiglu", hidden=32, inter=48, experts=4, k=2
+        ),
+        32,
+    ),
+    "ms-moe-swiglu": (lambda: build_two_layer_ms_moe_model(activation="swiglu", swiglu_fusion=1), 16),
+}
+
+
+@pytest.fixture(scope="module")
+def runner(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The runner binary, compiled once for this module."""
+    return build_runner(tmp_path_factory.mktemp("runner") / "moec-runner")
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[onnx.ModelProto, Path, int]]:
+    """Each model of :data:`MODELS`, compiled for the host: model, artifact directory, hidden size."""
+    result = {}
+    for name, (build, hidden) in MODELS.items():
+        model = build()
+        session = compile_to(model, tmp_path_factory.mktemp(name))
+        result[name] = (model, session.dir, hidden)
+    return result
+
+
+@pytest.mark.parametrize("tokens", [1, 7])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_matches_reference(runner: Path, compiled, name: str, tokens: int) -> None:
+    model, artifact, hidden = compiled[name]
+    feeds = {"x": tokens_input(tokens, hidden)}
+    outputs, _ = run_native(runner, artifact, feeds)
+    expected = run_reference(model, feeds)
+    assert set(outputs) == set(expected)
+    for output, value in expected.items():
+        assert_close(outputs[output], value, FP32_ATOL, f"{name} {output} ({tokens} tokens) vs numpy")
+
+
+def test_links_only_the_runtime(runner: Path) -> None:
+    """NEEDED names libtvm_runtime and libtvm_ffi, never the compiler; the rpath resolves both."""
+    readelf = shutil.which("readelf")
+    if readelf is None:
+        pytest.skip("readelf (binutils) is not installed")
+    dynamic = subprocess.run([readelf, "-d", str(runner)], capture_output=True, text=True, check=True).stdout
+    needed = re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", dynamic)
+    assert "libtvm_runtime.so" in needed and "libtvm_ffi.so" in needed, needed
+    assert not [lib for lib in needed if lib.startswith(("libtvm_compiler", "libtvm.so"))], needed
+    ldd = shutil.which("ldd")
+    if ldd is not None:
+        resolved = subprocess.run([ldd, str(runner)], capture_output=True, text=True, check=True).stdout
+        assert "not found" not in resolved, resolved
+        assert "libtvm_compiler" not in resolved, resolved
+
+
+def test_repeat_prints_latency(runner: Path, compiled) -> None:
+    _, artifact, hidden = compiled["standard-sparse-dispatch"]
+    _, stdout = run_native(runner, artifact, {"x": tokens_input(3, hidden)}, repeat=5, warmup=1)
+    number = r"\d+(?:\.\d+)?"
+    pattern = rf"latency over 5 runs: mean {number} ms, p50 {number} ms, p99 {number} ms"
+    assert re.search(pattern, stdout), stdout
+
+
+def test_missing_input_fails_in_one_line(runner: Path, compiled, tmp_path: Path) -> None:
+    _, artifact, _ = compiled["standard-sparse-dispatch"]
+    result = subprocess.run(
+        [str(runner), str(artifact), "--output-dir", str(tmp_path / "out")], capture_output=True, text=True
+    )
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "missing input 'x'" in lines[0], result.stderr
+    with pytest.raises(MoecError, match="missing input 'x'"):
+        run_native(runner, artifact, {})
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("not-npy", "not a .npy file"),
+        ("truncated", "header says"),
+        ("wrong-dtype", "has dtype int64, expected float32"),
+        ("wrong-shape", "expected [?, 32]"),
+        ("fortran", "Fortran-order"),
+        ("no-file", "no such .npy file"),
+    ],
+)
+def test_bad_npy_fails_in_one_line(runner: Path, compiled, tmp_path: Path, case: str, message: str) -> None:
+    _, artifact, hidden = compiled["standard-sparse-dispatch"]
+    path = tmp_path / "x.npy"
+    good = tokens_input(4, hidden)
+    if case == "not-npy":
+        path.write_text("not numpy\n")
+    elif case == "truncated":
+        np.save(path, good)
+        path.write_bytes(path.read_bytes()[:-3])
+    elif case == "wrong-dtype":
+        np.save(path, good.astype(np.int64))
+    elif case == "wrong-shape":
+        np.save(path, good[:, :-1])
+    elif case == "fortran":
+        np.save(path, np.asfortranarray(good))
+    command = [str(runner), str(artifact), "--input", f"x={path}", "--output-dir", str(tmp_path / "out")]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_damaged_artifact_fails_in_one_line(runner: Path, compiled, tmp_path: Path) -> None:
+    _, artifact, hidden = compiled["standard-sparse-dispatch"]
+    damaged = tmp_path / "artifact"
+    shutil.copytree(artifact, damaged)
+    (damaged / WEIGHTS).write_bytes(b"junk")
+    with pytest.raises(MoecError, match="damaged weights"):
+        run_native(runner, damaged, {"x": tokens_input(2, hidden)})
+    (damaged / WEIGHTS).unlink()
+    with pytest.raises(MoecError, match=r"no weights\.params"):
+        run_native(runner, damaged, {"x": tokens_input(2, hidden)})
+
+
+def test_integer_inputs_and_tuple_outputs(runner: Path, tmp_path: Path) -> None:
+    """int64 and int32 inputs, a weight, and two outputs (one with '/' in its name) round-trip exactly."""
+    import tvm
+    from tvm.script import ir as I
+    from tvm.script import relax as R
+
+    @I.ir_module
+    class Module:
+        @R.function
+        def main(
+            a: R.Tensor(("n", 3), "int64"), b: R.Tensor((3,), "int32"), w: R.Tensor((3,), "float32")
+        ) -> R.Tuple(R.Tensor(("n", 3), "int64"), R.Tensor(("n", 3), "float32")):
+            R.func_attr({"num_input": 2})
+            with R.dataflow():
+                total = R.add(a, R.astype(b, "int64"))
+                scaled = R.multiply(R.astype(a, "float32"), w)
+                R.output(total, scaled)
+            return (total, scaled)
+
+    artifact = tmp_path / "artifact"
+    artifact.mkdir()
+    tvm.compile(Module, target="llvm").export_library(str(artifact / LIBRARY))
+    weight = np.array([0.5, -2.0, 3.25], np.float32)
+    tvm.runtime.save_param_dict_to_file({"w": tvm.runtime.tensor(weight)}, str(artifact / WEIGHTS))
+    manifest = {
+        "format": FORMAT,
+        "inputs": [
+            {"name": "a", "shape": ["n", 3], "dtype": "int64"},
+            {"name": "b", "shape": [3], "dtype": "int32"},
+        ],
+        "outputs": [
+            {"name": "total", "shape": ["n", 3], "dtype": "int64"},
+            {"name": "scaled/out", "shape": ["n", 3], "dtype": "float32"},
+        ],
+        "params": ["w"],
+        "library": LIBRARY,
+        "weights": WEIGHTS,
+    }
+    (artifact / MANIFEST).write_text(json.dumps(manifest))
+    a = np.arange(15, dtype=np.int64).reshape(5, 3) - 7
+    b = np.array([10, -20, 2**31 - 1], np.int32)
+    outputs, _ = run_native(runner, artifact, {"a": a, "b": b})
+    assert_close(outputs["total"], a + b.astype(np.int64), 0.0, "total")
+    assert_close(outputs["scaled/out"], a.astype(np.float32) * weight, 0.0, "scaled/out")
+    assert output_file_stem("scaled/out") == "scaled_out"
+
+
+def test_build_is_cached_and_needs_a_compiler(runner: Path, tmp_path: Path) -> None:
+    stamp = runner.stat().st_mtime_ns
+    assert build_runner(runner) == runner
+    assert runner.stat().st_mtime_ns == stamp
+    with pytest.raises(MoecError, match="install g\\+\\+"):
+        build_runner(tmp_path / "moec-runner", cxx="no-such-compiler-g++")
+
+
+def test_random_inputs_need_no_files(runner: Path, compiled, tmp_path: Path) -> None:
+    """--random-inputs makes the inputs (symbolic dimension = --tokens); outputs are then optional."""
+    _, artifact, hidden = compiled["standard-sparse-dispatch"]
+    command = [str(runner), str(artifact), "--random-inputs", "--tokens", "6", "--repeat", "2"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    output = json.loads((artifact / MANIFEST).read_text())["outputs"][0]["name"]
+    assert f"output {output}: shape [6, {hidden}] float32" in result.stdout, result.stdout
+    assert "latency over 2 runs" in result.stdout
+    result = subprocess.run(
+        [*command[:-2], "--output-dir", str(tmp_path / "out")], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert np.load(tmp_path / "out" / f"{output_file_stem(output)}.npy").shape == (6, hidden)
+    bad = subprocess.run([*command[:2], "--random-inputs", "--tokens", "0"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--tokens must be at least 1" in bad.stderr, bad.stderr
+
+
+def test_cuda_artifact_without_a_driver_fails_in_one_line(runner: Path, compiled, tmp_path: Path) -> None:
+    """A manifest whose target is a CUDA GPU makes the runner load TVM's CUDA runtime first."""
+    import ctypes.util
+
+    if ctypes.util.find_library("cuda") is not None:
+        pytest.skip("this machine has a CUDA driver")
+    _, artifact, _ = compiled["standard-sparse-dispatch"]
+    copy = tmp_path / "artifact"
+    shutil.copytree(artifact, copy)
+    manifest = json.loads((copy / MANIFEST).read_text())
+    manifest["target"]["cuda"] = {"arch": "sm_87", "version": "12.6"}
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    result = subprocess.run([str(runner), str(copy), "--random-inputs"], capture_output=True, text=True)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "libtvm_runtime_cuda.so cannot be loaded" in lines[0], result.stderr

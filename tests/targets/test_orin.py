@@ -1,0 +1,284 @@
+"""Jetson AGX Orin builds: an aarch64 library with sm_87 cubins, built here without a GPU.
+
+No GPU is needed (or used): these tests check what the build produces — the ELF machine of the
+library, the cubin embedded in it (parsed here independently of moec's own checker), the
+kernels' CUDA structure — and that a build that fell back to CUDA source, or has no CUDA
+compiler, fails with a one-line error. The CUDA kernels' numbers are not checked here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tvm
+
+from moec.compiler import cuda
+from moec.compiler.compile import compile_model
+from moec.compiler.inspect_library import check_cuda_library, embedded_cubins
+from moec.errors import MoecError
+from moec.kernels import make_kernel
+from moec.kernels.config import config_from_dict
+from moec.options import CompileOptions
+from moec.passes.apply_kernel_schedule import ApplyKernelSchedule
+from moec.schedule import CpuSchedule, GpuSchedule
+from moec.targets import load_target
+from tests.helpers import EXAMPLE_MODEL, REPO_ROOT
+
+KERNELS = ["moe0_route", "moe0_group", "moe0_expert_up", "moe0_expert_down"]
+needs_nvcc = pytest.mark.skipif(
+    shutil.which("nvcc") is None and not any(os.access(p, os.X_OK) for p in cuda.NVCC_FALLBACKS),
+    reason="no nvcc (CUDA toolkit) on this machine",
+)
+
+
+def _elf_images(data: bytes, machine: int) -> list[tuple[int, int]]:
+    """(offset, e_flags) of every ELF64 image with ``e_machine == machine`` — a parse separate
+    from moec.compiler.inspect_library, so the test does not just trust the code it tests."""
+    images, at = [], data.find(b"\x7fELF")
+    while at >= 0:
+        if data[at + 4] == 2 and struct.unpack_from("<H", data, at + 18)[0] == machine:
+            images.append((at, struct.unpack_from("<I", data, at + 48)[0]))
+        at = data.find(b"\x7fELF", at + 1)
+    return images
+
+
+@pytest.fixture(scope="module")
+def orin_artifact(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("orin") / "artifact"
+    compile_model(EXAMPLE_MODEL, out, CompileOptions(target="orin"))
+    return out
+
+
+@needs_nvcc
+def test_orin_library_is_aarch64_with_sm87_cubin_holding_the_moe_kernels(orin_artifact):
+    assert sorted(p.name for p in orin_artifact.iterdir()) == ["manifest.json", "model.so", "weights.params"]
+    data = (orin_artifact / "model.so").read_bytes()
+    assert data[:4] == b"\x7fELF" and struct.unpack_from("<H", data, 18)[0] == 183  # EM_AARCH64
+    if shutil.which("readelf"):
+        header = subprocess.run(
+            ["readelf", "-h", str(orin_artifact / "model.so")], capture_output=True, text=True
+        )
+        assert "AArch64" in header.stdout
+    cubins = _elf_images(data, 190)  # EM_CUDA
+    assert cubins, "no cubin in the library"
+    for offset, flags in cubins:
+        abi = data[offset + 8]
+        assert ((flags >> 8) & 0xFF if abi >= 8 else flags & 0xFF) == 87
+    for kernel in KERNELS:
+        assert f"{kernel}_kernel".encode() in data[cubins[0][0] :]
+    # moec's own checker agrees, and names the kernels from the cubin's symbol table
+    found = check_cuda_library(orin_artifact / "model.so", "sm_87", KERNELS)
+    assert {f"{k}_kernel" for k in KERNELS} <= {f for c in found for f in c.functions}
+    manifest = json.loads((orin_artifact / "manifest.json").read_text())
+    build = manifest["cuda_build"]
+    assert build["board_cuda_version"] == "12.6"
+    assert found[0].toolkit == build["cubin_cuda_version"]  # the manifest tells the truth
+
+
+@needs_nvcc
+def test_orin_cubin_is_cuda_12_6_when_the_pinned_ptxas_is_installed(orin_artifact):
+    if cuda.pinned_ptxas() is None:
+        pytest.skip("nvidia-cuda-nvcc-cu12 (extra 'cuda12') not installed")
+    data = (orin_artifact / "model.so").read_bytes()
+    offset, _ = _elf_images(data, 190)[0]
+    assert data[offset + 8] == 7  # ELF ABI version of CUDA 12 cubins
+    assert struct.unpack_from("<I", data, offset + 20)[0] == 126  # e_version: CUDA 12.6
+
+
+@needs_nvcc
+def test_build_that_falls_back_to_cuda_source_fails_cleanly(tmp_path):
+    """Without the stub driver, TVM embeds CUDA source; the build must refuse it."""
+    out = tmp_path / "artifact"
+    env = {**os.environ, "MOEC_CUDA_STUB": "0"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from moec.cli import main; main()",
+            "compile",
+            str(EXAMPLE_MODEL),
+            "--target",
+            "orin",
+            "-o",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO_ROOT,
+    )
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("moec: error")]
+    assert proc.returncode != 0
+    assert (
+        len(errors) == 1 and "no CUDA cubin embedded" in errors[0] and "fell back to CUDA source" in errors[0]
+    )
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_missing_cuda_compiler_is_a_one_line_error(tmp_path, monkeypatch):
+    which = shutil.which
+    monkeypatch.setattr(
+        cuda.shutil, "which", lambda name, *a, **k: None if name == "nvcc" else which(name, *a, **k)
+    )
+    monkeypatch.setattr(cuda, "NVCC_FALLBACKS", ())
+    out = tmp_path / "artifact"
+    with pytest.raises(MoecError, match=r"nvcc: not installed.*Install the CUDA toolkit") as err:
+        compile_model(EXAMPLE_MODEL, out, CompileOptions(target="orin"))
+    assert "\n" not in str(err.value)
+    assert not out.exists()
+
+
+def test_checker_rejects_a_library_without_cubin(tmp_path):
+    library = tmp_path / "model.so"
+    header = bytearray(64)
+    header[:6] = b"\x7fELF\x02\x01"
+    struct.pack_into("<H", header, 18, 183)
+    library.write_bytes(bytes(header) + b'extern "C" __global__ void moe0_route_kernel() {}')
+    with pytest.raises(MoecError, match="no CUDA cubin embedded"):
+        check_cuda_library(library, "sm_87", ["moe0_route"])
+    struct.pack_into("<H", header, 18, 62)
+    library.write_bytes(bytes(header))
+    with pytest.raises(MoecError, match="built for x86_64, expected aarch64"):
+        check_cuda_library(library, "sm_87", [])
+
+
+def test_ptx_version_is_lowered_only_when_newer():
+    ptx = "//\n.version 9.0\n.target sm_87\n"
+    assert cuda.lower_ptx_version(ptx, "8.5") == "//\n.version 8.5\n.target sm_87\n"
+    assert cuda.lower_ptx_version(ptx.replace("9.0", "8.0"), "8.5") == ptx.replace("9.0", "8.0")
+
+
+# --- the CUDA kernels on their own -------------------------------------------------------------
+
+ROUTE = {"num_experts": 6, "top_k": 2, "scoring": "softmax", "normalize": True, "tie_break": "low"}
+GROUP = {"num_experts": 6, "top_k": 2}
+UP = {
+    "num_experts": 6,
+    "hidden": 64,
+    "ffn": 96,
+    "top_k": 2,
+    "activation": "silu",
+    "gated": True,
+    "alpha": 1.0,
+    "beta": 0.0,
+    "limit": float("inf"),
+}
+DOWN = {"num_experts": 6, "hidden": 64, "ffn": 96, "top_k": 2}
+CAPACITY = {"num_experts": 6, "top_k": 2, "capacity": 3}
+CASES = {"route": ROUTE, "capacity": CAPACITY, "group": GROUP, "expert_up": UP, "expert_down": DOWN}
+
+
+@pytest.fixture(scope="module")
+def orin():
+    return load_target("orin")
+
+
+def _build(kind: str, config: dict, schedule: GpuSchedule, orin) -> tuple[str, list]:
+    """CUDA source and cubins of one kernel compiled alone for sm_87 (the cubin as moec's
+    compiler callback handed it to TVM)."""
+    func = make_kernel(config_from_dict(kind, config), schedule).with_attr("global_symbol", f"moe0_{kind}")
+    compile_source, produced = cuda.compile_cuda_source, []
+
+    def recording(code: str, arch: str, toolchain: cuda.CudaToolchain) -> bytes:
+        produced.append(compile_source(code, arch, toolchain))
+        return produced[-1]
+
+    cuda.compile_cuda_source = recording
+    try:
+        with orin.tvm_target, cuda.cuda_build(orin, lambda _: None):
+            lib = tvm.compile(tvm.IRModule({f"moe0_{kind}": func}), target=orin.tvm_target)
+    finally:
+        cuda.compile_cuda_source = compile_source
+    return lib.mod.imports[0].inspect_source(), [c for b in produced for c in embedded_cubins(b"\0" + b)]
+
+
+@needs_nvcc
+@pytest.mark.parametrize("kind", list(CASES))
+def test_gpu_kernel_compiles_for_sm87_with_thread_binding(kind, orin):
+    source, cubins = _build(kind, CASES[kind], GpuSchedule(), orin)
+    assert f"moe0_{kind}_kernel" in source and "threadIdx.x" in source
+    assert [c.arch for c in cubins] == ["sm_87"] and f"moe0_{kind}_kernel" in cubins[0].functions
+    if kind.startswith("expert"):
+        assert "__shfl_down_sync" in source and "threadIdx.y" in source  # warp-level row reduction
+    if kind == "group":  # the stable counting sort of the CPU kernel, by one thread
+        assert "blockIdx.x" in source and "__shfl" not in source
+
+
+@needs_nvcc
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "schedule", [GpuSchedule(16, 4, 1), GpuSchedule(8, 3, 3), GpuSchedule(1, 32, 2)], ids=str
+)
+@pytest.mark.parametrize(
+    "config",
+    [
+        {**UP, "hidden": 20, "ffn": 12, "activation": "gelu", "gated": False},
+        {**UP, "activation": "silu", "alpha": 1.702, "beta": 1.0, "limit": 7.0, "weight_dtype": "float16"},
+        {**DOWN, "hidden": 20, "ffn": 13},
+        {**DOWN, "weight_dtype": "float16"},
+    ],
+    ids=["up-ragged", "up-fp16-clamped", "down-ragged", "down-fp16"],
+)
+def test_gpu_expert_kernels_compile_across_schedules_and_tails(schedule, config, orin):
+    kind = "expert_up" if "activation" in config else "expert_down"
+    source, cubins = _build(kind, config, schedule, orin)
+    assert f"moe0_{kind}_kernel" in cubins[0].functions
+    if config.get("weight_dtype") == "float16":
+        assert "half" in source
+
+
+@needs_nvcc
+@pytest.mark.parametrize(
+    "rule",
+    [
+        {
+            "scoring": "sigmoid",
+            "selection_bias": [0.1, -0.2, 0.0, 0.3, 0.05, -0.1],
+            "groups": 3,
+            "top_groups": 2,
+        },
+        {"scoring": "sparsemixer", "jitter_eps": 0.01},
+    ],
+    ids=["deepseek-grouped", "phimoe-sparsemixer"],
+)
+def test_gpu_route_kernel_compiles_every_routing_rule(rule, orin):
+    config = {"num_experts": 6, "top_k": 2, "normalize": True, "tie_break": "low", "scale": 2.5, **rule}
+    source, cubins = _build("route", config, GpuSchedule(), orin)
+    assert "moe0_route_kernel" in cubins[0].functions and "threadIdx.x" in source
+
+
+def test_gpu_schedule_gives_thread_bound_kernels_marked_scheduled():
+    for kind, config in CASES.items():
+        func = make_kernel(config_from_dict(kind, config), GpuSchedule())
+        assert bool(func.attrs["tirx.is_scheduled"])  # dlight leaves our kernels alone
+        script = func.script()
+        bound = [tag for tag in ("blockIdx.x", "threadIdx.x") if f'thread="{tag}"' in script]
+        assert "threadIdx.x" in bound and "blockIdx.x" in bound
+
+
+def test_apply_kernel_schedule_remakes_every_kernel_for_a_gpu():
+    before = tvm.IRModule(
+        {f"moe0_{kind}": make_kernel(config_from_dict(kind, c), CpuSchedule()) for kind, c in CASES.items()}
+    )
+    apply = ApplyKernelSchedule(GpuSchedule())
+    after = apply(before)
+    assert sorted(apply.changed) == sorted(f"moe0_{kind}" for kind in CASES)
+    expected = {
+        f"moe0_{kind}": make_kernel(config_from_dict(kind, c), GpuSchedule()) for kind, c in CASES.items()
+    }
+    tvm.ir.assert_structural_equal(after, tvm.IRModule(expected))
+    again = ApplyKernelSchedule(GpuSchedule())
+    tvm.ir.assert_structural_equal(again(after), after)
+    assert again.changed == [], "kernels that already have the schedule were remade"
+
+
+def test_gpu_schedule_limits_are_checked():
+    with pytest.raises(ValueError, match="threads_per_row"):
+        make_kernel(config_from_dict("expert_down", DOWN), GpuSchedule(threads_per_row=64))

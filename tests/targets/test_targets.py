@@ -1,0 +1,132 @@
+"""Target files: the bundled boards, a user's own file, and NEON code for the Cortex-A72."""
+
+from __future__ import annotations
+
+import json
+import platform
+import re
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import tvm
+
+from moec.compiler.compile import compile_model, lower_model
+from moec.frontend.importer import import_model
+from moec.frontend.loader import load_model
+from moec.kernels import kernel_kind, make_kernel
+from moec.kernels.config import config_from_dict
+from moec.options import CompileOptions
+from moec.reference.evaluator import run_reference
+from moec.runtime.session import ArtifactSession
+from moec.schedule import CpuSchedule, GpuSchedule
+from moec.targets import bundled_targets, load_target
+from tests.helpers import EXAMPLE_MODEL, FP32_ATOL, assert_close, tokens_input
+from tests.zoo.standard import build_dense_onehot_moe
+
+
+def test_bundled_targets_are_the_documented_boards() -> None:
+    assert {"host", "cortex-a72", "cortex-a76", "orin"} <= set(bundled_targets())
+    a72 = load_target("cortex-a72")
+    assert a72.tvm_target.attrs["mtriple"] == "aarch64-linux-gnu"
+    assert (a72.hardware.arch, a72.hardware.cores, a72.hardware.simd_bits) == ("aarch64", 4, 128)
+    hw = a72.hardware
+    assert (hw.cache_line_bytes, hw.l1d_bytes, hw.l2_bytes) == (64, 32768, 1 << 20)
+    assert a72.hardware.compute_precisions == ("fp32",), "the A72 has no FP16 arithmetic nor dot product"
+    assert a72.schedule == CpuSchedule(lanes=4, rows_per_task=64, token_block=4, accumulators=2)
+    assert not a72.runs_here or platform.machine() == "aarch64"
+
+    orin = load_target("orin")
+    assert orin.tvm_target.kind.name == "cuda" and str(orin.tvm_target.attrs["arch"]) == "sm_87"
+    assert orin.tvm_target.host.attrs["mtriple"] == "aarch64-linux-gnu"
+    assert orin.cuda is not None and orin.cuda.arch == "sm_87"
+    assert orin.hardware.cache_line_bytes == 128
+    assert isinstance(orin.schedule, GpuSchedule) and not orin.runs_here
+
+    a76 = load_target("cortex-a76")
+    assert set(a76.hardware.compute_precisions) == {"fp32", "fp16", "int8"}
+    host = load_target("host")
+    assert host.runs_here and host.hardware.arch == platform.machine()
+
+
+def _a72_kernel_assembly(kind: str) -> str:
+    """Assembly of the ``kind`` kernel exactly as the cortex-a72 pipeline scheduled it."""
+    target = load_target("cortex-a72")
+    mod, _ = lower_model(import_model(load_model(EXAMPLE_MODEL)), target)
+    kernels = [func for _, func in mod.functions_items() if kernel_kind(func) == kind]
+    assert kernels, f"no {kind} kernel in the lowered module"
+    lib = tvm.compile(
+        tvm.IRModule({kind: kernels[0].with_attr("global_symbol", kind)}), target=target.tvm_target
+    )
+    return lib.mod.inspect_source("s")
+
+
+@pytest.mark.parametrize("kind", ["expert_up", "expert_down"])
+def test_a72_expert_kernels_use_neon_vector_fma(kind: str) -> None:
+    asm = _a72_kernel_assembly(kind)
+    vector_fma = len(re.findall(r"\bfmla\s+v\d+\.4s", asm)) + len(re.findall(r"\bfmul\s+v\d+\.4s", asm))
+    scalar_fma = len(re.findall(r"\bfmadd\s+s\d+", asm))
+    assert vector_fma >= 8, f"{kind}: only {vector_fma} NEON .4s multiply(-add)s"
+    assert vector_fma > 4 * scalar_fma, f"{kind}: {vector_fma} vector vs {scalar_fma} scalar fmadd"
+
+
+def test_a72_fp16_weights_are_widened_with_neon_not_a_libcall() -> None:
+    """The A72 stores fp16 but computes fp32: weights convert with vector fcvtl, not __extendhfsf2."""
+    target = load_target("cortex-a72")
+    config = {"num_experts": 4, "hidden": 64, "ffn": 32, "top_k": 2, "weight_dtype": "float16"}
+    kernel = make_kernel(config_from_dict("expert_down", config), target.schedule)
+    kernel = kernel.with_attr("global_symbol", "expert_down")
+    asm = tvm.compile(tvm.IRModule({"expert_down": kernel}), target=target.tvm_target).mod.inspect_source("s")
+    assert len(re.findall(r"\bfcvtl2?\s+v\d+\.4s, v\d+\.[48]h", asm)) >= 4
+    assert len(re.findall(r"\bfmla\s+v\d+\.4s", asm)) >= 4
+    assert not re.search(r"\bbl\s+__extendhfsf2", asm), "fp16 weights widened by a library call"
+
+
+def _user_target(tmp_path: Path) -> Path:
+    """A board file written the way the cortex-a76 example tells a user to, for this machine."""
+    (tmp_path / "narrow.toml").write_text(
+        'kind = "cpu"\nlanes = 4\nrows_per_task = 3\ntoken_block = 2\naccumulators = 1\n'
+    )
+    text = f"""
+name = "my-board"
+description = "a user's board: this CPU with a narrow schedule of its own"
+schedule = "narrow.toml"
+
+[tvm]
+kind = "llvm"
+mcpu = "{tvm.target.codegen.llvm_get_system_cpu()}"
+
+[hardware]
+arch = "{platform.machine()}"
+cores = 2
+simd_bits = 128
+cache_line_bytes = 64
+l1d_bytes = 32768
+l2_bytes = 1048576
+memory_bandwidth_gbps = 10
+compute_precisions = ["fp32"]
+"""
+    path = tmp_path / "my-board.toml"
+    path.write_text(text)
+    return path
+
+
+def test_user_target_file_compiles_and_matches_reference(tmp_path: Path) -> None:
+    target_file = _user_target(tmp_path)
+    spec = load_target(str(target_file))
+    assert spec.schedule == CpuSchedule(lanes=4, rows_per_task=3, token_block=2, accumulators=1)
+    model = build_dense_onehot_moe(hidden=16, inter=24, experts=6, k=2, activation="swiglu")
+    onnx.save(model, tmp_path / "model.onnx")
+    compile_model(tmp_path / "model.onnx", tmp_path / "out", CompileOptions(target=str(target_file)))
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["target"]["name"] == "my-board"
+    assert manifest["target"]["schedule"]["rows_per_task"] == 3
+    session = ArtifactSession(tmp_path / "out")
+    for tokens in (1, 7):
+        feeds = {"x": tokens_input(tokens, 16)}
+        expected = run_reference(model, feeds)
+        actual = session.run(feeds)
+        for name, value in expected.items():
+            assert_close(actual[name], value, FP32_ATOL, f"{name} at {tokens} tokens")
+    assert np.isfinite(actual["y"]).all()

@@ -1,0 +1,287 @@
+"""Each TIR kernel, compiled alone, against numpy — across schedules, tails and ties."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import numpy as np
+import pytest
+import tvm
+
+from moec.canonical.layer import MoELayer
+from moec.canonical.semantics import LayerPlan, drop_past_capacity, expert_ffn, route
+from moec.kernels import kernel_spec, make_kernel
+from moec.kernels.config import (
+    CapacityConfig,
+    ExpertDownConfig,
+    ExpertUpConfig,
+    GroupConfig,
+    KernelConfig,
+    RouteConfig,
+    config_from_json,
+)
+from moec.schedule import CpuSchedule, GpuSchedule
+from tests.helpers import assert_close
+
+SCHEDULES = [
+    CpuSchedule(),
+    CpuSchedule(lanes=4, rows_per_task=3, token_block=3, accumulators=2),
+    CpuSchedule(lanes=8, rows_per_task=1, token_block=1, accumulators=1),
+]
+TARGET = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
+
+
+@functools.cache
+def _compiled(kind: str, config: str, schedule: CpuSchedule):
+    kernel = make_kernel(config_from_json(kind, config), schedule).with_attr("global_symbol", kind)
+    return tvm.compile(kernel, target=TARGET)
+
+
+def _run(
+    kind: str,
+    config: dict,
+    schedule: CpuSchedule,
+    *arrays: np.ndarray,
+    outputs: list[tuple[tuple[int, ...], str]],
+) -> list[np.ndarray]:
+    """Run kernel ``kind`` (compiled once per config and schedule) and return its outputs."""
+    lib = _compiled(kind, json.dumps(config, sort_keys=True), schedule)
+    outs = [tvm.runtime.tensor(np.zeros(shape, dtype)) for shape, dtype in outputs]
+    lib(*[tvm.runtime.tensor(a) for a in arrays], *outs)
+    return [o.numpy() for o in outs]
+
+
+def _layer(experts=5, hidden=20, ffn=12, k=2, activation="silu", gated=True, **extra) -> MoELayer:
+    rng = np.random.default_rng(3)
+
+    def w(*shape):
+        return (rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float32)
+
+    return MoELayer(
+        name="t",
+        num_experts=experts,
+        top_k=k,
+        hidden=hidden,
+        ffn=ffn,
+        activation=activation,
+        normalize=True,
+        w_up=w(experts, ffn, hidden),
+        w_down=w(experts, hidden, ffn),
+        w_gate=w(experts, ffn, hidden) if gated else None,
+        b_up=w(experts, ffn),
+        b_gate=w(experts, ffn) if gated else None,
+        b_down=w(experts, hidden),
+        **extra,
+    )
+
+
+@pytest.mark.parametrize("tie_break", ["low", "high"])
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_route_matches_numpy_including_ties(tie_break, scoring, normalize):
+    layer = _layer(experts=6, k=3, tie_break=tie_break, scoring=scoring)
+    layer.normalize = normalize
+    logits = np.random.default_rng(0).standard_normal((9, 6)).astype(np.float32)
+    logits[0] = 0.5  # all six tied
+    logits[1, [1, 4]] = 3.0  # a tie for first place
+    config = {
+        "num_experts": 6,
+        "top_k": 3,
+        "scoring": scoring,
+        "normalize": normalize,
+        "tie_break": tie_break,
+    }
+    index, weight = _run(
+        "route", config, CpuSchedule(), logits, outputs=[((9, 3), "int32"), ((9, 3), "float32")]
+    )
+    expected_index, expected_weight = route(layer, logits)
+    assert_close(index, expected_index.astype(np.int32), 0)
+    assert_close(weight, expected_weight.astype(np.float32), 1e-6)
+
+
+ROUTING_RULES = {
+    # DeepSeek-V3: sigmoid, correction bias, 2 of 4 groups, renormalised then scaled
+    "grouped": {"scoring": "sigmoid", "normalize": True, "groups": 4, "top_groups": 2, "scale": 2.5},
+    "biased": {"scoring": "sigmoid", "normalize": False, "scale": 0.5},
+    # PhiMoE's sparsemixer (a wide and a narrow jitter window)
+    "sparsemixer": {"scoring": "sparsemixer", "normalize": False, "jitter_eps": 0.01},
+    "sparsemixer-wide": {"scoring": "sparsemixer", "normalize": False, "jitter_eps": 0.5},
+}
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("rule", sorted(ROUTING_RULES))
+def test_route_rules_match_numpy(rule, masked):
+    experts, k = 8, 2
+    rng = np.random.default_rng(7)
+    rule = dict(ROUTING_RULES[rule])
+    if rule["scoring"] != "sparsemixer":
+        rule["selection_bias"] = (rng.standard_normal(experts) * 0.3).astype(np.float32).tolist()
+    layer = _layer(experts=experts, k=k, **{key: v for key, v in rule.items() if key != "normalize"})
+    layer.normalize = rule["normalize"]
+    logits = rng.standard_normal((11, experts)).astype(np.float32)
+    logits[0] = 0.0  # sparsemixer's gap is 0/0 here: those experts count (torch's mask is False)
+    logits[1, [2, 5]] = 2.0  # a tie for first place
+    kept = [0, 2, 3, 5, 6, 7] if masked else None
+    config = {"num_experts": experts, "top_k": k, "tie_break": "low", **rule}
+    if kept:
+        config["kept"] = kept
+    index, weight = _run(
+        "route", config, CpuSchedule(), logits, outputs=[((11, k), "int32"), ((11, k), "float32")]
+    )
+    plan = LayerPlan(kept=kept)
+    expected_index, expected_weight = route(layer, logits, plan)
+    if kept:
+        expected_index = np.searchsorted(kept, expected_index)
+    assert_close(index, expected_index.astype(np.int32), 0)
+    assert_close(weight, expected_weight.astype(np.float32), 1e-6)
+
+
+@pytest.mark.parametrize(("sequences", "tokens", "k", "capacity"), [(1, 1, 1, 1), (3, 9, 1, 2), (2, 7, 2, 3)])
+def test_capacity_drops_what_numpy_drops(sequences, tokens, k, capacity):
+    """Per sequence, each expert keeps its first ``capacity`` selections; slots already skipped
+    (index E in the kernels, -1 in numpy) stay skipped and take no room."""
+    experts = 4
+    rng = np.random.default_rng(sequences * 10 + tokens)
+    index = np.stack([rng.choice(experts, k, replace=False) for _ in range(sequences * tokens)])
+    index[rng.random(index.shape) < 0.15] = -1
+    weight = np.where(index >= 0, rng.random(index.shape), 0.0).astype(np.float32)
+    kernel_index = np.where(index >= 0, index, experts).astype(np.int32).reshape(sequences, tokens, k)
+    shape = (sequences, tokens, k)
+    kept_index, kept_weight = _run(
+        "capacity",
+        {"num_experts": experts, "top_k": k, "capacity": capacity},
+        CpuSchedule(),
+        kernel_index,
+        weight.reshape(shape),
+        outputs=[(shape, "int32"), (shape, "float32")],
+    )
+    expected_index, expected_weight = drop_past_capacity(index, weight, capacity, tokens)
+    expected_kernel_index = np.where(expected_index >= 0, expected_index, experts).astype(np.int32)
+    assert_close(kept_index.reshape(-1, k), expected_kernel_index, 0)
+    assert_close(kept_weight.reshape(-1, k), expected_weight.astype(np.float32), 0)
+    if sequences > 1:  # the case drops something, and counts each sequence afresh
+        assert (expected_index == -1).sum() > (index == -1).sum()
+        assert not np.array_equal(
+            drop_past_capacity(index, weight, capacity, tokens)[0],
+            drop_past_capacity(index, weight, capacity, len(index))[0],
+        )
+
+
+@pytest.mark.parametrize("tokens", [1, 4, 7])
+def test_group_is_a_stable_counting_sort(tokens):
+    rng = np.random.default_rng(tokens)
+    index = np.stack([rng.choice(5, 2, replace=False) for _ in range(tokens)]).astype(np.int32)
+    weight = rng.random((tokens, 2)).astype(np.float32)
+    offset, token, gain = _run(
+        "group",
+        {"num_experts": 5, "top_k": 2},
+        CpuSchedule(),
+        index,
+        weight,
+        outputs=[((6,), "int32"), ((tokens * 2,), "int32"), ((tokens * 2,), "float32")],
+    )
+    order = np.argsort(index.reshape(-1), kind="stable")
+    assert_close(
+        offset, np.concatenate([[0], np.cumsum(np.bincount(index.ravel(), minlength=5))]).astype(np.int32), 0
+    )
+    assert_close(token, (order // 2).astype(np.int32), 0)
+    assert_close(gain, weight.reshape(-1)[order], 0)
+
+
+EXPERT_CASES = [
+    ("relu", False, {}),
+    ("gelu", False, {}),
+    ("gelu_tanh", False, {}),
+    ("identity", False, {}),
+    ("silu", True, {}),
+    ("gelu", True, {}),
+    ("silu", True, {"alpha": 1.702, "beta": 1.0, "limit": 0.3}),
+]
+
+
+@pytest.mark.parametrize(
+    "schedule", SCHEDULES, ids=lambda s: f"l{s.lanes}r{s.rows_per_task}b{s.token_block}a{s.accumulators}"
+)
+@pytest.mark.parametrize(
+    ("activation", "gated", "extra"),
+    EXPERT_CASES,
+    ids=[f"{a}{'-gated' if g else ''}{'-clamped' if e else ''}" for a, g, e in EXPERT_CASES],
+)
+@pytest.mark.parametrize("tokens", [1, 3, 10])
+def test_expert_kernels_match_numpy(schedule, activation, gated, extra, tokens):
+    layer = _layer(activation=activation, gated=gated, **extra)
+    E, H, F, K = layer.num_experts, layer.hidden, layer.ffn, layer.top_k
+    rng = np.random.default_rng(tokens)
+    x = rng.standard_normal((tokens, H)).astype(np.float32)
+    index = np.stack([rng.choice(E, K, replace=False) for _ in range(tokens)])
+    gain_in = rng.random((tokens, K))
+    order = np.argsort(index.reshape(-1), kind="stable")
+    token = (order // K).astype(np.int32)
+    gain = gain_in.reshape(-1)[order].astype(np.float32)
+    offset = np.concatenate([[0], np.cumsum(np.bincount(index.ravel(), minlength=E))]).astype(np.int32)
+    up_config = {
+        "num_experts": E,
+        "hidden": H,
+        "ffn": F,
+        "top_k": K,
+        "activation": activation,
+        "gated": gated,
+        "alpha": layer.alpha,
+        "beta": layer.beta,
+        "limit": layer.limit,
+    }
+    first = [layer.w_up, layer.b_up] + ([layer.w_gate, layer.b_gate] if gated else [])
+    (inter,) = _run(
+        "expert_up", up_config, schedule, x, *first, offset, token, outputs=[((tokens * K, F), "float32")]
+    )
+    down_config = {"num_experts": E, "hidden": H, "ffn": F, "top_k": K}
+    (y,) = _run(
+        "expert_down",
+        down_config,
+        schedule,
+        inter,
+        layer.w_down,
+        layer.b_down,
+        offset,
+        token,
+        gain,
+        outputs=[((tokens, H), "float32")],
+    )
+    expected = np.zeros((tokens, H))
+    for t in range(tokens):
+        for slot in range(K):
+            expected[t] += (
+                gain_in[t, slot] * expert_ffn(layer, int(index[t, slot]), x[t : t + 1].astype(np.float64))[0]
+            )
+    assert_close(y, expected.astype(np.float32), 1e-5)
+
+
+SIGNATURE_CASES: list[KernelConfig] = [
+    RouteConfig(num_experts=6, top_k=2, scoring="softmax", normalize=True, kept=(0, 2, 3, 5)),
+    CapacityConfig(num_experts=4, top_k=2, capacity=3),
+    GroupConfig(num_experts=5, top_k=2),
+    ExpertUpConfig(num_experts=5, hidden=20, ffn=12, top_k=2, activation="silu", gated=True),
+    ExpertUpConfig(
+        num_experts=5, hidden=20, ffn=12, top_k=2, activation="relu", gated=False, weight_dtype="float16"
+    ),
+    ExpertDownConfig(num_experts=5, hidden=20, ffn=12, top_k=2, weight_dtype="float16"),
+]
+
+
+def _params(func: tvm.tirx.PrimFunc) -> list[tuple[str, str, str]]:
+    """Each parameter's name, shape (as text: symbolic dims by name) and dtype."""
+    return [(p.name, str(list(p.ty.shape)), str(p.ty.dtype)) for p in func.params]
+
+
+@pytest.mark.parametrize("schedule", [CpuSchedule(), GpuSchedule()], ids=["cpu", "cuda"])
+@pytest.mark.parametrize("config", SIGNATURE_CASES, ids=lambda c: f"{c.kind}")
+def test_built_kernel_has_its_spec_signature(config, schedule):
+    """The frontend's placeholder (from the config's signature table) and the kernel built from
+    TVMScript take the same buffers, so a call typed by the spec is right for the kernel."""
+    spec, built = kernel_spec(config), make_kernel(config, schedule)
+    assert _params(built) == _params(spec)
+    assert str(built.attrs["moec.config"]) == str(spec.attrs["moec.config"]) == config.to_json()
+    assert json.loads(str(built.attrs["moec.schedule"]))["kind"] == schedule.kind
+    assert "moec.schedule" not in spec.attrs

@@ -1,0 +1,87 @@
+"""CompileOptions: every bad value is refused when the options are made, naming the field."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from moec.options import ROUTINGS, WEIGHT_PRECISIONS, CompileOptions, OptionError
+from moec.passes.fixed_routing import PATTERNS
+from moec.passes.store_expert_weights import PRECISION_DTYPES
+
+
+def test_defaults_compile_for_host_unchanged() -> None:
+    options = CompileOptions()
+    assert (options.target, options.weights_precision, options.routing) == ("host", "fp32", "learned")
+    assert options.kept_experts is None and options.max_tokens is None and not options.skips_experts
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "words"),
+    [
+        ("target", "", "name a bundled target"),
+        ("weights_precision", "fp8", "must be one of fp32, fp16"),
+        ("routing", "random", "must be one of learned, cycle, tile"),
+        ("max_tokens", 0, "at least 1"),
+        ("max_tokens", 2.5, "whole number"),
+        ("max_tokens", True, "whole number"),
+        ("skip_top1_above", 0.0, "must be in (0, 1]"),
+        ("skip_top1_above", 1.5, "must be in (0, 1]"),
+        ("skip_below_fraction", -0.1, "must be in (0, 1]"),
+        ("kept_experts", {"moe0": []}, "at least one"),
+        ("kept_experts", {"moe0": [1, 1]}, "distinct"),
+        ("kept_experts", {"moe0": [-1]}, "non-negative"),
+        ("kept_channels", {"moe0": [[0, 1], [2]]}, "the same number"),
+        ("kept_channels", {"moe0": []}, "the same number"),
+    ],
+)
+def test_bad_value_names_the_field(field: str, value: object, words: str) -> None:
+    with pytest.raises(OptionError) as caught:
+        CompileOptions(**{field: value})
+    assert caught.value.option == field
+    message = str(caught.value)
+    assert message.startswith(field) and words in message and "\n" not in message, message
+
+
+def test_error_restated_with_another_spelling() -> None:
+    with pytest.raises(OptionError) as caught:
+        CompileOptions(skip_top1_above=1.5)
+    assert str(caught.value).startswith("skip_top1_above 1.5: ")
+    assert caught.value.naming("--skip-top1-above").startswith("--skip-top1-above 1.5: ")
+
+
+def test_frozen_with_own_copies() -> None:
+    kept = {"moe0": [3, 1]}
+    options = CompileOptions(kept_experts=kept, dump_ir="ir")
+    kept["moe0"].append(2)
+    assert options.kept_experts == {"moe0": [3, 1]} and options.dump_ir == Path("ir")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.target = "orin"  # type: ignore[misc]
+    with pytest.raises(OptionError):
+        dataclasses.replace(options, routing="nope")  # a changed copy is validated again
+
+
+def test_numpy_values_become_plain_python() -> None:
+    """The manifest stores options as JSON: numpy numbers are accepted and converted."""
+    options = CompileOptions(
+        max_tokens=np.int64(8), skip_top1_above=np.float32(0.5), kept_experts={"moe0": np.arange(2)}
+    )
+    fields = dataclasses.asdict(options)
+    assert json.loads(json.dumps(fields)) == fields
+    assert type(options.max_tokens) is int and type(options.skip_top1_above) is float
+
+
+def test_early_exit_is_on_with_either_threshold() -> None:
+    assert CompileOptions(skip_top1_above=0.9).skips_experts
+    assert CompileOptions(skip_below_fraction=0.2).skips_experts
+
+
+def test_choices_are_what_the_passes_accept() -> None:
+    """The options' choices are spelled out here so the CLI can read them without loading TVM;
+    they must stay the passes' own."""
+    assert ROUTINGS == ("learned", *PATTERNS)
+    assert set(WEIGHT_PRECISIONS) == set(PRECISION_DTYPES)
