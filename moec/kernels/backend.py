@@ -44,7 +44,10 @@ def _largest_pow2_divisor_at_most(value: int, limit: int) -> int:
 def halving_ladder(step, width: int):
     """A TIR macro ``fold(acc, m, pi)`` calling ``step(acc, m, pi, half)`` for ``half = width / 2,
     width / 4, ..., 1``: a tree reduction of ``width`` partial sums in log2 steps (vector halves on
-    a CPU, warp shuffles on CUDA). ``width`` is a power of two, at least 2."""
+    a CPU, warp shuffles on CUDA); None when ``width`` is 1 (nothing to fold). ``width`` is a
+    power of two."""
+    if width < 2:
+        return None
     half = width // 2
     if half == 1:
 
@@ -61,6 +64,23 @@ def halving_ladder(step, width: int):
         rest(acc, m, pi)
 
     return fold
+
+
+def loop(kind: str, extent):
+    """A TVMScript loop frame: ``parallel``, ``serial``, or bound to the CUDA thread tag ``kind``."""
+    if kind == "parallel":
+        return T.parallel(extent)
+    if kind == "serial":
+        return T.serial(extent)
+    return T.thread_binding(extent, thread=kind)
+
+
+def source_row(indirect: bool):
+    """``row(token, p)``: the source row of pair ``p``, through the ``token`` table (``indirect``:
+    the pairs are an expert group's tokens) or ``p`` itself (the pairs' own rows)."""
+    if indirect:
+        return lambda token, p: token[p]
+    return lambda token, p: p
 
 
 def widen(weight_dtype: str):
@@ -83,17 +103,10 @@ class Items:
     inner_kind: str  # "serial" or "threadIdx.x"
 
     def outer(self, count):
-        extent = (count + self.per_outer - 1) // self.per_outer
-        if self.outer_kind == "parallel":
-            return T.parallel(extent)
-        if self.outer_kind == "serial":
-            return T.serial(extent)
-        return T.thread_binding(extent, thread=self.outer_kind)
+        return loop(self.outer_kind, (count + self.per_outer - 1) // self.per_outer)
 
     def inner(self):
-        if self.inner_kind == "serial":
-            return T.serial(self.per_outer)
-        return T.thread_binding(self.per_outer, thread=self.inner_kind)
+        return loop(self.inner_kind, self.per_outer)
 
     def index(self, o, i):
         return o if self.per_outer == 1 else o * self.per_outer + i
@@ -123,6 +136,8 @@ class Rows:
     rows_per_thread: int
     lane_count: int
     task_kind: str  # "parallel" or "blockIdx.x"
+    thread_kind: str  # "serial" or "threadIdx.y"
+    lane_kind: str  # "serial" or "threadIdx.x"
 
     @property
     def rows_per_task(self) -> int:
@@ -133,20 +148,13 @@ class Rows:
         return self.count % self.rows_per_task == 0
 
     def tasks(self):
-        extent = (self.count + self.rows_per_task - 1) // self.rows_per_task
-        if self.task_kind == "parallel":
-            return T.parallel(extent)
-        return T.thread_binding(extent, thread=self.task_kind)
+        return loop(self.task_kind, (self.count + self.rows_per_task - 1) // self.rows_per_task)
 
     def threads(self):
-        if self.threads_per_task == 1:
-            return T.serial(1)
-        return T.thread_binding(self.threads_per_task, thread="threadIdx.y")
+        return loop(self.thread_kind, self.threads_per_task)
 
     def lanes(self):
-        if self.lane_count == 1:
-            return T.serial(1)
-        return T.thread_binding(self.lane_count, thread="threadIdx.x")
+        return loop(self.lane_kind, self.lane_count)
 
     def per_thread(self):
         return T.serial(self.rows_per_thread)
@@ -184,7 +192,8 @@ class CpuBackend:
         return Items(1, "parallel" if parallel else "serial", "serial")
 
     def rows(self, count: int) -> Rows:
-        return Rows(count, 1, _largest_divisor_at_most(count, self.schedule.rows_per_task), 1, "parallel")
+        rows_per_task = _largest_divisor_at_most(count, self.schedule.rows_per_task)
+        return Rows(count, 1, rows_per_task, 1, "parallel", "serial", "serial")
 
     def dot(self, length: int, indirect: bool, weight_dtype: str):
         """``(dot, width)``: a TIR macro ``dot(acc, m, w, e, j, src, token, p0, count, lane)``
@@ -196,7 +205,7 @@ class CpuBackend:
         wide, so FMA latency is hidden; the partial sums are then folded by halving (log2 steps,
         not a serial chain).
         """
-        load = widen(weight_dtype)
+        load, row = widen(weight_dtype), source_row(indirect)
         L = _largest_pow2_divisor_at_most(length, self.schedule.lanes)
         A = _largest_pow2_divisor_at_most(length // L, self.schedule.accumulators)
         W = L * A
@@ -216,16 +225,10 @@ class CpuBackend:
                 for a in T.unroll(A):
                     for pi in T.unroll(count):
                         for v in T.vectorized(L):
-                            if indirect:
-                                acc[m, pi, a * L + v] = acc[m, pi, a * L + v] + load(
-                                    w[e, j, ho * W + a * L + v]
-                                ) * src[token[p0 + pi], ho * W + a * L + v]
-                            else:
-                                acc[m, pi, a * L + v] = (
-                                    acc[m, pi, a * L + v]
-                                    + load(w[e, j, ho * W + a * L + v]) * src[p0 + pi, ho * W + a * L + v]
-                                )
-            if W > 1:
+                            acc[m, pi, a * L + v] = acc[m, pi, a * L + v] + load(
+                                w[e, j, ho * W + a * L + v]
+                            ) * src[row(token, p0 + pi), ho * W + a * L + v]
+            if fold is not None:
                 for pi in T.unroll(count):
                     fold(acc, m, pi)
 
@@ -261,14 +264,14 @@ class CudaBackend:
 
     def rows(self, count: int) -> Rows:
         s = self.schedule
-        return Rows(count, s.rows_per_block, 1, s.threads_per_row, "blockIdx.x")
+        return Rows(count, s.rows_per_block, 1, s.threads_per_row, "blockIdx.x", "threadIdx.y", "threadIdx.x")
 
     def dot(self, length: int, indirect: bool, weight_dtype: str):
         """``(dot, 1)``: the TIR macro of :meth:`CpuBackend.dot` for one lane of a row: lane
         ``lane`` reads elements ``lane, lane + TPR, ...`` (a warp's reads of a row are
         contiguous), loads each weight once into a register for all ``count`` tokens, and the
         lanes' sums are folded with warp shuffles so lane 0 holds them in ``acc[m, pi, 0]``."""
-        load = widen(weight_dtype)
+        load, row = widen(weight_dtype), source_row(indirect)
         TPR = self.schedule.threads_per_row
         STEPS = (length + TPR - 1) // TPR
         exact = length % TPR == 0
@@ -290,11 +293,8 @@ class CudaBackend:
                 if exact or s * TPR + lane < length:
                     wv[0] = load(w[e, j, s * TPR + lane])
                     for pi in T.unroll(count):
-                        if indirect:
-                            acc[m, pi, 0] = acc[m, pi, 0] + wv[0] * src[token[p0 + pi], s * TPR + lane]
-                        else:
-                            acc[m, pi, 0] = acc[m, pi, 0] + wv[0] * src[p0 + pi, s * TPR + lane]
-            if TPR > 1:
+                        acc[m, pi, 0] = acc[m, pi, 0] + wv[0] * src[row(token, p0 + pi), s * TPR + lane]
+            if fold is not None:
                 for pi in T.unroll(count):
                     fold(acc, m, pi)
 

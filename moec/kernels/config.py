@@ -34,11 +34,11 @@ class BufferSpec:
     output: bool = False
 
 
-Rows = tuple[PrimExpr, ...]
+TokenDims = tuple[PrimExpr, ...]
 """The caller's token dimensions: ``(n,)`` for a flat batch, ``(r, s)`` for ``r`` sequences."""
 
 
-def _tokens(rows: Rows) -> PrimExpr:
+def _tokens(rows: TokenDims) -> PrimExpr:
     total = rows[0]
     for dim in rows[1:]:
         total = total * dim
@@ -58,11 +58,11 @@ class KernelConfig:
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
-    def signature(self, rows: Rows) -> tuple[BufferSpec, ...]:
+    def signature(self, rows: TokenDims) -> tuple[BufferSpec, ...]:
         """The kernel's parameters, inputs then outputs, for a call over ``rows`` tokens."""
         raise NotImplementedError
 
-    def outputs(self, rows: Rows) -> list[BufferSpec]:
+    def outputs(self, rows: TokenDims) -> list[BufferSpec]:
         return [b for b in self.signature(rows) if b.output]
 
     @property
@@ -90,7 +90,7 @@ class RouteConfig(KernelConfig):
     scale: float = 1.0
     jitter_eps: float = 0.0
 
-    def signature(self, rows: Rows) -> tuple[BufferSpec, ...]:
+    def signature(self, rows: TokenDims) -> tuple[BufferSpec, ...]:
         n, E, K = _tokens(rows), self.num_experts, self.top_k
         return (
             BufferSpec("logits", (n, E), "float32"),
@@ -111,7 +111,7 @@ class CapacityConfig(KernelConfig):
     def row_dims(self) -> int:
         return 2
 
-    def signature(self, rows: Rows) -> tuple[BufferSpec, ...]:
+    def signature(self, rows: TokenDims) -> tuple[BufferSpec, ...]:
         shape = (*rows, self.top_k)
         return (
             BufferSpec("index", shape, "int32"),
@@ -127,7 +127,7 @@ class GroupConfig(KernelConfig):
 
     kind: ClassVar[str] = "group"
 
-    def signature(self, rows: Rows) -> tuple[BufferSpec, ...]:
+    def signature(self, rows: TokenDims) -> tuple[BufferSpec, ...]:
         n, E, K = _tokens(rows), self.num_experts, self.top_k
         return (
             BufferSpec("index", (n, K), "int32"),
@@ -163,7 +163,7 @@ class ExpertUpConfig(ExpertConfig):
     beta: float = 0.0
     limit: float = math.inf
 
-    def signature(self, rows: Rows) -> tuple[BufferSpec, ...]:
+    def signature(self, rows: TokenDims) -> tuple[BufferSpec, ...]:
         n, E, H, F, K = _tokens(rows), self.num_experts, self.hidden, self.ffn, self.top_k
         WD = self.weight_dtype
         gate = (BufferSpec("w_gate", (E, F, H), WD), BufferSpec("b_gate", (E, F), "float32"))
@@ -184,7 +184,7 @@ class ExpertDownConfig(ExpertConfig):
 
     kind: ClassVar[str] = "expert_down"
 
-    def signature(self, rows: Rows) -> tuple[BufferSpec, ...]:
+    def signature(self, rows: TokenDims) -> tuple[BufferSpec, ...]:
         n, E, H, F, K = _tokens(rows), self.num_experts, self.hidden, self.ffn, self.top_k
         WD = self.weight_dtype
         return (
@@ -203,9 +203,14 @@ CONFIG_TYPES: dict[str, type[KernelConfig]] = {
 }
 
 
+def _hashable(fields: dict[str, Any]) -> dict[str, Any]:
+    """``fields`` with lists made tuples, so configs stay hashable (JSON gives lists)."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+
+
 def config_from_dict(kind: str, fields: dict[str, Any]) -> KernelConfig:
-    """The ``kind`` config with these fields (lists become tuples, so configs stay hashable)."""
-    return CONFIG_TYPES[kind](**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    """The ``kind`` config with these fields."""
+    return CONFIG_TYPES[kind](**_hashable(fields))
 
 
 def config_from_json(kind: str, text: str) -> KernelConfig:
@@ -214,7 +219,5 @@ def config_from_json(kind: str, text: str) -> KernelConfig:
 
 
 def replace(config: KernelConfig, **changes: Any) -> KernelConfig:
-    """``config`` with ``changes`` (sequences stored as tuples, so configs stay hashable)."""
-    return dataclasses.replace(
-        config, **{k: tuple(v) if isinstance(v, list) else v for k, v in changes.items()}
-    )
+    """``config`` with ``changes``."""
+    return dataclasses.replace(config, **_hashable(changes))

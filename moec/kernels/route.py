@@ -14,26 +14,11 @@ from moec.kernels.backend import Backend
 from moec.kernels.config import RouteConfig
 
 
-def route_token_macro(
-    num_experts: int,
-    top_k: int,
-    scoring: str,
-    normalize: bool,
-    tie_break: str,
-    kept: tuple[int, ...] | None = None,
-    skip_top1_above: float | None = None,
-    skip_below_fraction: float | None = None,
-    pattern: str | None = None,
-    selection_bias: tuple[float, ...] | None = None,
-    groups: int = 1,
-    top_groups: int = 1,
-    scale: float = 1.0,
-    jitter_eps: float = 0.0,
-):
+def route_token_macro(config: RouteConfig):
     """A TIR macro ``route_token(logits, index, weight, score, taken, acc, best, t)`` routing token
     ``t``, with local scratch ``score[E]``, ``taken[E]`` (int32), ``acc[2]``, ``best[1]`` (int32).
 
-    Shared by the CPU and CUDA route kernels, which differ only in how tokens map to threads.
+    The route kernel runs it once per token, on whichever thread its backend gives the token.
     The routing rule is :class:`moec.canonical.layer.MoELayer`'s: softmax, sigmoid or sparsemixer
     scores; the ``selection_bias`` (a constant table) and the ``groups``/``top_groups`` limit
     change which experts are chosen, never their weights; ``scale`` multiplies the weights.
@@ -53,6 +38,14 @@ def route_token_macro(
     (tile ``i``'s slot ``j`` goes to expert ``(i + j) mod E``); every slot weighs ``1/k``
     (experts counted among the kept ones).
     """
+    E, K, scoring, normalize, tie_break = (
+        config.num_experts, config.top_k, config.scoring, config.normalize, config.tie_break
+    )  # fmt: skip
+    kept, pattern, selection_bias, scale, jitter_eps = (
+        config.kept, config.pattern, config.selection_bias, config.scale, config.jitter_eps
+    )  # fmt: skip
+    skip_top1_above, skip_below_fraction = config.skip_top1_above, config.skip_below_fraction
+    G, top_groups = config.groups, config.top_groups
     if pattern not in (None, "cycle", "tile"):
         raise ValueError(f"unknown routing pattern {pattern!r} (cycle, tile)")
     if scoring not in ("softmax", "sigmoid", "sparsemixer"):
@@ -60,7 +53,6 @@ def route_token_macro(
     prefer_high = tie_break == "high"
     use_softmax = scoring == "softmax"
     sparsemixer = scoring == "sparsemixer"
-    E, K, G = num_experts, top_k, groups
     S = E // G  # experts per group
     if E % G or (G > 1 and S < 2) or not 1 <= top_groups <= G:
         raise ValueError(f"cannot route over the top {top_groups} of {G} groups of {E} experts")
@@ -235,12 +227,8 @@ def route_token_macro(
 def make_route_kernel(config: RouteConfig, backend: Backend) -> tirx.PrimFunc:
     """PrimFunc ``route(logits[n, E]) -> (expert_index[n, k] int32, weight[n, k] float32)``: every
     token routed by :func:`route_token_macro`, tokens spread over the backend's threads."""
-    c = config
-    E, K = c.num_experts, c.top_k
-    route_token = route_token_macro(
-        E, K, c.scoring, c.normalize, c.tie_break, c.kept, c.skip_top1_above, c.skip_below_fraction,
-        c.pattern, c.selection_bias, c.groups, c.top_groups, c.scale, c.jitter_eps,
-    )  # fmt: skip
+    E, K = config.num_experts, config.top_k
+    route_token = route_token_macro(config)
 
     tokens = backend.items()
 

@@ -4,7 +4,7 @@ Phase 0 (frontend, not here): MoE blocks → canonical layer functions calling o
 Phase 1 (layers): rewrites of MoE layers driven by the compile options (masking and pruning
          chosen from the calibration profile) — ``MaskExperts``, ``PruneChannels``,
          ``SkipExperts``, ``FixedRouting``, ``StoreExpertWeights``, each only when asked for.
-Phase 2 (schedule): kernels retiled for the target (``ApplyKernelSchedule``).
+Phase 2 (schedule): every kernel spec built for the target's schedule (``ApplyKernelSchedule``).
 Phase 3 (export): the detached weights sliced and converted to ``main``'s signature as the
          layer passes left it (``SliceWeights``), then, for CUDA targets, ``main``'s parameters
          renamed to C identifiers (``CIdentifiers``).

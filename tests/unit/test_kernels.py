@@ -285,3 +285,10 @@ def test_built_kernel_has_its_spec_signature(config, schedule):
     assert str(built.attrs["moec.config"]) == str(spec.attrs["moec.config"]) == config.to_json()
     assert json.loads(str(built.attrs["moec.schedule"]))["kind"] == schedule.kind
     assert "moec.schedule" not in spec.attrs
+
+
+def test_expert_kernels_with_one_lane_fold_nothing():
+    """A one-lane dot (``lanes=1``, or an odd row length) has no partial sums to fold."""
+    test_expert_kernels_match_numpy(
+        CpuSchedule(lanes=1, rows_per_task=2, token_block=2, accumulators=1), "silu", True, {}, 3
+    )
