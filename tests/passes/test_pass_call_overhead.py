@@ -14,7 +14,7 @@ from tvm import relax
 from moec.compiler.compile import compile_model
 from moec.errors import MoecError
 from moec.kernels import make_kernel
-from moec.kernels.config import config_from_dict
+from moec.kernels.config import ExpertDownConfig, ExpertUpConfig
 from moec.options import CompileOptions
 from moec.passes.bound_tokens import CHECK_FUNC, BoundTokens, token_check
 from moec.passes.inline_layers import InlineLayers
@@ -25,18 +25,8 @@ from tests.helpers import FIXTURES, FP32_ATOL, assert_close, fixture_cases, toke
 from tests.zoo.standard import build_dense_onehot_moe
 
 E, H, F, K = 4, 8, 16, 2
-UP = {
-    "num_experts": E,
-    "hidden": H,
-    "ffn": F,
-    "top_k": K,
-    "activation": "silu",
-    "gated": False,
-    "alpha": 1.0,
-    "beta": 0.0,
-    "limit": float("inf"),
-}
-DOWN = {"num_experts": E, "hidden": H, "ffn": F, "top_k": K}
+UP = ExpertUpConfig(num_experts=E, hidden=H, ffn=F, top_k=K, activation="silu", gated=False)
+DOWN = ExpertDownConfig(num_experts=E, hidden=H, ffn=F, top_k=K)
 
 
 def tensor(shape: tuple, dtype: str = "float32") -> relax.TensorType:
@@ -50,9 +40,8 @@ def _module(inlined: bool) -> tvm.IRModule:
     otherwise through the layer function ``moe0`` (symbolic ``n``) as the frontend lifts it.
     """
     bb = relax.BlockBuilder()
-    up = bb.add_func(make_kernel(config_from_dict("expert_up", UP), CpuSchedule()), "moe0_expert_up")
-    down_kernel = make_kernel(config_from_dict("expert_down", DOWN), CpuSchedule())
-    down = bb.add_func(down_kernel, "moe0_expert_down")
+    up = bb.add_func(make_kernel(UP, CpuSchedule()), "moe0_expert_up")
+    down = bb.add_func(make_kernel(DOWN, CpuSchedule()), "moe0_expert_down")
 
     def params(t: tvm.tirx.Var) -> list[relax.Var]:
         return [

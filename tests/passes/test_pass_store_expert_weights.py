@@ -13,7 +13,7 @@ from tvm import relax
 
 from moec.compiler.compile import compile_model
 from moec.kernels import kernel_spec
-from moec.kernels.config import config_from_dict
+from moec.kernels.config import ExpertDownConfig, ExpertUpConfig, replace
 from moec.options import CompileOptions
 from moec.passes.store_expert_weights import StoreExpertWeights
 from moec.reference.evaluator import run_reference
@@ -23,18 +23,8 @@ from tests.helpers import FP32_ATOL, assert_close, tokens_input
 from tests.zoo.standard import build_dense_onehot_moe
 
 E, H, F, K = 4, 8, 16, 2
-UP = {
-    "num_experts": E,
-    "hidden": H,
-    "ffn": F,
-    "top_k": K,
-    "activation": "silu",
-    "gated": False,
-    "alpha": 1.0,
-    "beta": 0.0,
-    "limit": float("inf"),
-}
-DOWN = {"num_experts": E, "hidden": H, "ffn": F, "top_k": K}
+UP = ExpertUpConfig(num_experts=E, hidden=H, ffn=F, top_k=K, activation="silu", gated=False)
+DOWN = ExpertDownConfig(num_experts=E, hidden=H, ffn=F, top_k=K)
 
 
 def _module(weight_dtype: str, share_down_weight: bool = False) -> tvm.IRModule:
@@ -45,8 +35,8 @@ def _module(weight_dtype: str, share_down_weight: bool = False) -> tvm.IRModule:
     """
     extra = {} if weight_dtype == "float32" else {"weight_dtype": weight_dtype}
     bb = relax.BlockBuilder()
-    up = bb.add_func(kernel_spec(config_from_dict("expert_up", UP | extra)), "moe0_expert_up")
-    down = bb.add_func(kernel_spec(config_from_dict("expert_down", DOWN | extra)), "moe0_expert_down")
+    up = bb.add_func(kernel_spec(replace(UP, **extra)), "moe0_expert_up")
+    down = bb.add_func(kernel_spec(replace(DOWN, **extra)), "moe0_expert_down")
     n = tvm.tirx.Var("n", "int64")
 
     def tensor(shape, dtype="float32"):
