@@ -20,7 +20,8 @@ import re
 
 import tvm
 from tvm import relax
-from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from moec.passes.signature import replace_params
 
 NOT_IDENTIFIER = re.compile(r"\W")
 
@@ -42,26 +43,6 @@ class CIdentifiers:
         self.renamed = {old.name: new.name for old, new in remap.items()}
         if not remap:
             return mod
-        renamed = relax.Function(
-            [remap.get(p, p) for p in main.params],
-            _RenameVars(remap).visit_expr(main.body),
-            main.ret_ty,
-            main.is_pure,
-            main.attrs,
-            main.span,
-        )
         updated = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
-        updated["main"] = renamed
+        updated["main"] = replace_params(main, remap)
         return updated
-
-
-@mutator
-class _RenameVars(PyExprMutator):
-    """Replaces each use of a variable in ``remap`` by its new variable."""
-
-    def __init__(self, remap: dict[relax.Var, relax.Var]) -> None:
-        super().__init__()
-        self.remap = remap
-
-    def visit_var_(self, var: relax.Var) -> relax.Expr:
-        return self.remap.get(var, var)

@@ -32,6 +32,7 @@ from moec.passes.signature import (
     rebuild,
     reconfigured,
 )
+from moec.passes.slice_weights import EXPERT_SLICES
 
 LAYER_KERNELS = ("route", "capacity", "group", "expert_up", "expert_down")
 
@@ -80,7 +81,7 @@ class MaskExperts:
         expert_slices = {
             var.name: self.kept[layer] for var, (layer, _) in layer_arguments(mod["main"], slices).items()
         }
-        attrs = {"moec.expert_slices": json.dumps(expert_slices)}
+        attrs = {EXPERT_SLICES: json.dumps(expert_slices)}
         updated = rebuild(mod, kernels, layers, main_types, attrs, out_types)
         self.changed = sorted(layers)
         return updated

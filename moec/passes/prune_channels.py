@@ -33,6 +33,7 @@ from moec.passes.signature import (
     rebuild,
     reconfigured,
 )
+from moec.passes.slice_weights import CHANNEL_SLICES
 
 EXPERT_KERNELS = ("expert_up", "expert_down")
 
@@ -87,7 +88,7 @@ class PruneChannels:
             var.name: [axes[layer][slot], self.kept[layer]]
             for var, (layer, slot) in layer_arguments(mod["main"], axes).items()
         }
-        attrs = {"moec.channel_slices": json.dumps(channel_slices)}
+        attrs = {CHANNEL_SLICES: json.dumps(channel_slices)}
         updated = rebuild(mod, kernels, layers, main_types, attrs, out_types)
         self.changed = sorted(layers)
         return updated

@@ -80,6 +80,18 @@ def retype_params(
     functions named in ``callees`` made through those (retyped) GlobalVars of ``mod``; a
     ``call_tir`` of a kernel named in ``out_types`` declares that output type instead."""
     remap = {func.params[i]: relax.Var(func.params[i].name, ty) for i, ty in types.items()}
+    return replace_params(func, remap, callees, mod, out_types)
+
+
+def replace_params(
+    func: relax.Function,
+    remap: dict[relax.Var, relax.Var],
+    callees: dict[str, tvm.ir.GlobalVar] | None = None,
+    mod: tvm.IRModule | None = None,
+    out_types: dict[str, OutTypeFix] | None = None,
+) -> relax.Function:
+    """``func`` with each parameter in ``remap`` replaced by its new variable, uses included (and
+    callees and ``call_tir`` output types changed as :func:`retype_params` says)."""
     body = _Substitute(remap, callees or {}, mod, out_types).visit_expr(func.body)
     params = [remap.get(p, p) for p in func.params]
     return relax.Function(params, body, func.ret_ty, func.is_pure, func.attrs, func.span)
