@@ -43,6 +43,10 @@ SCORINGS = ("softmax", "sigmoid", "sparsemixer")
 WEIGHT_ROLES = ("w_up", "b_up", "w_gate", "b_gate", "w_down", "b_down")
 """Every expert tensor a layer can have, by role, in the expert kernels' argument order, which is
 also the order of the canonical ``moec::MoELayer`` node's weight inputs."""
+EXPERT_MATRICES = ("w_up", "w_gate", "w_down")
+"""The roles that are ``[E, out, in]`` matrices (the others are ``[E, out]`` biases)."""
+FFN_AXIS = {"w_up": 1, "b_up": 1, "w_gate": 1, "b_gate": 1, "w_down": 2}
+"""Per role, the axis that runs over the intermediate (FFN) channels; ``b_down`` has none."""
 
 
 @dataclasses.dataclass

@@ -101,7 +101,9 @@ def build_layer_function(
 
     x_in = relax.Var("x", relax.TensorType((*rows, H), "float32"))
     logits_in = relax.Var("logits", relax.TensorType((*rows, E), "float32"))
-    weights = [relax.Var(f"w{i}", ty) for i, ty in enumerate(weight_types)]
+    # named by role: passes find a layer's weights by name (passes.signature.layer_weight_slots)
+    weights = [relax.Var(role, ty) for role, ty in zip(layer.weight_roles, weight_types, strict=True)]
+    by_role = {w.name: w for w in weights}
     lb = relax.BlockBuilder()
     # No dataflow block: our kernels are opaque to the fusion passes that inspect those.
     with lb.function(prefix, params=[x_in, logits_in, *weights], private=True):
@@ -122,9 +124,9 @@ def build_layer_function(
             routing_weight = lb.emit(relax.op.ones_like(routing_weight))
         grouped = call("group", [index, routing_weight])
         offset, token, gain = (relax.TupleGetItem(grouped, i) for i in range(3))
-        *first_layer, w_down, b_down = weights
+        first_layer = [w for w in weights if w.name not in ("w_down", "b_down")]
         inter = call("expert_up", [x, *first_layer, offset, token])
-        y = call("expert_down", [inter, w_down, b_down, offset, token, gain])
+        y = call("expert_down", [inter, by_role["w_down"], by_role["b_down"], offset, token, gain])
         lb.emit_func_output(y)
     func = lb.get()[prefix].with_attr("moec.layer", json.dumps(layer.describe()))
     return bb.add_func(func, prefix)

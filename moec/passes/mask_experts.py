@@ -16,7 +16,6 @@ A layer not in ``kept``, or kept whole, is left as it is. Runs first in the laye
 
 from __future__ import annotations
 
-import functools
 import json
 
 import tvm
@@ -24,10 +23,10 @@ from tvm import relax
 
 from moec.kernels import kernel_kind
 from moec.passes.signature import (
-    OutTypeFix,
     called_kernels,
     is_layer,
     layer_arguments,
+    layer_weight_slots,
     main_param_types,
     rebuild,
     reconfigured,
@@ -50,27 +49,27 @@ class MaskExperts:
         layers = {}
         kernels: dict[str, tvm.tirx.PrimFunc] = {}
         slices: dict[str, dict[int, list[int]]] = {}
-        out_types: dict[str, OutTypeFix] = {}
         for gvar, func in mod.functions_items():
             name = gvar.name_hint
             if not is_layer(func) or name not in self.kept:
                 continue
-            experts = json.loads(str(func.attrs["moec.layer"]))["experts"]
+            slots = layer_weight_slots(func)
+            experts = int(func.params[slots["w_up"]].ty.shape[0])
             kept = self.kept[name]
+            if len(set(kept)) != len(kept) or not all(0 <= e < experts for e in kept):
+                raise ValueError(f"{name}: kept experts {kept} are not distinct ids of its {experts} experts")
             if len(kept) == experts:
                 continue
-            types = {
-                i: relax.TensorType([len(kept), *list(p.ty.shape)[1:]], p.ty.dtype)
-                for i, p in enumerate(func.params[2:], start=2)
-            }
+            types = {}
+            for i in slots.values():
+                shape, dtype = list(func.params[i].ty.shape), func.params[i].ty.dtype
+                types[i] = relax.TensorType([len(kept), *shape[1:]], dtype)
             names = {}
             for kernel in called_kernels(mod, func, LAYER_KERNELS):
                 kind = kernel_kind(mod[kernel])
                 extra = {"kept": kept} if kind == "route" else {"num_experts": len(kept)}
                 names[kernel.name_hint] = f"{name}_{kind}_masked"
                 kernels[names[kernel.name_hint]] = reconfigured(mod[kernel], extra)
-                if kind == "group":  # offsets: one per kept expert, plus the end
-                    out_types[names[kernel.name_hint]] = functools.partial(_group_outputs, len(kept))
             layers[name] = (func, types, names)
             slices[name] = dict.fromkeys(types, kept)
         main_types = (
@@ -82,12 +81,7 @@ class MaskExperts:
             var.name: self.kept[layer] for var, (layer, _) in layer_arguments(mod["main"], slices).items()
         }
         attrs = {EXPERT_SLICES: json.dumps(expert_slices)}
-        updated = rebuild(mod, kernels, layers, main_types, attrs, out_types)
+        updated = rebuild(mod, kernels, layers, main_types, attrs)
         self.changed = sorted(layers)
         return updated
 
-
-def _group_outputs(experts: int, declared: relax.TupleType) -> list[relax.TensorType]:
-    """The group kernel's outputs for ``experts`` experts: ``offset[experts + 1]``, then the
-    per-pair outputs as declared."""
-    return [relax.TensorType([experts + 1], "int32"), *list(declared.fields)[1:]]

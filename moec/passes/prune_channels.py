@@ -17,18 +17,18 @@ whole contribution; keeping every channel changes nothing. Runs after ``MaskExpe
 
 from __future__ import annotations
 
-import functools
 import json
 
 import tvm
 from tvm import relax
 
+from moec.canonical.layer import FFN_AXIS
 from moec.kernels import kernel_kind
 from moec.passes.signature import (
-    OutTypeFix,
     called_kernels,
     is_layer,
     layer_arguments,
+    layer_weight_slots,
     main_param_types,
     rebuild,
     reconfigured,
@@ -50,7 +50,6 @@ class PruneChannels:
         self.changed = []
         layers = {}
         kernels: dict[str, tvm.tirx.PrimFunc] = {}
-        out_types: dict[str, OutTypeFix] = {}
         axes: dict[str, dict[int, int]] = {}
         for gvar, func in mod.functions_items():
             name = gvar.name_hint
@@ -58,14 +57,16 @@ class PruneChannels:
                 continue
             channels = self.kept[name]
             width = len(channels[0])
-            weights = list(enumerate(func.params[2:], start=2))
-            ffn = int(weights[0][1].ty.shape[1])
+            roles = layer_weight_slots(func)
+            ffn = int(func.params[roles["w_up"]].ty.shape[FFN_AXIS["w_up"]])
+            experts = int(func.params[roles["w_up"]].ty.shape[0])
+            if len(channels) != experts or any(not all(0 <= c < ffn for c in kept) for kept in channels):
+                raise ValueError(f"{name}: give each of its {experts} experts channel ids below {ffn}")
             if any(len(c) != width for c in channels):
                 raise ValueError(f"{name}: every expert must keep the same number of channels")
             if width == ffn:
                 continue
-            # w_up, b_up[, w_gate, b_gate]: channels on axis 1; w_down [E, H, F]: axis 2
-            slots = {i: 1 for i, _ in weights[:-2]} | {weights[-2][0]: 2}
+            slots = {i: FFN_AXIS[role] for role, i in roles.items() if role in FFN_AXIS}
             types = {}
             for i, axis in slots.items():
                 shape = [int(d) for d in func.params[i].ty.shape]
@@ -76,8 +77,6 @@ class PruneChannels:
                 kind = kernel_kind(mod[kernel])
                 names[kernel.name_hint] = f"{name}_{kind}_pruned"
                 kernels[names[kernel.name_hint]] = reconfigured(mod[kernel], {"ffn": width})
-                if kind == "expert_up":
-                    out_types[names[kernel.name_hint]] = functools.partial(_intermediate, width)
             layers[name] = (func, types, names)
             axes[name] = slots
         retyped = {n: t for n, (_, t, _) in layers.items()}
@@ -89,11 +88,7 @@ class PruneChannels:
             for var, (layer, slot) in layer_arguments(mod["main"], axes).items()
         }
         attrs = {CHANNEL_SLICES: json.dumps(channel_slices)}
-        updated = rebuild(mod, kernels, layers, main_types, attrs, out_types)
+        updated = rebuild(mod, kernels, layers, main_types, attrs)
         self.changed = sorted(layers)
         return updated
 
-
-def _intermediate(width: int, declared: relax.TensorType) -> relax.TensorType:
-    """The expert_up kernel's output ``[n*k, width]`` (rows as declared)."""
-    return relax.TensorType([declared.shape.values[0], width], declared.dtype)

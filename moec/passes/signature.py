@@ -9,49 +9,74 @@ stores the weights in their new form.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
 from typing import Any
 
 import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, PyExprVisitor, mutator, visitor
 
+from moec.canonical.layer import WEIGHT_ROLES
 from moec.kernels import kernel_config, kernel_kind, kernel_spec
-from moec.kernels.config import replace
+from moec.kernels.config import KernelConfig, replace
 
 ParamTypes = dict[int, relax.TensorType]
 """New types of a function's parameters, by parameter position."""
 
-OutTypeFix = Callable[[relax.Type], relax.Type]
-"""The output type a ``call_tir`` of a remade kernel declares, from the one it declared."""
 
 
 @mutator
 class _Substitute(PyExprMutator):
-    """Substitutes variables and callees (used to retype parameters and retarget calls)."""
+    """Substitutes variables and callees (used to retype parameters and retarget calls); a
+    ``call_tir`` of a kernel in ``remade`` declares the outputs of that kernel's config."""
 
     def __init__(
         self,
         remap: dict[relax.Var, relax.Var],
         callees: dict[str, tvm.ir.GlobalVar],
         mod: tvm.IRModule | None = None,
-        out_types: dict[str, OutTypeFix] | None = None,
+        remade: dict[str, KernelConfig] | None = None,
     ) -> None:
         super().__init__(mod)
-        self.remap, self.callees, self.out_types = remap, callees, out_types or {}
+        self.remap, self.callees, self.remade = remap, callees, remade or {}
 
     def visit_var_(self, var: relax.Var) -> relax.Expr:
         return self.remap[var] if var in self.remap else super().visit_var_(var)
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         new = super().visit_call_(call)
-        if new.op == tvm.ir.Op.get("relax.call_tir") and new.args[0].name_hint in self.out_types:
-            fix = self.out_types[new.args[0].name_hint]
-            return relax.call_tir(new.args[0], new.args[1], fix(new.ty_args[0]))
+        if new.op == tvm.ir.Op.get("relax.call_tir") and new.args[0].name_hint in self.remade:
+            config = self.remade[new.args[0].name_hint]
+            return relax.call_tir(new.args[0], new.args[1], call_outputs(config, new.args[1], new.ty_args[0]))
         return new
 
     def visit_global_var_(self, gvar: tvm.ir.GlobalVar) -> relax.Expr:
         return self.callees.get(gvar.name_hint, gvar)
+
+
+def call_outputs(
+    config: KernelConfig, args: relax.Tuple, declared: relax.Type
+) -> relax.TensorType | list[relax.TensorType]:
+    """The output types a ``call_tir`` of ``config``'s kernel on ``args`` declares (a list where
+    the kernel has several outputs).
+
+    The token dimensions are read off the call: every argument (and every output the call
+    declared before) whose signature dimension is a bare token dimension gives its size, so the
+    kernel's signature over those sizes is the call's new output type. A pass that changes a
+    kernel's config (its expert count, its channels) thus never writes output types by hand.
+    """
+    rows = tuple(tvm.tirx.Var(f"rows{i}", "int64") for i in range(config.row_dims))
+    outputs = list(declared.fields) if isinstance(declared, relax.TupleType) else [declared]
+    types = [arg.ty for arg in args.fields] + outputs
+    sizes: dict[int, tvm.ir.Expr] = {}
+    for buffer, ty in zip(config.signature(rows), types, strict=True):
+        for dim, size in zip(buffer.shape, ty.shape.values, strict=True):
+            if isinstance(dim, tvm.tirx.Var):
+                sizes |= {i: size for i, row in enumerate(rows) if dim.same_as(row)}
+    if len(sizes) != len(rows):
+        raise ValueError(f"cannot read the token dimensions of a {config.kind} call off its arguments")
+    bound = config.outputs(tuple(sizes[i] for i in range(len(rows))))
+    made = [relax.TensorType(b.shape, b.dtype) for b in bound]
+    return made if isinstance(declared, relax.TupleType) else made[0]
 
 
 @visitor
@@ -69,18 +94,28 @@ def is_layer(func: object) -> bool:
     return isinstance(func, relax.Function) and func.attrs is not None and "moec.layer" in func.attrs
 
 
+def layer_weight_slots(func: relax.Function) -> dict[str, int]:
+    """Positions of an MoE layer function's weight parameters, by role (``w_up``, ..., ``b_down``).
+
+    The frontend names each weight parameter after its role (:data:`WEIGHT_ROLES`), and passes
+    keep parameter names, so a pass finds ``w_down`` by name whatever else the layer takes.
+    """
+    return {p.name: i for i, p in enumerate(func.params) if p.name in WEIGHT_ROLES}
+
+
 def retype_params(
     func: relax.Function,
     types: ParamTypes,
     callees: dict[str, tvm.ir.GlobalVar] | None = None,
     mod: tvm.IRModule | None = None,
-    out_types: dict[str, OutTypeFix] | None = None,
+    remade: dict[str, KernelConfig] | None = None,
 ) -> relax.Function:
     """``func`` with parameter ``i`` of type ``types[i]``, uses substituted, and calls to the
     functions named in ``callees`` made through those (retyped) GlobalVars of ``mod``; a
-    ``call_tir`` of a kernel named in ``out_types`` declares that output type instead."""
+    ``call_tir`` of a kernel named in ``remade`` declares that config's outputs
+    (:func:`call_outputs`)."""
     remap = {func.params[i]: relax.Var(func.params[i].name, ty) for i, ty in types.items()}
-    return replace_params(func, remap, callees, mod, out_types)
+    return replace_params(func, remap, callees, mod, remade)
 
 
 def replace_params(
@@ -88,11 +123,11 @@ def replace_params(
     remap: dict[relax.Var, relax.Var],
     callees: dict[str, tvm.ir.GlobalVar] | None = None,
     mod: tvm.IRModule | None = None,
-    out_types: dict[str, OutTypeFix] | None = None,
+    remade: dict[str, KernelConfig] | None = None,
 ) -> relax.Function:
     """``func`` with each parameter in ``remap`` replaced by its new variable, uses included (and
     callees and ``call_tir`` output types changed as :func:`retype_params` says)."""
-    body = _Substitute(remap, callees or {}, mod, out_types).visit_expr(func.body)
+    body = _Substitute(remap, callees or {}, mod, remade).visit_expr(func.body)
     params = [remap.get(p, p) for p in func.params]
     return relax.Function(params, body, func.ret_ty, func.is_pure, func.attrs, func.span)
 
@@ -149,21 +184,20 @@ def rebuild(
     layers: dict[str, tuple[relax.Function, ParamTypes, dict[str, str]]],
     main_types: ParamTypes,
     main_attrs: dict[str, Any] | None = None,
-    out_types: dict[str, OutTypeFix] | None = None,
 ) -> tvm.IRModule:
-    """``mod`` with ``kernels`` added (replacing functions of the same name), each layer function
-    retyped (``layers[name] = (function, parameter types, {old kernel name: new kernel name}``;
-    ``out_types`` by new kernel name where a kernel's outputs change; a fix must depend only on
-    the kernel, as structurally equal kernels are added once), and ``main`` retyped to
-    match (with extra attributes)."""
+    """``mod`` with ``kernels`` (specs) added, replacing functions of the same name; each layer
+    function retyped (``layers[name] = (function, parameter types, {old kernel name: new kernel
+    name})``), its calls of the new kernels declaring their configs' outputs; and ``main``
+    retyped to match (with extra attributes)."""
     replaced = layers.keys() | kernels.keys()
     kept = {gv: f for gv, f in mod.functions_items() if gv.name_hint not in replaced}
     builder = relax.BlockBuilder(tvm.IRModule(kept, attrs=mod.attrs))
     kernel_vars = {name: builder.add_func(func, name) for name, func in kernels.items()}
+    remade = {var.name_hint: kernel_config(kernels[name]) for name, var in kernel_vars.items()}
     layer_vars = {}
     for name, (func, types, kernel_names) in layers.items():
         callees = {old: kernel_vars[new] for old, new in kernel_names.items()}
-        layer_vars[name] = builder.add_func(retype_params(func, types, callees, None, out_types), name)
+        layer_vars[name] = builder.add_func(retype_params(func, types, callees, None, remade), name)
     updated = builder.get()
     main = retype_params(updated["main"], main_types, layer_vars, updated)
     for key, value in (main_attrs or {}).items():
@@ -200,11 +234,11 @@ def reconfigure_kernels(
     mod: tvm.IRModule, kind: str, extra: dict[str, Any]
 ) -> tuple[tvm.IRModule, list[str]]:
     """``mod`` with every ``kind`` kernel :func:`reconfigured` by ``extra`` (same signature, so
-    callers need no change); and the names of the kernels remade."""
+    callers need no change); and the names of the kernels remade (those whose config changed)."""
     updated = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
     changed = []
     for gvar, func in mod.functions_items():
-        if kernel_kind(func) == kind:
+        if kernel_kind(func) == kind and replace(kernel_config(func), **extra) != kernel_config(func):
             updated[gvar] = reconfigured(func, extra)
             changed.append(gvar.name_hint)
     return updated, changed

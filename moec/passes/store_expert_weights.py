@@ -3,8 +3,8 @@
 Rewrite rules, for every Relax function with attribute ``moec.layer``, when ``precision`` is
 not float32:
 
-- its expert matrix parameters (``w_up``, ``w_gate``, ``w_down``: the rank-3 ``[E, out, in]``
-  ones) get dtype ``precision``; the biases stay float32;
+- its expert matrix parameters (``w_up``, ``w_gate``, ``w_down``: the ``[E, out, in]`` ones,
+  found by role) get dtype ``precision``; the biases stay float32;
 - the ``expert_up`` / ``expert_down`` kernels it calls are remade with ``weight_dtype =
   precision``: they widen each weight to float32 as they load it, so the arithmetic stays
   float32 (what the Cortex-A72 computes natively) while the bytes streamed from memory halve;
@@ -21,7 +21,15 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from moec.passes.signature import called_kernels, is_layer, main_param_types, rebuild, reconfigured
+from moec.canonical.layer import EXPERT_MATRICES
+from moec.passes.signature import (
+    called_kernels,
+    is_layer,
+    layer_weight_slots,
+    main_param_types,
+    rebuild,
+    reconfigured,
+)
 
 PRECISION_DTYPES = {"fp32": "float32", "fp16": "float16"}
 WEIGHT_KERNELS = ("expert_up", "expert_down")
@@ -47,9 +55,9 @@ class StoreExpertWeights:
             if not is_layer(func):
                 continue
             types = {
-                i: relax.TensorType(p.ty.shape, self.dtype)
-                for i, p in enumerate(func.params)
-                if len(p.ty.shape) == 3 and p.ty.dtype == "float32"
+                i: relax.TensorType(func.params[i].ty.shape, self.dtype)
+                for role, i in layer_weight_slots(func).items()
+                if role in EXPERT_MATRICES and func.params[i].ty.dtype == "float32"
             }
             if not types:
                 continue
