@@ -11,13 +11,15 @@ the same process: absolute numbers in BENCHMARKS.md move from machine to machine
 differ between sessions by 2x in DRAM bandwidth), a ratio measured interleaved does not.
 
 How: both artifacts are loaded with TVM's runtime alone (``manifest.json`` → library,
-weights, parameter order: the format both revisions write) into one process per thread count
-(TVM reads ``TVM_NUM_THREADS`` once). Both outputs are checked against the float64 numpy
-block first. Then, per token count, cold (cache flushed before each call, as in
-``bench_mixtral_block.py``) and warm calls alternate between the two artifacts, the order
-rotated every repetition. Reported: each one's median and head ÷ base (< 1: head is faster).
+weights, parameter order: the format both revisions write) into ``--procs`` processes per thread
+count (TVM reads ``TVM_NUM_THREADS`` once; where an artifact's weights land in memory moves its
+cold time by several per cent, so samples of several processes are pooled). Both outputs are
+checked against the float64 numpy block first. Then, per token count, cold (cache flushed
+before each call, as in ``bench_mixtral_block.py``) and warm calls alternate between the two
+artifacts, the order rotated every repetition. Reported: each one's median and head ÷ base
+(< 1: head is faster).
 
-Run from the repository root (about 1.5 minutes on 2 cores)::
+Run from the repository root (about 4 minutes on 2 cores)::
 
     .venv/bin/python benchmarks/bench_revisions.py --base ac84617          # updates BENCHMARKS.md
     .venv/bin/python benchmarks/bench_revisions.py --base HEAD~3 --no-markdown --reps 40
@@ -62,6 +64,19 @@ def git(*args: str) -> str:
     if done.returncode:
         raise SystemExit(f"git {' '.join(args)}: {done.stderr.strip()}")
     return done.stdout.strip()
+
+
+BUNDLED = {"bundled_targets": "targets", "bundled_schedules": "schedules"}
+"""The packages a wheel maps onto top-level folders (pyproject.toml's package-dir)."""
+
+
+def link_bundled(tree: Path) -> None:
+    """Make ``tree``'s own target and schedule files the ones its moec reads: an editable install
+    maps ``moec.bundled_*`` onto this repository's folders, which ``PYTHONPATH`` alone would not
+    override (the base would read the head's schedules)."""
+    for package, folder in BUNDLED.items():
+        if (tree / folder).is_dir() and not (tree / "moec" / package).exists():
+            (tree / "moec" / package).symlink_to(tree / folder, target_is_directory=True)
 
 
 def compile_at(tree: Path, model: Path, out: Path) -> None:
@@ -125,6 +140,14 @@ def run_child(args: argparse.Namespace) -> None:
     Path(args.json_out).write_text(json.dumps(result))
 
 
+def merge(into: dict[str, Any], child: dict[str, Any]) -> None:
+    """Pool one child's samples (``tokens → mode → artifact → seconds``) into ``into``."""
+    for tokens, by_mode in child.items():
+        for mode, by_name in by_mode.items():
+            for name, seconds in by_name.items():
+                into.setdefault(tokens, {}).setdefault(mode, {}).setdefault(name, []).extend(seconds)
+
+
 def report(samples: dict[int, dict[str, Any]], facts: dict[str, str]) -> str:
     """The Markdown section: one row per thread count, token count and cache state."""
     lines = [
@@ -135,8 +158,10 @@ def report(samples: dict[int, dict[str, Any]], facts: dict[str, str]) -> str:
         "",
         f"Block: `bench_mixtral_block.py`'s (hidden 512, FFN 1024, 8 SwiGLU experts, top-2, fp32), "
         f"compiled for `host` by moec at **base** {facts['base']} and at **head** {facts['head']}, "
-        f"both checked against the float64 numpy block, then timed interleaved in one process per "
-        f"thread count ({facts['reps']} calls each per case; cold = cache flushed before every call).",
+        f"both checked against the float64 numpy block, then timed interleaved, {facts['procs']} "
+        f"processes per thread count, {facts['reps']} calls each per case and process, pooled (cold = "
+        f"cache flushed before every call). Loading the same artifact twice moved its cold 1-token "
+        f"median by up to ±8 % here (where its weights land in memory), hence several processes.",
         "",
         "| threads | tokens | cache | base ms (median) | head ms (median) | head ÷ base |",
         "|---|---|---|---|---|---|",
@@ -161,19 +186,21 @@ def run_parent(args: argparse.Namespace, argv: Sequence[str]) -> None:
         build_models(workdir)
         tree = workdir / "base-tree"
         git("worktree", "add", "--detach", str(tree), base_commit)
+        link_bundled(tree)
         try:
             log(f"compiling the block at base {base_commit} and at head {git_revision()}")
             compile_at(tree, workdir / "standard.onnx", workdir / BASE)
             compile_at(REPO, workdir / "standard.onnx", workdir / HEAD)
         finally:
             git("worktree", "remove", "--force", str(tree))
-        for threads in (int(n) for n in args.threads.split(",")):
-            json_out = workdir / f"threads{threads}.json"
-            env = dict(os.environ, TVM_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
-            child = [sys.executable, __file__, "--child", "--threads", str(threads), "--workdir", tmp]
-            child += ["--json-out", str(json_out), "--tokens", args.tokens, "--reps", str(args.reps)]
-            subprocess.run([*child, "--evict-mb", str(args.evict_mb)], check=True, env=env)
-            samples[threads] = json.loads(json_out.read_text())
+        for proc in range(args.procs):
+            for threads in (int(n) for n in args.threads.split(",")):
+                json_out = workdir / f"threads{threads}_proc{proc}.json"
+                env = dict(os.environ, TVM_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
+                child = [sys.executable, __file__, "--child", "--threads", str(threads), "--workdir", tmp]
+                child += ["--json-out", str(json_out), "--tokens", args.tokens, "--reps", str(args.reps)]
+                subprocess.run([*child, "--evict-mb", str(args.evict_mb)], check=True, env=env)
+                merge(samples.setdefault(threads, {}), json.loads(json_out.read_text()))
     facts = {
         "command": " ".join([".venv/bin/python", "benchmarks/bench_revisions.py", *argv]),
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -182,6 +209,7 @@ def run_parent(args: argparse.Namespace, argv: Sequence[str]) -> None:
         "base": f"`{base_commit}`",
         "head": f"`{git_revision()}`",
         "reps": str(args.reps),
+        "procs": str(args.procs),
     }
     section = report(samples, facts)
     print(section)
@@ -194,6 +222,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", help="the git revision to compare the working tree with (required)")
     parser.add_argument("--reps", type=int, default=150, help="timed calls per artifact, case (default 150)")
+    parser.add_argument("--procs", type=int, default=3, help="processes per thread count, pooled (default 3)")
     parser.add_argument("--tokens", default="1,16", help="comma-separated token counts (default 1,16)")
     parser.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
     parser.add_argument("--evict-mb", type=int, default=default_evict_mb(), help="cache flush buffer, MiB")

@@ -94,9 +94,12 @@ class Manifest(_ManifestKeys, total=False):
     ``weights`` (role → parameter name) and ``plan`` (one :class:`ExpertPlan` per expert);
     ``early_exit`` holds ``top1_above`` / ``below_fraction`` (empty when off); ``pruning`` the
     pruned layers; ``max_tokens`` the token bound (None: none). ``cuda_build``, for CUDA targets
-    only, names the toolchain that made the cubins."""
+    only, names the toolchain that made the cubins. ``entries`` names extra entry points of the
+    library by use: ``one_token`` is ``main`` with every symbolic input dimension fixed to 1 (static
+    shapes and memory), for calls whose symbolic dimensions are all 1."""
 
     cuda_build: dict[str, Any]
+    entries: dict[str, str]
 
 
 def value_info(value: onnx.ValueInfoProto) -> ValueInfo:
@@ -123,12 +126,14 @@ def build_manifest(
     weights: dict[str, tvm.runtime.Tensor],
     options: CompileOptions,
     cuda_build: dict[str, Any] | None = None,
+    entries: dict[str, str] | None = None,
 ) -> Manifest:
     """The manifest of ``imported`` compiled for ``target`` with ``options``.
 
     ``weights`` are the stored weight tensors by name, in ``main``'s parameter order: each
     layer's plan reports the precision its expert matrices are stored in and the bytes one
-    expert occupies in the weights file. ``cuda_build``: what the CUDA build used (CUDA targets).
+    expert occupies in the weights file. ``cuda_build``: what the CUDA build used (CUDA targets);
+    ``entries``: the library's extra entry points by use.
     """
     import tvm  # already loaded by the compiler; imported here to keep it out of the readers' imports
 
@@ -182,6 +187,8 @@ def build_manifest(
     )
     if cuda_build:
         manifest["cuda_build"] = cuda_build
+    if entries:
+        manifest["entries"] = entries
     return manifest
 
 

@@ -51,6 +51,9 @@ def user_errors(func):
             _fail(str(err))
         except KeyboardInterrupt:
             _fail("interrupted", 130)
+        except BrokenPipeError:  # the reader went away (`moec targets | head`): stop quietly
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(141)
         except Exception as err:  # never a traceback for users; MOEC_DEBUG=1 shows it
             if os.environ.get("MOEC_DEBUG"):
                 raise
@@ -318,8 +321,28 @@ def compile(  # noqa: A001
     type=click.IntRange(min=1),
     help="Timed runs for the latency figures.",
 )
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    help="CPU threads the kernels use (default: TVM's, one per core); sets TVM_NUM_THREADS, "
+    "which moec-runner also reads.",
+)
+@click.option(
+    "--profile",
+    is_flag=True,
+    help="Also print the time per function (kernels, TVM operators, VM built-ins) per call, "
+    "measured with the VM's instrument hook (host artifacts only).",
+)
 @user_errors
-def run(artifact: Path, inputs: Path | None, output: Path | None, tokens: int, repeats: int) -> None:
+def run(
+    artifact: Path,
+    inputs: Path | None,
+    output: Path | None,
+    tokens: int,
+    repeats: int,
+    threads: int | None,
+    profile: bool,
+) -> None:
     """Run a compiled ARTIFACT directory and print its latency.
 
     An artifact for another board runs with moec-runner built for it, under the target's
@@ -328,7 +351,11 @@ def run(artifact: Path, inputs: Path | None, output: Path | None, tokens: int, r
     from moec.runtime.board import RunnerSession, open_session
     from moec.runtime.session import random_inputs
 
+    if threads is not None:  # read when TVM's thread pool starts: at the first kernel call
+        os.environ["TVM_NUM_THREADS"] = str(threads)
     session = open_session(artifact)
+    if profile and isinstance(session, RunnerSession):
+        raise MoecError(f"{artifact}: --profile needs an artifact that runs here (a host target artifact)")
     if isinstance(session, RunnerSession):
         click.echo(session.how)
     feeds = _load_inputs(inputs, session) if inputs else random_inputs(session.inputs, tokens)
@@ -346,6 +373,21 @@ def run(artifact: Path, inputs: Path | None, output: Path | None, tokens: int, r
     if not isinstance(session, RunnerSession):
         latency = _latency_line(session.time(feeds, repeats=repeats))
     click.echo(latency)
+    if profile:
+        _print_profile(session, feeds)
+
+
+def _print_profile(session, feeds: dict[str, np.ndarray]) -> None:
+    """The time per function of ``session``'s ``main`` on ``feeds``, largest first."""
+    from moec.runtime.profile import profile_functions
+
+    click.echo(
+        "time per function and call of main (VM instrument hook: each call adds a few µs; a layer "
+        "function not inlined includes its kernels):"
+    )
+    click.echo(f"  {'ms':>8}  {'calls':>6}  function")
+    for f in profile_functions(session, feeds):
+        click.echo(f"  {f.ms:8.3f}  {f.calls:6.0f}  {f.name}")
 
 
 @main.command()

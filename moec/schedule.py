@@ -14,6 +14,8 @@ class CpuSchedule:
     rows_per_task: output rows per parallel task (a thread streams them contiguously).
     token_block: tokens of one expert group computed together, sharing each weight load.
     accumulators: independent vector accumulators per dot (a power of two), hiding FMA latency.
+    panel_vectors: output columns of a dense linear kernel's parallel task, in vectors of
+        ``lanes``: with ``token_block`` tokens that many vector accumulators stay in registers.
     """
 
     kind: ClassVar[str] = "cpu"
@@ -22,6 +24,7 @@ class CpuSchedule:
     rows_per_task: int = 16
     token_block: int = 4
     accumulators: int = 2
+    panel_vectors: int = 2
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,6 +29,7 @@ from moec.frontend.importer import ImportedModel, import_model
 from moec.frontend.loader import load_model
 from moec.options import CompileOptions, OptionError
 from moec.passes.bound_tokens import input_symbols
+from moec.passes.one_token_entry import ONE_TOKEN_ENTRY
 from moec.passes.pipeline import lowering_pipeline, moe_pipeline
 from moec.passes.slice_weights import SliceWeights
 from moec.targets import TargetSpec, load_target
@@ -140,6 +141,9 @@ def compile_model(
         executable.export_library(str(staging / LIBRARY), fcompile=fcompile)
         verify_cuda_library(staging / LIBRARY, target, mod)  # CUDA targets: cubins, not source
         tvm.runtime.save_param_dict_to_file(weights, str(staging / WEIGHTS))
-        write_manifest(staging, build_manifest(imported, target, model_path, weights, options, cuda_info))
+        has_one_token = any(g.name_hint == ONE_TOKEN_ENTRY for g in mod.get_global_vars())
+        entries = {"one_token": ONE_TOKEN_ENTRY} if has_one_token else {}
+        manifest = build_manifest(imported, target, model_path, weights, options, cuda_info, entries)
+        write_manifest(staging, manifest)
     log(f"wrote {out_dir}")
     return out_dir

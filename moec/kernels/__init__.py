@@ -1,4 +1,5 @@
-"""moec's TIR kernels for the MoE layer: one algorithm per kind, one backend per target kind.
+"""moec's TIR kernels (an MoE layer's and dense linear layers'): one algorithm per kind, one
+backend per target kind.
 
 A kernel is described by a typed config (:mod:`moec.kernels.config`: what it computes) and
 built for a schedule (:mod:`moec.schedule`: how a target tiles it) through the backend of the
@@ -27,6 +28,7 @@ from moec.kernels.capacity import make_capacity_kernel
 from moec.kernels.config import KernelConfig, config_from_json
 from moec.kernels.expert_ffn import make_expert_down_kernel, make_expert_up_kernel
 from moec.kernels.group import make_group_kernel
+from moec.kernels.linear import make_linear_kernel
 from moec.kernels.route import make_route_kernel
 from moec.schedule import CpuSchedule, GpuSchedule
 
@@ -36,6 +38,7 @@ KERNEL_MAKERS: dict[str, Callable[[KernelConfig, Backend], tirx.PrimFunc]] = {
     "group": make_group_kernel,
     "expert_up": make_expert_up_kernel,
     "expert_down": make_expert_down_kernel,
+    "linear": make_linear_kernel,
 }
 
 

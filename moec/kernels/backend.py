@@ -183,6 +183,11 @@ class CpuBackend:
     schedule: CpuSchedule
 
     attrs = {"tir.noalias": True, "op_pattern": 8}
+    scratch_scope = "global"
+    """Per-thread scratch (accumulators, counters) in global scope: TVM puts a constant-size
+    global allocation under 1 KiB on the stack, where LLVM keeps it in registers; any other (a
+    ``local`` one, or a larger one) becomes a ``TVMBackendAllocWorkspace`` call per parallel
+    task, whose memory LLVM cannot promote, so every accumulator update is stored back."""
 
     @property
     def token_block(self) -> int:
@@ -197,9 +202,9 @@ class CpuBackend:
 
     def dot(self, length: int, indirect: bool, weight_dtype: str):
         """``(dot, width)``: a TIR macro ``dot(acc, m, w, e, j, src, token, p0, count, lane)``
-        leaving in ``acc[m, pi, 0]`` the dot of weight row ``w[e, j]`` with source row
-        ``token[p0 + pi]`` (``indirect``) or ``p0 + pi``, for ``pi < count``; ``acc`` is a local
-        ``[matrices, token_block, width]`` buffer.
+        leaving in ``acc[m][pi, 0]`` the dot of weight row ``w[e, j]`` with source row
+        ``token[p0 + pi]`` (``indirect``) or ``p0 + pi``, for ``pi < count``; ``acc`` holds one
+        ``[token_block, width]`` scratch buffer per matrix.
 
         The ``length``-long dot runs ``accumulators`` independent vector chains, each ``lanes``
         wide, so FMA latency is hidden; the partial sums are then folded by halving (log2 steps,
@@ -213,19 +218,19 @@ class CpuBackend:
         @T.macro
         def halve(acc, m, pi, half):
             for v in T.vectorized(half):
-                acc[m, pi, v] = acc[m, pi, v] + acc[m, pi, v + half]
+                acc[m][pi, v] = acc[m][pi, v] + acc[m][pi, v + half]
 
         fold = halving_ladder(halve, W)
 
         @T.macro
         def dot(acc, m, w, e, j, src, token, p0, count, lane):
             for pi, v in T.grid(count, W):
-                acc[m, pi, v] = T.float32(0)
+                acc[m][pi, v] = T.float32(0)
             for ho in range(length // W):
                 for a in T.unroll(A):
                     for pi in T.unroll(count):
                         for v in T.vectorized(L):
-                            acc[m, pi, a * L + v] = acc[m, pi, a * L + v] + load(
+                            acc[m][pi, a * L + v] = acc[m][pi, a * L + v] + load(
                                 w[e, j, ho * W + a * L + v]
                             ) * src[row(token, p0 + pi), ho * W + a * L + v]
             if fold is not None:
@@ -246,6 +251,8 @@ class CudaBackend:
     schedule: GpuSchedule
 
     attrs = {"tir.noalias": True, "op_pattern": 8, "tirx.is_scheduled": True}
+    scratch_scope = "local"
+    """Per-thread scratch in registers (``local``)."""
 
     def __post_init__(self) -> None:
         tpr = self.schedule.threads_per_row
@@ -270,7 +277,7 @@ class CudaBackend:
         """``(dot, 1)``: the TIR macro of :meth:`CpuBackend.dot` for one lane of a row: lane
         ``lane`` reads elements ``lane, lane + TPR, ...`` (a warp's reads of a row are
         contiguous), loads each weight once into a register for all ``count`` tokens, and the
-        lanes' sums are folded with warp shuffles so lane 0 holds them in ``acc[m, pi, 0]``."""
+        lanes' sums are folded with warp shuffles so lane 0 holds them in ``acc[m][pi, 0]``."""
         load, row = widen(weight_dtype), source_row(indirect)
         TPR = self.schedule.threads_per_row
         STEPS = (length + TPR - 1) // TPR
@@ -278,22 +285,22 @@ class CudaBackend:
 
         @T.macro
         def shuffle_down(acc, m, pi, delta):
-            acc[m, pi, 0] = acc[m, pi, 0] + T.tvm_warp_shuffle_down(
-                T.uint32(_FULL_MASK), acc[m, pi, 0], delta, TPR, WARP_SIZE
+            acc[m][pi, 0] = acc[m][pi, 0] + T.tvm_warp_shuffle_down(
+                T.uint32(_FULL_MASK), acc[m][pi, 0], delta, TPR, WARP_SIZE
             )
 
         fold = halving_ladder(shuffle_down, TPR)
 
         @T.macro
         def dot(acc, m, w, e, j, src, token, p0, count, lane):
-            wv = T.alloc_buffer((1,), "float32", scope="local")
+            wv = T.alloc_buffer((1,), "float32", scope=self.scratch_scope)
             for pi in range(count):
-                acc[m, pi, 0] = T.float32(0)
+                acc[m][pi, 0] = T.float32(0)
             for s in range(STEPS):
                 if exact or s * TPR + lane < length:
                     wv[0] = load(w[e, j, s * TPR + lane])
                     for pi in T.unroll(count):
-                        acc[m, pi, 0] = acc[m, pi, 0] + wv[0] * src[row(token, p0 + pi), s * TPR + lane]
+                        acc[m][pi, 0] = acc[m][pi, 0] + wv[0] * src[row(token, p0 + pi), s * TPR + lane]
             if fold is not None:
                 for pi in T.unroll(count):
                     fold(acc, m, pi)

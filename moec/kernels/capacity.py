@@ -62,7 +62,7 @@ def make_capacity_kernel(config: CapacityConfig, backend: Backend) -> tirx.PrimF
         weight_out = T.match_buffer(weight_out_h, (r, s, K), "float32")
         for o in sequences.outer(r):
             for i in sequences.inner():
-                count = T.alloc_buffer((E + 1,), "int32", scope="local")
+                count = T.alloc_buffer((E + 1,), "int32", scope=backend.scratch_scope)
                 if sequences.valid(o, i, r):
                     limit_sequence(index, weight, index_out, weight_out, count, sequences.index(o, i))
 

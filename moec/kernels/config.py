@@ -47,13 +47,9 @@ def _tokens(rows: TokenDims) -> PrimExpr:
 
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
-    """What every kernel config has: its kind, the layer's expert count and top-k, its JSON form
-    and its signature."""
+    """What every kernel config has: its kind, its JSON form and its signature."""
 
     kind: ClassVar[str]
-
-    num_experts: int
-    top_k: int
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -72,7 +68,15 @@ class KernelConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class RouteConfig(KernelConfig):
+class MoEKernelConfig(KernelConfig):
+    """What the kernels of an MoE layer have: the layer's expert count and top-k."""
+
+    num_experts: int
+    top_k: int
+
+
+@dataclasses.dataclass(frozen=True)
+class RouteConfig(MoEKernelConfig):
     """Router top-k over ``num_experts`` logits (see :func:`moec.kernels.route.route_token_macro`)."""
 
     kind: ClassVar[str] = "route"
@@ -100,7 +104,7 @@ class RouteConfig(KernelConfig):
 
 
 @dataclasses.dataclass(frozen=True)
-class CapacityConfig(KernelConfig):
+class CapacityConfig(MoEKernelConfig):
     """Expert capacity per sequence (Switch Transformers): see :mod:`moec.kernels.capacity`."""
 
     kind: ClassVar[str] = "capacity"
@@ -122,7 +126,7 @@ class CapacityConfig(KernelConfig):
 
 
 @dataclasses.dataclass(frozen=True)
-class GroupConfig(KernelConfig):
+class GroupConfig(MoEKernelConfig):
     """Stable sort of the (token, slot) pairs by expert: see :mod:`moec.kernels.group`."""
 
     kind: ClassVar[str] = "group"
@@ -139,7 +143,7 @@ class GroupConfig(KernelConfig):
 
 
 @dataclasses.dataclass(frozen=True)
-class ExpertConfig(KernelConfig):
+class ExpertConfig(MoEKernelConfig):
     """What both expert kernels have: the layer's sizes and the stored format of its weights."""
 
     hidden: int
@@ -198,8 +202,42 @@ class ExpertDownConfig(ExpertConfig):
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class LinearConfig(KernelConfig):
+    """A dense linear layer ``y = x @ W`` over weight panels: see :mod:`moec.kernels.linear`.
+
+    The weight ``W`` (``[in_features, out_features]``) is stored packed in ``panel``-column
+    panels, ``[panels, in_features, panel]`` (``packed[p, k, v] = W[k, p * panel + v]``, zeros
+    past ``out_features``), so one parallel task streams one contiguous panel.
+    """
+
+    kind: ClassVar[str] = "linear"
+
+    in_features: int
+    out_features: int
+    panel: int
+    weight_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.weight_dtype not in WEIGHT_DTYPES:
+            raise ValueError(f"weight_dtype must be one of {WEIGHT_DTYPES}, got {self.weight_dtype!r}")
+
+    @property
+    def panels(self) -> int:
+        return -(-self.out_features // self.panel)
+
+    def signature(self, rows: TokenDims) -> tuple[BufferSpec, ...]:
+        n, K, N = _tokens(rows), self.in_features, self.out_features
+        return (
+            BufferSpec("x", (n, K), "float32"),
+            BufferSpec("w", (self.panels, K, self.panel), self.weight_dtype),
+            BufferSpec("y", (n, N), "float32", output=True),
+        )
+
+
 CONFIG_TYPES: dict[str, type[KernelConfig]] = {
-    cls.kind: cls for cls in (RouteConfig, CapacityConfig, GroupConfig, ExpertUpConfig, ExpertDownConfig)
+    cls.kind: cls
+    for cls in (RouteConfig, CapacityConfig, GroupConfig, ExpertUpConfig, ExpertDownConfig, LinearConfig)
 }
 
 

@@ -9,7 +9,7 @@ weights are never touched.
 One algorithm per kernel, for every target: the output rows are tiled by the backend
 (:mod:`moec.kernels.backend`: parallel row tasks on a CPU, thread blocks on CUDA); for each
 expert group, tokens are taken ``token_block`` at a time so one weight load feeds several
-FMAs (then the tail one by one); the backend's dot leaves each row's sums in ``acc[m, pi, 0]``
+FMAs (then the tail one by one); the backend's dot leaves each row's sums in ``acc[m][pi, 0]``
 and the thread that owns the row applies the epilogue (the activation, or the weighted
 accumulation into the output). Each output element is written by one thread only, experts in
 a fixed order, so there are no atomics and results are deterministic.
@@ -78,18 +78,22 @@ def expert_rows_macro(backend: Backend, count: int, experts: int, matrices: int,
     The backend tiles the ``count`` output rows over threads; each thread walks the expert
     groups (``offset``) in order and, for each of its rows, calls
     ``step(acc, buffers, e, j, p0, count, lane, owner)`` on the group's tokens ``token_block`` at
-    a time, then one by one for the tail. ``acc`` is the thread's local ``[matrices,
-    token_block, width]`` accumulator; ``owner`` says whether this thread writes row ``j``.
+    a time, then one by one for the tail. ``acc`` is the thread's accumulators, one
+    ``[token_block, width]`` buffer per matrix; ``owner`` says whether this thread writes row ``j``.
     ``zero(buffers, n, j)``, if given, first clears each owned output row.
     """
     rows, PB = backend.rows(count), backend.token_block
+    second = (PB, width) if matrices == 2 else (1,)
 
     @T.macro
     def nest(buffers, offset, n):
         for task in rows.tasks():
             for thread in rows.threads():
                 for lane in rows.lanes():
-                    acc = T.alloc_buffer((matrices, PB, width), "float32", scope="local")
+                    # one buffer per matrix: each stays under the 1 KiB that a CPU keeps on the stack
+                    acc_first = T.alloc_buffer((PB, width), "float32", scope=backend.scratch_scope)
+                    acc_second = T.alloc_buffer(second, "float32", scope=backend.scratch_scope)
+                    acc = (acc_first, acc_second)
                     if zero is not None:
                         for r in rows.per_thread():
                             if rows.owns(task, thread, r, lane):
@@ -133,9 +137,9 @@ def make_expert_up_kernel(config: ExpertUpConfig, backend: Backend) -> tirx.Prim
         if owner:
             for pi in range(count):
                 if gated:
-                    inter[p0 + pi, j] = act(acc[1, pi, 0] + b_gate[e, j], acc[0, pi, 0] + b_up[e, j])
+                    inter[p0 + pi, j] = act(acc[1][pi, 0] + b_gate[e, j], acc[0][pi, 0] + b_up[e, j])
                 else:
-                    inter[p0 + pi, j] = act(T.float32(0), acc[0, pi, 0] + b_up[e, j])
+                    inter[p0 + pi, j] = act(T.float32(0), acc[0][pi, 0] + b_up[e, j])
 
     nest = expert_rows_macro(backend, F, E, 2 if gated else 1, W, step)
 
@@ -185,7 +189,7 @@ def make_expert_down_kernel(config: ExpertDownConfig, backend: Backend) -> tirx.
         dot(acc, 0, w_down, e, j, inter, token, p0, count, lane)
         if owner:
             for pi in range(count):
-                y[token[p0 + pi], j] = y[token[p0 + pi], j] + gain[p0 + pi] * (acc[0, pi, 0] + b_down[e, j])
+                y[token[p0 + pi], j] = y[token[p0 + pi], j] + gain[p0 + pi] * (acc[0][pi, 0] + b_down[e, j])
 
     nest = expert_rows_macro(backend, H, E, 1, W, step, zero)
 

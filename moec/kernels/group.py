@@ -36,7 +36,7 @@ def make_group_kernel(config: GroupConfig, backend: Backend) -> tirx.PrimFunc:
         gain = T.match_buffer(gain_h, (n * K,), "float32")
         for _block in single.outer(1):
             for _thread in single.inner():
-                cursor = T.alloc_buffer((E + 2,), "int32", scope="local")
+                cursor = T.alloc_buffer((E + 2,), "int32", scope=backend.scratch_scope)
                 for e in range(E + 2):
                     cursor[e] = 0
                 for t, j in T.grid(n, K):

@@ -14,9 +14,10 @@ from moec.kernels.backend import Backend
 from moec.kernels.config import RouteConfig
 
 
-def route_token_macro(config: RouteConfig):
+def route_token_macro(config: RouteConfig, scope: str):
     """A TIR macro ``route_token(logits, index, weight, score, taken, acc, best, t)`` routing token
-    ``t``, with local scratch ``score[E]``, ``taken[E]`` (int32), ``acc[2]``, ``best[1]`` (int32).
+    ``t``, with scratch ``score[E]``, ``taken[E]`` (int32), ``acc[2]``, ``best[1]`` (int32); its
+    own scratch buffers are allocated in storage ``scope`` (the backend's ``scratch_scope``).
 
     The route kernel runs it once per token, on whichever thread its backend gives the token.
     The routing rule is :class:`moec.canonical.layer.MoELayer`'s: softmax, sigmoid or sparsemixer
@@ -113,10 +114,10 @@ def route_token_macro(config: RouteConfig):
     @T.macro
     def limit_groups(choice, taken):
         """Marks taken every expert outside the ``top_groups`` groups with the largest top-2 sums."""
-        group_score = T.alloc_buffer((G,), "float32", scope="local")
-        group_taken = T.alloc_buffer((G,), "int32", scope="local")
-        top2 = T.alloc_buffer((2,), "float32", scope="local")
-        chosen = T.alloc_buffer((1,), "int32", scope="local")
+        group_score = T.alloc_buffer((G,), "float32", scope=scope)
+        group_taken = T.alloc_buffer((G,), "int32", scope=scope)
+        top2 = T.alloc_buffer((2,), "float32", scope=scope)
+        chosen = T.alloc_buffer((1,), "int32", scope=scope)
         for g in range(G):
             top2[0] = lowest
             top2[1] = lowest
@@ -138,7 +139,7 @@ def route_token_macro(config: RouteConfig):
     @T.macro
     def select_top_k(logits, index, weight, score, taken, acc, best, t):
         """Softmax/sigmoid scores, then k arg-max steps over the scores plus the selection bias."""
-        choice = T.alloc_buffer((E,), "float32", scope="local")
+        choice = T.alloc_buffer((E,), "float32", scope=scope)
         acc[0] = logits[t, 0]
         for e in range(E):
             acc[0] = T.max(acc[0], logits[t, e])
@@ -166,7 +167,7 @@ def route_token_macro(config: RouteConfig):
     @T.macro
     def select_sparsemixer(logits, index, weight, taken, acc, best, t):
         """k arg-max steps over the logits; each weighed by a softmax over the near experts left."""
-        row = T.alloc_buffer((E,), "float32", scope="local")
+        row = T.alloc_buffer((E,), "float32", scope=scope)
         for e in range(E):
             taken[e] = is_masked(e)
             row[e] = logits[t, e]
@@ -228,7 +229,7 @@ def make_route_kernel(config: RouteConfig, backend: Backend) -> tirx.PrimFunc:
     """PrimFunc ``route(logits[n, E]) -> (expert_index[n, k] int32, weight[n, k] float32)``: every
     token routed by :func:`route_token_macro`, tokens spread over the backend's threads."""
     E, K = config.num_experts, config.top_k
-    route_token = route_token_macro(config)
+    route_token = route_token_macro(config, backend.scratch_scope)
 
     tokens = backend.items()
 
@@ -241,10 +242,10 @@ def make_route_kernel(config: RouteConfig, backend: Backend) -> tirx.PrimFunc:
         weight = T.match_buffer(weight_h, (n, K), "float32")
         for o in tokens.outer(n):
             for i in tokens.inner():
-                score = T.alloc_buffer((E,), "float32", scope="local")
-                taken = T.alloc_buffer((E,), "int32", scope="local")
-                acc = T.alloc_buffer((2,), "float32", scope="local")
-                best = T.alloc_buffer((1,), "int32", scope="local")
+                score = T.alloc_buffer((E,), "float32", scope=backend.scratch_scope)
+                taken = T.alloc_buffer((E,), "int32", scope=backend.scratch_scope)
+                acc = T.alloc_buffer((2,), "float32", scope=backend.scratch_scope)
+                best = T.alloc_buffer((1,), "int32", scope=backend.scratch_scope)
                 if tokens.valid(o, i, n):
                     route_token(logits, index, weight, score, taken, acc, best, tokens.index(o, i))
 

@@ -1,7 +1,8 @@
-"""InlineLayers: put every MoE layer's kernel calls straight into ``main``.
+"""InlineLayers: put every MoE layer's kernel calls straight into ``main`` (and ``main_one_token``).
 
-Rewrite rule, for every call ``y = moe<i>(x, logits, *weights)`` in ``main`` whose callee is a
-Relax function with attribute ``moec.layer``:
+Rewrite rule, for every call ``y = moe<i>(x, logits, *weights)`` in an entry point (a public
+Relax function: ``main``, and ``main_one_token`` where ``OneTokenEntry`` added it) whose callee
+is a Relax function with attribute ``moec.layer``:
 
 - the callee's symbolic dimensions are bound to the caller's (its ``n`` becomes, e.g., ``main``'s
   ``tokens``, or a constant such as the one sequence of a ``[1, seq, H]`` capacity layer), read
@@ -108,31 +109,39 @@ class _Callees(PyExprVisitor):
         self.names.add(gvar.name_hint)
 
 
+def _entry_points(mod: tvm.IRModule) -> list[tvm.ir.GlobalVar]:
+    """The module's public Relax functions (``main``, and ``main_one_token`` where there is one)."""
+    return [
+        gvar
+        for gvar, func in mod.functions_items()
+        if isinstance(func, relax.Function) and func.attrs is not None and "global_symbol" in func.attrs
+    ]
+
+
 @tvm.transform.module_pass(opt_level=0, name="InlineLayers")
 class InlineLayers:
-    """Inline every MoE layer function into ``main``; ``inlined`` lists the layers inlined."""
+    """Inline every MoE layer function into the entry points; ``inlined`` lists the layers inlined
+    (once per entry point that called them)."""
 
     def __init__(self) -> None:
         self.inlined: list[str] = []
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         self.inlined = []
-        if "main" not in [gv.name_hint for gv in mod.get_global_vars()]:
-            return mod
-        inliner = _Inliner(mod)
-        main = inliner.visit_expr(mod["main"])
-        if not inliner.inlined:
+        entries = {}
+        for gvar in _entry_points(mod):
+            inliner = _Inliner(mod)
+            entries[gvar] = inliner.visit_expr(mod[gvar])
+            self.inlined += inliner.inlined
+        if not self.inlined:
             return mod
         called = _Callees()
-        called.visit_expr(main)
         for gvar, func in mod.functions_items():
-            if isinstance(func, relax.Function) and gvar.name_hint != "main":
-                called.visit_expr(func)
+            if isinstance(func, relax.Function):
+                called.visit_expr(entries.get(gvar, func))
         kept = {
-            gvar: main if gvar.name_hint == "main" else func
+            gvar: entries.get(gvar, func)
             for gvar, func in mod.functions_items()
-            if gvar.name_hint == "main" or not is_layer(func) or gvar.name_hint in called.names
+            if gvar in entries or not is_layer(func) or gvar.name_hint in called.names
         }
-        updated = tvm.IRModule(kept, attrs=mod.attrs, global_infos=mod.global_infos)
-        self.inlined = inliner.inlined
-        return updated
+        return tvm.IRModule(kept, attrs=mod.attrs, global_infos=mod.global_infos)

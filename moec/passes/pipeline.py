@@ -4,10 +4,13 @@ Phase 0 (frontend, not here): MoE blocks → canonical layer functions calling o
 Phase 1 (layers): rewrites of MoE layers driven by the compile options (masking and pruning
          chosen from the calibration profile) — ``MaskExperts``, ``PruneChannels``,
          ``SkipExperts``, ``FixedRouting``, ``StoreExpertWeights``, each only when asked for.
-Phase 2 (schedule): every kernel spec built for the target's schedule (``ApplyKernelSchedule``).
+Phase 2 (schedule): on CPU targets, ``main``'s dense matmuls with weights moved onto moec's linear
+         kernel, their weights packed in panels (``DenseLinear``); then every kernel spec built
+         for the target's schedule (``ApplyKernelSchedule``).
 Phase 3 (export): the detached weights sliced and converted to ``main``'s signature as the
          layer passes left it (``SliceWeights``), then, for CUDA targets, ``main``'s parameters
-         renamed to C identifiers (``CIdentifiers``).
+         renamed to C identifiers (``CIdentifiers``); last, ``main_one_token``, ``main`` with its
+         symbolic input dimensions bound to 1 (``OneTokenEntry``).
 Phase 4 (lowering, in ``tvm.compile``; :func:`lowering_pipeline`): redundant reshapes
          removed, then TVM's default lowering for the target (legalisation and fusion of the
          ordinary graph, dataflow lowering, memory planning, VM code generation) with moec's
@@ -26,10 +29,12 @@ from moec.options import CompileOptions
 from moec.passes.apply_kernel_schedule import ApplyKernelSchedule
 from moec.passes.bound_tokens import BoundTokens
 from moec.passes.c_identifiers import CIdentifiers
+from moec.passes.dense_linear import DenseLinear
 from moec.passes.dump_ir import DumpIR
 from moec.passes.fixed_routing import FixedRouting
 from moec.passes.inline_layers import InlineLayers
 from moec.passes.mask_experts import MaskExperts
+from moec.passes.one_token_entry import OneTokenEntry
 from moec.passes.prune_channels import PruneChannels
 from moec.passes.skip_experts import SkipExperts
 from moec.passes.slice_weights import SliceWeights
@@ -62,13 +67,16 @@ def moe_pipeline(
         layers.append(FixedRouting(options.routing))
     if options.weights_precision != "fp32":
         layers.append(StoreExpertWeights(options.weights_precision))
+    dense = [DenseLinear(schedule)] if isinstance(schedule, CpuSchedule) else []
+    identifiers = [CIdentifiers()] if c_identifiers else []
     phases: list[tuple[str, tvm.transform.Pass]] = [
         # Phase 1: MoE layer rewrites.
         ("layers", tvm.transform.Sequential(layers)),
-        # Phase 2: kernel schedules from the target file.
-        ("schedule", ApplyKernelSchedule(schedule)),
-        # Phase 3: the weights follow main's signature; names the generated code can use.
-        ("export", tvm.transform.Sequential([weights, *([CIdentifiers()] if c_identifiers else [])])),
+        # Phase 2: dense matmuls on moec's linear kernel (CPU), kernel schedules from the target file.
+        ("schedule", tvm.transform.Sequential([*dense, ApplyKernelSchedule(schedule)])),
+        # Phase 3: the weights follow main's signature; names the generated code can use; the
+        # static one-token entry point.
+        ("export", tvm.transform.Sequential([weights, *identifiers, OneTokenEntry()])),
     ]
     dump_dir = options.dump_ir
     passes: list[tvm.transform.Pass] = [DumpIR(dump_dir, "00-frontend")] if dump_dir else []

@@ -7,15 +7,18 @@ live outside the module (``relax.frontend.detach_params``). This pass holds thos
 Rewrite rules, on ``main``:
 
 - its attributes ``moec.expert_slices`` (parameter name → kept expert ids, from
-  ``MaskExperts``) and ``moec.channel_slices`` (parameter name → ``[axis, per kept expert the
-  channel ids]``, from ``PruneChannels``) are removed: once the weights are sliced they say
-  nothing more about the module;
+  ``MaskExperts``), ``moec.channel_slices`` (parameter name → ``[axis, per kept expert the
+  channel ids]``, from ``PruneChannels``) and ``moec.packed_weights`` (parameter name →
+  ``{"panel", "transposed"}``, from ``DenseLinear``) are removed: once the weights are sliced
+  and packed they say nothing more about the module;
 - the module is otherwise unchanged.
 
 Alongside, ``weights`` (parameter name → tensor, in ``main``'s parameter order, under the names
 the parameters have when the pass runs: the ONNX names) holds each weight with the experts and
-channels the attributes list sliced away and converted to its parameter's dtype
-(``StoreExpertWeights``' fp16). A weight nothing changed is passed through, not copied.
+channels the attributes list sliced away, converted to its parameter's dtype
+(``StoreExpertWeights``' fp16), and packed in panels where ``DenseLinear`` asked
+(``packed[p, k, v] = W[k, p * panel + v]``, ``W`` transposed first if stored ``[N, K]``, zeros
+past the last column). A weight nothing changed is passed through, not copied.
 
 Runs in the export phase, after every pass that retypes ``main``'s weights and before
 ``CIdentifiers`` renames them.
@@ -31,6 +34,7 @@ from tvm import relax
 
 EXPERT_SLICES = "moec.expert_slices"
 CHANNEL_SLICES = "moec.channel_slices"
+PACKED_WEIGHTS = "moec.packed_weights"
 
 
 @tvm.transform.module_pass(opt_level=0, name="SliceWeights")
@@ -46,14 +50,17 @@ class SliceWeights:
         main = mod["main"]
         slices = _attr_json(main, EXPERT_SLICES)
         channels = _attr_json(main, CHANNEL_SLICES)
+        packing = _attr_json(main, PACKED_WEIGHTS)
         num_inputs = int(main.attrs["num_input"])
         self.weights = {
-            var.name: _follow(value, str(var.ty.dtype), slices.get(var.name), channels.get(var.name))
+            var.name: _follow(
+                value, str(var.ty.dtype), slices.get(var.name), channels.get(var.name), packing.get(var.name)
+            )
             for var, value in zip(main.params[num_inputs:], self.params, strict=True)
         }
-        if not slices and not channels:
+        if not slices and not channels and not packing:
             return mod
-        for key in (EXPERT_SLICES, CHANNEL_SLICES):
+        for key in (EXPERT_SLICES, CHANNEL_SLICES, PACKED_WEIGHTS):
             if main.attrs is not None and key in main.attrs:
                 main = main.without_attr(key)
         updated = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
@@ -67,11 +74,16 @@ def _attr_json(func: relax.Function, key: str) -> dict:
 
 
 def _follow(
-    value: tvm.runtime.Tensor, dtype: str, experts: list[int] | None, channels: list | None
+    value: tvm.runtime.Tensor,
+    dtype: str,
+    experts: list[int] | None,
+    channels: list | None,
+    packing: dict | None = None,
 ) -> tvm.runtime.Tensor:
     """``value`` with only the ``experts`` kept, only the ``channels`` (``[axis, per expert ids]``)
-    kept, in ``dtype``; ``value`` itself if none of that changes it."""
-    if experts is None and channels is None and str(value.dtype) == dtype:
+    kept, in ``dtype``, packed in panels (``{"panel", "transposed"}``); ``value`` itself if none
+    of that changes it."""
+    if experts is None and channels is None and packing is None and str(value.dtype) == dtype:
         return value
     array = value.numpy()
     if experts is not None:
@@ -79,4 +91,15 @@ def _follow(
     if channels is not None:
         axis, kept = channels
         array = np.stack([np.take(array[e], ids, axis=axis - 1) for e, ids in enumerate(kept)])
+    if packing is not None:
+        array = _panels(array.T if packing["transposed"] else array, int(packing["panel"]))
     return tvm.runtime.tensor(np.ascontiguousarray(array.astype(dtype, copy=False)))
+
+
+def _panels(weight: np.ndarray, panel: int) -> np.ndarray:
+    """``weight`` ``[K, N]`` as ``[ceil(N / panel), K, panel]`` panels, zeros past column ``N``."""
+    in_features, out_features = weight.shape
+    panels = -(-out_features // panel)
+    padded = np.zeros((in_features, panels * panel), weight.dtype)
+    padded[:, :out_features] = weight
+    return padded.reshape(in_features, panels, panel).transpose(1, 0, 2)

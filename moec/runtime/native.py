@@ -140,11 +140,13 @@ def run_native(
     repeat: int = 0,
     warmup: int | None = None,
     emulator: tuple[str, ...] | list[str] = (),
+    threads: int | None = None,
 ) -> tuple[dict[str, np.ndarray], str]:
     """Run ``artifact_dir`` with the native runner; return its outputs by name and its stdout.
 
     Feeds go through ``.npy`` files exactly as a user on a board would pass them. With
-    ``repeat`` > 0 the runner also times that many calls and prints its latency line.
+    ``repeat`` > 0 the runner also times that many calls and prints its latency line; ``threads``
+    is the runner's ``--threads``.
     ``emulator`` is a command prefix that runs a runner built for another architecture here
     (e.g. ``qemu-aarch64 -L /usr/aarch64-linux-gnu``). A failure raises :class:`MoecError`
     carrying the runner's one-line message.
@@ -162,6 +164,8 @@ def run_native(
             command += ["--repeat", str(repeat)]
         if warmup is not None:
             command += ["--warmup", str(warmup)]
+        if threads is not None:
+            command += ["--threads", str(threads)]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             lines = result.stderr.strip().splitlines() or [f"exit status {result.returncode}"]

@@ -62,19 +62,35 @@ class ArtifactSession:
                         f"with --max-tokens {limit}; recompile with a larger bound"
                     )
 
+    def input_tensors(self, feeds: dict[str, np.ndarray]) -> list[tvm.runtime.Tensor]:
+        """``main``'s input arguments: ``feeds`` in the manifest's input order, on the device."""
+        return [tvm.runtime.tensor(np.ascontiguousarray(feeds[s["name"]]), self.device) for s in self.inputs]
+
+    def entry_for(self, feeds: dict[str, np.ndarray]) -> str:
+        """The library function a call on ``feeds`` runs: the static one-token entry point (the
+        manifest's ``entries``) when every symbolic input dimension is 1, else ``main``."""
+        one_token = self.manifest.get("entries", {}).get("one_token")
+        symbolic = [
+            feeds[spec["name"]].shape[axis]
+            for spec in self.inputs
+            for axis, dim in enumerate(spec["shape"])
+            if isinstance(dim, str)
+        ]
+        return one_token if one_token and all(size == 1 for size in symbolic) else "main"
+
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Outputs by name for inputs by name."""
         self.check_token_bound(feeds)
-        args = [tvm.runtime.tensor(np.ascontiguousarray(feeds[s["name"]]), self.device) for s in self.inputs]
-        result = self.vm["main"](*args, *self.params)
+        args = self.input_tensors(feeds)
+        result = self.vm[self.entry_for(feeds)](*args, *self.params)
         values = list(result) if len(self.outputs) > 1 else [result]
         return {s["name"]: v.numpy() for s, v in zip(self.outputs, values, strict=True)}
 
     def time(self, feeds: dict[str, np.ndarray], repeats: int = 50, warmup: int = 5) -> np.ndarray:
         """Wall-clock seconds of ``repeats`` calls (after ``warmup`` calls), inputs pre-loaded."""
         self.check_token_bound(feeds)
-        args = [tvm.runtime.tensor(np.ascontiguousarray(feeds[s["name"]]), self.device) for s in self.inputs]
-        main = self.vm["main"]
+        args = self.input_tensors(feeds)
+        main = self.vm[self.entry_for(feeds)]
         for _ in range(warmup):
             main(*args, *self.params)
         times = []

@@ -523,6 +523,30 @@ def test_run_with_random_inputs(compiled: Compiled) -> None:
     assert match and match.group(1) == "4", lines
 
 
+def test_run_profile_lists_the_kernels_each_call_runs(compiled: Compiled) -> None:
+    """``--profile``: one row per function the VM calls, with its calls per call of ``main``: the
+    layer's four kernels once each, and the router's matmul on the linear kernel."""
+    result = invoke("run", compiled.artifact, "--tokens", "3", "--repeats", "2", "--profile")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("time per function")) + 2
+    rows = {line.split()[2]: (float(line.split()[0]), float(line.split()[1])) for line in lines[start:]}
+    for kind in ("route", "group", "expert_up", "expert_down"):
+        name = next(n for n in rows if n.endswith(f"_{kind}"))
+        assert rows[name][1] == 1, (name, rows[name])
+    assert any(name.startswith("linear_") for name in rows), rows
+    assert all(ms >= 0 for ms, _ in rows.values())
+
+
+def test_run_threads_sets_the_thread_count(compiled: Compiled, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TVM_NUM_THREADS", "unset by this test")  # restored afterwards
+    result = invoke("run", compiled.artifact, "--tokens", "2", "--repeats", "1", "--threads", "1")
+    assert result.exit_code == 0, result.output
+    assert os.environ["TVM_NUM_THREADS"] == "1"
+    refused = invoke("run", compiled.artifact, "--threads", "0")
+    assert refused.exit_code == 2 and "--threads" in refused.output
+
+
 def test_run_writes_outputs_by_onnx_name(tmp_path: Path, compiled: Compiled) -> None:
     feeds = {"x": tokens_input(5, HIDDEN)}
     inputs, outputs = tmp_path / "in.npz", tmp_path / "out.npz"

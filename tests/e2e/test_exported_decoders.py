@@ -14,12 +14,17 @@ import json
 from pathlib import Path
 
 import pytest
+import tvm
+from tvm import relax
+from tvm.relax.expr_functor import PyExprVisitor, visitor
 
-from moec.compiler.compile import compile_model
-from moec.frontend.importer import find_blocks
+from moec.compiler.compile import compile_model, lower_model
+from moec.frontend.importer import find_blocks, import_model
 from moec.frontend.loader import load_model
+from moec.kernels import kernel_kind
 from moec.reference.evaluator import run_reference
 from moec.runtime.session import ArtifactSession
+from moec.targets import load_target
 from tests.helpers import FIXTURES, FP32_ATOL, assert_close, fixture_cases, invoke
 
 STATIC = [
@@ -90,3 +95,34 @@ def test_cli_compiles_and_verifies_a_dynamic_decoder(tmp_path: Path) -> None:
     assert verified.exit_code == 0, verified.output
     assert "verified: max abs error" in verified.output
     assert verified.output.count("logits: max abs") == 2
+
+
+def _weight_matmuls(main: relax.Function) -> list[str]:
+    """``main``'s ``matmul``s that read a weight parameter, directly or through a transpose."""
+    weights = set(main.params[int(main.attrs["num_input"]) :])
+    transposed: set[relax.Var] = set()
+    found: list[str] = []
+
+    @visitor
+    class _Bindings(PyExprVisitor):
+        def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+            value = binding.value
+            if isinstance(value, relax.Call) and value.op == tvm.ir.Op.get("relax.permute_dims"):
+                if value.args[0] in weights:
+                    transposed.add(binding.var)
+            if isinstance(value, relax.Call) and value.op == tvm.ir.Op.get("relax.matmul"):
+                if any(arg in weights or arg in transposed for arg in value.args):
+                    found.append(binding.var.name)
+
+    _Bindings().visit_expr(main.body)
+    return found
+
+
+@pytest.mark.parametrize("name", _params(STATIC + DYNAMIC))
+def test_every_weight_matmul_runs_the_linear_kernel(name: str) -> None:
+    """No dense matmul with a weight is left to TVM's unscheduled default lowering on a CPU:
+    attention projections, routers and the LM head all became moec linear kernel calls."""
+    mod, _ = lower_model(import_model(load_model(FIXTURES / "models" / f"{name}.onnx")), load_target("host"))
+    assert _weight_matmuls(mod["main"]) == []
+    kinds = [kernel_kind(func) for _, func in mod.functions_items()]
+    assert kinds.count("linear") >= 3, f"{name}: projections, routers and LM head kernels: {kinds}"

@@ -12,7 +12,7 @@ from moec.schedule import CpuSchedule
 SCHEDULE = CpuSchedule(lanes=4, rows_per_task=2, token_block=1, accumulators=1)
 DOWN_CONFIG = '{"ffn": 4, "hidden": 2, "num_experts": 2, "top_k": 1, "weight_dtype": "float32"}'
 GROUP_CONFIG = '{"num_experts": 2, "top_k": 1}'
-BUILT_FOR = '{"accumulators": 1, "kind": "cpu", "lanes": 4, "rows_per_task": 2, "token_block": 1}'
+BUILT_FOR = '{"accumulators": 1, "kind": "cpu", "lanes": 4, "panel_vectors": 2, "rows_per_task": 2, "token_block": 1}'
 
 
 @I.ir_module
@@ -57,7 +57,7 @@ class Expected:
         gain = T.match_buffer(gain_h, (n,), "float32")
         # one serial stable counting sort of the (token, slot) pairs by expert
         for _block, _thread in T.grid(1, 1):
-            cursor = T.alloc_local((4,), "int32")
+            cursor = T.alloc_buffer((4,), "int32")  # CPU scratch: global scope, on the stack
             for e in range(4):
                 cursor[e] = 0
             for t, j in T.grid(n, 1):
@@ -82,42 +82,44 @@ class Expected:
         # rows_per_task=2: both output rows in one parallel task; one thread, one lane per row
         for task in T.parallel(1):
             for thread, lane in T.grid(1, 1):
-                acc = T.alloc_local((1, 1, 4))
+                # one accumulator buffer per matrix (one here), global scope: on the stack
+                acc = T.alloc_buffer((1, 4))
+                acc_unused = T.alloc_buffer((1,))
                 for r, t in T.grid(2, n):
                     y[t, (task + thread) * 2 + r] = T.float32(0)
                 for e, r in T.grid(2, 2):
                     # token_block=1: every pair of the group in a full block, no tail
                     for pb in range(offset[e + 1] - offset[e]):
                         for pi, v in T.grid(1, 4):
-                            acc[0, pi, v] = T.float32(0)
+                            acc[pi, v] = T.float32(0)
                         for ho in range(1):
                             for a in T.unroll(1):
                                 for pi in T.unroll(1):
                                     # lanes=4: one 4-wide vector accumulator per token
                                     for v in T.vectorized(4):
-                                        acc[0, pi, a * 4 + v] = acc[0, pi, a * 4 + v] + w_down[e, (task + thread) * 2 + r, ho * 4 + a * 4 + v] * inter[offset[e] + pb + pi, ho * 4 + a * 4 + v]
+                                        acc[pi, a * 4 + v] = acc[pi, a * 4 + v] + w_down[e, (task + thread) * 2 + r, ho * 4 + a * 4 + v] * inter[offset[e] + pb + pi, ho * 4 + a * 4 + v]
                         for pi in T.unroll(1):  # fold the 4 lanes by halving
                             for v in T.vectorized(2):
-                                acc[0, pi, v] = acc[0, pi, v] + acc[0, pi, v + 2]
+                                acc[pi, v] = acc[pi, v] + acc[pi, v + 2]
                             for v in T.vectorized(1):
-                                acc[0, pi, v] = acc[0, pi, v] + acc[0, pi, v + 1]
+                                acc[pi, v] = acc[pi, v] + acc[pi, v + 1]
                         for pi in range(1):
-                            y[token[offset[e] + pb + pi], (task + thread) * 2 + r] = y[token[offset[e] + pb + pi], (task + thread) * 2 + r] + gain[offset[e] + pb + pi] * (acc[0, pi, 0] + b_down[e, (task + thread) * 2 + r])
+                            y[token[offset[e] + pb + pi], (task + thread) * 2 + r] = y[token[offset[e] + pb + pi], (task + thread) * 2 + r] + gain[offset[e] + pb + pi] * (acc[pi, 0] + b_down[e, (task + thread) * 2 + r])
                     for pt in range(0):
                         for pi, v in T.grid(1, 4):
-                            acc[0, pi, v] = T.float32(0)
+                            acc[pi, v] = T.float32(0)
                         for ho in range(1):
                             for a in T.unroll(1):
                                 for pi in T.unroll(1):
                                     for v in T.vectorized(4):
-                                        acc[0, pi, a * 4 + v] = acc[0, pi, a * 4 + v] + w_down[e, (task + thread) * 2 + r, ho * 4 + a * 4 + v] * inter[offset[e + 1] - pt - 1 + pi, ho * 4 + a * 4 + v]
+                                        acc[pi, a * 4 + v] = acc[pi, a * 4 + v] + w_down[e, (task + thread) * 2 + r, ho * 4 + a * 4 + v] * inter[offset[e + 1] - pt - 1 + pi, ho * 4 + a * 4 + v]
                         for pi in T.unroll(1):
                             for v in T.vectorized(2):
-                                acc[0, pi, v] = acc[0, pi, v] + acc[0, pi, v + 2]
+                                acc[pi, v] = acc[pi, v] + acc[pi, v + 2]
                             for v in T.vectorized(1):
-                                acc[0, pi, v] = acc[0, pi, v] + acc[0, pi, v + 1]
+                                acc[pi, v] = acc[pi, v] + acc[pi, v + 1]
                         for pi in range(1):
-                            y[token[offset[e + 1] - pt - 1 + pi], (task + thread) * 2 + r] = y[token[offset[e + 1] - pt - 1 + pi], (task + thread) * 2 + r] + gain[offset[e + 1] - pt - 1 + pi] * (acc[0, pi, 0] + b_down[e, (task + thread) * 2 + r])
+                            y[token[offset[e + 1] - pt - 1 + pi], (task + thread) * 2 + r] = y[token[offset[e + 1] - pt - 1 + pi], (task + thread) * 2 + r] + gain[offset[e + 1] - pt - 1 + pi] * (acc[pi, 0] + b_down[e, (task + thread) * 2 + r])
 
     @T.prim_func(private=True)
     def unrelated(a: T.Buffer((4,), "float32")):

@@ -67,6 +67,21 @@ def test_matches_reference(runner: Path, compiled, name: str, tokens: int) -> No
         assert_close(outputs[output], value, FP32_ATOL, f"{name} {output} ({tokens} tokens) vs numpy")
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_thread_count_changes_no_output(runner: Path, compiled, threads: int) -> None:
+    """``--threads``: the kernels add in a fixed order, so 1 and 2 threads give the same bits as
+    the Python session at 1 token (the static entry point) and at 5 (``main``)."""
+    from moec.runtime.session import ArtifactSession
+
+    _, artifact, hidden = compiled["standard-sparse-dispatch"]
+    session = ArtifactSession(artifact)
+    for tokens in (1, 5):
+        feeds = {"x": tokens_input(tokens, hidden, seed=9)}
+        outputs, _ = run_native(runner, artifact, feeds, threads=threads)
+        for name, value in session.run(feeds).items():
+            np.testing.assert_array_equal(outputs[name], value, err_msg=f"{tokens} tokens, {threads} threads")
+
+
 def test_links_only_the_runtime(runner: Path) -> None:
     """NEEDED names libtvm_runtime and libtvm_ffi, never the compiler; the rpath resolves both."""
     readelf = shutil.which("readelf")

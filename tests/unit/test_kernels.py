@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 
@@ -18,6 +19,7 @@ from moec.kernels.config import (
     ExpertUpConfig,
     GroupConfig,
     KernelConfig,
+    LinearConfig,
     RouteConfig,
     config_from_json,
 )
@@ -270,6 +272,48 @@ SIGNATURE_CASES: list[KernelConfig] = [
 ]
 
 
+def pack_panels(weight: np.ndarray, panel: int) -> np.ndarray:
+    """``weight`` ``[K, N]`` in the linear kernel's layout, element by element from its definition:
+    ``packed[p, k, v] = weight[k, p * panel + v]``, zero past column ``N``."""
+    in_features, out_features = weight.shape
+    packed = np.zeros((-(-out_features // panel), in_features, panel), np.float32)
+    for p, k, v in np.ndindex(*packed.shape):
+        if p * panel + v < out_features:
+            packed[p, k, v] = weight[k, p * panel + v]
+    return packed
+
+
+LINEAR_SCHEDULES = [
+    CpuSchedule(),
+    CpuSchedule(lanes=4, token_block=3, panel_vectors=1),
+    CpuSchedule(lanes=8, token_block=1, panel_vectors=2),
+]
+
+
+@pytest.mark.parametrize("schedule", LINEAR_SCHEDULES, ids=["default", "lanes4-block3", "lanes8-block1"])
+@pytest.mark.parametrize(
+    ("in_features", "out_features", "panel"),
+    [(20, 12, 12), (16, 40, 16), (33, 7, 4), (8, 64, 32)],
+    ids=["one-panel", "last-panel-partial", "odd-sizes", "exact-panels"],
+)
+@pytest.mark.parametrize("tokens", [1, 3, 5, 16])
+def test_linear_matches_numpy(schedule, in_features, out_features, panel, tokens):
+    """``y = x @ W`` for every token, including the tokens past the last full block, with the
+    last panel partly padding."""
+    rng = np.random.default_rng(in_features * 100 + out_features + tokens)
+    x = rng.standard_normal((tokens, in_features)).astype(np.float32)
+    w = rng.standard_normal((in_features, out_features)).astype(np.float32)
+    config = LinearConfig(in_features=in_features, out_features=out_features, panel=panel)
+    outputs = [((tokens, out_features), "float32")]
+    (y,) = _run("linear", dataclasses.asdict(config), schedule, x, pack_panels(w, panel), outputs=outputs)
+    assert_close(y, (x.astype(np.float64) @ w.astype(np.float64)).astype(np.float32), 5e-5)
+
+
+def test_linear_kernel_is_refused_on_cuda():
+    with pytest.raises(ValueError, match="CPU targets only"):
+        make_kernel(LinearConfig(in_features=8, out_features=8, panel=8), GpuSchedule())
+
+
 def _params(func: tvm.tirx.PrimFunc) -> list[tuple[str, str, str]]:
     """Each parameter's name, shape (as text: symbolic dims by name) and dtype."""
     return [(p.name, str(list(p.ty.shape)), str(p.ty.dtype)) for p in func.params]
@@ -285,6 +329,13 @@ def test_built_kernel_has_its_spec_signature(config, schedule):
     assert str(built.attrs["moec.config"]) == str(spec.attrs["moec.config"]) == config.to_json()
     assert json.loads(str(built.attrs["moec.schedule"]))["kind"] == schedule.kind
     assert "moec.schedule" not in spec.attrs
+
+
+def test_built_linear_kernel_has_its_spec_signature():
+    config = LinearConfig(in_features=20, out_features=40, panel=16)
+    spec, built = kernel_spec(config), make_kernel(config, CpuSchedule())
+    assert _params(built) == _params(spec)
+    assert _params(spec)[1] == ("w", "[3, 20, 16]", "float32")
 
 
 def test_expert_kernels_with_one_lane_fold_nothing():

@@ -4,17 +4,18 @@
 // libtvm_runtime.so and libtvm_ffi.so:
 //
 //   moec-runner ARTIFACT_DIR [--input NAME=path.npy ...] [--random-inputs [--tokens T] [--seed S]]
-//               [--output-dir DIR] [--repeat N] [--warmup W]
+//               [--output-dir DIR] [--repeat N] [--warmup W] [--threads T]
 //
 // It reads manifest.json (input, output and weight names, and whether the target is a CUDA
 // GPU), loads weights.params with the runtime's own param-dict loader (global function
 // "runtime.LoadParamsFromFile"), loads the model library, creates the Relax VM
-// ("vm_load_executable", "vm_initialization"), runs main(*inputs, *params) once, prints each
+// ("vm_load_executable", "vm_initialization"), runs main(*inputs, *params) once (or the
+// manifest's "entries"."one_token" function when every symbolic input dimension is 1), prints each
 // output's shape and, with --output-dir, writes it as DIR/<output name>.npy ('/' in a name
 // becomes '_'). --random-inputs makes every input not given with --input from random numbers
 // (symbolic dimensions: T tokens, as `moec run --tokens` does), so that the model runs on a
 // board without any input files. With --repeat N it then times N further runs (after W
-// warmups, inputs already on the device).
+// warmups, inputs already on the device). --threads T sets the CPU threads (TVM_NUM_THREADS).
 //
 // Device: CPU for llvm targets. For a CUDA target (manifest "target"."cuda" not null) the
 // runner loads libtvm_runtime_cuda.so, creates the VM for the GPU with the CPU as host (for
@@ -41,6 +42,7 @@
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -59,7 +61,7 @@ namespace {
 
 const char* const kUsage =
     "usage: moec-runner ARTIFACT_DIR [--input NAME=path.npy ...] [--random-inputs [--tokens T] "
-    "[--seed S]] [--output-dir DIR] [--repeat N] [--warmup W]";
+    "[--seed S]] [--output-dir DIR] [--repeat N] [--warmup W] [--threads T]";
 const char* const kFormat = "moec-artifact/1";
 
 // A user-facing failure: printed as one line, exit status 1.
@@ -273,6 +275,7 @@ struct Manifest {
   std::vector<TensorSpec> inputs, outputs;
   std::vector<std::string> params;
   bool cuda = false;  // the target is a CUDA GPU (manifest "target"."cuda" is an object)
+  std::string one_token;  // "entries"."one_token": main with its symbolic input dims fixed to 1
 };
 
 ffi::Any Field(const ffi::Map<ffi::Any, ffi::Any>& object, const char* key, const std::string& where) {
@@ -349,7 +352,26 @@ Manifest LoadManifest(const fs::path& dir) {
     auto cuda = target->Get(ffi::String("cuda"));
     manifest.cuda = cuda.has_value() && *cuda != nullptr;
   }
+  if (root->count(ffi::String("entries"))) {
+    auto entries = Field(*root, "entries", where).try_cast<ffi::Map<ffi::Any, ffi::Any>>();
+    if (!entries.has_value()) throw Failure(where + " 'entries': expected an object; recompile the model");
+    auto one_token = entries->Get(ffi::String("one_token"));
+    if (one_token.has_value()) manifest.one_token = AsString(*one_token, where + " 'entries'");
+  }
   return manifest;
+}
+
+// The library function for these inputs: the one-token entry point when the artifact has one and
+// every symbolic input dimension is 1 (static shapes and memory), else main.
+std::string EntryFor(const Manifest& manifest, const std::vector<Array>& arrays) {
+  if (manifest.one_token.empty()) return "main";
+  for (size_t i = 0; i < manifest.inputs.size(); ++i) {
+    const TensorSpec& spec = manifest.inputs[i];
+    for (size_t axis = 0; axis < spec.shape.size(); ++axis) {
+      if (spec.shape[axis] < 0 && arrays[i].shape[axis] != 1) return "main";
+    }
+  }
+  return manifest.one_token;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -431,6 +453,7 @@ struct Options {
   int seed = 0;
   int repeat = 0;
   int warmup = 5;
+  int threads = 0;  // 0: the runtime's default (TVM_NUM_THREADS, else one per core)
 };
 
 int ParseCount(const std::string& flag, const std::string& text) {
@@ -488,6 +511,9 @@ Options ParseArgs(int argc, char** argv) {
       if (options.tokens == 0) throw UsageError("--tokens must be at least 1");
     } else if (arg == "--seed") {
       options.seed = ParseCount(arg, next());
+    } else if (arg == "--threads") {
+      options.threads = ParseCount(arg, next());
+      if (options.threads == 0) throw UsageError("--threads must be at least 1");
     } else if (arg.rfind("-", 0) == 0 && arg.size() > 1) {
       throw UsageError("unknown option " + arg);
     } else if (!have_artifact) {
@@ -619,6 +645,8 @@ double Percentile(std::vector<double> sorted, double q) {  // numpy's default (l
 }
 
 int Run(const Options& options) {
+  // TVM's CPU thread pool reads TVM_NUM_THREADS when it starts, at the first kernel call.
+  if (options.threads > 0) setenv("TVM_NUM_THREADS", std::to_string(options.threads).c_str(), 1);
   Manifest manifest = LoadManifest(options.artifact);
   fs::path library = options.artifact / manifest.library;
   fs::path weights = options.artifact / manifest.weights;
@@ -629,6 +657,7 @@ int Run(const Options& options) {
     }
   }
   std::vector<Array> arrays = LoadInputs(manifest, options);
+  const std::string entry = EntryFor(manifest, arrays);
   const DLDevice device = manifest.cuda ? kCUDA : kCPU;
   if (manifest.cuda) LoadCudaRuntime();
 
@@ -673,8 +702,10 @@ int Run(const Options& options) {
     init(static_cast<int>(device.device_type), device.device_id, kPooledAllocator, static_cast<int>(kDLCPU), 0,
          kPooledAllocator);
   }
-  auto main_fn = (*vm)->GetFunction(ffi::String("main"), false);
-  if (!main_fn.has_value()) throw Failure(library.string() + ": executable has no 'main'");
+  auto main_fn = (*vm)->GetFunction(ffi::String(entry), false);
+  if (!main_fn.has_value()) {
+    throw Failure(library.string() + ": executable has no '" + entry + "'; recompile the model");
+  }
 
   std::vector<ffi::AnyView> views(args.begin(), args.end());
   auto call = [&]() {

@@ -1,0 +1,72 @@
+"""Dense linear layer ``y = x @ W``: output-stationary register blocking over packed weight panels.
+
+A dense matmul with a weight (attention projections, routers, shared experts, LM heads) reads
+every weight once per call, so it must stream ``W`` at memory speed and, with several tokens,
+reuse each weight load for all of them. The weight is packed at compile time into panels of
+``panel`` output columns (:class:`moec.kernels.config.LinearConfig`): panel ``p`` is
+``[in_features, panel]``, contiguous. One parallel task owns one panel and, for
+``token_block`` tokens at a time, keeps their ``token_block × panel`` partial outputs in vector
+registers; for each input feature ``k`` it loads the panel's row ``k`` once (a few vectors) and
+adds ``x[t, k] ×`` that row into every token's accumulators (a broadcast, then FMAs). No
+horizontal reduction, no partial sums leaving registers until the panel is done. Tokens past the
+last full block are computed one by one.
+
+Summation over ``k`` runs in order, so results do not depend on the thread count.
+"""
+
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+from moec.kernels.backend import Backend, CpuBackend, widen
+from moec.kernels.config import LinearConfig
+
+
+def make_linear_kernel(config: LinearConfig, backend: Backend) -> tirx.PrimFunc:
+    """PrimFunc ``y[t, :] = x[t, :] @ W`` with ``W`` in packed panels (:class:`LinearConfig`).
+
+    Signature: :meth:`LinearConfig.signature` (``x`` ``[n, K]``, ``w`` ``[P, K, panel]`` →
+    ``y`` ``[n, N]``). CPU targets only: on CUDA targets dense matmuls stay with TVM's dlight
+    GPU schedules.
+    """
+    if not isinstance(backend, CpuBackend):
+        raise ValueError("the linear kernel is built for CPU targets only (CUDA uses dlight's matmul)")
+    K, N, NB, P = config.in_features, config.out_features, config.panel, config.panels
+    WD = config.weight_dtype
+    TB = backend.token_block
+    load = widen(WD)
+    exact = N % NB == 0
+
+    @T.macro
+    def panel_block(acc, x, w, y, p, t0, count):
+        """Tokens ``t0 .. t0 + count`` of panel ``p``: accumulate over ``k``, then store."""
+        for t in T.unroll(count):
+            for v in T.vectorized(NB):
+                acc[t, v] = T.float32(0)
+        for k in range(K):
+            for t in T.unroll(count):
+                for v in T.vectorized(NB):
+                    acc[t, v] = acc[t, v] + x[t0 + t, k] * load(w[p, k, v])
+        for t in T.unroll(count):
+            if exact or p < P - 1:
+                for v in T.vectorized(NB):
+                    y[t0 + t, p * NB + v] = acc[t, v]
+            else:
+                for v in range(N - (P - 1) * NB):
+                    y[t0 + t, p * NB + v] = acc[t, v]
+
+    @T.prim_func
+    def linear(x_h: T.handle, w: T.Buffer((P, K, NB), WD), y_h: T.handle):
+        T.func_attr(backend.attrs)
+        n = T.int64()
+        x = T.match_buffer(x_h, (n, K), "float32")
+        y = T.match_buffer(y_h, (n, N), "float32")
+        for p in T.parallel(P):
+            acc = T.alloc_buffer((TB, NB), "float32")
+            for b in range(n // TB):
+                panel_block(acc, x, w, y, p, b * TB, TB)
+            for t in range(n % TB):
+                panel_block(acc, x, w, y, p, n - t - 1, 1)
+
+    return linear
