@@ -73,7 +73,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import REPO, cpu_model, git_revision, log, write_markdown
+from common import REPO, MoecModel, cpu_model, git_revision, log, write_markdown
 
 HIDDEN = 512
 FFN = 1024
@@ -392,15 +392,11 @@ def load_systems(
     import tvm.relax.frontend.onnx  # noqa: F401  (registers relax.frontend.onnx)
     from tvm import relax
 
-    from moec.runtime.session import ArtifactSession
 
-    session = ArtifactSession(workdir / "moec")
-    moec_main = session.vm["main"]
-    moec_params = session.params
+    moec = MoecModel(workdir / "moec")
 
     def make_moec(x: np.ndarray) -> tuple[Fn, Callable[[], np.ndarray]]:
-        xt = tvm.runtime.tensor(x, session.device)
-        return (lambda: moec_main(xt, *moec_params)), (lambda: moec_main(xt, *moec_params).numpy())
+        return moec.make(x)
 
     def ort_session(path: Path) -> Any:
         options = ort.SessionOptions()
@@ -519,11 +515,10 @@ def profile_moec(workdir: Path, x: np.ndarray, evict: Evictor, calls: int) -> di
     """
     import tvm
 
-    from moec.runtime.session import ArtifactSession
 
-    session = ArtifactSession(workdir / "moec")
+    session = MoecModel(workdir / "moec")
     xt = tvm.runtime.tensor(x, session.device)
-    main = session.vm["main"]
+    main = session.function_for(x)
     totals: dict[str, float] = defaultdict(float)
     starts: dict[str, float] = {}
 

@@ -10,10 +10,11 @@ Why: a kernel rewrite should be judged against the kernels it replaces on the sa
 the same process: absolute numbers in BENCHMARKS.md move from machine to machine (these VMs
 differ between sessions by 2x in DRAM bandwidth), a ratio measured interleaved does not.
 
-How: both artifacts are loaded with TVM's runtime alone (``manifest.json`` → library,
-weights, parameter order: the format both revisions write) into ``--procs`` processes per thread
-count (TVM reads ``TVM_NUM_THREADS`` once; where an artifact's weights land in memory moves its
-cold time by several per cent, so samples of several processes are pooled). Both outputs are
+How: both artifacts are loaded with moec's runtime (``ArtifactSession``: the artifact format
+both revisions write; each call through the entry point the runtime picks for it) into
+``--procs`` processes per thread count (TVM reads ``TVM_NUM_THREADS`` once; where an artifact's
+weights land in memory moves its cold time by several per cent, so samples of several processes
+are pooled). Both outputs are
 checked against the float64 numpy block first. Then, per token count, cold (cache flushed
 before each call, as in ``bench_mixtral_block.py``) and warm calls alternate between the two
 artifacts, the order rotated every repetition. Reported: each one's median and head ÷ base
@@ -49,7 +50,7 @@ from bench_mixtral_block import (
     numpy_block,
     time_interleaved,
 )
-from common import REPO, cpu_model, git_revision, log, write_markdown
+from common import REPO, MoecModel, cpu_model, git_revision, log, write_markdown
 
 HEAD = "head"
 BASE = "base"
@@ -88,45 +89,19 @@ def compile_at(tree: Path, model: Path, out: Path) -> None:
         raise SystemExit(f"moec at {tree} failed to compile the block:\n{done.stderr.strip()[-2000:]}")
 
 
-class Artifact:
-    """A compiled block loaded with TVM's runtime alone."""
-
-    def __init__(self, folder: Path) -> None:
-        import tvm
-        from tvm import relax
-
-        manifest = json.loads((folder / "manifest.json").read_text())
-        self.device = tvm.cpu()
-        library = tvm.runtime.load_module(str(folder / manifest["library"]))
-        self.main = relax.VirtualMachine(library, self.device)["main"]
-        stored = tvm.runtime.load_param_dict_from_file(str(folder / manifest["weights"]))
-        self.params = [stored[name] for name in manifest["params"]]
-
-    def call_on(self, x: np.ndarray) -> tuple[Any, Any]:
-        """A no-argument call on ``x`` (converted once) and a function returning its output."""
-        import tvm
-
-        arg = tvm.runtime.tensor(x, self.device)
-
-        def call() -> Any:
-            return self.main(arg, *self.params)
-
-        return call, lambda: call().numpy()
-
-
 def run_child(args: argparse.Namespace) -> None:
     """Time both artifacts at this process's thread count; write the samples as JSON."""
     threads = int(args.threads)
     workdir = Path(args.workdir)
     weights = dict(np.load(workdir / "weights.npz"))
-    artifacts = {name: Artifact(workdir / name) for name in (BASE, HEAD)}
+    artifacts = {name: MoecModel(workdir / name) for name in (BASE, HEAD)}
     pool = ThreadPoolExecutor(threads)
     evict = Evictor(args.evict_mb, threads, pool)
     result: dict[str, Any] = {}
     for tokens in (int(t) for t in args.tokens.split(",")):
         x = bench_input(tokens)
         reference, _ = numpy_block(x, weights)
-        made = {name: artifact.call_on(x) for name, artifact in artifacts.items()}
+        made = {name: artifact.make(x) for name, artifact in artifacts.items()}
         for name, (_, output) in made.items():
             error = float(np.abs(output() - reference).max())
             if not error <= TOLERANCE:

@@ -8,7 +8,9 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -59,3 +61,33 @@ def write_markdown(path: Path, name: str, section: str) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + block
     path.write_text(text)
+
+
+class MoecModel:
+    """A moec artifact run as moec's Python runtime runs it (``ArtifactSession``: the manifest's
+    one-token entry point for calls whose symbolic input dimensions are all 1, else ``main``), so
+    a benchmark times what a user's call costs. TVM is imported on construction only."""
+
+    def __init__(self, folder: Path) -> None:
+        from moec.runtime.session import ArtifactSession
+
+        self.session = ArtifactSession(folder)
+        self.vm, self.params, self.device = self.session.vm, self.session.params, self.session.device
+
+    def _feeds(self, inputs: tuple) -> dict:
+        return {spec["name"]: value for spec, value in zip(self.session.inputs, inputs, strict=True)}
+
+    def function_for(self, *inputs) -> Any:
+        """The VM function a call on ``inputs`` (in the manifest's input order) runs."""
+        return self.vm[self.session.entry_for(self._feeds(inputs))]
+
+    def make(self, *inputs) -> tuple[Callable[[], Any], Callable[[], Any]]:
+        """A no-argument call on ``inputs`` (converted to TVM tensors once) and a function
+        returning its (single) output as numpy."""
+        main, params = self.function_for(*inputs), self.params
+        args = self.session.input_tensors(self._feeds(inputs))
+
+        def call() -> Any:
+            return main(*args, *params)
+
+        return call, lambda: call().numpy()

@@ -66,6 +66,50 @@ def halving_ladder(step, width: int):
     return fold
 
 
+def token_blocks(block, token_block: int):
+    """A TIR macro ``blocks(ctx, start, count)`` calling ``block(ctx, p0, size)`` on ``count`` rows
+    from ``start``: ``token_block`` at a time, then once on the remainder at its exact size.
+
+    ``size`` is always a constant, so the block's loops over its rows unroll and its accumulators
+    stay in registers; the remainder's size is picked at run time by a chain of ``if``s, so the
+    rows past the last full block cost one more pass over the weights, not one pass each.
+    """
+    tail = None
+    for size in range(token_block - 1, 0, -1):
+        tail = _exact_block(block, size, tail)
+
+    @T.macro
+    def blocks(ctx, start, count):
+        for b in range(count // token_block):
+            block(ctx, start + b * token_block, token_block)
+        if tail is not None:
+            tail(ctx, start + count, count % token_block)
+
+    return blocks
+
+
+def _exact_block(block, size: int, smaller):
+    """``tail(ctx, end, rest)``: ``block(ctx, end - size, size)`` when ``rest == size``, else
+    ``smaller`` (the chain for the sizes below)."""
+    if smaller is None:
+
+        @T.macro
+        def last(ctx, end, rest):
+            if rest == size:
+                block(ctx, end - size, size)
+
+        return last
+
+    @T.macro
+    def step(ctx, end, rest):
+        if rest == size:
+            block(ctx, end - size, size)
+        else:
+            smaller(ctx, end, rest)
+
+    return step
+
+
 def loop(kind: str, extent):
     """A TVMScript loop frame: ``parallel``, ``serial``, or bound to the CUDA thread tag ``kind``."""
     if kind == "parallel":

@@ -149,10 +149,22 @@ class ExpertConfig(MoEKernelConfig):
     hidden: int
     ffn: int
     weight_dtype: str = dataclasses.field(default="float32", kw_only=True)
+    panel: int | None = dataclasses.field(default=None, kw_only=True)
+    """None: matrices ``[E, out, in]``, one output row's dot at a time; an int: matrices packed in
+    panels of ``panel`` output rows (see :meth:`matrix_shape`) for the output-stationary kernels
+    of :mod:`moec.kernels.expert_panels`."""
 
     def __post_init__(self) -> None:
         if self.weight_dtype not in WEIGHT_DTYPES:
             raise ValueError(f"weight_dtype must be one of {WEIGHT_DTYPES}, got {self.weight_dtype!r}")
+
+    def matrix_shape(self, rows: int, columns: int) -> tuple[int, ...]:
+        """An expert matrix of ``rows`` outputs by ``columns`` inputs: ``[E, rows, columns]``, or
+        packed ``[E, ceil(rows / panel), columns, panel]`` (``packed[e, p, c, v] = W[e, p * panel
+        + v, c]``, zeros past the last row)."""
+        if self.panel is None:
+            return (self.num_experts, rows, columns)
+        return (self.num_experts, -(-rows // self.panel), columns, self.panel)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,10 +182,10 @@ class ExpertUpConfig(ExpertConfig):
     def signature(self, rows: TokenDims) -> tuple[BufferSpec, ...]:
         n, E, H, F, K = _tokens(rows), self.num_experts, self.hidden, self.ffn, self.top_k
         WD = self.weight_dtype
-        gate = (BufferSpec("w_gate", (E, F, H), WD), BufferSpec("b_gate", (E, F), "float32"))
+        gate = (BufferSpec("w_gate", self.matrix_shape(F, H), WD), BufferSpec("b_gate", (E, F), "float32"))
         return (
             BufferSpec("x", (n, H), "float32"),
-            BufferSpec("w_up", (E, F, H), WD),
+            BufferSpec("w_up", self.matrix_shape(F, H), WD),
             BufferSpec("b_up", (E, F), "float32"),
             *(gate if self.gated else ()),
             BufferSpec("offset", (E + 1,), "int32"),
@@ -193,7 +205,7 @@ class ExpertDownConfig(ExpertConfig):
         WD = self.weight_dtype
         return (
             BufferSpec("inter", (n * K, F), "float32"),
-            BufferSpec("w_down", (E, H, F), WD),
+            BufferSpec("w_down", self.matrix_shape(H, F), WD),
             BufferSpec("b_down", (E, H), "float32"),
             BufferSpec("offset", (E + 1,), "int32"),
             BufferSpec("token", (n * K,), "int32"),

@@ -13,6 +13,9 @@ FMAs (then the tail one by one); the backend's dot leaves each row's sums in ``a
 and the thread that owns the row applies the epilogue (the activation, or the weighted
 accumulation into the output). Each output element is written by one thread only, experts in
 a fixed order, so there are no atomics and results are deterministic.
+
+A config with a ``panel`` (weights packed in panels of output rows, CPU targets) gets the
+output-stationary form of the same two kernels instead: :mod:`moec.kernels.expert_panels`.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from tvm.script import tirx as T
 
 from moec.kernels.backend import Backend
 from moec.kernels.config import ExpertDownConfig, ExpertUpConfig
+from moec.kernels.expert_panels import make_expert_down_panels, make_expert_up_panels
 
 
 def activation_epilogue(name: str, gated: bool, alpha: float, beta: float, limit: float):
@@ -124,6 +128,9 @@ def make_expert_up_kernel(config: ExpertUpConfig, backend: Backend) -> tirx.Prim
     c = config
     E, H, F, K, WD, gated = c.num_experts, c.hidden, c.ffn, c.top_k, c.weight_dtype, c.gated
     act = activation_epilogue(c.activation, gated, c.alpha, c.beta, c.limit)
+    if c.panel is not None:
+        panels = make_expert_up_panels(c, backend, act)
+        return panels if gated else _without_params(panels, ("w_gate", "b_gate"))
     dot, W = backend.dot(H, indirect=True, weight_dtype=WD)
 
     @T.macro
@@ -174,6 +181,8 @@ def make_expert_down_kernel(config: ExpertDownConfig, backend: Backend) -> tirx.
     """
     c = config
     E, H, F, K, WD = c.num_experts, c.hidden, c.ffn, c.top_k, c.weight_dtype
+    if c.panel is not None:
+        return make_expert_down_panels(c, backend)
     dot, W = backend.dot(F, indirect=False, weight_dtype=WD)
 
     @T.macro

@@ -9,7 +9,7 @@ reuse each weight load for all of them. The weight is packed at compile time int
 registers; for each input feature ``k`` it loads the panel's row ``k`` once (a few vectors) and
 adds ``x[t, k] ×`` that row into every token's accumulators (a broadcast, then FMAs). No
 horizontal reduction, no partial sums leaving registers until the panel is done. Tokens past the
-last full block are computed one by one.
+last full block form one more block of their exact count (:func:`moec.kernels.backend.token_blocks`).
 
 Summation over ``k`` runs in order, so results do not depend on the thread count.
 """
@@ -19,7 +19,7 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
-from moec.kernels.backend import Backend, CpuBackend, widen
+from moec.kernels.backend import Backend, CpuBackend, token_blocks, widen
 from moec.kernels.config import LinearConfig
 
 
@@ -39,8 +39,9 @@ def make_linear_kernel(config: LinearConfig, backend: Backend) -> tirx.PrimFunc:
     exact = N % NB == 0
 
     @T.macro
-    def panel_block(acc, x, w, y, p, t0, count):
+    def panel_block(ctx, t0, count):
         """Tokens ``t0 .. t0 + count`` of panel ``p``: accumulate over ``k``, then store."""
+        acc, x, w, y, p = ctx
         for t in T.unroll(count):
             for v in T.vectorized(NB):
                 acc[t, v] = T.float32(0)
@@ -52,9 +53,12 @@ def make_linear_kernel(config: LinearConfig, backend: Backend) -> tirx.PrimFunc:
             if exact or p < P - 1:
                 for v in T.vectorized(NB):
                     y[t0 + t, p * NB + v] = acc[t, v]
-            else:
-                for v in range(N - (P - 1) * NB):
-                    y[t0 + t, p * NB + v] = acc[t, v]
+            else:  # unrolled: constant accumulator indices keep them in registers
+                for v in T.unroll(NB):
+                    if v < N - (P - 1) * NB:
+                        y[t0 + t, p * NB + v] = acc[t, v]
+
+    blocks = token_blocks(panel_block, TB)
 
     @T.prim_func
     def linear(x_h: T.handle, w: T.Buffer((P, K, NB), WD), y_h: T.handle):
@@ -63,10 +67,7 @@ def make_linear_kernel(config: LinearConfig, backend: Backend) -> tirx.PrimFunc:
         x = T.match_buffer(x_h, (n, K), "float32")
         y = T.match_buffer(y_h, (n, N), "float32")
         for p in T.parallel(P):
-            acc = T.alloc_buffer((TB, NB), "float32")
-            for b in range(n // TB):
-                panel_block(acc, x, w, y, p, b * TB, TB)
-            for t in range(n % TB):
-                panel_block(acc, x, w, y, p, n - t - 1, 1)
+            acc = T.alloc_buffer((TB, NB), "float32", scope=backend.scratch_scope)
+            blocks((acc, x, w, y, p), 0, n)
 
     return linear

@@ -5,8 +5,9 @@ Phase 1 (layers): rewrites of MoE layers driven by the compile options (masking 
          chosen from the calibration profile) — ``MaskExperts``, ``PruneChannels``,
          ``SkipExperts``, ``FixedRouting``, ``StoreExpertWeights``, each only when asked for.
 Phase 2 (schedule): on CPU targets, ``main``'s dense matmuls with weights moved onto moec's linear
-         kernel, their weights packed in panels (``DenseLinear``); then every kernel spec built
-         for the target's schedule (``ApplyKernelSchedule``).
+         kernel, their weights packed in panels (``DenseLinear``), and the expert matrices
+         packed in panels for the output-stationary expert kernels (``PackExpertWeights``);
+         then every kernel spec built for the target's schedule (``ApplyKernelSchedule``).
 Phase 3 (export): the detached weights sliced and converted to ``main``'s signature as the
          layer passes left it (``SliceWeights``), then, for CUDA targets, ``main``'s parameters
          renamed to C identifiers (``CIdentifiers``); last, ``main_one_token``, ``main`` with its
@@ -35,6 +36,7 @@ from moec.passes.fixed_routing import FixedRouting
 from moec.passes.inline_layers import InlineLayers
 from moec.passes.mask_experts import MaskExperts
 from moec.passes.one_token_entry import OneTokenEntry
+from moec.passes.pack_expert_weights import PackExpertWeights
 from moec.passes.prune_channels import PruneChannels
 from moec.passes.skip_experts import SkipExperts
 from moec.passes.slice_weights import SliceWeights
@@ -67,12 +69,13 @@ def moe_pipeline(
         layers.append(FixedRouting(options.routing))
     if options.weights_precision != "fp32":
         layers.append(StoreExpertWeights(options.weights_precision))
-    dense = [DenseLinear(schedule)] if isinstance(schedule, CpuSchedule) else []
+    dense = [DenseLinear(schedule), PackExpertWeights(schedule)] if isinstance(schedule, CpuSchedule) else []
     identifiers = [CIdentifiers()] if c_identifiers else []
     phases: list[tuple[str, tvm.transform.Pass]] = [
         # Phase 1: MoE layer rewrites.
         ("layers", tvm.transform.Sequential(layers)),
-        # Phase 2: dense matmuls on moec's linear kernel (CPU), kernel schedules from the target file.
+        # Phase 2: dense matmuls on moec's linear kernel and expert weights in panels (CPU), then
+        # kernel schedules from the target file.
         ("schedule", tvm.transform.Sequential([*dense, ApplyKernelSchedule(schedule)])),
         # Phase 3: the weights follow main's signature; names the generated code can use; the
         # static one-token entry point.

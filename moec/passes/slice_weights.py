@@ -9,16 +9,17 @@ Rewrite rules, on ``main``:
 - its attributes ``moec.expert_slices`` (parameter name → kept expert ids, from
   ``MaskExperts``), ``moec.channel_slices`` (parameter name → ``[axis, per kept expert the
   channel ids]``, from ``PruneChannels``) and ``moec.packed_weights`` (parameter name →
-  ``{"panel", "transposed"}``, from ``DenseLinear``) are removed: once the weights are sliced
-  and packed they say nothing more about the module;
+  ``{"panel", "transposed"[, "experts"]}``, from ``DenseLinear`` and ``PackExpertWeights``)
+  are removed: once the weights are sliced and packed they say nothing more about the module;
 - the module is otherwise unchanged.
 
 Alongside, ``weights`` (parameter name → tensor, in ``main``'s parameter order, under the names
 the parameters have when the pass runs: the ONNX names) holds each weight with the experts and
 channels the attributes list sliced away, converted to its parameter's dtype
-(``StoreExpertWeights``' fp16), and packed in panels where ``DenseLinear`` asked
-(``packed[p, k, v] = W[k, p * panel + v]``, ``W`` transposed first if stored ``[N, K]``, zeros
-past the last column). A weight nothing changed is passed through, not copied.
+(``StoreExpertWeights``' fp16), and packed in panels where ``DenseLinear`` or
+``PackExpertWeights`` asked (``packed[p, k, v] = W[k, p * panel + v]``, ``W`` transposed first
+if stored ``[N, K]``, zeros past the last column; with ``experts``, each expert's matrix so).
+A weight nothing changed is passed through, not copied.
 
 Runs in the export phase, after every pass that retypes ``main``'s weights and before
 ``CIdentifiers`` renames them.
@@ -92,7 +93,11 @@ def _follow(
         axis, kept = channels
         array = np.stack([np.take(array[e], ids, axis=axis - 1) for e, ids in enumerate(kept)])
     if packing is not None:
-        array = _panels(array.T if packing["transposed"] else array, int(packing["panel"]))
+        panel, transposed = int(packing["panel"]), bool(packing["transposed"])
+        if packing.get("experts"):  # one [out, in] matrix per expert, each packed
+            array = np.stack([_panels(matrix.T if transposed else matrix, panel) for matrix in array])
+        else:
+            array = _panels(array.T if transposed else array, panel)
     return tvm.runtime.tensor(np.ascontiguousarray(array.astype(dtype, copy=False)))
 
 

@@ -66,7 +66,8 @@ def test_masked_experts_are_never_selected_and_not_stored(model, tmp_path: Path)
     assert [p["expert"] for p in plan if p["kept"]] == kept
     assert all(p["bytes"] == 0 for p in plan if not p["kept"])
     stored = tvm.runtime.load_param_dict_from_file(str(masked / "weights.params"))
-    assert stored["moe0.w_up"].shape == (len(kept), FFN, HIDDEN)
+    # host: expert matrices packed in panels (PackExpertWeights), here one 24-row panel per expert
+    assert stored["moe0.w_up"].shape == (len(kept), 1, HIDDEN, FFN)
     expert_bytes = 3 * FFN * HIDDEN * 4
     saved = (full / "weights.params").stat().st_size - (masked / "weights.params").stat().st_size
     assert saved >= 3 * expert_bytes, f"masking 3 experts saved only {saved} bytes"

@@ -21,12 +21,12 @@ from moec.passes.prune_channels import PruneChannels
 LAYER = '{"name": "moe0", "experts": 3, "top_k": 1, "hidden": 2, "ffn": 4, "activation": "relu"}'
 ROUTE_CONFIG = '{"groups": 1, "jitter_eps": 0.0, "kept": null, "normalize": false, "num_experts": 3, "pattern": null, "scale": 1.0, "scoring": "softmax", "selection_bias": null, "skip_below_fraction": null, "skip_top1_above": null, "tie_break": "low", "top_groups": 1, "top_k": 1}'
 GROUP_CONFIG = '{"num_experts": 3, "top_k": 1}'
-UP_CONFIG = '{"activation": "relu", "alpha": 1.0, "beta": 0.0, "ffn": 4, "gated": false, "hidden": 2, "limit": Infinity, "num_experts": 3, "top_k": 1, "weight_dtype": "float32"}'
-DOWN_CONFIG = '{"ffn": 4, "hidden": 2, "num_experts": 3, "top_k": 1, "weight_dtype": "float32"}'
+UP_CONFIG = '{"activation": "relu", "alpha": 1.0, "beta": 0.0, "ffn": 4, "gated": false, "hidden": 2, "limit": Infinity, "num_experts": 3, "panel": null, "top_k": 1, "weight_dtype": "float32"}'
+DOWN_CONFIG = '{"ffn": 4, "hidden": 2, "num_experts": 3, "panel": null, "top_k": 1, "weight_dtype": "float32"}'
 
 KEPT = [[0, 1, 3], [0, 2, 3], [1, 2, 3]]  # per expert, 3 of the 4 channels
-PRUNED_UP_CONFIG = '{"activation": "relu", "alpha": 1.0, "beta": 0.0, "ffn": 3, "gated": false, "hidden": 2, "limit": Infinity, "num_experts": 3, "top_k": 1, "weight_dtype": "float32"}'
-PRUNED_DOWN_CONFIG = '{"ffn": 3, "hidden": 2, "num_experts": 3, "top_k": 1, "weight_dtype": "float32"}'
+PRUNED_UP_CONFIG = '{"activation": "relu", "alpha": 1.0, "beta": 0.0, "ffn": 3, "gated": false, "hidden": 2, "limit": Infinity, "num_experts": 3, "panel": null, "top_k": 1, "weight_dtype": "float32"}'
+PRUNED_DOWN_CONFIG = '{"ffn": 3, "hidden": 2, "num_experts": 3, "panel": null, "top_k": 1, "weight_dtype": "float32"}'
 CHANNEL_SLICES = '{"moe0_w_up": [1, [[0, 1, 3], [0, 2, 3], [1, 2, 3]]], "moe0_b_up": [1, [[0, 1, 3], [0, 2, 3], [1, 2, 3]]], "moe0_w_down": [2, [[0, 1, 3], [0, 2, 3], [1, 2, 3]]]}'
 
 

@@ -19,8 +19,8 @@ from moec.passes.skip_experts import SkipExperts
 LAYER = '{"name": "moe0", "experts": 3, "top_k": 1, "hidden": 2, "ffn": 4, "activation": "relu"}'
 ROUTE_CONFIG = '{"groups": 1, "jitter_eps": 0.0, "kept": null, "normalize": false, "num_experts": 3, "pattern": null, "scale": 1.0, "scoring": "softmax", "selection_bias": null, "skip_below_fraction": null, "skip_top1_above": null, "tie_break": "low", "top_groups": 1, "top_k": 1}'
 GROUP_CONFIG = '{"num_experts": 3, "top_k": 1}'
-UP_CONFIG = '{"activation": "relu", "alpha": 1.0, "beta": 0.0, "ffn": 4, "gated": false, "hidden": 2, "limit": Infinity, "num_experts": 3, "top_k": 1, "weight_dtype": "float32"}'
-DOWN_CONFIG = '{"ffn": 4, "hidden": 2, "num_experts": 3, "top_k": 1, "weight_dtype": "float32"}'
+UP_CONFIG = '{"activation": "relu", "alpha": 1.0, "beta": 0.0, "ffn": 4, "gated": false, "hidden": 2, "limit": Infinity, "num_experts": 3, "panel": null, "top_k": 1, "weight_dtype": "float32"}'
+DOWN_CONFIG = '{"ffn": 4, "hidden": 2, "num_experts": 3, "panel": null, "top_k": 1, "weight_dtype": "float32"}'
 SKIP_ROUTE_CONFIG = '{"groups": 1, "jitter_eps": 0.0, "kept": null, "normalize": false, "num_experts": 3, "pattern": null, "scale": 1.0, "scoring": "softmax", "selection_bias": null, "skip_below_fraction": 0.25, "skip_top1_above": 0.9, "tie_break": "low", "top_groups": 1, "top_k": 1}'
 
 

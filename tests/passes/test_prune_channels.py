@@ -92,8 +92,9 @@ def test_pruned_channels_are_dropped_and_not_stored(profiled, tmp_path: Path) ->
             f"expert {e} kept a weaker channel"
         )
     stored = tvm.runtime.load_param_dict_from_file(str(out / "weights.params"))
-    assert stored["moe0.w_up"].shape == (EXPERTS, FFN // 2, HIDDEN)
-    assert stored["moe0.w_down"].shape == (EXPERTS, HIDDEN, FFN // 2)
+    # host: packed in panels after pruning (one panel of FFN // 2 rows, one of HIDDEN rows)
+    assert stored["moe0.w_up"].shape == (EXPERTS, 1, HIDDEN, FFN // 2)
+    assert stored["moe0.w_down"].shape == (EXPERTS, 1, FFN // 2, HIDDEN)
     session = ArtifactSession(out)
     for tokens in (1, 11):
         x = tokens_input(tokens, HIDDEN, seed=8)

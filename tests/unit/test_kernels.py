@@ -203,6 +203,17 @@ EXPERT_CASES = [
 ]
 
 
+def pack_expert_panels(weight: np.ndarray, panel: int) -> np.ndarray:
+    """Expert matrices ``[E, out, in]`` in the panel kernels' layout, element by element from its
+    definition: ``packed[e, p, c, v] = weight[e, p * panel + v, c]``, zero past row ``out``."""
+    experts, rows, columns = weight.shape
+    packed = np.zeros((experts, -(-rows // panel), columns, panel), weight.dtype)
+    for e, p, c, v in np.ndindex(*packed.shape):
+        if p * panel + v < rows:
+            packed[e, p, c, v] = weight[e, p * panel + v, c]
+    return packed
+
+
 @pytest.mark.parametrize(
     "schedule", SCHEDULES, ids=lambda s: f"l{s.lanes}r{s.rows_per_task}b{s.token_block}a{s.accumulators}"
 )
@@ -211,8 +222,11 @@ EXPERT_CASES = [
     EXPERT_CASES,
     ids=[f"{a}{'-gated' if g else ''}{'-clamped' if e else ''}" for a, g, e in EXPERT_CASES],
 )
+@pytest.mark.parametrize("panel", [None, 8], ids=["rows", "panels-of-8"])
 @pytest.mark.parametrize("tokens", [1, 3, 10])
-def test_expert_kernels_match_numpy(schedule, activation, gated, extra, tokens):
+def test_expert_kernels_match_numpy(schedule, activation, gated, extra, tokens, panel):
+    """Both forms of the expert kernels: one row's dot at a time, and over packed panels (8-row
+    panels of ffn 12 and hidden 20: the last panel of each is partly padding)."""
     layer = _layer(activation=activation, gated=gated, **extra)
     E, H, F, K = layer.num_experts, layer.hidden, layer.ffn, layer.top_k
     rng = np.random.default_rng(tokens)
@@ -234,17 +248,19 @@ def test_expert_kernels_match_numpy(schedule, activation, gated, extra, tokens):
         "beta": layer.beta,
         "limit": layer.limit,
     }
-    first = [layer.w_up, layer.b_up] + ([layer.w_gate, layer.b_gate] if gated else [])
+    pack = (lambda w: w) if panel is None else (lambda w: pack_expert_panels(w, panel))
+    up_config["panel"] = panel
+    first = [pack(layer.w_up), layer.b_up] + ([pack(layer.w_gate), layer.b_gate] if gated else [])
     (inter,) = _run(
         "expert_up", up_config, schedule, x, *first, offset, token, outputs=[((tokens * K, F), "float32")]
     )
-    down_config = {"num_experts": E, "hidden": H, "ffn": F, "top_k": K}
+    down_config = {"num_experts": E, "hidden": H, "ffn": F, "top_k": K, "panel": panel}
     (y,) = _run(
         "expert_down",
         down_config,
         schedule,
         inter,
-        layer.w_down,
+        pack(layer.w_down),
         layer.b_down,
         offset,
         token,
@@ -331,6 +347,24 @@ def test_built_kernel_has_its_spec_signature(config, schedule):
     assert "moec.schedule" not in spec.attrs
 
 
+@pytest.mark.parametrize(
+    "config",
+    [
+        ExpertUpConfig(num_experts=5, hidden=20, ffn=12, top_k=2, activation="silu", gated=True, panel=8),
+        ExpertUpConfig(num_experts=5, hidden=20, ffn=12, top_k=2, activation="relu", gated=False, panel=8),
+        ExpertDownConfig(num_experts=5, hidden=20, ffn=12, top_k=2, weight_dtype="float16", panel=8),
+    ],
+    ids=["up-gated", "up", "down-fp16"],
+)
+def test_built_panel_expert_kernel_has_its_spec_signature(config):
+    spec, built = kernel_spec(config), make_kernel(config, CpuSchedule())
+    assert _params(built) == _params(spec)
+    rows, columns = (config.ffn, config.hidden) if config.kind == "expert_up" else (config.hidden, config.ffn)
+    assert config.matrix_shape(rows, columns) == (5, -(-rows // 8), columns, 8)
+    with pytest.raises(ValueError, match="CPU targets"):
+        make_kernel(config, GpuSchedule())
+
+
 def test_built_linear_kernel_has_its_spec_signature():
     config = LinearConfig(in_features=20, out_features=40, panel=16)
     spec, built = kernel_spec(config), make_kernel(config, CpuSchedule())
@@ -341,5 +375,5 @@ def test_built_linear_kernel_has_its_spec_signature():
 def test_expert_kernels_with_one_lane_fold_nothing():
     """A one-lane dot (``lanes=1``, or an odd row length) has no partial sums to fold."""
     test_expert_kernels_match_numpy(
-        CpuSchedule(lanes=1, rows_per_task=2, token_block=2, accumulators=1), "silu", True, {}, 3
+        CpuSchedule(lanes=1, rows_per_task=2, token_block=2, accumulators=1), "silu", True, {}, 3, None
     )

@@ -1,0 +1,94 @@
+"""PackExpertWeights: store every MoE layer's expert matrices in panels for the panel kernels.
+
+Rewrite rules, for every Relax function with attribute ``moec.layer``, for a CPU schedule:
+
+- its expert matrix parameters (``w_up``, ``w_gate`` ``[E, F, H]``, ``w_down`` ``[E, H, F]``,
+  found by role) become their packed form ``[E, ceil(out / panel), in, panel]``
+  (:meth:`moec.kernels.config.ExpertConfig.matrix_shape`; ``panel`` = the schedule's ``lanes ×
+  panel_vectors``, or the matrix's output size when smaller), their dtype kept;
+- the ``expert_up`` / ``expert_down`` kernel specs it calls are remade with that ``panel``, so
+  the schedule phase builds the output-stationary kernels of :mod:`moec.kernels.expert_panels`;
+- ``main``'s parameters passed to those slots are retyped the same way and recorded in
+  ``main``'s attribute ``moec.packed_weights`` (name → ``{"panel", "transposed": true,
+  "experts": true}``: each expert's ``[out, in]`` matrix is packed like a dense weight
+  ``[in, out]``), from which ``SliceWeights`` packs the stored arrays — after slicing away masked
+  experts and pruned channels, which the layer passes recorded on the unpacked layout.
+  If a slot is fed by anything but a parameter used only there, nothing is rewritten.
+
+Runs in the schedule phase, after the layer passes and before ``ApplyKernelSchedule``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import tvm
+from tvm import relax
+
+from moec.canonical.layer import EXPERT_MATRICES
+from moec.kernels import kernel_config
+from moec.passes.signature import (
+    called_kernels,
+    is_layer,
+    layer_arguments,
+    layer_weight_slots,
+    main_param_types,
+    rebuild,
+    reconfigured,
+)
+from moec.passes.slice_weights import PACKED_WEIGHTS
+from moec.schedule import CpuSchedule
+
+EXPERT_KERNELS = ("expert_up", "expert_down")
+
+
+@tvm.transform.module_pass(opt_level=0, name="PackExpertWeights")
+class PackExpertWeights:
+    """Pack every MoE layer's expert matrices in panels; ``changed`` lists the layers."""
+
+    def __init__(self, schedule: CpuSchedule) -> None:
+        self.width = schedule.lanes * schedule.panel_vectors
+        self.changed: list[str] = []
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        self.changed = []
+        layers = {}
+        kernels: dict[str, tvm.tirx.PrimFunc] = {}
+        panels: dict[str, dict[int, int]] = {}
+        for gvar, func in mod.functions_items():
+            if not is_layer(func):
+                continue
+            found = called_kernels(mod, func, EXPERT_KERNELS)
+            configs = [kernel_config(mod[k]) for k in found]
+            if not configs or any(c.panel is not None for c in configs):
+                continue
+            hidden, ffn = configs[0].hidden, configs[0].ffn
+            # w_up / w_gate: ffn outputs of hidden inputs; w_down: hidden outputs of ffn inputs
+            widths = {"expert_up": min(self.width, ffn), "expert_down": min(self.width, hidden)}
+            types, slots = {}, {}
+            for role, i in layer_weight_slots(func).items():
+                if role not in EXPERT_MATRICES:
+                    continue
+                width = widths["expert_down" if role == "w_down" else "expert_up"]
+                experts, rows, columns = (int(d) for d in func.params[i].ty.shape)
+                shape = [experts, -(-rows // width), columns, width]
+                types[i] = relax.TensorType(shape, func.params[i].ty.dtype)
+                slots[i] = width
+            names = {}
+            for kernel, config in zip(found, configs, strict=True):
+                kernels[kernel.name_hint] = reconfigured(mod[kernel], {"panel": widths[config.kind]})
+                names[kernel.name_hint] = kernel.name_hint
+            layers[gvar.name_hint] = (func, types, names)
+            panels[gvar.name_hint] = slots
+        retyped = {name: types for name, (_, types, _) in layers.items()}
+        main_types = main_param_types(mod["main"], retyped) if layers else None
+        if main_types is None:
+            return mod
+        main = mod["main"]
+        record = json.loads(str(main.attrs[PACKED_WEIGHTS])) if PACKED_WEIGHTS in main.attrs else {}
+        for var, (layer, slot) in layer_arguments(main, panels).items():
+            record[var.name] = {"experts": True, "panel": panels[layer][slot], "transposed": True}
+        attrs = {PACKED_WEIGHTS: json.dumps(record, sort_keys=True)}
+        updated = rebuild(mod, kernels, layers, main_types, attrs)
+        self.changed = sorted(layers)
+        return updated
