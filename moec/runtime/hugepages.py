@@ -26,15 +26,21 @@ class HugePageArena:
         self._maps: list[mmap.mmap] = []
 
     def place(self, tensor: tvm.runtime.Tensor) -> tvm.runtime.Tensor:
-        """A CPU tensor equal to ``tensor``, in huge pages if it is large enough to matter."""
-        value = tensor.numpy()
-        if value.nbytes < MIN_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
+        """A CPU tensor equal to ``tensor``, in huge pages if it is large enough to matter.
+
+        Copied straight from ``tensor`` (no intermediate numpy copy): a caller that drops
+        ``tensor`` afterwards holds each weight once, plus one tensor's worth while placing.
+        """
+        dtype = np.dtype(str(tensor.dtype))
+        shape = tuple(int(d) for d in tensor.shape)
+        nbytes = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+        if nbytes < MIN_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
             return tensor
-        mapping = mmap.mmap(-1, value.nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        mapping = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         raw = np.frombuffer(mapping, np.uint8)
         start = (-raw.ctypes.data) % HUGE_PAGE
-        mapping.madvise(mmap.MADV_HUGEPAGE, start, value.nbytes)
-        placed = raw[start : start + value.nbytes].view(value.dtype).reshape(value.shape)
-        placed[...] = value
+        mapping.madvise(mmap.MADV_HUGEPAGE, start, nbytes)
+        placed = tvm.runtime.from_dlpack(raw[start : start + nbytes].view(dtype).reshape(shape))
+        placed.copyfrom(tensor)
         self._maps.append(mapping)
-        return tvm.runtime.from_dlpack(placed)
+        return placed

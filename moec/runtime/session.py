@@ -25,7 +25,9 @@ class ArtifactSession:
             library = tvm.runtime.load_module(str(self.dir / self.manifest["library"]))
             self.device = tvm.cpu()
             self.vm = VirtualMachine(library, self.device)
-            stored = tvm.runtime.load_param_dict_from_file(str(self.dir / self.manifest["weights"]))
+            # a dict of its own (not the runtime's Map), so each weight can be dropped once placed
+            weights = str(self.dir / self.manifest["weights"])
+            stored = dict(tvm.runtime.load_param_dict_from_file(weights).items())
             missing = [name for name in self.manifest["params"] if name not in stored]
         except Exception as err:
             raise MoecError(f"{self.dir}: damaged artifact ({first_line(err)}); recompile the model") from err
@@ -33,7 +35,7 @@ class ArtifactSession:
             cause = f"weights lack {missing[0]!r}"
             raise MoecError(f"{self.dir}: damaged artifact ({cause}); recompile the model")
         self._arena = HugePageArena()
-        self.params = [self._arena.place(stored[name]) for name in self.manifest["params"]]
+        self.params = [self._arena.place(stored.pop(name)) for name in self.manifest["params"]]
 
     @property
     def inputs(self) -> list[dict[str, Any]]:
