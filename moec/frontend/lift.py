@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import onnx
 import tvm
 from tvm import relax
@@ -151,7 +152,8 @@ def _tag_contrib_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 class MoEGraphImporter(ONNXGraphImporter):
-    """TVM's ONNX importer, taught the ``moec::MoELayer`` node and onnxruntime's contrib ops."""
+    """TVM's ONNX importer, taught the ``moec::MoELayer`` node and onnxruntime's contrib ops, and
+    ``Pow`` by a constant 2 as a product."""
 
     def __init__(self, layers: list[MoELayer], **kwargs) -> None:
         super().__init__(**kwargs)
@@ -165,7 +167,23 @@ class MoEGraphImporter(ONNXGraphImporter):
         ours.node.extend(kept)
         super()._check_for_unsupported_ops(ours)
 
+    def _constant(self, expr: relax.Expr) -> np.ndarray | None:
+        """The value of a constant input: a Relax constant, or an initializer (a weight parameter
+        of ``main`` under ``keep_params_in_input``); None for anything computed at run time."""
+        if isinstance(expr, tvm.ir.GenericConst):
+            return expr.value.numpy()
+        for var, array in self._params.values():
+            if var.same_as(expr):
+                return np.asarray(array.numpy() if hasattr(array, "numpy") else array)
+        return None
+
     def _convert_operator(self, op_name, inputs, attrs, opset):
+        if op_name == "Pow" and len(inputs) == 2:
+            # x ** 2 (RMSNorm's mean of squares): a product, where TVM's power is a powf call per
+            # element that its default lowering neither vectorises nor schedules
+            exponent = self._constant(inputs[1])
+            if exponent is not None and exponent.size == 1 and float(exponent.reshape(-1)[0]) == 2.0:
+                return self.bb.normalize(relax.op.multiply(inputs[0], inputs[0]))
         if op_name.startswith(CONTRIB_PREFIX):
             domain, op_type = op_name[len(CONTRIB_PREFIX) :].split(":", 1)
             result = contrib_converter(domain, op_type)(self.bb, list(inputs), attrs)

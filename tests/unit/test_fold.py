@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from moec.frontend.fold import fold_constants
@@ -165,3 +166,45 @@ def test_arithmetic_on_shape_values_and_expand_of_symbolic_data(tmp_path: Path) 
         check_artifact(
             session, model, {"x": np.random.default_rng(7).standard_normal(shape).astype(np.float32)}
         )
+
+
+def _squares_model(exponent: float, as_initializer: bool) -> onnx.ModelProto:
+    """``y = x ** exponent``, the exponent an initializer or a Constant node."""
+    value = numpy_helper.from_array(np.array(exponent, np.float32), "e")
+    nodes = [helper.make_node("Pow", ["x", "e"], ["y"])]
+    if not as_initializer:
+        nodes.insert(0, helper.make_node("Constant", [], ["e"], value=value))
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])
+    return _model(nodes, [x], [y], [value] if as_initializer else [])
+
+
+@pytest.mark.parametrize("as_initializer", [True, False], ids=["initializer", "constant-node"])
+@pytest.mark.parametrize("exponent", [2.0, 3.0])
+def test_pow_by_two_is_a_product(tmp_path: Path, exponent: float, as_initializer: bool) -> None:
+    """``x ** 2`` (RMSNorm's squares) lifts to ``x * x``, not a per-element ``powf``; other
+    exponents stay ``power``. Both match numpy and onnxruntime."""
+    from moec.frontend.importer import import_model
+
+    model = _squares_model(exponent, as_initializer)
+    ops = {str(call.op.name) for call in _calls(import_model(model).to_relax()["main"])}
+    assert ("relax.power" in ops) == (exponent != 2.0), ops
+    session = compile_to(model, tmp_path)
+    check_artifact(session, model, {"x": np.random.default_rng(3).standard_normal((5, 8)).astype(np.float32)})
+
+
+def _calls(func) -> list:
+    """Every operator call in ``func``'s body."""
+    from tvm.relax.expr_functor import PyExprVisitor, visitor
+
+    found: list = []
+
+    @visitor
+    class _Calls(PyExprVisitor):
+        def visit_call_(self, call) -> None:
+            if hasattr(call.op, "name"):
+                found.append(call)
+            super().visit_call_(call)
+
+    _Calls().visit_expr(func.body)
+    return found
