@@ -35,10 +35,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, PyExprVisitor, mutator, visitor
 
-
-def is_layer(func: object) -> bool:
-    """Whether ``func`` is a MoE layer function (a Relax function with ``moec.layer``)."""
-    return isinstance(func, relax.Function) and func.attrs is not None and "moec.layer" in func.attrs
+from moec.passes.signature import is_layer
 
 
 def _symbol_bindings(
