@@ -26,6 +26,11 @@ class CpuSchedule:
     accumulators: int = 2
     panel_vectors: int = 2
 
+    def panel(self, outputs: int) -> int:
+        """The panel width for a weight of ``outputs`` output columns: ``lanes × panel_vectors``,
+        or ``outputs`` when fewer."""
+        return min(self.lanes * self.panel_vectors, outputs)
+
 
 @dataclasses.dataclass(frozen=True)
 class GpuSchedule:

@@ -93,11 +93,10 @@ class _Uses(PyExprVisitor):
 
 
 def _packings(
-    main: relax.Function, schedule: CpuSchedule
+    main: relax.Function, found: _Uses, schedule: CpuSchedule
 ) -> tuple[dict[relax.Var, _Packing], set[relax.Var]]:
-    """The weights to pack (by parameter) and the transposes of them the rewrite drops."""
-    found = _Uses()
-    found.visit_expr(main.body)
+    """The weights to pack (by parameter) and the transposes of them the rewrite drops, from the
+    uses and bindings ``found`` in ``main``'s body."""
     weights = set(main.params[int(main.attrs["num_input"]) :])
     transposes = {
         var: value.args[0]
@@ -134,7 +133,7 @@ def _packings(
             continue
         rows, cols = (int(d) for d in w.ty.shape.values)
         in_features, out_features = (cols, rows) if transposed else (rows, cols)
-        panel = min(schedule.lanes * schedule.panel_vectors, out_features)
+        panel = schedule.panel(out_features)
         config = LinearConfig(in_features=in_features, out_features=out_features, panel=panel)
         packings[w] = _Packing(config, transposed)
     dropped = {t for t, source in transposes.items() if source in packings}
@@ -200,13 +199,13 @@ class DenseLinear:
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         main = mod["main"]
-        packings, dropped = _packings(main, self.schedule)
+        found = _Uses()
+        found.visit_expr(main.body)
+        packings, dropped = _packings(main, found, self.schedule)
         self.changed = sorted(w.name for w in packings)
         if not packings:
             return mod
         packed = {w: relax.Var(w.name, _packed_type(p.config)) for w, p in packings.items()}
-        found = _Uses()
-        found.visit_expr(main.body)
         rewriter = _Rewriter(mod, packings, dropped, packed, found.values)
         rewritten = rewriter.visit_expr(main)
         record = {w.name: {"panel": p.config.panel, "transposed": p.transposed} for w, p in packings.items()}

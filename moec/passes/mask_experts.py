@@ -27,7 +27,6 @@ from moec.passes.signature import (
     is_layer,
     layer_arguments,
     layer_weight_slots,
-    main_param_types,
     rebuild,
     reconfigured,
 )
@@ -72,16 +71,15 @@ class MaskExperts:
                 kernels[names[kernel.name_hint]] = reconfigured(mod[kernel], extra)
             layers[name] = (func, types, names)
             slices[name] = dict.fromkeys(types, kept)
-        main_types = (
-            main_param_types(mod["main"], {n: t for n, (_, t, _) in layers.items()}) if layers else None
-        )
-        if main_types is None:
+        if not layers:
             return mod
         expert_slices = {
             var.name: self.kept[layer] for var, (layer, _) in layer_arguments(mod["main"], slices).items()
         }
         attrs = {EXPERT_SLICES: json.dumps(expert_slices)}
-        updated = rebuild(mod, kernels, layers, main_types, attrs)
+        updated = rebuild(mod, kernels, layers, attrs)
+        if updated is None:
+            return mod
         self.changed = sorted(layers)
         return updated
 

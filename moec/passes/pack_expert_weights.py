@@ -32,7 +32,6 @@ from moec.passes.signature import (
     is_layer,
     layer_arguments,
     layer_weight_slots,
-    main_param_types,
     rebuild,
     reconfigured,
 )
@@ -47,7 +46,7 @@ class PackExpertWeights:
     """Pack every MoE layer's expert matrices in panels; ``changed`` lists the layers."""
 
     def __init__(self, schedule: CpuSchedule) -> None:
-        self.width = schedule.lanes * schedule.panel_vectors
+        self.schedule = schedule
         self.changed: list[str] = []
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
@@ -64,7 +63,7 @@ class PackExpertWeights:
                 continue
             hidden, ffn = configs[0].hidden, configs[0].ffn
             # w_up / w_gate: ffn outputs of hidden inputs; w_down: hidden outputs of ffn inputs
-            widths = {"expert_up": min(self.width, ffn), "expert_down": min(self.width, hidden)}
+            widths = {"expert_up": self.schedule.panel(ffn), "expert_down": self.schedule.panel(hidden)}
             types, slots = {}, {}
             for role, i in layer_weight_slots(func).items():
                 if role not in EXPERT_MATRICES:
@@ -80,15 +79,15 @@ class PackExpertWeights:
                 names[kernel.name_hint] = kernel.name_hint
             layers[gvar.name_hint] = (func, types, names)
             panels[gvar.name_hint] = slots
-        retyped = {name: types for name, (_, types, _) in layers.items()}
-        main_types = main_param_types(mod["main"], retyped) if layers else None
-        if main_types is None:
+        if not layers:
             return mod
         main = mod["main"]
         record = json.loads(str(main.attrs[PACKED_WEIGHTS])) if PACKED_WEIGHTS in main.attrs else {}
         for var, (layer, slot) in layer_arguments(main, panels).items():
             record[var.name] = {"experts": True, "panel": panels[layer][slot], "transposed": True}
         attrs = {PACKED_WEIGHTS: json.dumps(record, sort_keys=True)}
-        updated = rebuild(mod, kernels, layers, main_types, attrs)
+        updated = rebuild(mod, kernels, layers, attrs)
+        if updated is None:
+            return mod
         self.changed = sorted(layers)
         return updated

@@ -29,7 +29,6 @@ from moec.passes.signature import (
     is_layer,
     layer_arguments,
     layer_weight_slots,
-    main_param_types,
     rebuild,
     reconfigured,
 )
@@ -79,16 +78,16 @@ class PruneChannels:
                 kernels[names[kernel.name_hint]] = reconfigured(mod[kernel], {"ffn": width})
             layers[name] = (func, types, names)
             axes[name] = slots
-        retyped = {n: t for n, (_, t, _) in layers.items()}
-        main_types = main_param_types(mod["main"], retyped) if layers else None
-        if main_types is None:
+        if not layers:
             return mod
         channel_slices = {
             var.name: [axes[layer][slot], self.kept[layer]]
             for var, (layer, slot) in layer_arguments(mod["main"], axes).items()
         }
         attrs = {CHANNEL_SLICES: json.dumps(channel_slices)}
-        updated = rebuild(mod, kernels, layers, main_types, attrs)
+        updated = rebuild(mod, kernels, layers, attrs)
+        if updated is None:
+            return mod
         self.changed = sorted(layers)
         return updated
 

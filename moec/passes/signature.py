@@ -182,13 +182,17 @@ def rebuild(
     mod: tvm.IRModule,
     kernels: dict[str, tvm.tirx.PrimFunc],
     layers: dict[str, tuple[relax.Function, ParamTypes, dict[str, str]]],
-    main_types: ParamTypes,
     main_attrs: dict[str, Any] | None = None,
-) -> tvm.IRModule:
+) -> tvm.IRModule | None:
     """``mod`` with ``kernels`` (specs) added, replacing functions of the same name; each layer
     function retyped (``layers[name] = (function, parameter types, {old kernel name: new kernel
-    name})``), its calls of the new kernels declaring their configs' outputs; and ``main``
-    retyped to match (with extra attributes)."""
+    name})``), its calls of the new kernels declaring their configs' outputs; and ``main``'s
+    parameters feeding the retyped slots retyped to match (:func:`main_param_types`), with extra
+    attributes. None when a retyped slot is fed by anything but a parameter used only there: the
+    pass then changes nothing."""
+    main_types = main_param_types(mod["main"], {name: types for name, (_, types, _) in layers.items()})
+    if main_types is None:
+        return None
     replaced = layers.keys() | kernels.keys()
     kept = {gv: f for gv, f in mod.functions_items() if gv.name_hint not in replaced}
     builder = relax.BlockBuilder(tvm.IRModule(kept, attrs=mod.attrs))

@@ -26,7 +26,6 @@ from moec.passes.signature import (
     called_kernels,
     is_layer,
     layer_weight_slots,
-    main_param_types,
     rebuild,
     reconfigured,
 )
@@ -66,10 +65,8 @@ class StoreExpertWeights:
                 kernels[kernel.name_hint] = reconfigured(mod[kernel], {"weight_dtype": self.dtype})
                 names[kernel.name_hint] = kernel.name_hint
             layers[gvar.name_hint] = (func, types, names)
-        retyped = {name: types for name, (_, types, _) in layers.items()}
-        main_types = main_param_types(mod["main"], retyped) if layers else None
-        if main_types is None:
+        updated = rebuild(mod, kernels, layers) if layers else None
+        if updated is None:
             return mod
-        updated = rebuild(mod, kernels, layers, main_types)
         self.changed = sorted(layers)
         return updated
