@@ -95,6 +95,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from bench_mixtral_block import Evictor, default_evict_mb, make_reference_read, stats, time_interleaved
 from common import REPO, MoecModel, cpu_model, git_revision, log, write_markdown
 
 # ── the model ───────────────────────────────────────────────────────────────────
@@ -136,7 +137,6 @@ FLOOR = "floor"
 MODES = ("cold", "warm")
 MD_NAME = "bench_decoder"
 PROFILE_TOP = 8
-SLOW_CALL_S = 0.05
 GGML_TYPE_F32 = 0
 LLAMA_FLASH_ATTN_TYPE_DISABLED = 0
 
@@ -547,79 +547,20 @@ def floor_bytes(ids: np.ndarray, routed: list[list[int]]) -> int:
     return embedding_rows + sum(per_layer + len(hit) * expert for hit in routed) + h * 4 + v * h * 4
 
 
-def time_interleaved(
-    calls: dict[str, Fn], mode: str, reps: int, inner: int, evict: Fn, settle_s: float
-) -> dict[str, list[float]]:
-    """Seconds per call for each system, systems round-robin within each repetition, the order
-    rotated every repetition (``bench_mixtral_block.time_interleaved``, plus a settle pause before
-    every cold call too: llama.cpp's OpenMP threads wait in a spinning barrier, which a core held by
-    another pool's spinning worker (TVM's, onnxruntime's) stalls for whole scheduler slices).
-
-    Cold: settle, flush the caches, one timed call. Warm: settle, one untimed call, then ``inner``
-    timed calls (1 if the untimed call took over :data:`SLOW_CALL_S`).
-    """
-    names = list(calls)
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    for rep in range(reps):
-        shift = rep % len(names)
-        for name in names[shift:] + names[:shift]:
-            call = calls[name]
-            time.sleep(settle_s)
-            if mode == "cold":
-                evict()
-                start = time.perf_counter()
-                call()
-                samples[name].append(time.perf_counter() - start)
-            else:
-                start = time.perf_counter()
-                call()
-                count = 1 if time.perf_counter() - start > SLOW_CALL_S else inner
-                for _ in range(count):
-                    start = time.perf_counter()
-                    call()
-                    samples[name].append(time.perf_counter() - start)
-    return samples
-
-
 def profile_moec(
     artifact: MoecModel, ids: np.ndarray, evict: Any, calls: int
-) -> dict[str, dict[str, float]]:
-    """Mean ms per call of each function moec's VM calls (instrument hook), warm and cold."""
-    import tvm
+) -> dict[str, dict[str, Any]]:
+    """Mean ms per call of each function moec's VM calls, warm and cold, and the instrumented
+    call's wall time: ``moec run --profile``'s measurement (``profile_functions``)."""
+    from moec.runtime.profile import profile_functions
 
-    arg = tvm.runtime.tensor(ids, artifact.device)
-    main = artifact.function_for(ids)
-    totals: dict[str, float] = defaultdict(float)
-    counts: dict[str, int] = defaultdict(int)
-    starts: dict[str, float] = {}
-
-    def instrument(func: object, symbol: str, before: bool, ret: object, *args: object) -> int:
-        if before:
-            starts[symbol] = time.perf_counter()
-        else:
-            totals[symbol] += time.perf_counter() - starts[symbol]
-            counts[symbol] += 1
-        return 0
-
-    for _ in range(3):
-        main(arg, *artifact.params)
-    artifact.vm.set_instrument(instrument)
-    main(arg, *artifact.params)  # one-off costs of the first instrumented call: not counted
     result: dict[str, dict[str, Any]] = {}
     for mode in MODES:
-        totals.clear()
-        counts.clear()
-        wall = 0.0
-        for _ in range(calls):
-            if mode == "cold":
-                evict()
-            start = time.perf_counter()
-            main(arg, *artifact.params)
-            wall += time.perf_counter() - start
-        ranked = sorted(totals.items(), key=lambda kv: -kv[1])
+        flush = evict if mode == "cold" else None
+        profile = profile_functions(artifact.session, artifact.feeds(ids), calls, flush)
         result[mode] = {
-            "wall_ms": wall / calls * 1e3,
-            "functions": [[k, v / calls * 1e3, counts[k] // calls] for k, v in ranked],
+            "wall_ms": profile.call_ms,
+            "functions": [[f.name, f.ms, round(f.calls)] for f in profile.functions],
         }
     return result
 
@@ -627,8 +568,6 @@ def profile_moec(
 def run_child(args: argparse.Namespace) -> None:
     """Verify and time every system at this process's thread count; samples as JSON."""
     from concurrent.futures import ThreadPoolExecutor
-
-    from bench_mixtral_block import Evictor, make_reference_read
 
     threads = int(args.threads)
     if os.environ.get("TVM_NUM_THREADS") != str(threads):
@@ -669,7 +608,8 @@ def run_child(args: argparse.Namespace) -> None:
         calls[FLOOR]()
         case: dict[str, Any] = {"errors": errors, "floor_bytes": nbytes, "routed": routed[str(tokens)]}
         case["times"] = {
-            mode: time_interleaved(calls, mode, args.reps, args.inner, evict, settle_s) for mode in MODES
+            mode: time_interleaved(calls, mode, args.reps, args.inner, evict, settle_s, settle_cold=True)
+            for mode in MODES
         }
         out["cases"][str(tokens)] = case
     if args.profile:
@@ -771,12 +711,6 @@ def moec_command() -> list[str]:
     if found is None:
         raise SystemExit("the moec command is not installed in this venv (pip install -e .)")
     return [found]
-
-
-def stats(samples: Sequence[float]) -> tuple[float, float]:
-    """(median, p90) in milliseconds."""
-    ms = np.asarray(samples) * 1e3
-    return float(np.median(ms)), float(np.percentile(ms, 90))
 
 
 def merge(children: list[dict[str, Any]]) -> dict[str, Any]:
@@ -1082,8 +1016,6 @@ def run_parent(args: argparse.Namespace, argv: Sequence[str]) -> None:
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    from bench_mixtral_block import default_evict_mb
-
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -476,12 +476,22 @@ def verify(outputs: dict[str, np.ndarray], reference: np.ndarray) -> dict[str, f
 
 
 def time_interleaved(
-    calls: dict[str, Fn], mode: str, reps: int, inner: int, evict: Evictor, settle_s: float
+    calls: dict[str, Fn],
+    mode: str,
+    reps: int,
+    inner: int,
+    evict: Fn,
+    settle_s: float,
+    settle_cold: bool = False,
 ) -> dict[str, list[float]]:
-    """Seconds per call for each system, systems round-robin within each repetition.
+    """Seconds per call for each system, systems round-robin within each repetition, the order
+    rotated every repetition.
 
-    Warm: a system whose untimed call took over :data:`SLOW_CALL_S` gets one timed call per
-    repetition instead of ``inner`` (plain TVM at 16 tokens takes ~0.45 s a call).
+    Cold: flush the caches, one timed call (after the settle pause too with ``settle_cold``:
+    llama.cpp's OpenMP threads wait in a spinning barrier, which a core still held by another
+    pool's spinning worker stalls for whole scheduler slices). Warm: settle, one untimed call,
+    then ``inner`` timed calls, or one if the untimed call took over :data:`SLOW_CALL_S` (plain
+    TVM at 16 tokens takes ~0.45 s a call).
     """
     names = list(calls)
     samples: dict[str, list[float]] = {name: [] for name in names}
@@ -490,6 +500,8 @@ def time_interleaved(
         for name in names[shift:] + names[:shift]:
             call = calls[name]
             if mode == "cold":
+                if settle_cold:
+                    time.sleep(settle_s)
                 evict()
                 start = time.perf_counter()
                 call()
@@ -507,40 +519,17 @@ def time_interleaved(
 
 
 def profile_moec(workdir: Path, x: np.ndarray, evict: Evictor, calls: int) -> dict[str, dict[str, float]]:
-    """Mean ms per call of each function moec's VM calls (kernels and builtins), warm and cold.
+    """Mean ms per call of each function moec's VM calls (kernels and builtins), warm and cold:
+    ``moec run --profile``'s measurement (:func:`moec.runtime.profile.profile_functions`, the
+    Relax VM's instrument hook), in a fresh session so the timed runs above are untouched.
+    Nested functions (a layer function enclosing its kernels) include their callees' time."""
+    from moec.runtime.profile import profile_functions
 
-    Uses the Relax VM's instrument hook (a Python callback around every VM call), in a
-    fresh session so the timed runs above are untouched. Nested functions (the layer
-    function enclosing its kernels) include their callees' time.
-    """
-    import tvm
-
-
-    session = MoecModel(workdir / "moec")
-    xt = tvm.runtime.tensor(x, session.device)
-    main = session.function_for(x)
-    totals: dict[str, float] = defaultdict(float)
-    starts: dict[str, float] = {}
-
-    def instrument(func: object, symbol: str, before: bool, ret: object, *args: object) -> int:
-        if before:
-            starts[symbol] = time.perf_counter()
-        else:
-            totals[symbol] += time.perf_counter() - starts[symbol]
-        return 0
-
-    for _ in range(3):
-        main(xt, *session.params)
-    session.vm.set_instrument(instrument)
-    main(xt, *session.params)  # the first instrumented call pays one-off costs; not counted
+    model = MoecModel(workdir / "moec")
     result: dict[str, dict[str, float]] = {}
     for mode in MODES:
-        totals.clear()
-        for _ in range(calls):
-            if mode == "cold":
-                evict()
-            main(xt, *session.params)
-        result[mode] = {k: v / calls * 1e3 for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
+        profile = profile_functions(model.session, model.feeds(x), calls, evict if mode == "cold" else None)
+        result[mode] = {f.name: f.ms for f in profile.functions}
     return result
 
 

@@ -74,18 +74,19 @@ class MoecModel:
         self.session = ArtifactSession(folder)
         self.vm, self.params, self.device = self.session.vm, self.session.params, self.session.device
 
-    def _feeds(self, inputs: tuple) -> dict:
+    def feeds(self, *inputs) -> dict:
+        """``inputs`` (in the manifest's input order) by input name."""
         return {spec["name"]: value for spec, value in zip(self.session.inputs, inputs, strict=True)}
 
     def function_for(self, *inputs) -> Any:
         """The VM function a call on ``inputs`` (in the manifest's input order) runs."""
-        return self.vm[self.session.entry_for(self._feeds(inputs))]
+        return self.vm[self.session.entry_for(self.feeds(*inputs))]
 
     def make(self, *inputs) -> tuple[Callable[[], Any], Callable[[], Any]]:
         """A no-argument call on ``inputs`` (converted to TVM tensors once) and a function
         returning its (single) output as numpy."""
         main, params = self.function_for(*inputs), self.params
-        args = self.session.input_tensors(self._feeds(inputs))
+        args = self.session.input_tensors(self.feeds(*inputs))
 
         def call() -> Any:
             return main(*args, *params)

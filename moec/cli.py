@@ -386,7 +386,7 @@ def _print_profile(session, feeds: dict[str, np.ndarray]) -> None:
         "function not inlined includes its kernels):"
     )
     click.echo(f"  {'ms':>8}  {'calls':>6}  function")
-    for f in profile_functions(session, feeds):
+    for f in profile_functions(session, feeds).functions:
         click.echo(f"  {f.ms:8.3f}  {f.calls:6.0f}  {f.name}")
 
 

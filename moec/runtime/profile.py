@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import defaultdict
+from collections.abc import Callable
 
 import numpy as np
 
@@ -29,11 +30,25 @@ class FunctionTime:
     """Milliseconds spent in it per call of ``main`` (all its calls together)."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    """Where a call's time goes."""
+
+    functions: list[FunctionTime]
+    """Every function the VM called, largest time first."""
+    call_ms: float
+    """Wall milliseconds of one instrumented call (the hook's own cost included)."""
+
+
 def profile_functions(
-    session: ArtifactSession, feeds: dict[str, np.ndarray], repeats: int = 10
-) -> list[FunctionTime]:
+    session: ArtifactSession,
+    feeds: dict[str, np.ndarray],
+    repeats: int = 10,
+    before_call: Callable[[], object] | None = None,
+) -> Profile:
     """Time per function over ``repeats`` instrumented calls of the entry point ``feeds`` use
-    (``main``, or the one-token entry), after one uncounted warm-up call; largest first."""
+    (``main``, or the one-token entry), after one uncounted warm-up call. ``before_call`` runs
+    before each counted call, untimed (a benchmark's cache flush, for cold calls)."""
     args = session.input_tensors(feeds)
     main = session.vm[session.entry_for(feeds)]
     totals: dict[str, float] = defaultdict(float)
@@ -50,13 +65,18 @@ def profile_functions(
 
     main(*args, *session.params)
     session.vm.set_instrument(instrument)
+    wall = 0.0
     try:
         main(*args, *session.params)  # the first instrumented call pays one-off costs: not counted
         totals.clear()
         counts.clear()
         for _ in range(repeats):
+            if before_call is not None:
+                before_call()
+            start = time.perf_counter()
             main(*args, *session.params)
+            wall += time.perf_counter() - start
     finally:
         session.vm.set_instrument(None)
     found = [FunctionTime(name, counts[name] / repeats, t / repeats * 1e3) for name, t in totals.items()]
-    return sorted(found, key=lambda f: -f.ms)
+    return Profile(sorted(found, key=lambda f: -f.ms), wall / repeats * 1e3)
