@@ -52,7 +52,12 @@ How:
 * Peak RSS: per system a fresh process that imports it (baseline ``ru_maxrss``), loads the model,
   runs one 16-token call, and reports ``ru_maxrss`` and the RSS after the call. ``ru_maxrss``
   survives fork + exec (a child starts from its parent's high-water mark), so the parent imports
-  neither TVM nor onnxruntime until every child is done.
+  neither TVM nor onnxruntime until every child is done. ``moec-runner`` (the C++ runner a board
+  runs, built as ``moec run`` builds it) is measured the same way without Python: one fresh
+  process runs the 16-token call (``--threads 1``), its ``ru_maxrss`` read by ``wait4``; its
+  baseline is a runner that only starts (``--help``: TVM's runtime libraries loaded). Both are
+  started by a small launcher (a bare Python that forks: a forked child starts from the
+  launcher's ~10 MiB high-water mark, not the parent's).
 
 Environments (created by the script when missing; progress lines on stderr)::
 
@@ -125,8 +130,11 @@ TOLERANCE = 1e-3
 SYSTEMS = ("moec", "onnxruntime", "llama.cpp", "llama.cpp-fa")
 """``llama.cpp``: flash attention off, F32 KV cache (fp32 throughout, like the others);
 ``llama.cpp-fa``: llama.cpp's own defaults (flash attention on for the CPU, F16 KV cache)."""
+RUNNER_ROW = "moec-runner"
+"""The peak-RSS row of moec's C++ runner (not timed here: ``moec run`` prints its latency)."""
 LABELS = {
     "moec": "moec",
+    RUNNER_ROW: "moec (moec-runner, C++)",
     "onnxruntime": "onnxruntime",
     "llama.cpp": "llama.cpp (fp32 attention)",
     "llama.cpp-fa": "llama.cpp (its defaults: flash attn, F16 KV)",
@@ -665,6 +673,53 @@ def run_rss_child(args: argparse.Namespace) -> None:
     print(json.dumps(facts))
 
 
+LAUNCHER = """
+import json, os, sys
+out, command = sys.argv[1], sys.argv[2:]
+pid = os.fork()
+if pid == 0:
+    os.dup2(os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 1)
+    os.execv(command[0], command)
+_, status, usage = os.wait4(pid, 0)
+print(json.dumps({"maxrss_kib": usage.ru_maxrss, "exit": os.waitstatus_to_exitcode(status)}))
+"""
+"""Runs a command as a forked child of a bare Python and reports the child's ``ru_maxrss``."""
+
+BUILD_RUNNER = """
+import sys
+from moec.artifact import read_manifest
+from moec.runtime.board import ArtifactTarget, ensure_runner
+print(ensure_runner(ArtifactTarget.from_manifest(read_manifest(sys.argv[1]))))
+"""
+"""Builds (or finds cached) the runner ``moec run`` would use for an artifact; prints its path."""
+
+
+def launched_maxrss(command: Sequence[str | Path], out: Path) -> int:
+    """``command``'s ``ru_maxrss`` (KiB), run by :data:`LAUNCHER` with its stdout in ``out``."""
+    launcher = [sys.executable, "-I", "-S", "-c", LAUNCHER, str(out), *map(str, command)]
+    done = json.loads(subprocess.run(launcher, capture_output=True, text=True, check=True).stdout)
+    if done["exit"]:
+        what = shlex.join(map(str, command))
+        raise SystemExit(f"{what} failed (exit {done['exit']}): {out.read_text()[-2000:]}")
+    return int(done["maxrss_kib"])
+
+
+def runner_rss(artifact: Path, workdir: Path, tokens: int) -> dict[str, Any]:
+    """Peak RSS facts (KiB) of ``moec-runner`` running one ``tokens``-token call of ``artifact``."""
+    built = subprocess.run(
+        [sys.executable, "-c", BUILD_RUNNER, str(artifact)], capture_output=True, text=True, check=True
+    )
+    runner = built.stdout.strip().splitlines()[-1]
+    name = json.loads((artifact / "manifest.json").read_text())["inputs"][0]["name"]
+    ids = workdir / "rss-ids.npy"
+    np.save(ids, prompt(tokens))
+    out = workdir / "rss-runner.txt"
+    baseline = launched_maxrss([runner, "--help"], out)
+    peak = launched_maxrss([runner, artifact, "--input", f"{name}={ids}", "--threads", "1"], out)
+    printed = next(line for line in out.read_text().splitlines() if line.startswith("peak RSS"))
+    return {"baseline_kib": baseline, "peak_kib": peak, "printed": printed}
+
+
 # ── parent ──────────────────────────────────────────────────────────────────────
 
 
@@ -741,7 +796,7 @@ def mib(kib: float) -> str:
     return f"{kib / 1024:.0f}"
 
 
-def report(results: dict[int, dict[str, Any]], rss: dict[str, dict[str, int]], facts: dict[str, Any]) -> str:
+def report(results: dict[int, dict[str, Any]], rss: dict[str, dict[str, Any]], facts: dict[str, Any]) -> str:
     """The Markdown section."""
     shown = [FLOOR, *SYSTEMS]
     label = {FLOOR: "floor (numpy read)", **LABELS}
@@ -835,8 +890,8 @@ def report(results: dict[int, dict[str, Any]], rss: dict[str, dict[str, int]], f
         "",
     ]
 
-    parent = max(r["parent_kib"] for r in rss.values())
-    lowest = min(r["baseline_kib"] for r in rss.values())
+    parent = max(r["parent_kib"] for r in rss.values() if "parent_kib" in r)
+    lowest = min(r["baseline_kib"] for r in rss.values() if "parent_kib" in r)
     parent_note = (
         f"(`ru_maxrss` survives exec: a child starts from its parent's high-water mark; the parent's was "
         f"{mib(parent)} MiB, {'below' if parent < lowest else 'NOT below'} every baseline"
@@ -845,16 +900,18 @@ def report(results: dict[int, dict[str, Any]], rss: dict[str, dict[str, int]], f
     rss_rows = []
     for system, r in rss.items():
         base = r["baseline_kib"]
-        rss_rows.append(
-            [LABELS[system], mib(r["peak_kib"]), mib(base), mib(r["peak_kib"] - base),
-             mib(r["after_kib"]), mib(r["after_kib"] - base)]
-        )  # fmt: skip
+        after = [mib(r["after_kib"]), mib(r["after_kib"] - base)] if "after_kib" in r else ["–", "–"]
+        rss_rows.append([LABELS[system], mib(r["peak_kib"]), mib(base), mib(r["peak_kib"] - base), *after])
     lines += [
         f"Peak RSS, MiB: one fresh process per system, 1 thread: imports the system (baseline = "
         f"`ru_maxrss` then), loads the model, runs one {facts['rss_tokens']}-token call; peak = "
         "`ru_maxrss` after the call; *after call* = VmRSS then (what stays resident). llama.cpp maps the "
-        "GGUF file (mmap): its weight pages count in RSS as they are touched, and load nothing twice. "
-        f"{parent_note}",
+        "GGUF file (mmap): its weight pages count in RSS as they are touched, and load nothing twice; "
+        "so does moec since weights.bin (both runtimes map it and use the tensors in place). "
+        f"{RUNNER_ROW}: a fresh runner process (no Python) runs the call (`--threads 1`), its "
+        "`ru_maxrss` read by `wait4`; baseline: a runner that only starts (`--help`, TVM's runtime "
+        "libraries loaded); both forked by a bare Python launcher (~10 MiB), so neither carries the "
+        f"parent's high-water mark; no *after call*. {parent_note}",
         "",
         *table(
             ["system", "peak", "baseline after imports", "peak − baseline", "after call", "after − baseline"],
@@ -911,8 +968,9 @@ def report(results: dict[int, dict[str, Any]], rss: dict[str, dict[str, int]], f
         "the necessary bytes costs here, cold; warm, part of it comes from the LLC.",
         "- llama.cpp: the timed call is `llama_memory_clear(mem, data=false)` + `llama_decode` + "
         '`llama_synchronize`; onnxruntime: `session.run(["logits"], feeds)`; moec: '
-        "`vm[entry](input_ids, *params)` on a pre-converted `tvm.runtime.Tensor`, weights placed as "
-        "`ArtifactSession` places them (huge pages where the OS allows, as `moec run`).",
+        "`vm[entry](input_ids, *params)` on a pre-converted `tvm.runtime.Tensor`, weights as "
+        "`ArtifactSession` holds them (views into the mapped weights.bin, huge pages where the OS "
+        "allows, as `moec run`).",
         "",
     ]
     return "\n".join(lines)
@@ -936,7 +994,7 @@ def run_parent(args: argparse.Namespace, argv: Sequence[str]) -> None:
     log(f"model: {model_dir}")
     thread_counts = [int(n) for n in args.threads.split(",")]
     children: dict[int, list[dict[str, Any]]] = defaultdict(list)
-    rss: dict[str, dict[str, int]] = {}
+    rss: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="moec-decoder-") as tmp:
         workdir = Path(tmp)
         log("moec compile model.onnx --target host")
@@ -979,6 +1037,8 @@ def run_parent(args: argparse.Namespace, argv: Sequence[str]) -> None:
             rss[system] = json.loads(done.stdout.strip().splitlines()[-1])
             rss[system]["parent_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             log(f"peak RSS {system}: {rss[system]['peak_kib'] / 1024:.0f} MiB")
+        rss[RUNNER_ROW] = runner = runner_rss(workdir / "moec", workdir, rss_tokens)
+        log(f"peak RSS {RUNNER_ROW}: {runner['peak_kib'] / 1024:.0f} MiB (it printed '{runner['printed']}')")
     after = busy_and_children_s()
     import onnxruntime
     import tvm

@@ -16,7 +16,7 @@ side by side with the claims of a published edge-MoE article (static masking 1.8
 
 How:
 
-* Memory: size of each artifact's ``weights.params`` (and the expert bytes its manifest plan
+* Memory: size of each artifact's ``weights.bin`` (and the expert bytes its manifest plan
   stores) against the baseline's.
 * Latency: every artifact loaded once with ``ArtifactSession`` in this one process, which runs
   with ``TVM_NUM_THREADS=1`` (set before TVM is imported). Warm: per repetition each variant
@@ -324,7 +324,7 @@ def reading(variants: list[Variant], lat: dict[str, dict[int, float]]) -> str:
         f"Reading: the article reports static masking at 1.8× less memory, 2.1× speed, -0.4 points "
         f"of accuracy; our nearest masking setting ({mask.label}) gives {cost(mask)}. For pruning "
         f"it reports 3.2× / 1.7× / -1.1 points; ours ({prune.label}) gives {cost(prune)}. Memory "
-        f"here is the artifact's whole `weights.params` (expert matrices plus router and LM head); "
+        f"here is the artifact's whole `weights.bin` (expert matrices plus router and LM head); "
         f"*expert work* is the expert FFN arithmetic per token relative to the baseline (slots "
         f"computed, channels kept), to set beside the warm, one-thread speed-up: masking "
         f"still computes two experts per token (work 100 %), so what it gains comes from "

@@ -1,12 +1,12 @@
 """The artifact format: what ``moec compile`` writes and every runtime reads, in one place.
 
 An artifact is a directory holding :data:`LIBRARY` (kernels and Relax VM bytecode),
-:data:`WEIGHTS` (TVM's param-dict format, in ``manifest["params"]`` order) and :data:`MANIFEST`
-(:class:`Manifest`: what the library computes and how it was built). The compiler writes it
-(:func:`build_manifest`, :func:`write_manifest`, :func:`staged_directory`); the Python runtime,
-the board runner (``moec/runtime/native/runner.cc``, which reads the same keys) and ``moec
-package`` read it (:func:`read_manifest`). The module does not import TVM, so packaging an
-artifact loads no compiler.
+:data:`WEIGHTS` (:mod:`moec.weights_file`'s memory-mappable format, in ``manifest["params"]``
+order) and :data:`MANIFEST` (:class:`Manifest`: what the library computes and how it was built).
+The compiler writes it (:func:`build_manifest`, :func:`write_manifest`, :func:`staged_directory`);
+the Python runtime, the board runner (``moec/runtime/native/runner.cc``, which reads the same
+keys) and ``moec package`` read it (:func:`read_manifest`). The module does not import TVM, so
+packaging an artifact loads no compiler.
 """
 
 from __future__ import annotations
@@ -35,9 +35,10 @@ if TYPE_CHECKING:
     from moec.targets import TargetSpec
 
 LIBRARY = "model.so"
-WEIGHTS = "weights.params"
+WEIGHTS = "weights.bin"
 MANIFEST = "manifest.json"
-FORMAT = "moec-artifact/1"
+FORMAT = "moec-artifact/2"
+"""Version 2: the weights are a :mod:`moec.weights_file` (version 1 had a TVM param dict)."""
 STORED_PRECISIONS = {"float32": "fp32", "float16": "fp16"}
 """The precision names the plan uses, by the numpy dtype an expert matrix is stored in."""
 

@@ -139,6 +139,18 @@ def _latency_line(times: np.ndarray) -> str:
     )
 
 
+def _peak_rss_line() -> str:
+    """This process's peak resident memory, as ``moec-runner`` prints its own: ``/proc/self/status``'s
+    VmHWM (``ru_maxrss`` where there is none: Linux carries that over exec from the parent)."""
+    import resource
+
+    status = Path("/proc/self/status")
+    fields = [line.split() for line in status.read_text().splitlines()] if status.exists() else []
+    kib = next((int(f[1]) for f in fields if f[:1] == ["VmHWM:"]), 0)
+    kib = kib or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return f"peak RSS {round(kib / 1024)} MiB"
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="moec")
 def main() -> None:
@@ -343,7 +355,7 @@ def run(
     threads: int | None,
     profile: bool,
 ) -> None:
-    """Run a compiled ARTIFACT directory and print its latency.
+    """Run a compiled ARTIFACT directory and print its latency and peak memory (RSS).
 
     An artifact for another board runs with moec-runner built for it, under the target's
     emulator (e.g. qemu-aarch64) when its CPU differs from this machine's.
@@ -360,9 +372,10 @@ def run(
         click.echo(session.how)
     feeds = _load_inputs(inputs, session) if inputs else random_inputs(session.inputs, tokens)
     if isinstance(session, RunnerSession):
-        outputs, latency = session.run_timed(feeds, repeats)
+        outputs, latency, peak = session.run_timed(feeds, repeats)
         if session.emulator:
             latency += " (emulated: not the board's latency)"
+            peak += " (emulated: includes the emulator)"
     else:
         outputs = session.run(feeds)
     for name, value in outputs.items():
@@ -372,7 +385,9 @@ def run(
         click.echo(f"wrote {output}")
     if not isinstance(session, RunnerSession):
         latency = _latency_line(session.time(feeds, repeats=repeats))
+        peak = _peak_rss_line()
     click.echo(latency)
+    click.echo(peak)
     if profile:
         _print_profile(session, feeds)
 

@@ -3,6 +3,7 @@ driving the ``moec`` command line, and the plain-numpy routing and experts the p
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from moec.compiler.compile import compile_model
 from moec.options import CompileOptions
 from moec.reference.evaluator import run_reference
 from moec.runtime.session import ArtifactSession
+from moec.weights_file import HEADER, MAGIC, PAGE, VERSION
 
 FP32_ATOL = 1e-4
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -151,3 +153,39 @@ def profile_model(model: Path, directory: Path, calib: dict[str, np.ndarray], *e
     result = invoke("profile", model, "--calib", directory / "calib.npz", "-o", profile, *extra)
     assert result.exit_code == 0, result.output
     return profile
+
+
+WEIGHTS_DAMAGE = {
+    "truncated": "ends past the end of the file",
+    "bad magic": "bad magic",
+    "index past end": "index runs past the end of the file",
+    "tensor past end": "'w' ends past the end of the file",
+    "misaligned": "offset 4, not a multiple of 64",
+    "garbled index": "unreadable index",
+    "newer version": f"format version {VERSION + 1}",
+    "shorter than the header": "4 bytes, shorter than its 16-byte header",
+    "empty": "0 bytes, shorter than its 16-byte header",
+}
+"""How :func:`damage_weights` can break a weights file, and the cause every reader names for it."""
+
+
+def damage_weights(path: Path, case: str) -> None:
+    """Break the weights file at ``path`` as ``case`` (a key of :data:`WEIGHTS_DAMAGE`) says."""
+    data = path.read_bytes()
+    one_tensor = {"name": "w", "dtype": "float32", "shape": [4], "offset": 64, "nbytes": 16}
+    if case == "misaligned":
+        one_tensor.update(shape=[1], offset=4, nbytes=4)
+    index = json.dumps({"tensors": [one_tensor]}).encode()
+    made = HEADER.pack(MAGIC, VERSION, len(index)) + index
+    broken = {
+        "truncated": data[:-5],
+        "bad magic": b"PARAMS\0\0" + data[8:],
+        "index past end": HEADER.pack(MAGIC, VERSION, len(data)) + data[HEADER.size :],
+        "tensor past end": made + bytes(PAGE + 64 + 8 - len(made)),  # 'w' has 8 of its 16 bytes
+        "misaligned": made + bytes(2 * PAGE - len(made)),
+        "garbled index": data[: HEADER.size] + b"\xff" * (len(data) - HEADER.size),
+        "newer version": HEADER.pack(MAGIC, VERSION + 1, 0) + data[HEADER.size :],
+        "shorter than the header": b"junk",
+        "empty": b"",
+    }
+    path.write_bytes(broken[case])

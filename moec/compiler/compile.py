@@ -33,6 +33,7 @@ from moec.passes.one_token_entry import ONE_TOKEN_ENTRY
 from moec.passes.pipeline import lowering_pipeline, moe_pipeline
 from moec.passes.slice_weights import SliceWeights
 from moec.targets import TargetSpec, load_target
+from moec.weights_file import write_weights
 
 
 def require_tool(command: str, package: str, purpose: str) -> str:
@@ -140,7 +141,7 @@ def compile_model(
     with staged_directory(out_dir, options.force) as staging:
         executable.export_library(str(staging / LIBRARY), fcompile=fcompile)
         verify_cuda_library(staging / LIBRARY, target, mod)  # CUDA targets: cubins, not source
-        tvm.runtime.save_param_dict_to_file(weights, str(staging / WEIGHTS))
+        write_weights(staging / WEIGHTS, weights, lambda tensor: tensor.numpy())
         has_one_token = any(g.name_hint == ONE_TOKEN_ENTRY for g in mod.get_global_vars())
         entries = {"one_token": ONE_TOKEN_ENTRY} if has_one_token else {}
         manifest = build_manifest(imported, target, model_path, weights, options, cuda_info, entries)

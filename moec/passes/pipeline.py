@@ -14,9 +14,11 @@ Phase 3 (export): the detached weights sliced and converted to ``main``'s signat
          symbolic input dimensions bound to 1 (``OneTokenEntry``).
 Phase 4 (lowering, in ``tvm.compile``; :func:`lowering_pipeline`): redundant reshapes
          removed, then TVM's default lowering for the target (legalisation and fusion of the
-         ordinary graph, dataflow lowering, memory planning, VM code generation) with moec's
-         per-call overhead passes after the dataflow lowering: ``InlineLayers``, binding
-         clean-up (and ``BoundTokens`` with a ``max_tokens`` bound), before memory planning.
+         ordinary graph, dataflow lowering, memory planning, VM code generation) with, on CPU
+         targets, the ordinary ops (everything not a moec kernel) scheduled by moec's dlight
+         rules after the legalisation, and moec's per-call overhead passes after the dataflow
+         lowering: ``InlineLayers``, binding clean-up (and ``BoundTokens`` with a
+         ``max_tokens`` bound), before memory planning.
 
 With ``options.dump_ir`` the module is written as TVMScript before and after every phase.
 """
@@ -25,7 +27,9 @@ from __future__ import annotations
 
 import tvm
 from tvm import relax
+from tvm.s_tir import dlight
 
+from moec.kernels.ordinary_ops import ordinary_op_rules
 from moec.options import CompileOptions
 from moec.passes.apply_kernel_schedule import ApplyKernelSchedule
 from moec.passes.bound_tokens import BoundTokens
@@ -98,8 +102,11 @@ def lowering_pipeline(target: tvm.target.Target, max_tokens: int | None = None) 
     """Phase 4: TVM's default Relax pipeline for ``target`` with moec's call-overhead passes.
 
     First TVM's ``RemoveRedundantReshape`` drops reshapes to the shape a tensor already has
-    (the frontend's flattening around each layer call; the last one was a copy kernel). The
-    others run after TVM's dataflow lowering: by then the kernels' ``call_tir``s are plain calls
+    (the frontend's flattening around each layer call; the last one was a copy kernel). On CPU
+    targets, after TVM's legalisation and fusion, dlight schedules the functions that are not
+    moec kernels with :func:`moec.kernels.ordinary_ops.ordinary_op_rules` (TVM's CPU pipeline
+    leaves them as scalar loops on one thread; its CUDA legalisation applies dlight's GPU rules
+    itself). The others run after TVM's dataflow lowering: by then the kernels' ``call_tir``s are plain calls
     outside any dataflow block, where TVM's dataflow passes (which expect schedulable TIR, not
     our hand-written kernels) no longer look, and before ``StaticPlanBlockMemory``:
     ``InlineLayers``; ``CanonicalizeBindings`` and ``DeadCodeElimination`` (the kernels' output
@@ -109,6 +116,9 @@ def lowering_pipeline(target: tvm.target.Target, max_tokens: int | None = None) 
     if target.kind.name not in LOWERING_BACKENDS:
         return relax.get_default_pipeline(target)
     backend = getattr(relax.backend, LOWERING_BACKENDS[target.kind.name]).pipeline
+    # TVM's CUDA legalisation already schedules every function with dlight's GPU rules; its CPU
+    # one schedules none.
+    ordinary_ops = [dlight.ApplyDefaultSchedule(*ordinary_op_rules())] if target.kind.name == "llvm" else []
     ours: list[tvm.transform.Pass] = [
         InlineLayers(),
         relax.transform.CanonicalizeBindings(),
@@ -124,6 +134,7 @@ def lowering_pipeline(target: tvm.target.Target, max_tokens: int | None = None) 
                 [relax.transform.RemoveRedundantReshape()]
                 + backend.library_dispatch_passes(target)
                 + backend.legalize_passes(target)
+                + ordinary_ops
                 + backend.dataflow_lower_passes(target)
                 + ours
                 + backend.finalize_passes(target)

@@ -29,6 +29,7 @@ from moec.runtime import native, wheels
 
 RUNNER = "moec-runner"
 LATENCY = re.compile(r"^latency over \d+ runs: .*$", re.MULTILINE)
+PEAK_RSS = re.compile(r"^peak RSS .*$", re.MULTILINE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,15 +190,19 @@ class RunnerSession:
 
     def run_timed(
         self, feeds: dict[str, np.ndarray], repeats: int, warmup: int = 5
-    ) -> tuple[dict[str, np.ndarray], str]:
-        """Outputs by name, and the runner's latency line over ``repeats`` timed calls."""
+    ) -> tuple[dict[str, np.ndarray], str, str]:
+        """Outputs by name, the runner's latency line over ``repeats`` timed calls, and its peak
+        RSS line."""
         outputs, stdout = native.run_native(
             self.runner, self.dir, feeds, repeat=repeats, warmup=warmup, emulator=self.emulator
         )
-        found = LATENCY.search(stdout)
-        if found is None:
-            raise MoecError(f"{self.dir}: {RUNNER} printed no latency line (got {stdout.strip()!r})")
-        return outputs, found.group(0)
+        lines = []
+        for pattern, what in ((LATENCY, "latency"), (PEAK_RSS, "peak RSS")):
+            found = pattern.search(stdout)
+            if found is None:
+                raise MoecError(f"{self.dir}: {RUNNER} printed no {what} line (got {stdout.strip()!r})")
+            lines.append(found.group(0))
+        return outputs, lines[0], lines[1]
 
 
 def open_session(artifact_dir: str | Path) -> Any:

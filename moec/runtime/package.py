@@ -3,7 +3,7 @@
 Layout (``NAME`` is the tarball's name without ``.tar.gz``)::
 
     NAME/README.md          what it is, and the one command that runs it
-    NAME/artifact/          model.so, weights.params, manifest.json
+    NAME/artifact/          model.so, weights.bin, manifest.json
     NAME/bin/moec-runner    the C++ runner built for the target's architecture
     NAME/lib/               TVM's runtime libraries for that architecture
 
@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from moec.artifact import read_manifest
+from moec.artifact import LIBRARY, WEIGHTS, read_manifest
 from moec.errors import MoecError
 from moec.runtime.board import RUNNER, ArtifactTarget, ensure_runner, runtime_library_dirs
 
@@ -131,8 +131,8 @@ Inputs (symbolic dimensions take any size, e.g. the number of tokens; `--tokens 
 
 ## Contents
 
-- `artifact/`: the compiled model (`{manifest.get("library", "model.so")}`), its weights
-  (`{manifest.get("weights", "weights.params")}`) and `manifest.json`
+- `artifact/`: the compiled model (`{manifest.get("library", LIBRARY)}`), its weights
+  (`{manifest.get("weights", WEIGHTS)}`) and `manifest.json`
 - `bin/{RUNNER}`: the runner (TVM runtime only: no Python, no compiler)
 - `lib/`: TVM's runtime libraries for {target.arch}, found by the runner through its run path
 """

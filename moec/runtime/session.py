@@ -1,4 +1,4 @@
-"""Run an artifact with TVM's runtime alone: load the library, the weights, call ``main``."""
+"""Run an artifact with TVM's runtime alone: load the library, map the weights, call ``main``."""
 
 from __future__ import annotations
 
@@ -12,11 +12,15 @@ from tvm.runtime.vm import VirtualMachine
 
 from moec.artifact import read_manifest
 from moec.errors import MoecError, first_line
-from moec.runtime.hugepages import HugePageArena
+from moec.weights_file import read_weights
 
 
 class ArtifactSession:
-    """A loaded artifact, ready to run on the CPU."""
+    """A loaded artifact, ready to run on the CPU.
+
+    ``params`` are views into the memory-mapped weights file (:func:`moec.weights_file.read_weights`):
+    no weight is copied, and each view keeps the mapping alive for as long as the session holds it.
+    """
 
     def __init__(self, artifact_dir: str | Path) -> None:
         self.dir = Path(artifact_dir)
@@ -25,17 +29,14 @@ class ArtifactSession:
             library = tvm.runtime.load_module(str(self.dir / self.manifest["library"]))
             self.device = tvm.cpu()
             self.vm = VirtualMachine(library, self.device)
-            # a dict of its own (not the runtime's Map), so each weight can be dropped once placed
-            weights = str(self.dir / self.manifest["weights"])
-            stored = dict(tvm.runtime.load_param_dict_from_file(weights).items())
-            missing = [name for name in self.manifest["params"] if name not in stored]
         except Exception as err:
             raise MoecError(f"{self.dir}: damaged artifact ({first_line(err)}); recompile the model") from err
+        stored = read_weights(self.dir / self.manifest["weights"])
+        missing = [name for name in self.manifest["params"] if name not in stored]
         if missing:
             cause = f"weights lack {missing[0]!r}"
             raise MoecError(f"{self.dir}: damaged artifact ({cause}); recompile the model")
-        self._arena = HugePageArena()
-        self.params = [self._arena.place(stored.pop(name)) for name in self.manifest["params"]]
+        self.params = [tvm.runtime.from_dlpack(stored[name]) for name in self.manifest["params"]]
 
     @property
     def inputs(self) -> list[dict[str, Any]]:

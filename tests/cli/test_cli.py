@@ -20,6 +20,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from moec.artifact import LIBRARY, MANIFEST, WEIGHTS
 from moec.reference.evaluator import run_reference
 from moec.targets import bundled_target_file
 from tests.helpers import (
@@ -314,14 +315,14 @@ def make_not_artifact(root: Path, case: str, compiled: Compiled) -> Path:
         (path / "manifest.json").write_text("[1, 2, 3]\n")
     elif case in ("no_library", "no_weights", "garbage_library"):
         path.mkdir()
-        for name in ("manifest.json", "model.so", "weights.params"):
+        for name in (MANIFEST, LIBRARY, WEIGHTS):
             (path / name).write_bytes((compiled.artifact / name).read_bytes())
         if case == "no_library":
-            (path / "model.so").unlink()
+            (path / LIBRARY).unlink()
         elif case == "no_weights":
-            (path / "weights.params").unlink()
+            (path / WEIGHTS).unlink()
         else:
-            (path / "model.so").write_bytes(b"\x7fELF but not really")
+            (path / LIBRARY).write_bytes(b"\x7fELF but not really")
     else:
         raise ValueError(case)
     return path
@@ -371,7 +372,7 @@ def test_existing_output_needs_force(tmp_path: Path, compiled: Compiled) -> None
     result = invoke("compile", compiled.model_path, "-o", out, "--force")
     assert result.exit_code == 0, result.output
     assert str(out) in result.stdout
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.so", "weights.params"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([MANIFEST, LIBRARY, WEIGHTS])
     assert not list(tmp_path.glob(".out.*"))
     verified = invoke("verify", compiled.model_path, out, "-n", "3")
     assert verified.exit_code == 0, verified.output
@@ -512,15 +513,19 @@ def test_model_without_moe_inspects_and_compiles(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------
 
 LATENCY = re.compile(r"^latency over (\d+) runs: mean [\d.]+ ms, p50 [\d.]+ ms, p99 [\d.]+ ms$")
+PEAK_RSS = re.compile(r"^peak RSS (\d+) MiB$")
 
 
 def test_run_with_random_inputs(compiled: Compiled) -> None:
+    """Outputs' shapes, then the latency and the process's peak RSS."""
     result = invoke("run", compiled.artifact, "--tokens", "3", "--repeats", "4")
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert f"output y: shape [3, {HIDDEN}] float32" in lines
-    match = LATENCY.match(lines[-1])
+    match = LATENCY.match(lines[-2])
     assert match and match.group(1) == "4", lines
+    peak = PEAK_RSS.match(lines[-1])
+    assert peak and int(peak.group(1)) > 0, lines
 
 
 def test_run_profile_lists_the_kernels_each_call_runs(compiled: Compiled) -> None:
@@ -640,4 +645,7 @@ def test_console_script_user_error(tmp_path: Path) -> None:
 def test_console_script_run(compiled: Compiled) -> None:
     proc = script("run", compiled.artifact, "--repeats", "2")
     assert proc.returncode == 0, proc.stderr
-    assert LATENCY.match(proc.stdout.splitlines()[-1]), proc.stdout
+    lines = proc.stdout.splitlines()
+    assert LATENCY.match(lines[-2]), proc.stdout
+    peak = PEAK_RSS.match(lines[-1])
+    assert peak and int(peak.group(1)) > 0, proc.stdout

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import tvm
 from onnx import numpy_helper
 
 from moec.artifact import WEIGHTS, read_manifest
 from moec.reference.ms_moe import ms_moe_routing
 from moec.runtime.session import ArtifactSession
+from moec.weights_file import read_weights, write_weights
 from tests.helpers import check_artifact, compile_to, tokens_input
 from tests.zoo.ms_moe import build_ms_moe_model
 from tests.zoo.standard import build_dense_batched_moe
@@ -21,12 +21,12 @@ from tests.zoo.standard import build_dense_batched_moe
 
 def _poison(artifact_dir, experts: set[int]) -> None:
     """Overwrite every weight and bias of ``experts`` in the stored weights file with NaN."""
-    path = str(artifact_dir / WEIGHTS)
-    params = {k: v.numpy() for k, v in tvm.runtime.load_param_dict_from_file(path).items()}
+    path = artifact_dir / WEIGHTS
+    params = {name: np.array(value) for name, value in read_weights(path).items()}
     for name in read_manifest(artifact_dir)["layers"][0]["weights"].values():
         for expert in experts:
             params[name][expert] = np.nan
-    tvm.runtime.save_param_dict_to_file({k: tvm.runtime.tensor(v) for k, v in params.items()}, path)
+    write_weights(path, params)
 
 
 def _selected(model, x: np.ndarray, k: int) -> set[int]:

@@ -16,6 +16,7 @@ import pytest
 import tvm
 from tvm import relax
 
+from moec.artifact import WEIGHTS
 from moec.compiler.compile import compile_model
 from moec.frontend.importer import import_model
 from moec.frontend.loader import load_model
@@ -25,6 +26,7 @@ from moec.passes.apply_kernel_schedule import ApplyKernelSchedule
 from moec.passes.mask_experts import MaskExperts
 from moec.runtime.session import ArtifactSession
 from moec.schedule import CpuSchedule
+from moec.weights_file import read_weights
 from tests.helpers import (
     FP32_ATOL,
     assert_close,
@@ -65,11 +67,11 @@ def test_masked_experts_are_never_selected_and_not_stored(model, tmp_path: Path)
     plan = json.loads((masked / "manifest.json").read_text())["layers"][0]["plan"]
     assert [p["expert"] for p in plan if p["kept"]] == kept
     assert all(p["bytes"] == 0 for p in plan if not p["kept"])
-    stored = tvm.runtime.load_param_dict_from_file(str(masked / "weights.params"))
+    stored = read_weights(masked / WEIGHTS)
     # host: expert matrices packed in panels (PackExpertWeights), here one 24-row panel per expert
     assert stored["moe0.w_up"].shape == (len(kept), 1, HIDDEN, FFN)
     expert_bytes = 3 * FFN * HIDDEN * 4
-    saved = (full / "weights.params").stat().st_size - (masked / "weights.params").stat().st_size
+    saved = (full / WEIGHTS).stat().st_size - (masked / WEIGHTS).stat().st_size
     assert saved >= 3 * expert_bytes, f"masking 3 experts saved only {saved} bytes"
     session = ArtifactSession(masked)
     for tokens in (1, 9, 40):

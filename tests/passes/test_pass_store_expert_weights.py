@@ -11,6 +11,7 @@ import pytest
 import tvm
 from tvm import relax
 
+from moec.artifact import WEIGHTS
 from moec.compiler.compile import compile_model
 from moec.kernels import kernel_spec
 from moec.kernels.config import ExpertDownConfig, ExpertUpConfig, replace
@@ -108,7 +109,7 @@ def test_fp16_artifact_matches_rounded_reference_and_halves_weights(tmp_path: Pa
         compile_model(
             tmp_path / "model.onnx", tmp_path / precision, CompileOptions(weights_precision=precision)
         )
-    sizes = {p: (tmp_path / p / "weights.params").stat().st_size for p in ("fp32", "fp16")}
+    sizes = {p: (tmp_path / p / WEIGHTS).stat().st_size for p in ("fp32", "fp16")}
     plan = json.loads((tmp_path / "fp16" / "manifest.json").read_text())["layers"][0]["plan"]
     assert {entry["precision"] for entry in plan} == {"fp16"}
     matrices = 6 * 64 * 32 * (3 if activation == "swiglu" else 2)

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tvm
 
+from moec.artifact import WEIGHTS
 from moec.runtime.session import ArtifactSession
+from moec.weights_file import read_weights
 from tests.helpers import (
     FP32_ATOL,
     assert_close,
@@ -73,9 +74,7 @@ def test_pruning_zero_percent_is_exact(profiled, tmp_path: Path) -> None:
     model, _, profile, calib = profiled
     full = ArtifactSession(compile_with(model, profile, tmp_path / "full", "--keep-experts", str(EXPERTS)))
     none = ArtifactSession(compile_with(model, profile, tmp_path / "zero", "--prune-ratio", "0"))
-    assert (tmp_path / "zero" / "weights.params").stat().st_size == (
-        tmp_path / "full" / "weights.params"
-    ).stat().st_size
+    assert (tmp_path / "zero" / WEIGHTS).stat().st_size == (tmp_path / "full" / WEIGHTS).stat().st_size
     assert_close(none.run({"x": calib})["y"], full.run({"x": calib})["y"], 0.0, "0% pruning")
 
 
@@ -91,7 +90,7 @@ def test_pruned_channels_are_dropped_and_not_stored(profiled, tmp_path: Path) ->
         assert contribution[e][kept].min() >= contribution[e][dropped].max(), (
             f"expert {e} kept a weaker channel"
         )
-    stored = tvm.runtime.load_param_dict_from_file(str(out / "weights.params"))
+    stored = read_weights(out / WEIGHTS)
     # host: packed in panels after pruning (one panel of FFN // 2 rows, one of HIDDEN rows)
     assert stored["moe0.w_up"].shape == (EXPERTS, 1, HIDDEN, FFN // 2)
     assert stored["moe0.w_down"].shape == (EXPERTS, 1, FFN // 2, HIDDEN)

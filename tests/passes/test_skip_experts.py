@@ -7,11 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tvm
 
+from moec.artifact import WEIGHTS
 from moec.compiler.compile import compile_model
 from moec.options import CompileOptions
 from moec.runtime.session import ArtifactSession
+from moec.weights_file import read_weights, write_weights
 from tests.helpers import (
     FP32_ATOL,
     assert_close,
@@ -106,14 +107,11 @@ def test_skipped_experts_are_not_computed(model, tmp_path: Path) -> None:
     x1 = x[token : token + 1]
     threshold = float(gain[token, 0]) - 1e-3
     artifact = compile_model(path, tmp_path / "a", CompileOptions(skip_top1_above=threshold))
-    params = tvm.runtime.load_param_dict_from_file(str(artifact / "weights.params"))
-    poisoned = {}
-    for name, value in params.items():
-        array = value.numpy()
+    poisoned = {name: np.array(value) for name, value in read_weights(artifact / WEIGHTS).items()}
+    for name, array in poisoned.items():
         if name.endswith((".w_up", ".w_gate", ".w_down")):
             array[index[token, 1:]] = np.nan
-        poisoned[name] = tvm.runtime.tensor(array)
-    tvm.runtime.save_param_dict_to_file(poisoned, str(artifact / "weights.params"))
+    write_weights(artifact / WEIGHTS, poisoned)
     y = ArtifactSession(artifact).run({"x": x1})["y"]
     assert np.isfinite(y).all(), "a skipped expert was computed"
     assert_close(y, skipping_block(x1, w, top1_above=threshold), FP32_ATOL, "confident token")

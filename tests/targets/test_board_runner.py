@@ -154,7 +154,7 @@ def test_package_runs_with_its_readme_command(artifact: Path, tmp_path: Path) ->
         assert {
             "pi4-model/README.md",
             "pi4-model/artifact/model.so",
-            "pi4-model/artifact/weights.params",
+            "pi4-model/artifact/weights.bin",
             "pi4-model/artifact/manifest.json",
             "pi4-model/bin/moec-runner",
             "pi4-model/lib/libtvm_runtime.so",

@@ -20,7 +20,8 @@ from moec.artifact import FORMAT, LIBRARY, MANIFEST, WEIGHTS
 from moec.errors import MoecError
 from moec.reference.evaluator import run_reference
 from moec.runtime.native import build_runner, output_file_stem, run_native
-from tests.helpers import FP32_ATOL, assert_close, compile_to, tokens_input
+from moec.weights_file import read_weights, write_weights
+from tests.helpers import FP32_ATOL, WEIGHTS_DAMAGE, assert_close, compile_to, damage_weights, tokens_input
 from tests.zoo.ms_moe import build_two_layer_ms_moe_model
 from tests.zoo.standard import build_two_layer_model
 
@@ -151,16 +152,41 @@ def test_bad_npy_fails_in_one_line(runner: Path, compiled, tmp_path: Path, case:
     assert len(lines) == 1 and message in lines[0], result.stderr
 
 
-def test_damaged_artifact_fails_in_one_line(runner: Path, compiled, tmp_path: Path) -> None:
+def test_missing_weights_fail_in_one_line(runner: Path, compiled, tmp_path: Path) -> None:
     _, artifact, hidden = compiled["standard-sparse-dispatch"]
     damaged = tmp_path / "artifact"
     shutil.copytree(artifact, damaged)
-    (damaged / WEIGHTS).write_bytes(b"junk")
-    with pytest.raises(MoecError, match="damaged weights"):
-        run_native(runner, damaged, {"x": tokens_input(2, hidden)})
     (damaged / WEIGHTS).unlink()
-    with pytest.raises(MoecError, match=r"no weights\.params"):
+    with pytest.raises(MoecError, match=r"no weights\.bin"):
         run_native(runner, damaged, {"x": tokens_input(2, hidden)})
+
+
+@pytest.mark.parametrize(("case", "why"), list(WEIGHTS_DAMAGE.items()))
+def test_damaged_weights_fail_as_in_python(
+    runner: Path, compiled, tmp_path: Path, case: str, why: str
+) -> None:
+    """The runner parses weights.bin as moec.weights_file does: the same damage, the same cause."""
+    _, artifact, _ = compiled["standard-sparse-dispatch"]
+    damaged = tmp_path / "artifact"
+    shutil.copytree(artifact, damaged)
+    damage_weights(damaged / WEIGHTS, case)
+    with pytest.raises(MoecError, match=f"{WEIGHTS}: damaged weights (.*{re.escape(why)}.*); recompile"):
+        read_weights(damaged / WEIGHTS)
+    command = [str(runner), str(damaged), "--random-inputs"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert f"{WEIGHTS}: damaged weights (" in lines[0] and why in lines[0], lines[0]
+    assert lines[0].endswith("; recompile the model"), lines[0]
+
+
+def test_prints_peak_rss(runner: Path, compiled) -> None:
+    _, artifact, hidden = compiled["standard-sparse-dispatch"]
+    _, stdout = run_native(runner, artifact, {"x": tokens_input(2, hidden)}, repeat=2, warmup=0)
+    lines = stdout.splitlines()
+    assert re.fullmatch(r"latency over 2 runs: .*", lines[-2]), stdout
+    peak = re.fullmatch(r"peak RSS (\d+) MiB", lines[-1])
+    assert peak and 0 < int(peak.group(1)) < 100_000, stdout
 
 
 def test_integer_inputs_and_tuple_outputs(runner: Path, tmp_path: Path) -> None:
@@ -186,7 +212,7 @@ def test_integer_inputs_and_tuple_outputs(runner: Path, tmp_path: Path) -> None:
     artifact.mkdir()
     tvm.compile(Module, target="llvm").export_library(str(artifact / LIBRARY))
     weight = np.array([0.5, -2.0, 3.25], np.float32)
-    tvm.runtime.save_param_dict_to_file({"w": tvm.runtime.tensor(weight)}, str(artifact / WEIGHTS))
+    write_weights(artifact / WEIGHTS, {"w": weight})
     manifest = {
         "format": FORMAT,
         "inputs": [
@@ -208,6 +234,48 @@ def test_integer_inputs_and_tuple_outputs(runner: Path, tmp_path: Path) -> None:
     assert_close(outputs["total"], a + b.astype(np.int64), 0.0, "total")
     assert_close(outputs["scaled/out"], a.astype(np.float32) * weight, 0.0, "scaled/out")
     assert output_file_stem("scaled/out") == "scaled_out"
+
+
+def test_weights_are_used_in_place(runner: Path, tmp_path: Path) -> None:
+    """The runner maps weights.bin and reads weights where they lie: a 128 MiB weight that ``main``
+    never reads adds (next to) nothing to its peak RSS, where loading it would add 128 MiB."""
+    import tvm
+    from tvm.script import ir as I
+    from tvm.script import relax as R
+
+    @I.ir_module
+    class Module:
+        @R.function
+        def main(
+            a: R.Tensor(("n", 3), "float32"), big: R.Tensor(("m",), "float32"), w: R.Tensor((3,), "float32")
+        ) -> R.Tensor(("n", 3), "float32"):
+            R.func_attr({"num_input": 1})
+            with R.dataflow():
+                scaled = R.multiply(a, w)
+                R.output(scaled)
+            return scaled
+
+    library = tmp_path / LIBRARY
+    tvm.compile(Module, target="llvm").export_library(str(library))
+    weight = np.array([0.5, -2.0, 3.25], np.float32)
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+    peak = {}
+    for floats in (1, 32 * 2**20):
+        artifact = tmp_path / f"unused{floats}"
+        artifact.mkdir()
+        shutil.copy(library, artifact / LIBRARY)
+        write_weights(artifact / WEIGHTS, {"unused": np.ones(floats, np.float32), "w": weight})
+        manifest = {
+            "format": FORMAT,
+            "inputs": [{"name": "a", "shape": ["n", 3], "dtype": "float32"}],
+            "outputs": [{"name": "y", "shape": ["n", 3], "dtype": "float32"}],
+            "params": ["unused", "w"],
+        }
+        (artifact / MANIFEST).write_text(json.dumps(manifest))
+        outputs, stdout = run_native(runner, artifact, {"a": a})
+        assert_close(outputs["y"], a * weight, 0.0, "y")
+        peak[floats] = int(re.search(r"^peak RSS (\d+) MiB$", stdout, re.MULTILINE).group(1))
+    assert peak[32 * 2**20] - peak[1] < 16, f"peak RSS in MiB by weight size in floats: {peak}"
 
 
 def test_build_is_cached_and_needs_a_compiler(runner: Path, tmp_path: Path) -> None:

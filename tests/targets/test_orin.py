@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import tvm
 
+from moec.artifact import LIBRARY, MANIFEST, WEIGHTS
 from moec.compiler import cuda
 from moec.compiler.compile import compile_model
 from moec.compiler.inspect_library import check_cuda_library, embedded_cubins
@@ -58,7 +59,7 @@ def orin_artifact(tmp_path_factory) -> Path:
 
 @needs_nvcc
 def test_orin_library_is_aarch64_with_sm87_cubin_holding_the_moe_kernels(orin_artifact):
-    assert sorted(p.name for p in orin_artifact.iterdir()) == ["manifest.json", "model.so", "weights.params"]
+    assert sorted(p.name for p in orin_artifact.iterdir()) == sorted([MANIFEST, LIBRARY, WEIGHTS])
     data = (orin_artifact / "model.so").read_bytes()
     assert data[:4] == b"\x7fELF" and struct.unpack_from("<H", data, 18)[0] == 183  # EM_AARCH64
     if shutil.which("readelf"):

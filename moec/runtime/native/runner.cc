@@ -7,8 +7,9 @@
 //               [--output-dir DIR] [--repeat N] [--warmup W] [--threads T]
 //
 // It reads manifest.json (input, output and weight names, and whether the target is a CUDA
-// GPU), loads weights.params with the runtime's own param-dict loader (global function
-// "runtime.LoadParamsFromFile"), loads the model library, creates the Relax VM
+// GPU), maps weights.bin (moec/weights_file.py's layout: a header, a JSON index, 64-byte aligned
+// tensors) privately and read-only, advised MADV_HUGEPAGE, and makes each weight a tensor over
+// the mapping (nothing is copied on the CPU), loads the model library, creates the Relax VM
 // ("vm_load_executable", "vm_initialization"), runs main(*inputs, *params) once (or the
 // manifest's "entries"."one_token" function when every symbolic input dimension is 1), prints each
 // output's shape and, with --output-dir, writes it as DIR/<output name>.npy ('/' in a name
@@ -16,16 +17,22 @@
 // (symbolic dimensions: T tokens, as `moec run --tokens` does), so that the model runs on a
 // board without any input files. With --repeat N it then times N further runs (after W
 // warmups, inputs already on the device). --threads T sets the CPU threads (TVM_NUM_THREADS).
+// Last it prints its peak resident memory ("peak RSS N MiB", VmHWM).
 //
 // Device: CPU for llvm targets. For a CUDA target (manifest "target"."cuda" not null) the
 // runner loads libtvm_runtime_cuda.so, creates the VM for the GPU with the CPU as host (for
-// shape computations), copies inputs and weights to the GPU and outputs back, and synchronises
-// the GPU after each timed call.
+// shape computations), copies inputs and weights (from the mapping) to the GPU and outputs back,
+// and synchronises the GPU after each timed call.
 // Every failure is one line on stderr ("moec-runner: error: ...") and exit status 1; usage
 // errors (the line then ends with the usage) exit with status 2.
 
 #include <dlfcn.h>
 #include <dlpack/dlpack.h>
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <unistd.h>
 #include <tvm/ffi/any.h>
 #include <tvm/ffi/container/array.h>
 #include <tvm/ffi/container/map.h>
@@ -39,6 +46,7 @@
 #include <tvm/ffi/string.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
@@ -46,7 +54,10 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <map>
+#include <memory>
+#include <optional>
 #include <random>
 #include <sstream>
 #include <stdexcept>
@@ -62,7 +73,9 @@ namespace {
 const char* const kUsage =
     "usage: moec-runner ARTIFACT_DIR [--input NAME=path.npy ...] [--random-inputs [--tokens T] "
     "[--seed S]] [--output-dir DIR] [--repeat N] [--warmup W] [--threads T]";
-const char* const kFormat = "moec-artifact/1";
+const char* const kFormat = "moec-artifact/2";
+const DLDevice kCPU = {kDLCPU, 0};
+const DLDevice kCUDA = {kDLCUDA, 0};
 
 // A user-facing failure: printed as one line, exit status 1.
 struct Failure : std::runtime_error {
@@ -114,6 +127,13 @@ const DType* DTypeFromDescr(const std::string& descr) {
 const DType* DTypeFromDL(DLDataType dl) {
   for (const DType& t : kDTypes) {
     if (t.dl.code == dl.code && t.dl.bits == dl.bits && t.dl.lanes == dl.lanes) return &t;
+  }
+  return nullptr;
+}
+
+const DType* DTypeFromName(const std::string& name) {
+  for (const DType& t : kDTypes) {
+    if (name == t.name) return &t;
   }
   return nullptr;
 }
@@ -271,7 +291,7 @@ struct TensorSpec {
 
 struct Manifest {
   std::string library = "model.so";
-  std::string weights = "weights.params";
+  std::string weights = "weights.bin";
   std::vector<TensorSpec> inputs, outputs;
   std::vector<std::string> params;
   bool cuda = false;  // the target is a CUDA GPU (manifest "target"."cuda" is an object)
@@ -375,10 +395,162 @@ std::string EntryFor(const Manifest& manifest, const std::vector<Array>& arrays)
 }
 
 // ---------------------------------------------------------------------------------------------
-// Tensors, through the runtime's registered global functions.
+// weights.bin (moec/weights_file.py's layout), memory-mapped: the weights are tensors over the
+// mapping, so the CPU reads them in place from the page cache.
+//
+//   8 bytes magic "MOECWTS\0", u32 version, u32 index length L (little-endian); L bytes of JSON
+//   {"tensors": [{"name", "dtype", "shape", "offset", "nbytes"}, ...]}; the data region from
+//   16 + L rounded up to 4096, each tensor at data + offset (a multiple of 64).
 
-const DLDevice kCPU = {kDLCPU, 0};
-const DLDevice kCUDA = {kDLCUDA, 0};
+const char kWeightsMagic[8] = {'M', 'O', 'E', 'C', 'W', 'T', 'S', '\0'};
+const uint32_t kWeightsVersion = 1;
+const size_t kWeightsHeader = 16;
+const size_t kWeightsAlignment = 64;
+const size_t kWeightsPage = 4096;
+
+// A private, read-only mapping of a whole file; unmapped when the last tensor over it goes.
+class Mapping {
+ public:
+  Mapping(void* data, size_t size) : data_(static_cast<char*>(data)), size_(size) {}
+  Mapping(const Mapping&) = delete;
+  Mapping& operator=(const Mapping&) = delete;
+  ~Mapping() { munmap(data_, size_); }
+  char* data() const { return data_; }
+  size_t size() const { return size_; }
+
+ private:
+  char* data_;
+  size_t size_;
+};
+
+// ffi::Tensor::FromNDAlloc's allocator for a tensor over a mapping: it points into the mapping
+// and holds it, so the mapping outlives every tensor over it.
+struct MappedSlice {
+  std::shared_ptr<const Mapping> mapping;
+  size_t offset;
+  void AllocData(DLTensor* tensor) { tensor->data = mapping->data() + offset; }
+  void FreeData(DLTensor*) {}
+};
+
+uint32_t ReadU32(const char* bytes) {
+  const auto* u = reinterpret_cast<const unsigned char*>(bytes);
+  return static_cast<uint32_t>(u[0]) | (static_cast<uint32_t>(u[1]) << 8) |
+         (static_cast<uint32_t>(u[2]) << 16) | (static_cast<uint32_t>(u[3]) << 24);
+}
+
+// `path` mapped whole, advised huge pages; a file too short to be a weights file is refused.
+std::shared_ptr<const Mapping> MapFile(const fs::path& path) {
+  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throw Failure(path.string() + ": cannot read weights (" + std::strerror(errno) + ")");
+  struct stat info;
+  if (fstat(fd, &info) != 0) {
+    int stat_errno = errno;
+    close(fd);
+    throw Failure(path.string() + ": cannot read weights (" + std::strerror(stat_errno) + ")");
+  }
+  if (info.st_size < static_cast<off_t>(kWeightsHeader)) {
+    close(fd);
+    throw Failure(path.string() + ": damaged weights (" + std::to_string(info.st_size) +
+                  " bytes, shorter than its " + std::to_string(kWeightsHeader) +
+                  "-byte header); recompile the model");
+  }
+  size_t size = static_cast<size_t>(info.st_size);
+  void* data = mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
+  int mapped_errno = errno;
+  close(fd);
+  if (data == MAP_FAILED) {
+    throw Failure(path.string() + ": cannot map weights (" + std::strerror(mapped_errno) + ")");
+  }
+#ifdef MADV_HUGEPAGE
+  madvise(data, size, MADV_HUGEPAGE);  // advice: a kernel without huge pages ignores it
+#endif
+  return std::make_shared<const Mapping>(data, size);
+}
+
+// The weights in `path` by name: CPU tensors over one mapping of the file. A file that is not
+// what moec/weights_file.py writes is "damaged weights", with what is wrong.
+std::map<std::string, ffi::Tensor> LoadWeights(const fs::path& path) {
+  auto fail = [&](const std::string& why) {
+    return Failure(path.string() + ": damaged weights (" + why + "); recompile the model");
+  };
+  std::shared_ptr<const Mapping> mapping = MapFile(path);
+  const char* bytes = mapping->data();
+  if (std::memcmp(bytes, kWeightsMagic, sizeof(kWeightsMagic)) != 0) {
+    throw fail("bad magic, not a moec weights file");
+  }
+  uint32_t version = ReadU32(bytes + 8);
+  if (version != kWeightsVersion) {
+    throw fail("format version " + std::to_string(version) + "; this runner reads " +
+               std::to_string(kWeightsVersion));
+  }
+  size_t length = ReadU32(bytes + 12);
+  if (kWeightsHeader + length > mapping->size()) throw fail("its index runs past the end of the file");
+  size_t start = (kWeightsHeader + length + kWeightsPage - 1) / kWeightsPage * kWeightsPage;
+
+  ffi::String error;
+  ffi::Any index = ffi::json::Parse(ffi::String(std::string(bytes + kWeightsHeader, length)), &error);
+  if (!error.empty()) throw fail("unreadable index: " + OneLine(error));
+  auto root = index.try_cast<ffi::Map<ffi::Any, ffi::Any>>();
+  if (!root.has_value()) throw fail("unreadable index: not an object");
+  auto tensors = root->Get(ffi::String("tensors"));
+  auto list = tensors.has_value() ? tensors->try_cast<ffi::Array<ffi::Any>>() : std::nullopt;
+  if (!list.has_value()) throw fail("unreadable index: no 'tensors' list");
+  std::map<std::string, ffi::Tensor> weights;
+  for (const ffi::Any& item : *list) {
+    auto entry = item.try_cast<ffi::Map<ffi::Any, ffi::Any>>();
+    auto get = [&](const char* key) {
+      auto value = entry.has_value() ? entry->Get(ffi::String(key)) : std::nullopt;
+      if (!value.has_value()) throw fail(std::string("unreadable index: an entry without '") + key + "'");
+      return *value;
+    };
+    auto name_text = get("name").try_cast<ffi::String>();
+    auto dtype_text = get("dtype").try_cast<ffi::String>();
+    auto dims = get("shape").try_cast<ffi::Array<ffi::Any>>();
+    auto offset = get("offset").as<int64_t>();
+    auto nbytes = get("nbytes").as<int64_t>();
+    if (!name_text.has_value() || !dtype_text.has_value() || !dims.has_value()) {
+      throw fail("unreadable index: an entry with a mistyped name, dtype or shape");
+    }
+    const std::string name(*name_text);
+    std::vector<int64_t> shape;
+    int64_t count = 1;
+    for (const ffi::Any& dim : *dims) {
+      auto size = dim.as<int64_t>();
+      const int64_t most = std::numeric_limits<int64_t>::max();
+      if (!size.has_value() || *size < 0 || (*size > 0 && count > most / *size)) {
+        throw fail("tensor '" + name + "' has a bad shape");
+      }
+      shape.push_back(*size);
+      count *= *size;
+    }
+    const std::string dtype_name(*dtype_text);
+    const DType* dtype = DTypeFromName(dtype_name);
+    if (dtype == nullptr) throw fail("tensor '" + name + "' has unknown dtype '" + dtype_name + "'");
+    if (!offset.has_value() || !nbytes.has_value() || *offset < 0 ||
+        *nbytes != count * static_cast<int64_t>(ItemSize(*dtype))) {
+      throw fail("tensor '" + name + "' has a bad offset or size");
+    }
+    if (*offset % static_cast<int64_t>(kWeightsAlignment) != 0) {
+      throw fail("tensor '" + name + "' at offset " + std::to_string(*offset) + ", not a multiple of " +
+                 std::to_string(kWeightsAlignment));
+    }
+    const size_t size = mapping->size();  // compared without overflow: offsets come from the file
+    const uint64_t offset_bytes = static_cast<uint64_t>(*offset);
+    const uint64_t data_bytes = static_cast<uint64_t>(*nbytes);
+    if (start > size || offset_bytes > size - start || data_bytes > size - start - offset_bytes) {
+      throw fail("tensor '" + name + "' ends past the end of the file (" + std::to_string(size) +
+                 " bytes): truncated");
+    }
+    const size_t at = start + static_cast<size_t>(offset_bytes);
+    ffi::ShapeView dims_view(shape.data(), shape.size());
+    ffi::Tensor tensor = ffi::Tensor::FromNDAlloc(MappedSlice{mapping, at}, dims_view, dtype->dl, kCPU);
+    if (!weights.emplace(name, tensor).second) throw fail("tensor '" + name + "' twice");
+  }
+  return weights;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tensors, through the runtime's registered global functions.
 
 ffi::Tensor Allocate(const ffi::Shape& shape, DLDataType dtype, DLDevice device) {
   ffi::Function alloc = ffi::Function::GetGlobalRequired("runtime.TVMTensorAllocWithScope");
@@ -543,10 +715,7 @@ std::string ShapeText(const std::vector<int64_t>& shape) {
 // (as moec's random_inputs); floats standard normal, integers and booleans 0 or 1.
 Array RandomInput(const TensorSpec& spec, int tokens, std::mt19937_64& rng) {
   Array array;
-  array.dtype = nullptr;
-  for (const DType& t : kDTypes) {
-    if (spec.dtype == t.name) array.dtype = &t;
-  }
+  array.dtype = DTypeFromName(spec.dtype);
   if (array.dtype == nullptr || spec.dtype == "float16") {
     throw Failure("input '" + spec.name + "' has dtype " + spec.dtype +
                   ", which --random-inputs cannot make; pass --input " + spec.name + "=path.npy");
@@ -637,6 +806,21 @@ std::vector<ffi::Tensor> Outputs(const ffi::Any& result, size_t expected) {
   return tensors;
 }
 
+// "peak RSS N MiB": the peak resident memory of this program: /proc/self/status's VmHWM, not
+// getrusage's ru_maxrss, which Linux carries over exec from the parent (a runner started by a
+// Python process would report that process's peak); ru_maxrss only where there is no VmHWM.
+std::string PeakRss() {
+  long kib = -1;
+  std::ifstream status("/proc/self/status");
+  for (std::string line; std::getline(status, line);) {
+    if (line.rfind("VmHWM:", 0) == 0) kib = std::strtol(line.c_str() + 6, nullptr, 10);
+  }
+  struct rusage usage;
+  if (kib <= 0 && getrusage(RUSAGE_SELF, &usage) == 0) kib = usage.ru_maxrss;  // KiB on Linux
+  if (kib <= 0) return "peak RSS unknown";
+  return "peak RSS " + std::to_string((kib + 512) / 1024) + " MiB";
+}
+
 double Percentile(std::vector<double> sorted, double q) {  // numpy's default (linear) method
   double at = q / 100.0 * static_cast<double>(sorted.size() - 1);
   size_t low = static_cast<size_t>(at);
@@ -661,25 +845,19 @@ int Run(const Options& options) {
   const DLDevice device = manifest.cuda ? kCUDA : kCPU;
   if (manifest.cuda) LoadCudaRuntime();
 
-  // Weights: the runtime's own loader for save_param_dict files (a Map from name to tensor, on
-  // the CPU), then moved to the device; the CPU copies go when `stored` does.
+  // Weights: tensors over the mapped file, used in place on the CPU and copied to a GPU; the
+  // mapping goes with the last tensor over it (on a GPU, when `stored` does).
   std::vector<ffi::Any> args;
   for (const Array& array : arrays) args.emplace_back(ToDevice(array, device));
   arrays.clear();
   {
-    ffi::Map<ffi::String, ffi::Tensor> stored;
-    try {
-      stored = ffi::Function::GetGlobalRequired("runtime.LoadParamsFromFile")(ffi::String(weights.string()))
-                   .cast<ffi::Map<ffi::String, ffi::Tensor>>();
-    } catch (const ffi::Error& err) {
-      throw Failure(weights.string() + ": damaged weights (" + OneLine(err.message()) + "); recompile the model");
-    }
+    std::map<std::string, ffi::Tensor> stored = LoadWeights(weights);
     for (const std::string& name : manifest.params) {
-      auto tensor = stored.Get(ffi::String(name));
-      if (!tensor.has_value()) {
+      auto found = stored.find(name);
+      if (found == stored.end()) {
         throw Failure(weights.string() + ": weights lack '" + name + "'; recompile the model");
       }
-      args.emplace_back(ToDevice(*tensor, device));
+      args.emplace_back(ToDevice(found->second, device));
     }
   }
 
@@ -749,6 +927,7 @@ int Run(const Options& options) {
     std::printf("latency over %d runs: mean %.4f ms, p50 %.4f ms, p99 %.4f ms\n", options.repeat, mean,
                 Percentile(ms, 50), Percentile(ms, 99));
   }
+  std::printf("%s\n", PeakRss().c_str());
   return 0;
 }
 
