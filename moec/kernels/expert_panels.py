@@ -3,11 +3,13 @@
 Same contract as the row kernels (``expert_up`` writes ``inter``, ``expert_down`` adds each
 pair's weighted result into ``y``; only experts with tokens are read), with the weights packed
 in panels of ``panel`` output rows (:meth:`moec.kernels.config.ExpertConfig.matrix_shape`) and
-the register blocking of :mod:`moec.kernels.linear`: a parallel task owns one panel of every
-expert; for each expert group it takes ``token_block`` pairs at a time (then the remainder as
-one block) and keeps their ``token_block × panel`` partial outputs in vector registers (two sets
-for gated experts) while it streams the expert's panel once: for each input element one
-broadcast per pair, one vector load per weight row chunk, FMAs, no horizontal reduction. The
+the register blocking of :mod:`moec.kernels.linear`: a parallel task owns the same few panels
+(the schedule's ``rows_per_task`` rows) of every expert and streams them expert by expert, one
+contiguous stretch of each matrix; for each panel and expert group it takes ``token_block``
+pairs at a time (then the remainder as one block) and keeps their ``token_block × panel``
+partial outputs in vector registers (two sets for gated experts) while it streams the panel
+once: for each input element one broadcast per pair, one vector load per weight row chunk,
+FMAs, no horizontal reduction. The
 row kernels fold one dot per pair and weight row horizontally. Each output element is written
 by the task owning its panel, experts in order, so results are deterministic and need no
 atomics. CPU targets (the CUDA kernels stay row kernels).
@@ -29,15 +31,25 @@ def _check(config: ExpertConfig, backend: Backend) -> int:
     return config.panel
 
 
-def _groups_macro(experts: int, token_block: int, block):
-    """A TIR macro ``groups(buffers, acc, offset, p)``: every expert group's pairs through
+def _panels_per_task(backend: CpuBackend, panel: int, panels: int) -> int:
+    """Panels one parallel task streams from each expert: the schedule's ``rows_per_task``
+    output rows (whole panels, at least one), so a task reads that many rows of an expert's
+    matrix as one contiguous stream before it moves to the next expert."""
+    return max(1, min(panels, backend.schedule.rows_per_task // panel))
+
+
+def _groups_macro(experts: int, token_block: int, panels: int, per_task: int, block):
+    """A TIR macro ``groups(buffers, acc, offset, task)``: for every expert, each of the task's
+    ``per_task`` panels (of ``panels``) and the expert group's pairs through
     ``block((buffers, acc, e, p), p0, count)``, ``token_block`` at a time, then the remainder."""
     blocks = token_blocks(block, token_block)
 
     @T.macro
-    def groups(buffers, acc, offset, p):
+    def groups(buffers, acc, offset, task):
         for e in range(experts):
-            blocks((buffers, acc, e, p), offset[e], offset[e + 1] - offset[e])
+            for q in range(per_task):
+                if panels % per_task == 0 or task * per_task + q < panels:
+                    blocks((buffers, acc, e, task * per_task + q), offset[e], offset[e + 1] - offset[e])
 
     return groups
 
@@ -80,7 +92,8 @@ def make_expert_up_panels(config: ExpertUpConfig, backend: Backend, act) -> tirx
                     else:
                         inter[p0 + t, p * NB + v] = act(T.float32(0), acc_up[t, v] + b_up[e, p * NB + v])
 
-    groups = _groups_macro(E, TB, block)
+    PT = _panels_per_task(backend, NB, P)
+    groups = _groups_macro(E, TB, P, PT, block)
     second = (TB, NB) if gated else (1, 1)
 
     @T.prim_func
@@ -99,11 +112,11 @@ def make_expert_up_panels(config: ExpertUpConfig, backend: Backend, act) -> tirx
         x = T.match_buffer(x_h, (n, H), "float32")
         token = T.match_buffer(token_h, (n * K,), "int32")
         inter = T.match_buffer(inter_h, (n * K, F), "float32")
-        for p in T.parallel(P):
+        for task in T.parallel(-(-P // PT)):
             # one buffer per matrix: each stays under the 1 KiB that a CPU keeps on the stack
             acc_up = T.alloc_buffer((TB, NB), "float32", scope=backend.scratch_scope)
             acc_gate = T.alloc_buffer(second, "float32", scope=backend.scratch_scope)
-            groups((x, w_up, b_up, w_gate, b_gate, token, inter), (acc_up, acc_gate), offset, p)
+            groups((x, w_up, b_up, w_gate, b_gate, token, inter), (acc_up, acc_gate), offset, task)
 
     return expert_up
 
@@ -137,7 +150,8 @@ def make_expert_down_panels(config: ExpertDownConfig, backend: Backend) -> tirx.
                         acc[t, v] + b_down[e, p * NB + v]
                     )
 
-    groups = _groups_macro(E, TB, block)
+    PT = _panels_per_task(backend, NB, P)
+    groups = _groups_macro(E, TB, P, PT, block)
 
     @T.prim_func
     def expert_down(
@@ -155,12 +169,12 @@ def make_expert_down_panels(config: ExpertDownConfig, backend: Backend) -> tirx.
         token = T.match_buffer(token_h, (n * K,), "int32")
         gain = T.match_buffer(gain_h, (n * K,), "float32")
         y = T.match_buffer(y_h, (n, H), "float32")
-        for p in T.parallel(P):
+        for task in T.parallel(-(-P // PT)):
             acc = T.alloc_buffer((TB, NB), "float32", scope=backend.scratch_scope)
             for t in range(n):
-                for v in range(tail if P == 1 else NB):
-                    if p < P - 1 or v < tail:
-                        y[t, p * NB + v] = T.float32(0)
-            groups((inter, w_down, b_down, token, gain, y), acc, offset, p)
+                for v in range(min(PT * NB, H)):
+                    if task * PT * NB + v < H:
+                        y[t, task * PT * NB + v] = T.float32(0)
+            groups((inter, w_down, b_down, token, gain, y), acc, offset, task)
 
     return expert_down
