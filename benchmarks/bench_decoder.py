@@ -101,7 +101,17 @@ from typing import Any
 
 import numpy as np
 from bench_mixtral_block import Evictor, default_evict_mb, make_reference_read, stats, time_interleaved
-from common import REPO, MoecModel, cpu_model, git_revision, log, write_markdown
+from common import (
+    REPO,
+    MoecModel,
+    busy_and_children_s,
+    cpu_model,
+    git_revision,
+    log,
+    others_cores,
+    wait_quiet,
+    write_markdown,
+)
 
 # ── the model ───────────────────────────────────────────────────────────────────
 
@@ -721,41 +731,6 @@ def runner_rss(artifact: Path, workdir: Path, tokens: int) -> dict[str, Any]:
 
 
 # ── parent ──────────────────────────────────────────────────────────────────────
-
-
-def busy_and_children_s() -> tuple[float, float, float]:
-    """(CPU seconds all cores spent busy per ``/proc/stat``, CPU seconds of this process's finished
-    children, wall seconds): the difference of two readings tells what other processes used."""
-    import resource
-
-    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    busy = sum(fields[i] for i in (0, 1, 2, 5, 6))  # user nice system (idle iowait) irq softirq
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return busy / os.sysconf("SC_CLK_TCK"), children.ru_utime + children.ru_stime, time.perf_counter()
-
-
-def others_cores(before: tuple[float, float, float], after: tuple[float, float, float]) -> float:
-    """Cores other processes kept busy on average between two :func:`busy_and_children_s` readings."""
-    return ((after[0] - before[0]) - (after[1] - before[1])) / (after[2] - before[2])
-
-
-def wait_quiet(limit_s: float, threshold: float = 0.25) -> None:
-    """Wait (up to ``limit_s``) until other processes use under ``threshold`` cores over 2 s: this VM
-    is shared, and a busy core ruins 2-thread numbers (llama.cpp's most)."""
-    if limit_s <= 0:
-        return
-    started = time.perf_counter()
-    while True:
-        before = busy_and_children_s()
-        time.sleep(2.0)
-        busy = others_cores(before, busy_and_children_s())
-        if busy < threshold:
-            return
-        if time.perf_counter() - started > limit_s:
-            log(f"other processes still use {busy:.2f} cores after {limit_s:.0f} s; timing anyway")
-            return
-        log(f"waiting for a quiet machine: other processes use {busy:.2f} cores")
-        time.sleep(8.0)
 
 
 def moec_command() -> list[str]:

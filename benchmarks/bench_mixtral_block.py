@@ -73,7 +73,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import REPO, MoecModel, cpu_model, git_revision, log, write_markdown
+from common import (
+    REPO,
+    MoecModel,
+    busy_and_children_s,
+    cpu_model,
+    git_revision,
+    log,
+    others_cores,
+    wait_quiet,
+    write_markdown,
+)
 
 HIDDEN = 512
 FFN = 1024
@@ -660,7 +670,14 @@ def report(results: dict[int, dict[str, Any]], facts: dict[str, Any]) -> str:
         f"onnxruntime {facts['ort']}, numpy {np.__version__}; total wall time {facts['wall_s']:.0f} s.",
         "",
         f"Machine: {facts['cpu']}, {facts['cores']} cores, LLC {facts['llc_mib']:.0f} MiB "
-        f"(as sysfs reports it), DRAM read bandwidth {bw} (numpy, see Method).",
+        f"(as sysfs reports it), DRAM read bandwidth {bw} (numpy, see Method). Shared: other "
+        "processes used, per timing process, "
+        + "; ".join(
+            f"{n} thread(s): " + ", ".join(f"{c:.2f}" for c in cores)
+            for n, cores in sorted(facts["others_cores"].items())
+        )
+        + " cores (from `/proc/stat` less the children's own CPU time; the script waits for a quiet "
+        "machine before each timing process; 2-thread numbers suffer first when these are not ~0).",
         "",
         f"Block: hidden {HIDDEN}, FFN {FFN}, {EXPERTS} SwiGLU experts, top-{TOP_K}, softmax router "
         f"renormalised over the top-{TOP_K}, fp32, no biases; {EXPERT_BYTES / 2**20:.0f} MiB per expert, "
@@ -837,6 +854,7 @@ def run_parent(args: argparse.Namespace, argv: Sequence[str]) -> None:
     thread_counts = [int(n) for n in args.threads.split(",")]
     reps_per_process = -(-args.reps // args.procs)
     children: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    others: dict[int, list[float]] = defaultdict(list)
     with tempfile.TemporaryDirectory(prefix="moec-bench-") as tmp:
         workdir = Path(tmp)
         log(f"building models in {workdir}")
@@ -887,9 +905,13 @@ def run_parent(args: argparse.Namespace, argv: Sequence[str]) -> None:
                 cmd += ["--quick"] if args.quick else []
                 cmd += ["--no-profile"] if args.no_profile or proc > 0 else []
                 cmd += ["--tvm-static"] if args.tvm_static else []
+                wait_quiet(args.wait_quiet)
                 log(f"process {proc + 1}/{args.procs}, {n} thread(s)")
+                start = busy_and_children_s()
                 subprocess.run(cmd, env=env, check=True)
                 children[n].append(json.loads(json_out.read_text()))
+                others[n].append(others_cores(start, busy_and_children_s()))
+                log(f"other processes used {others[n][-1]:.2f} cores meanwhile")
     results = {n: merge(c) for n, c in children.items()}
     facts = {
         "command": " ".join(
@@ -902,6 +924,7 @@ def run_parent(args: argparse.Namespace, argv: Sequence[str]) -> None:
         "ort": onnxruntime.__version__,
         "cxx": cxx_version,
         "cpu": cpu_model(),
+        "others_cores": dict(others),
         "cores": os.cpu_count(),
         "llc_mib": llc_bytes() / 2**20,
         "evict_mb": args.evict_mb,
@@ -966,6 +989,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     parser.add_argument("--no-markdown", action="store_true", help="do not write any Markdown file")
     parser.add_argument("--no-profile", action="store_true", help="skip moec's per-function breakdown")
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=600.0,
+        help="before each timing process, wait up to this many seconds for other processes to leave "
+        "the cores idle (default 600; 0: do not wait)",
+    )
     parser.add_argument(
         "--tvm-static", action="store_true", help="build plain TVM with a fixed token count per case"
     )

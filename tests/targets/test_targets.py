@@ -34,7 +34,7 @@ def test_bundled_targets_are_the_documented_boards() -> None:
     hw = a72.hardware
     assert (hw.cache_line_bytes, hw.l1d_bytes, hw.l2_bytes) == (64, 32768, 1 << 20)
     assert a72.hardware.compute_precisions == ("fp32",), "the A72 has no FP16 arithmetic nor dot product"
-    assert a72.schedule == CpuSchedule(lanes=4, rows_per_task=64, token_block=4, accumulators=2)
+    assert a72.schedule == CpuSchedule(lanes=4, rows_per_task=128, token_block=6, accumulators=2)
     assert not a72.runs_here or platform.machine() == "aarch64"
 
     orin = load_target("orin")
