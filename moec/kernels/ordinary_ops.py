@@ -8,8 +8,8 @@ scalar loops on one thread. :func:`ordinary_op_rules` are the dlight rules moec 
 
 1. :class:`BatchedMatmul`: ``C[b, i, j] = Σ_k A[b, i, k] · B[b, k, j]`` over any batch axes
    (attention scores and attention-weighted values), with element-wise epilogues (scale, mask):
-   (batch, row) pairs in parallel, each computed as a sum of ``A[b, i, k] · B[b, k, :]`` rows,
-   vectorised over ``j`` — no horizontal reduction and a contiguous row of ``B`` per ``k``.
+   the outermost batch axis in parallel, each row computed as a sum of ``A[b, i, k] · B[b, k, :]``
+   rows, vectorised over ``j`` — no horizontal reduction and a contiguous row of ``B`` per ``k``.
    First, because the next rule takes a matmul too, with one scalar dot per output element.
 2. :class:`RowReduction`: reductions over the innermost axes (softmax, RMS and layer norms):
    each reduction kept as a vector of partial results, the element-wise blocks vectorised.
