@@ -8,7 +8,8 @@ Every per-target choice lives in that file, not in code: the TVM target (and the
 target of a GPU board), the cross toolchain and how to run its binaries here, the hardware
 (architecture, cores, SIMD width, cache line and sizes, memory bandwidth, the precisions it
 computes natively) and the name of the kernel schedule table in ``schedules/``.
-``"detect"`` values are read from the machine moec runs on. ``targets/cortex-a76.toml`` is
+``"detect"`` values are read from the machine moec runs on (``compute_precisions``: from what
+LLVM knows of the target's CPU). ``targets/cortex-a76.toml`` is
 the annotated example of adding a board.
 """
 
@@ -39,6 +40,9 @@ TARGETS_PACKAGE = "moec.bundled_targets"  # the repo's targets/
 SCHEDULES_PACKAGE = "moec.bundled_schedules"  # the repo's schedules/
 
 PRECISIONS = ("fp32", "fp16", "int8")
+DETECT = ("detect",)
+"""``Hardware.compute_precisions`` of a target file that says ``"detect"``, until
+:func:`load_target` replaces it with what the target's CPU computes."""
 ARCHES = ("x86_64", "aarch64")
 POWER_OF_TWO_FIELDS = ("lanes", "accumulators", "threads_per_row")
 
@@ -215,25 +219,36 @@ def _read_tvm_table(table: _Table) -> dict[str, Any]:
     return config
 
 
+NATIVE_FEATURES: dict[str, dict[str, tuple[str, ...]]] = {
+    "x86_64": {"fp16": ("avx512fp16",), "int8": ("avx512vnni", "avxvnni")},
+    "aarch64": {"fp16": ("fullfp16",), "int8": ("dotprod",)},
+}
+"""The LLVM CPU features (any one suffices) with which a CPU computes a precision natively:
+FP16 arithmetic, and INT8 dot products with INT32 accumulation (VNNI's ``vpdpbusd``, NEON's
+``sdot``)."""
+
+
 def _natively_computes(target: tvm.target.Target, arch: str, precision: str) -> tuple[bool, str]:
-    """Whether ``target`` computes ``precision`` in hardware, and what it would need otherwise."""
+    """Whether ``target`` computes ``precision`` in hardware, and what it would need otherwise.
+
+    CPU targets ask LLVM whether the target's CPU (``mcpu``) with its ``mattr`` has one of the
+    :data:`NATIVE_FEATURES`, so a named CPU (``cascadelake``, ``znver4``, ``cortex-a76``) counts
+    with no flags spelled out."""
     if precision == "fp32":
         return True, ""
     if target.kind.name == "cuda":
         major = int(str(target.attrs.get("arch", "sm_50"))[3:]) // 10
         needs = {"fp16": (5, "sm_53 or newer"), "int8": (6, "sm_61 or newer")}[precision]
         return major >= needs[0], needs[1]
-    features = {key: bool(value) for key, value in target.attrs.items() if key.startswith("feature.")}
-    mattr = [str(m) for m in target.attrs.get("mattr", [])]
-    if arch == "aarch64":
-        feature, flag = {
-            "fp16": ("feature.has_fp16_simd", "+fullfp16"),
-            "int8": ("feature.has_dotprod", "+dotprod"),
-        }[precision]
-        needs = f"'{flag}' in [tvm] mattr (or an mcpu that has it)"
-        return features.get(feature, False) or flag in mattr, needs
-    flags = {"fp16": ("+avx512fp16",), "int8": ("+avxvnni", "+avx512vnni")}[precision]
-    return any(f in mattr for f in flags), f"one of {', '.join(flags)} in [tvm] mattr"
+    features = NATIVE_FEATURES.get(arch, {}).get(precision, ())
+    needs = f"an mcpu with, or one of {', '.join('+' + f for f in features)} in [tvm] mattr"
+    has = any(tvm.target.codegen.llvm_cpu_has_features([feature], target) for feature in features)
+    return has, needs
+
+
+def _detected_precisions(target: tvm.target.Target, arch: str) -> tuple[str, ...]:
+    """``compute_precisions = "detect"``: fp32 and every precision ``target`` computes natively."""
+    return tuple(p for p in PRECISIONS if _natively_computes(target, arch, p)[0])
 
 
 def load_target(name_or_path: str) -> TargetSpec:
@@ -284,6 +299,9 @@ def load_target(name_or_path: str) -> TargetSpec:
         target = tvm.target.Target(tvm_config, host=host_config)
     except Exception as err:
         raise MoecError(f"{path}: [tvm] is not a valid TVM target ({first_line(err)})") from err
+    if hardware.compute_precisions == DETECT:
+        detected = _detected_precisions(target, hardware.arch)
+        hardware = dataclasses.replace(hardware, compute_precisions=detected)
     for precision in hardware.compute_precisions:
         computes, needs = _natively_computes(target, hardware.arch, precision)
         if not computes:
@@ -308,14 +326,16 @@ def _read_hardware(table: _Table) -> Hardware:
     arch = table.get("arch", str, detect=platform.machine)
     if arch not in ARCHES:
         raise MoecError(f"{table.where}: key 'arch' must be one of {', '.join(ARCHES)}, got {arch!r}")
-    precisions = table.strings("compute_precisions")
-    for precision in precisions:
+    # "detect": decided once the TVM target is built (load_target), from its CPU's features
+    detected = table.get("compute_precisions", (list, str)) == "detect"
+    precisions = DETECT if detected else table.strings("compute_precisions")
+    for precision in () if detected else precisions:
         if precision not in PRECISIONS:
             raise MoecError(
                 f"{table.where}: key 'compute_precisions' has unknown precision {precision!r} "
                 f"(known: {', '.join(PRECISIONS)})"
             )
-    if "fp32" not in precisions:
+    if not detected and "fp32" not in precisions:
         raise MoecError(f"{table.where}: key 'compute_precisions' must include 'fp32'")
     hardware = Hardware(
         arch=arch,

@@ -206,6 +206,10 @@ BAD_TARGETS = {
         A72_TOML.replace('compute_precisions = ["fp32"]', 'compute_precisions = ["fp32", "fp16"]'),
         ["'fp16'", "+fullfp16"],
     ),
+    "precisions_neither_list_nor_detect": (
+        A72_TOML.replace('compute_precisions = ["fp32"]', 'compute_precisions = "guess"'),
+        ["'compute_precisions'", "guess"],
+    ),
     "unknown_precision": (
         A72_TOML.replace('compute_precisions = ["fp32"]', 'compute_precisions = ["fp32", "fp8"]'),
         ["'fp8'"],

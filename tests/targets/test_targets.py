@@ -13,6 +13,7 @@ import pytest
 import tvm
 
 from moec.compiler.compile import compile_model, lower_model
+from moec.errors import MoecError
 from moec.frontend.importer import import_model
 from moec.frontend.loader import load_model
 from moec.kernels import kernel_kind, make_kernel
@@ -110,6 +111,56 @@ compute_precisions = ["fp32"]
     path = tmp_path / "my-board.toml"
     path.write_text(text)
     return path
+
+
+def _board_with(tmp_path: Path, arch: str, tvm_table: str, precisions: str) -> Path:
+    """A CPU board file with the given ``[tvm]`` lines and ``compute_precisions`` value."""
+    path = tmp_path / "board.toml"
+    path.write_text(
+        f'name = "board"\nschedule = "cpu"\n[tvm]\nkind = "llvm"\n{tvm_table}\n[hardware]\narch = "{arch}"\n'
+        "cores = 4\nsimd_bits = 128\ncache_line_bytes = 64\nl1d_bytes = 32768\nl2_bytes = 1048576\n"
+        f"memory_bandwidth_gbps = 10\ncompute_precisions = {precisions}\n"
+    )
+    return path
+
+
+# What each CPU computes natively, from the vendors' documentation: VNNI (INT8 dot products)
+# since Cascade Lake and Zen 4, AVX-512 FP16 since Sapphire Rapids (not on Zen 4), Armv8.2
+# dot product and FP16 on the Cortex-A76, neither on the A72.
+NAMED_CPUS = {
+    ("x86_64", 'mcpu = "skylake-avx512"'): ("fp32",),
+    ("x86_64", 'mcpu = "cascadelake"'): ("fp32", "int8"),
+    ("x86_64", 'mcpu = "znver4"'): ("fp32", "int8"),
+    ("x86_64", 'mcpu = "sapphirerapids"'): ("fp32", "fp16", "int8"),
+    ("aarch64", 'mtriple = "aarch64-linux-gnu"\nmcpu = "cortex-a72"'): ("fp32",),
+    ("aarch64", 'mtriple = "aarch64-linux-gnu"\nmcpu = "cortex-a76"'): ("fp32", "fp16", "int8"),
+    ("aarch64", 'mtriple = "aarch64-linux-gnu"\nmcpu = "cortex-a72"\nmattr = ["+dotprod"]'): ("fp32", "int8"),
+}
+
+
+@pytest.mark.parametrize("board", sorted(NAMED_CPUS), ids=lambda board: board[1].split("mcpu = ")[-1])
+def test_detected_compute_precisions_of_named_cpus(tmp_path: Path, board: tuple[str, str]) -> None:
+    arch, tvm_table = board
+    spec = load_target(str(_board_with(tmp_path, arch, tvm_table, '"detect"')))
+    assert spec.hardware.compute_precisions == NAMED_CPUS[board]
+
+
+def test_host_reports_int8_arithmetic_where_the_cpu_has_vnni() -> None:
+    """The host target detects its precisions; /proc/cpuinfo (the kernel's view) says whether
+    this CPU has AVX-512 VNNI or AVX-VNNI."""
+    if platform.machine() != "x86_64":
+        pytest.skip("an x86-64 check")
+    flags = set(Path("/proc/cpuinfo").read_text().split())
+    precisions = load_target("host").hardware.compute_precisions
+    assert precisions[0] == "fp32"
+    assert ("int8" in precisions) == bool({"avx512_vnni", "avx_vnni"} & flags)
+    assert ("fp16" in precisions) == ("avx512_fp16" in flags)
+
+
+def test_a_listed_precision_the_cpu_lacks_is_refused(tmp_path: Path) -> None:
+    path = _board_with(tmp_path, "x86_64", 'mcpu = "skylake-avx512"', '["fp32", "int8"]')
+    with pytest.raises(MoecError, match=r"lists 'int8'.*\+avx512vnni"):
+        load_target(str(path))
 
 
 def test_user_target_file_compiles_and_matches_reference(tmp_path: Path) -> None:
