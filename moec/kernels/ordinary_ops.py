@@ -147,7 +147,25 @@ def _schedule_elementwise(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, l
     _vectorize(sch, loops[-1], lanes)
 
 
-class BatchedMatmul(dlight.cpu.base.CPUScheduleRule):
+class _CpuRule(dlight.cpu.base.CPUScheduleRule):
+    """What the rules share: a schedule of the function, its blocks (dlight's analysis) and the
+    target's vector width go to :meth:`schedule`, which returns False to decline."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None or not self.schedule(sch, infos, vector_lanes(target)):
+            return None
+        return sch
+
+    def schedule(self, sch: s_tir.Schedule, infos: list[SBlockInfo], lanes: int) -> bool:
+        """Schedule ``sch`` whose blocks are ``infos``; False if the rule does not fit it."""
+        raise NotImplementedError
+
+
+class BatchedMatmul(_CpuRule):
     """``C[..., i, j] = Σ_k A[..., i, k] · B[..., k, j]`` (+ element-wise epilogues) on the CPU.
 
     Matches a function whose one reduction block has spatial axes (batch..., i, j) then a single
@@ -158,23 +176,16 @@ class BatchedMatmul(dlight.cpu.base.CPUScheduleRule):
     multiply-add per ``k`` (a symbolic ``j``: the ``j`` loop innermost, for LLVM to vectorise).
     """
 
-    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
-        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
-            return None
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
-        if infos is None:
-            return None
+    def schedule(self, sch: s_tir.Schedule, infos: list[SBlockInfo], lanes: int) -> bool:
         infos = _inline(sch, infos)
         reductions = [info for info in infos if not info.is_injective()]
         if len(reductions) != 1 or infos[0] is not reductions[0]:
-            return None
+            return False
         matmul = reductions[0]
         if not re.fullmatch("S{2,}R", matmul.dom_kind()):
-            return None
+            return False
         if not self._streams_rows_of_j(sch.get(matmul.block_rv)):
-            return None
-        lanes = vector_lanes(target)
+            return False
         loops = sch.get_loops(matmul.block_rv)
         *outer, j, k = loops
         _parallel_outermost(sch, outer, _elements(sch, loops))
@@ -189,7 +200,7 @@ class BatchedMatmul(dlight.cpu.base.CPUScheduleRule):
         for epilogue in infos[1:]:
             sch.reverse_compute_at(epilogue.block_rv, outer[-1])
             _vectorize(sch, sch.get_loops(epilogue.block_rv)[-1], lanes)
-        return sch
+        return True
 
     @staticmethod
     def _streams_rows_of_j(block: s_tir.SBlock) -> bool:
@@ -206,7 +217,7 @@ class BatchedMatmul(dlight.cpu.base.CPUScheduleRule):
         return last_index_is_j(block.writes[0]) and any(last_index_is_j(r) for r in block.reads)
 
 
-class RowReduction(dlight.cpu.base.CPUScheduleRule):
+class RowReduction(_CpuRule):
     """Reductions over the innermost axes with element-wise blocks around them (softmax, RMS and
     layer norms, a matmul with one output column) on the CPU.
 
@@ -218,16 +229,11 @@ class RowReduction(dlight.cpu.base.CPUScheduleRule):
     Element-wise blocks as :func:`_schedule_elementwise` does.
     """
 
-    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
-        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
-            return None
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
-        if infos is None or all(info.is_injective() for info in infos):
-            return None
+    def schedule(self, sch: s_tir.Schedule, infos: list[SBlockInfo], lanes: int) -> bool:
+        if all(info.is_injective() for info in infos):
+            return False
         if not all(info.is_injective() or re.fullmatch("S*R+", info.dom_kind()) for info in infos):
-            return None
-        lanes = vector_lanes(target)
+            return False
         for info in _inline(sch, infos):
             if info.is_injective():
                 _schedule_elementwise(sch, info.block_rv, lanes)
@@ -245,27 +251,22 @@ class RowReduction(dlight.cpu.base.CPUScheduleRule):
             factored = sch.rfactor(partial, factor_axis=output_rank)
             sch.vectorize(sch.get_loops(factored)[-1])
             sch.decompose_reduction(factored, sch.get_loops(factored)[spatial])
-        return sch
+        return True
 
 
-class Injective(dlight.cpu.base.CPUScheduleRule):
+class Injective(_CpuRule):
     """Element-wise chains on the CPU: inline what can be inlined, vectorise what is left.
 
     Matches a function whose blocks are all injective (spatial only); each block left after
     inlining as :func:`_schedule_elementwise` does.
     """
 
-    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
-        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
-            return None
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
-        if infos is None or not all(info.is_injective() for info in infos):
-            return None
-        lanes = vector_lanes(target)
+    def schedule(self, sch: s_tir.Schedule, infos: list[SBlockInfo], lanes: int) -> bool:
+        if not all(info.is_injective() for info in infos):
+            return False
         for info in _inline(sch, infos):
             _schedule_elementwise(sch, info.block_rv, lanes)
-        return sch
+        return True
 
 
 def ordinary_op_rules() -> list[dlight.ScheduleRule]:
@@ -290,7 +291,7 @@ def unscheduled_functions(mod: tvm.IRModule) -> list[str]:
             continue
         if func.attrs.get("tirx.is_host_func", False):
             continue
-        kinds, longest_reduction = _loop_kinds_and_longest_reduction(func)
+        kinds, longest_reduction = loop_kinds_and_longest_reduction(func)
         fast = bool({tirx.ForKind.PARALLEL, tirx.ForKind.VECTORIZED} & kinds)
         scheduled = bool(func.attrs.get("tirx.is_scheduled", False)) or fast
         if not scheduled or (longest_reduction >= REDUCTION_NEEDS_SCHEDULE and not fast):
@@ -298,7 +299,7 @@ def unscheduled_functions(mod: tvm.IRModule) -> list[str]:
     return sorted(left)
 
 
-def _loop_kinds_and_longest_reduction(func: tirx.PrimFunc) -> tuple[set[tirx.ForKind], int]:
+def loop_kinds_and_longest_reduction(func: tirx.PrimFunc) -> tuple[set[tirx.ForKind], int]:
     """The kinds of ``func``'s loops and the most elements one of its blocks reduces over (a
     symbolic extent counts as unbounded)."""
     kinds: set[tirx.ForKind] = set()

@@ -16,13 +16,16 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import tvm
-import tvm_ffi
 from tvm import relax, tirx
 
 from moec.compiler.compile import lower_model
 from moec.frontend.importer import import_model
 from moec.frontend.loader import load_model
-from moec.kernels.ordinary_ops import REDUCTION_NEEDS_SCHEDULE, unscheduled_functions
+from moec.kernels.ordinary_ops import (
+    REDUCTION_NEEDS_SCHEDULE,
+    loop_kinds_and_longest_reduction,
+    unscheduled_functions,
+)
 from moec.passes.pipeline import lowering_pipeline
 from moec.targets import load_target
 from tests.helpers import FIXTURES, FP32_ATOL, assert_close
@@ -85,9 +88,7 @@ def _functions(lowered: tvm.IRModule) -> dict[str, tirx.PrimFunc]:
 
 
 def _loop_kinds(func: tirx.PrimFunc) -> set[tirx.ForKind]:
-    kinds: set[tirx.ForKind] = set()
-    tvm_ffi.structural_walk(func.body, [(tirx.For, lambda loop: kinds.add(loop.kind))], order="post")
-    return kinds
+    return loop_kinds_and_longest_reduction(func)[0]
 
 
 @pytest.mark.parametrize("tokens", [TOKENS, 16])
