@@ -104,6 +104,7 @@ from bench_mixtral_block import Evictor, default_evict_mb, make_reference_read, 
 from common import (
     REPO,
     MoecModel,
+    add_wait_quiet_option,
     busy_and_children_s,
     cpu_model,
     git_revision,
@@ -1074,13 +1075,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--profile-calls", type=int, default=None, help="calls per profiled case (default 10)"
     )
-    parser.add_argument(
-        "--wait-quiet",
-        type=float,
-        default=600.0,
-        help="before each timing process, wait up to this many seconds for other processes to leave "
-        "the cores idle (default 600; 0: do not wait)",
-    )
+    add_wait_quiet_option(parser)
     parser.add_argument("--fresh-model", action="store_true", help="re-export the model even if cached")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)

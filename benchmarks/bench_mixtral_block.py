@@ -76,6 +76,7 @@ import numpy as np
 from common import (
     REPO,
     MoecModel,
+    add_wait_quiet_option,
     busy_and_children_s,
     cpu_model,
     git_revision,
@@ -989,13 +990,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     parser.add_argument("--no-markdown", action="store_true", help="do not write any Markdown file")
     parser.add_argument("--no-profile", action="store_true", help="skip moec's per-function breakdown")
-    parser.add_argument(
-        "--wait-quiet",
-        type=float,
-        default=600.0,
-        help="before each timing process, wait up to this many seconds for other processes to leave "
-        "the cores idle (default 600; 0: do not wait)",
-    )
+    add_wait_quiet_option(parser)
     parser.add_argument(
         "--tvm-static", action="store_true", help="build plain TVM with a fixed token count per case"
     )

@@ -4,6 +4,7 @@ build their models with the tests' synthetic builders, ``tests.zoo``)."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import subprocess
@@ -128,3 +129,14 @@ def wait_quiet(limit_s: float, threshold: float = 0.25) -> None:
             return
         log(f"waiting for a quiet machine: other processes use {busy:.2f} cores")
         time.sleep(8.0)
+
+
+def add_wait_quiet_option(parser: argparse.ArgumentParser) -> None:
+    """``--wait-quiet SECONDS``, the limit :func:`wait_quiet` gets before each timing process."""
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=600.0,
+        help="before each timing process, wait up to this many seconds for other processes to leave "
+        "the cores idle (default 600; 0: do not wait)",
+    )
