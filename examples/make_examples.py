@@ -6,6 +6,8 @@ mixtral_tiny.onnx: two Mixtral-style MoE layers (8 SwiGLU experts, top-2, hidden
 written with standard ONNX ops the way an eager expert loop exports (NonZero / Gather /
 ScatterND dispatch), with LayerNorm, residuals and an MLP between them.
 ms_moe_tiny.onnx: the same kind of block as onnxruntime's fused com.microsoft::MoE node.
+qmoe_tiny.onnx: one onnxruntime com.microsoft::QMoE node (GPT-OSS-style clamped SwiGLU, 8
+experts, top-2, hidden 64, FFN 128) with 4-bit weights in blocks of 32 and zero points.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ def main() -> None:
     # The builders are the tests' synthetic models (tests/zoo/), importable from the repository root.
     sys.path.insert(0, str(HERE.parent))
     from tests.zoo.ms_moe import build_two_layer_ms_moe_model
+    from tests.zoo.qmoe import build_qmoe_model
     from tests.zoo.standard import build_two_layer_model
 
     models = {
@@ -30,6 +33,20 @@ def main() -> None:
         ),
         "ms_moe_tiny.onnx": build_two_layer_ms_moe_model(
             activation="swiglu", swiglu_fusion=1, hidden=64, inter=128, experts=8, k=2, seed=2026
+        ),
+        "qmoe_tiny.onnx": build_qmoe_model(
+            bits=4,
+            block_size=32,
+            zero_points=True,
+            activation="swiglu",
+            alpha=1.702,
+            beta=1.0,
+            limit=7.0,
+            hidden=64,
+            inter=128,
+            experts=8,
+            k=2,
+            seed=2026,
         ),
     }
     for name, model in models.items():

@@ -1,6 +1,6 @@
-"""Recognises onnxruntime's fused ``com.microsoft::MoE`` node as a canonical MoE layer.
+"""Recognises onnxruntime's fused ``com.microsoft::MoE`` and ``QMoE`` nodes as canonical MoE layers.
 
-Rules (onnxruntime 1.32 semantics, see :mod:`moec.reference.ms_moe`):
+Rules (onnxruntime 1.32 semantics, see :mod:`moec.reference.ms_moe` and :mod:`moec.reference.qmoe`):
 - weights are ``[E, out, in]`` already: fc1 ``[E, F*I, H]``, fc2 ``[E, H, I]``, fc3 ``[E, I, H]``;
 - ``activation_type`` relu / gelu (tanh approximation) / silu / identity → ungated experts,
   unless fc3 is given: then ``act(fc1 x) * fc3 x`` (a gated expert, Mixtral style);
@@ -11,7 +11,15 @@ Rules (onnxruntime 1.32 semantics, see :mod:`moec.reference.ms_moe`):
 - ``use_sparse_mixer == 1`` → PhiMoE's sparsemixer top-2 (jitter eps 0.01, fixed in onnxruntime's
   kernel; renormalisation does not apply)
 - ``k`` → top-k; ``normalize_routing_weights == 1`` → renormalise top-k; scoring is softmax
-  over ``router_probs`` (logits); ties between equal scores go to the higher expert index.
+  over ``router_probs`` (logits); ties between equal scores go to the higher expert index;
+- ``QMoE`` is the same node with integer expert weights (inputs: fc1 weights, scales, bias, fc2
+  ..., fc3 ..., then fc1/fc2/fc3 zero points): they are dequantized here, with numpy, to the
+  float32 weights above (``(code - zero_point) * scale``; ``expert_weight_bits`` 4 or 8, default
+  4; codes packed low bits first; one scale per output channel, or per ``block_size`` inputs;
+  zero points default to 2^(bits-1)), and the rest of the node reads as ``MoE``, including
+  ``normalize_routing_weights`` (onnxruntime 1.32's CPU QMoE kernel ignores it and always
+  renormalises). The canonical layer does not remember that its weights were quantized;
+- ``swiglu_limit_after_activation=1`` (CUDA only in onnxruntime) is refused.
 """
 
 from __future__ import annotations
@@ -29,6 +37,15 @@ from moec.frontend.graph import GraphIndex, attribute, node_label
 #: The jitter eps onnxruntime's ``sparse_mixer_top2`` kernel hard-codes.
 ORT_SPARSE_MIXER_JITTER_EPS = 0.01
 
+#: The fused MoE ops of onnxruntime's contrib domain that are imported.
+MS_MOE_OPS = ("MoE", "QMoE")
+#: ``expert_weight_bits`` values a QMoE node may have.
+QMOE_BITS = (4, 8)
+#: QMoE inputs: (weights, scales, bias, zero points) per projection, and the first input that
+#: nothing here implements (router_weights, then the FP4/FP8 scales).
+QMOE_INPUTS = {"fc1": (2, 3, 4, 11), "fc2": (5, 6, 7, 12), "fc3": (8, 9, 10, 13)}
+QMOE_UNSUPPORTED_FROM = 14
+
 POINTWISE = {"relu": "relu", "gelu": "gelu_tanh", "silu": "silu", "identity": "identity"}
 FUSED_GATED = {"swiglu": "silu", "geglu": "gelu_tanh"}
 
@@ -38,15 +55,16 @@ def _as_str(value) -> str:
 
 
 def find_ms_moe_blocks(index: GraphIndex) -> list[MoEBlock]:
-    """Every ``com.microsoft::MoE`` node of the graph, as canonical blocks."""
+    """Every ``com.microsoft::MoE`` and ``com.microsoft::QMoE`` node of the graph, as canonical blocks."""
     blocks = []
     for node in index.graph.node:
-        if node.op_type == "MoE" and node.domain == "com.microsoft":
+        if node.op_type in MS_MOE_OPS and node.domain == "com.microsoft":
             blocks.append(_block_from_node(index, node, f"moe{len(blocks)}"))
     return blocks
 
 
-def _weight(index: GraphIndex, node: onnx.NodeProto, position: int) -> np.ndarray | None:
+def _constant(index: GraphIndex, node: onnx.NodeProto, position: int) -> np.ndarray | None:
+    """The constant value of input ``position``, None when omitted; MoecError when computed."""
     if len(node.input) <= position or not node.input[position]:
         return None
     value = index.constant(node.input[position])
@@ -55,7 +73,13 @@ def _weight(index: GraphIndex, node: onnx.NodeProto, position: int) -> np.ndarra
             f"{node_label(node)}: input '{node.input[position]}' must be a constant "
             "initializer (expert weights computed at run time are not supported)"
         )
-    if value.dtype != np.float32:
+    return value
+
+
+def _weight(index: GraphIndex, node: onnx.NodeProto, position: int) -> np.ndarray | None:
+    """A float32 expert weight or bias input (None when omitted)."""
+    value = _constant(index, node, position)
+    if value is not None and value.dtype != np.float32:
         raise MoecError(
             f"{node_label(node)}: expert weights are {value.dtype}; only float32 MoE "
             "is supported for now: export the model in float32"
@@ -77,6 +101,119 @@ def _split_fused(node: onnx.NodeProto, fc1: np.ndarray, fc1_b: np.ndarray | None
     return fc1[halves[0]], biases[0], fc1[halves[1]], biases[1]
 
 
+def _unpack(packed: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 ``[..., bytes]`` → the codes ``[..., bytes * 8 / bits]`` (4 bits: low nibble first)."""
+    if bits == 8:
+        return packed
+    return np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1)
+
+
+def _quant_layout(node: onnx.NodeProto) -> tuple[int, int]:
+    """``(bits, block_size)`` of a QMoE node; MoecError for what is not supported."""
+    label = node_label(node)
+    bits = int(attribute(node, "expert_weight_bits", 4))
+    if bits not in QMOE_BITS:
+        raise MoecError(f"{label}: expert_weight_bits={bits} is not supported (supported: 4, 8)")
+    for fc in QMOE_INPUTS:
+        if int(attribute(node, f"{fc}_expert_weight_bits", bits)) != bits:
+            raise MoecError(
+                f"{label}: {fc}_expert_weight_bits differs from expert_weight_bits (mixed widths)"
+            )
+    quant_type = _as_str(attribute(node, "quant_type", "int"))
+    if quant_type != "int":
+        raise MoecError(f"{label}: quant_type '{quant_type}' is not supported (only 'int')")
+    if int(attribute(node, "weights_prepacked", -1)) not in (-1, 0):
+        raise MoecError(
+            f"{label}: weights_prepacked=1 is not supported; export raw weights (weights_prepacked=0)"
+        )
+    block_size = int(attribute(node, "block_size", 0))
+    if block_size < 0:
+        raise MoecError(f"{label}: block_size={block_size} must be 0 (per channel) or positive")
+    unsupported = [name for name in node.input[QMOE_UNSUPPORTED_FROM:] if name]
+    if unsupported:
+        raise MoecError(
+            f"{label}: input '{unsupported[0]}' (router_weights or FP4/FP8 scales) is not supported"
+        )
+    return bits, block_size
+
+
+def _block_scales(
+    node: onnx.NodeProto, fc: str, scales: np.ndarray | None, shape: tuple[int, ...]
+) -> np.ndarray:
+    """A QMoE projection's scales as float32 ``[E, N, blocks, 1]``; ``shape`` is what the op wants.
+
+    Per-channel scales (``shape`` ``[E, N, 1]``) may also come as ``[E, N]``.
+    """
+    allowed = [shape, shape[:2]] if shape[2] == 1 else [shape]
+    if scales is None or scales.dtype not in (np.float32, np.float16) or scales.shape not in allowed:
+        got = "none" if scales is None else f"{scales.dtype} {list(scales.shape)}"
+        raise MoecError(
+            f"{node_label(node)}: {fc} scales must be float32 or float16 {list(allowed[-1])}, got {got}"
+        )
+    return scales.astype(np.float32).reshape(*shape, 1)
+
+
+def _block_zero_points(
+    node: onnx.NodeProto, fc: str, zeros: np.ndarray | None, bits: int, shape: tuple[int, ...], blocked: bool
+) -> np.ndarray:
+    """A QMoE projection's zero points as float32 ``[E, N, blocks, 1]`` (2^(bits-1) when absent).
+
+    They are packed like the weights along their last axis: the blocks of a row, or, per
+    channel, the rows of an expert (``[E, ceil(N * bits / 8)]``).
+    """
+    if zeros is None:
+        return np.full((*shape, 1), 2 ** (bits - 1), dtype=np.float32)
+    experts, rows, blocks = shape
+    per_row = blocks if blocked else rows
+    expected = (experts, rows, -(-blocks * bits // 8)) if blocked else (experts, -(-rows * bits // 8))
+    if zeros.dtype != np.uint8 or zeros.shape != expected:
+        raise MoecError(
+            f"{node_label(node)}: {fc} zero points must be uint8 {list(expected)}, "
+            f"got {zeros.dtype} {list(zeros.shape)}"
+        )
+    return _unpack(zeros, bits)[..., :per_row].reshape(*shape, 1).astype(np.float32)
+
+
+def _quantized_projection(
+    index: GraphIndex, node: onnx.NodeProto, fc: str, bits: int, block_size: int
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(float32 ``[E, N, K]`` weights, bias) of one QMoE projection; weights None when absent.
+
+    ``W = (code - zero_point) * scale``, with one scale and zero point per output channel
+    (``block_size`` 0) or per ``block_size`` consecutive input features.
+    """
+    w_at, s_at, b_at, z_at = QMOE_INPUTS[fc]
+    packed, scales, zeros = (_constant(index, node, i) for i in (w_at, s_at, z_at))
+    bias = _weight(index, node, b_at)
+    if packed is None:
+        return None, bias
+    label = node_label(node)
+    if packed.dtype != np.uint8 or packed.ndim != 3:
+        raise MoecError(f"{label}: {fc} weights must be 3-D uint8, got {packed.dtype} {list(packed.shape)}")
+    codes = _unpack(packed, bits)
+    experts, rows, in_features = codes.shape
+    if block_size and in_features % block_size:
+        raise MoecError(
+            f"{label}: block_size={block_size} does not divide {fc}'s {in_features} input features"
+        )
+    shape = (experts, rows, in_features // block_size if block_size else 1)
+    scale = _block_scales(node, fc, scales, shape)
+    zero = _block_zero_points(node, fc, zeros, bits, shape, blocked=block_size > 0)
+    blocks = codes.reshape(*shape, -1).astype(np.float32)
+    return ((blocks - zero) * scale).reshape(experts, rows, in_features), bias
+
+
+def _expert_tensors(index: GraphIndex, node: onnx.NodeProto) -> list[np.ndarray | None]:
+    """fc1, fc1 bias, fc2, fc2 bias, fc3, fc3 bias as float32 ``[E, out, in]`` / ``[E, out]``."""
+    if node.op_type == "MoE":
+        return [_weight(index, node, i) for i in range(2, 8)]
+    bits, block_size = _quant_layout(node)
+    tensors: list[np.ndarray | None] = []
+    for fc in QMOE_INPUTS:
+        tensors.extend(_quantized_projection(index, node, fc, bits, block_size))
+    return tensors
+
+
 def _block_from_node(index: GraphIndex, node: onnx.NodeProto, name: str) -> MoEBlock:
     act = _as_str(attribute(node, "activation_type", "relu"))
     fusion = int(attribute(node, "swiglu_fusion", 0))
@@ -85,8 +222,9 @@ def _block_from_node(index: GraphIndex, node: onnx.NodeProto, name: str) -> MoEB
         raise MoecError(
             f"{node_label(node)}: use_sparse_mixer=1 needs k=2 (onnxruntime's sparsemixer is top-2)"
         )
-    fc1, fc1_b, fc2, fc2_b = (_weight(index, node, i) for i in (2, 3, 4, 5))
-    fc3, fc3_b = _weight(index, node, 6), _weight(index, node, 7)
+    if int(attribute(node, "swiglu_limit_after_activation", 0)) == 1:
+        raise MoecError(f"{node_label(node)}: swiglu_limit_after_activation=1 is not supported")
+    fc1, fc1_b, fc2, fc2_b, fc3, fc3_b = _expert_tensors(index, node)
     if fc1 is None or fc2 is None:
         raise MoecError(f"{node_label(node)}: fc1 and fc2 expert weights are required")
     if fc1.ndim != 3 or fc2.ndim != 3:
@@ -128,7 +266,7 @@ def _block_from_node(index: GraphIndex, node: onnx.NodeProto, name: str) -> MoEB
             tie_break="low" if sparse_mixer else "high",
             scoring="sparsemixer" if sparse_mixer else "softmax",
             jitter_eps=ORT_SPARSE_MIXER_JITTER_EPS if sparse_mixer else 0.0,
-            source=f"com.microsoft::MoE '{node.name}'",
+            source=f"com.microsoft::{node.op_type} '{node.name}'",
             alpha=float(attribute(node, "activation_alpha", 1.0)) if gated else 1.0,
             beta=float(attribute(node, "activation_beta", 0.0)) if gated else 0.0,
             limit=float(attribute(node, "swiglu_limit", math.inf)) if gated else math.inf,

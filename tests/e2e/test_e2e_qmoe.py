@@ -1,0 +1,178 @@
+"""onnxruntime's quantized com.microsoft::QMoE node compiled end to end, against onnxruntime's
+own output on the same graph and against the numpy oracle (moec.reference.qmoe)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx.reference import ReferenceEvaluator
+from onnx.reference.op_run import OpRun
+
+from moec.compiler.compile import compile_model
+from moec.errors import MoecError
+from moec.frontend.importer import find_blocks
+from moec.options import CompileOptions
+from moec.reference.qmoe import qmoe
+from tests.helpers import (
+    FP32_ATOL,
+    REPO_ROOT,
+    assert_close,
+    assert_nothing_written,
+    assert_user_error,
+    compile_to,
+    invoke,
+    tokens_input,
+)
+from tests.zoo.qmoe import build_qmoe_model
+
+TOKENS = [1, 6, 37]
+HIDDEN = 128
+SLOW = pytest.mark.slow
+
+
+class QMoE(OpRun):
+    """``com.microsoft::QMoE`` for onnx's reference evaluator: the numpy oracle."""
+
+    op_domain = "com.microsoft"
+
+    def _run(self, *inputs: np.ndarray | None, **attributes: Any) -> tuple[np.ndarray]:  # type: ignore[override]
+        return (qmoe(*inputs, **attributes),)
+
+
+def onnxruntime_output(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    """``y`` from onnxruntime's CPU provider."""
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(["y"], {"x": x})[0]
+
+
+def check_compiled(model: onnx.ModelProto, directory: Path, hidden: int, ort_exact: bool) -> None:
+    """Compile ``model`` (input ``x``, output ``y``) into one MoE layer; at every token count its
+    output matches the numpy oracle and, where ``ort_exact``, onnxruntime (max abs error 1e-4)."""
+    session = compile_to(model, directory)
+    assert len(session.manifest["layers"]) == 1
+    oracle = ReferenceEvaluator(model, new_ops=[QMoE])
+    for tokens in TOKENS:
+        x = tokens_input(tokens, hidden)
+        actual = session.run({"x": x})["y"]
+        assert_close(actual, oracle.run(["y"], {"x": x})[0], FP32_ATOL, f"{tokens} tokens vs numpy oracle")
+        if ort_exact:
+            assert_close(actual, onnxruntime_output(model, x), FP32_ATOL, f"{tokens} tokens vs onnxruntime")
+
+
+# (id, builder options, onnxruntime's CPU kernel computes the op as documented, marks)
+VARIANTS = [
+    ("8bit-channel-relu", dict(bits=8, activation="relu"), True, ()),
+    ("4bit-block32-zp-silu", dict(bits=4, block_size=32, zero_points=True, activation="silu"), True, ()),
+    (
+        "4bit-block64-gpt-oss-swiglu",
+        dict(bits=4, block_size=64, activation="swiglu", alpha=1.702, beta=1.0, limit=7.0),
+        True,
+        (),
+    ),
+    ("8bit-channel-zp-swiglu", dict(bits=8, zero_points=True, activation="swiglu"), True, SLOW),
+    ("4bit-channel-relu", dict(bits=4, activation="relu"), True, SLOW),
+    ("4bit-channel-zp-gelu", dict(bits=4, zero_points=True, activation="gelu"), True, SLOW),
+    ("4bit-block32-swiglu", dict(bits=4, block_size=32, activation="swiglu"), True, SLOW),
+    (
+        "4bit-block64-zp-identity",
+        dict(bits=4, block_size=64, zero_points=True, activation="identity"),
+        True,
+        SLOW,
+    ),
+    ("4bit-block128-silu", dict(bits=4, block_size=128, activation="silu"), True, SLOW),
+    (
+        "4bit-block128-zp-swiglu",
+        dict(bits=4, block_size=128, zero_points=True, activation="swiglu"),
+        True,
+        SLOW,
+    ),
+    ("4bit-fp16-scales", dict(bits=4, block_size=32, zero_points=True, scale_dtype=np.float16), True, SLOW),
+    # onnxruntime's 8-bit block-wise CPU path rounds activations to int8 (see
+    # tests/unit/test_reference_qmoe.py): numpy only
+    ("8bit-block32-relu", dict(bits=8, block_size=32, activation="relu"), False, SLOW),
+    (
+        "8bit-block64-zp-swiglu",
+        dict(bits=8, block_size=64, zero_points=True, activation="swiglu"),
+        False,
+        SLOW,
+    ),
+    ("8bit-block128-zp-silu", dict(bits=8, block_size=128, zero_points=True, activation="silu"), False, SLOW),
+    # onnxruntime's CPU kernel runs no fc3 or swiglu_fusion 2, and ignores normalize_routing_weights=0
+    ("4bit-swiglu-fc3", dict(bits=4, block_size=32, activation="swiglu", swiglu_fusion=0), False, SLOW),
+    ("4bit-swiglu-concatenated", dict(bits=4, activation="swiglu", swiglu_fusion=2), False, SLOW),
+    ("8bit-unnormalised-top1", dict(bits=8, activation="silu", k=1, normalize=0), False, SLOW),
+]
+
+
+@pytest.mark.parametrize(
+    ("options", "ort_exact"),
+    [pytest.param(*v[1:3], marks=v[3]) for v in VARIANTS],
+    ids=[v[0] for v in VARIANTS],
+)
+def test_qmoe_variant(tmp_path, options, ort_exact):
+    model = build_qmoe_model(hidden=HIDDEN, inter=128, experts=4, k=options.pop("k", 2), seed=11, **options)
+    check_compiled(model, tmp_path, HIDDEN, ort_exact)
+
+
+def test_bundled_example(tmp_path):
+    """examples/qmoe_tiny.onnx (4-bit, blocks of 32, zero points, GPT-OSS SwiGLU) compiles and matches."""
+    check_compiled(onnx.load(REPO_ROOT / "examples" / "qmoe_tiny.onnx"), tmp_path, 64, ort_exact=True)
+
+
+def test_layer_names_its_source():
+    (block,) = find_blocks(build_qmoe_model(bits=8))
+    assert block.layer.source == "com.microsoft::QMoE 'qmoe'"
+
+
+def _with_attribute(model: onnx.ModelProto, name: str, value: int) -> onnx.ModelProto:
+    """``model`` with the QMoE node's attribute ``name`` set to ``value``."""
+    node = next(n for n in model.graph.node if n.op_type == "QMoE")
+    for attr in list(node.attribute):
+        if attr.name == name:
+            node.attribute.remove(attr)
+    node.attribute.append(onnx.helper.make_attribute(name, value))
+    return model
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        (
+            _with_attribute(build_qmoe_model(bits=4), "expert_weight_bits", 3),
+            "expert_weight_bits=3 is not supported (supported: 4, 8)",
+        ),
+        (
+            _with_attribute(build_qmoe_model(bits=4), "block_size", 48),
+            "block_size=48 does not divide fc1's 64 input features",
+        ),
+        (
+            _with_attribute(build_qmoe_model(bits=4), "fc2_expert_weight_bits", 8),
+            "fc2_expert_weight_bits differs from expert_weight_bits",
+        ),
+    ],
+    ids=["bits-3", "block-48", "mixed-widths"],
+)
+def test_bad_qmoe_is_a_one_line_error(tmp_path, model, message):
+    """``moec compile`` exits 1 with one error line naming the node and the fault, nothing written."""
+    path = tmp_path / "bad.onnx"
+    onnx.save(model, path)
+    out = tmp_path / "artifact"
+    assert_user_error(invoke("compile", path, "-o", out), "node 'qmoe' (com.microsoft::QMoE)", message)
+    assert_nothing_written(out)
+
+
+def test_computed_qmoe_weights_are_refused(tmp_path):
+    model = build_qmoe_model(bits=8)
+    weights = next(i for i in model.graph.initializer if i.name == "fc1_w")
+    model.graph.initializer.remove(weights)
+    model.graph.input.append(onnx.helper.make_tensor_value_info("fc1_w", onnx.TensorProto.UINT8, [4, 64, 64]))
+    path = tmp_path / "computed.onnx"
+    onnx.save(model, path)
+    with pytest.raises(MoecError, match="input 'fc1_w' must be a constant initializer") as raised:
+        compile_model(path, tmp_path / "artifact", CompileOptions(target="host"))
+    assert "\n" not in str(raised.value)
