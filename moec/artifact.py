@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
 
+import numpy as np
 import onnx
 
 import moec
@@ -39,8 +40,6 @@ WEIGHTS = "weights.bin"
 MANIFEST = "manifest.json"
 FORMAT = "moec-artifact/2"
 """Version 2: the weights are a :mod:`moec.weights_file` (version 1 had a TVM param dict)."""
-STORED_PRECISIONS = {"float32": "fp32", "float16": "fp16"}
-"""The precision names the plan uses, by the numpy dtype an expert matrix is stored in."""
 
 
 class ValueInfo(TypedDict):
@@ -92,15 +91,19 @@ class _ManifestKeys(TypedDict):
 
 class Manifest(_ManifestKeys, total=False):
     """``manifest.json``. ``layers`` holds each MoE layer's ``MoELayer.describe()`` plus
-    ``weights`` (role → parameter name) and ``plan`` (one :class:`ExpertPlan` per expert);
+    ``weights`` (role → parameter name), ``plan`` (one :class:`ExpertPlan` per expert) and
+    ``int8_group`` (the INT8 scale group when an expert is int8, else None);
     ``early_exit`` holds ``top1_above`` / ``below_fraction`` (empty when off); ``pruning`` the
     pruned layers; ``max_tokens`` the token bound (None: none). ``cuda_build``, for CUDA targets
-    only, names the toolchain that made the cubins. ``entries`` names extra entry points of the
+    only, names the toolchain that made the cubins. ``precision_budget``, when the experts'
+    precisions were chosen under an accuracy budget, records that choice (budget, metric,
+    measured errors). ``entries`` names extra entry points of the
     library by use: ``one_token`` is ``main`` with every symbolic input dimension fixed to 1 (static
     shapes and memory), for calls whose symbolic dimensions are all 1."""
 
     cuda_build: dict[str, Any]
     entries: dict[str, str]
+    precision_budget: dict[str, Any]
 
 
 def value_info(value: onnx.ValueInfoProto) -> ValueInfo:
@@ -145,16 +148,17 @@ def build_manifest(
         entry = layer.describe()
         names = layer_weight_names(block)
         entry["weights"] = {name.rsplit(".", 1)[1]: name for name in names}
-        precision = STORED_PRECISIONS[str(weights[f"{layer.name}.w_up"].dtype)]
         kept = kept_experts.get(layer.name, list(range(layer.num_experts)))
-        expert_bytes = sum(weights[name].numpy().nbytes for name in names) // len(kept)
+        precisions = options.layer_precisions(layer.name, layer.num_experts)
+        stored = expert_bytes(weights, names, [precisions[e] for e in kept])
+        entry["int8_group"] = options.int8_group if "int8" in precisions else None
         entry["plan"] = [
             ExpertPlan(
                 expert=expert,
                 kept=expert in kept,
-                precision=precision,
+                precision=precisions[expert],
                 compute="fp32",
-                bytes=expert_bytes if expert in kept else 0,
+                bytes=stored[kept.index(expert)] if expert in kept else 0,
             )
             for expert in range(layer.num_experts)
         ]
@@ -186,11 +190,32 @@ def build_manifest(
         },
         max_tokens=options.max_tokens,
     )
+    if options.precision_budget:
+        manifest["precision_budget"] = dict(options.precision_budget)
     if cuda_build:
         manifest["cuda_build"] = cuda_build
     if entries:
         manifest["entries"] = entries
     return manifest
+
+
+def expert_bytes(
+    weights: dict[str, tvm.runtime.Tensor], names: list[str], precisions: list[str]
+) -> list[int]:
+    """Bytes each stored expert of a layer occupies in the weights file, for the layer's weights
+    ``names`` (by role) stored with the experts' ``precisions``: a weight stored whole gives each
+    expert an equal share; one stored per precision (``{name}.{precision}``, with int8's
+    ``{name}.int8_scale``) gives its share to the experts of that precision only."""
+    shares = [0] * len(precisions)
+    for name in names:
+        parts = {n: weights[n] for n in weights if n == name or n.startswith(f"{name}.")}
+        for part, value in parts.items():
+            precision = part.removeprefix(f"{name}.").removesuffix("_scale") if part != name else None
+            owners = [i for i, p in enumerate(precisions) if precision in (None, p)]
+            size = int(np.prod(value.shape)) * np.dtype(value.dtype).itemsize
+            for i in owners:
+                shares[i] += size // len(owners)
+    return shares
 
 
 def write_manifest(artifact_dir: Path, manifest: Manifest) -> None:

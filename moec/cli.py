@@ -13,13 +13,16 @@ import click
 import numpy as np
 
 from moec.errors import MoecError, first_line
-from moec.options import ROUTINGS, WEIGHT_PRECISIONS, CompileOptions, OptionError
+from moec.options import INT8_GROUPS, PRECISIONS, ROUTINGS, CompileOptions, OptionError
 
 OPTION_FLAGS = {
     "target": "--target",
     "force": "--force",
     "dump_ir": "--dump-ir",
-    "weights_precision": "--weights-precision",
+    "precision": "--precision",
+    "precision_plan": "--precision-plan",
+    "int8_group": "--int8-group",
+    "precision_budget": "--accuracy-budget",
     "max_tokens": "--max-tokens",
     "kept_experts": "--keep-experts/--mask-threshold",
     "kept_channels": "--prune-ratio",
@@ -191,12 +194,40 @@ def main() -> None:
     help="Write the IR as TVMScript after each pipeline phase into this directory.",
 )
 @click.option(
-    "--weights-precision",
-    type=click.Choice(WEIGHT_PRECISIONS),
+    "--precision",
+    type=click.Choice(PRECISIONS),
     default="fp32",
     show_default=True,
-    help="How expert weight matrices are stored. fp16 halves their memory and the bytes read "
-    "per token; the arithmetic stays fp32 (e.g. on a Cortex-A72, which has no FP16 arithmetic).",
+    help="How every expert's weight matrices are stored. fp16 halves their memory and the bytes "
+    "read per token, int8 (symmetric, float32 scales per output channel or --int8-group) quarters "
+    "them; the arithmetic stays fp32, so every target runs them (a Cortex-A72 too).",
+)
+@click.option(
+    "--precision-plan",
+    "precision_plan_path",
+    type=click.Path(path_type=Path),
+    help="TOML file naming each layer's experts' precisions ([layers] moe0 = [\"int8\", \"fp32\", ...] "
+    "or moe0 = \"fp16\"); layers it does not name get --precision.",
+)
+@click.option(
+    "--int8-group",
+    type=click.Choice([str(g) for g in INT8_GROUPS]),
+    default=None,
+    help="INT8 scale group along each expert row: 0 = one scale per output channel (default), or "
+    "32/64/128 inputs per scale (more accurate, more scale bytes).",
+)
+@click.option(
+    "--accuracy-budget",
+    type=float,
+    help="Choose each expert's precision (fp32, fp16, int8) to read the fewest bytes per token while "
+    "the relative RMS error of the model's outputs on --calib data (vs all experts fp32) stays "
+    "within this bound, e.g. 0.01. Needs --profile (activation frequencies) and --calib.",
+)
+@click.option(
+    "--calib",
+    type=click.Path(path_type=Path),
+    help="With --accuracy-budget: .npz of calibration inputs (as for 'moec profile'); with several "
+    "samples, every other one is held out to check the chosen plan.",
 )
 @click.option(
     "--max-tokens",
@@ -255,7 +286,11 @@ def compile(  # noqa: A001
     out_dir: Path,
     force: bool,
     dump_ir: Path | None,
-    weights_precision: str,
+    precision: str,
+    precision_plan_path: Path | None,
+    int8_group: str | None,
+    accuracy_budget: float | None,
+    calib: Path | None,
     max_tokens: int | None,
     profile_path: Path | None,
     keep_experts: int | None,
@@ -269,6 +304,7 @@ def compile(  # noqa: A001
     from moec.analysis.masking import choose_channels, choose_kept, load_profile
     from moec.artifact import read_manifest
     from moec.compiler.compile import compile_model
+    from moec.precision_plan import load_precision_plan
 
     masking = keep_experts is not None or mask_threshold is not None
     if profile_path is None and (masking or prune_ratio is not None):
@@ -279,6 +315,8 @@ def compile(  # noqa: A001
     if keep_experts is not None and mask_threshold is not None:
         _fail("masking: pass exactly one of --keep-experts N and --mask-threshold F")
     kept, channels = None, None
+    plan = load_precision_plan(precision_plan_path) if precision_plan_path is not None else None
+    plan_group = plan.int8_group or 0 if plan is not None else 0
     try:
         if profile_path is not None:
             profile = load_profile(profile_path, model)
@@ -286,11 +324,16 @@ def compile(  # noqa: A001
                 kept = choose_kept(profile, keep_experts, mask_threshold)
             if prune_ratio is not None:
                 channels = choose_channels(profile, prune_ratio, kept)
-            if kept is None and channels is None:
-                _fail("--profile needs --keep-experts, --mask-threshold or --prune-ratio to act on")
+            if kept is None and channels is None and accuracy_budget is None:
+                _fail(
+                    "--profile needs --keep-experts, --mask-threshold, --prune-ratio or "
+                    "--accuracy-budget to act on"
+                )
         options = CompileOptions(
             target=target,
-            weights_precision=weights_precision,
+            precision=precision,
+            precision_plan=plan.layers if plan else None,
+            int8_group=int(int8_group) if int8_group is not None else plan_group,
             max_tokens=max_tokens,
             kept_experts=kept,
             kept_channels=channels,
@@ -300,6 +343,8 @@ def compile(  # noqa: A001
             dump_ir=dump_ir,
             force=force,
         )
+        if accuracy_budget is not None:
+            options = _budget_options(model, options, profile_path, calib, accuracy_budget)
         compile_model(model, out_dir, options, log=_progress)
     except OptionError as err:
         raise MoecError(err.naming(OPTION_FLAGS[err.option])) from err
@@ -308,7 +353,54 @@ def compile(  # noqa: A001
         click.echo(f"{layer}: kept experts {experts}")
     for layer, per_expert in (channels or {}).items():
         click.echo(f"{layer}: kept {len(per_expert[0])} intermediate channels per expert")
+    manifest = read_manifest(out_dir)
+    if manifest.get("precision_budget"):
+        choice = manifest["precision_budget"]
+        held, per_token = choice["held_out_error"], choice["expected_expert_bytes_per_token"]
+        click.echo(
+            f"accuracy budget {choice['budget']:g}: output error {choice['error']:.3g}"
+            + (f" (held-out samples {held:.3g})" if held is not None else "")
+            + f"; expected expert bytes per token {per_token['plan'] / 1e6:.3f} MB "
+            f"(all fp32: {per_token['fp32'] / 1e6:.3f} MB)"
+        )
     click.echo(f"compiled {model} for {target} -> {out_dir}")
+
+
+def _budget_options(
+    model: Path, options: CompileOptions, profile_path: Path | None, calib: Path | None, budget: float
+) -> CompileOptions:
+    """``options`` with the precision plan chosen under the accuracy ``budget`` (and its record)."""
+    import dataclasses
+
+    from moec.analysis.masking import load_profile
+    from moec.analysis.precision_budget import choose_precisions
+    from moec.analysis.profile import calibration_samples
+    from moec.artifact import graph_inputs, value_info
+    from moec.frontend.loader import load_model
+    from moec.runtime.session import check_feeds
+
+    if profile_path is None or calib is None:
+        _fail("--accuracy-budget needs --profile PROFILE.json (from 'moec profile') and --calib DATA.npz")
+    if options.precision != "fp32" or options.precision_plan:
+        _fail("--accuracy-budget chooses the precisions itself: leave out --precision and --precision-plan")
+    if not budget > 0:
+        _fail(f"--accuracy-budget {budget}: must be a positive relative error, e.g. 0.01")
+    onnx_model = load_model(model)
+    inputs = [value_info(v) for v in graph_inputs(onnx_model)]
+    samples = list(calibration_samples(_read_npz(calib), inputs))
+    for sample in samples:
+        check_feeds(inputs, sample, str(calib))
+    _progress(f"choosing expert precisions within relative error {budget:g} on {len(samples)} sample(s)")
+    result = choose_precisions(
+        onnx_model,
+        load_profile(profile_path, model),
+        samples,
+        budget,
+        options,
+        progress=_progress,
+    )
+    record = result.describe(budget, options.int8_group)
+    return dataclasses.replace(options, precision_plan=result.precisions, precision_budget=record)
 
 
 @main.command()
@@ -456,7 +548,6 @@ def verify(
         layer_plans,
         reference_outputs,
         router_agreement,
-        stored_precision,
     )
 
     onnx_model = load_model(model)
@@ -478,14 +569,11 @@ def verify(
     else:
         for count in tokens or (1, 7):
             cases.append((random_inputs(session.inputs, count, seed=count), count))
-    precision = stored_precision(session.manifest)
-    if precision != "fp32":
-        click.echo(f"expert weights are stored as {precision}: the reference rounds them the same way")
     changed = sorted(layer_plans(session.manifest))
     if changed:
         click.echo(
-            f"layers {', '.join(changed)} were changed (masking, pruning, early exit, fixed routing): "
-            "the reference makes the same changes"
+            f"layers {', '.join(changed)} were changed (masking, pruning, early exit, fixed routing, "
+            "expert precisions): the reference makes the same changes"
         )
     worst = 0.0
     failed = False
@@ -598,10 +686,14 @@ def profile(model: Path, calib: Path | None, synthetic: int | None, output: Path
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @user_errors
 def inspect(model: Path, as_json: bool) -> None:
-    """List the MoE layers found in MODEL and what sparse execution saves."""
+    """List the MoE layers found in MODEL and what sparse execution saves; or, for an artifact
+    directory, how each layer's experts are stored (precision plan, bytes, masking)."""
     from moec.frontend.importer import find_blocks
     from moec.frontend.loader import load_model
 
+    if model.is_dir():
+        _inspect_artifact(model, as_json)
+        return
     layers = [b.layer.describe() for b in find_blocks(load_model(model))]
     if as_json:
         click.echo(json.dumps({"model": str(model), "moe_layers": layers}, indent=2))
@@ -624,6 +716,42 @@ def inspect(model: Path, as_json: bool) -> None:
             f"{layer['bytes_per_token_dense'] / 1e6:>12.3f} {layer['bytes_per_token_sparse'] / 1e6:>13.3f}"
         )
     _warn_caveats(layers)
+
+
+def _inspect_artifact(artifact: Path, as_json: bool) -> None:
+    """Print each layer's stored-expert plan from ``artifact``'s manifest."""
+    from moec.artifact import read_manifest
+
+    manifest = read_manifest(artifact)
+    plans = {layer["name"]: layer["plan"] for layer in manifest["layers"]}
+    if as_json:
+        record = {"artifact": str(artifact), "plans": plans}
+        record["precision_budget"] = manifest.get("precision_budget")
+        click.echo(json.dumps(record, indent=2))
+        return
+    click.echo(f"{artifact}: {len(plans)} MoE layer(s), compiled for {manifest['target']['name']}")
+    click.echo(f"{'layer':<8} {'stored MB':>9}  experts by precision (masked experts: -)")
+    for layer in manifest["layers"]:
+        plan = layer["plan"]
+        stored = sum(entry["bytes"] for entry in plan)
+        group = layer.get("int8_group")
+        counts = {}
+        for entry in plan:
+            if entry["kept"]:
+                counts[entry["precision"]] = counts.get(entry["precision"], 0) + 1
+        summary = ", ".join(f"{count} {precision}" for precision, count in counts.items())
+        if group is not None:
+            summary += f" (int8 scales per {'output channel' if group == 0 else f'{group} inputs'})"
+        click.echo(f"{layer['name']:<8} {stored / 1e6:>9.3f}  {summary}")
+        cells = [entry["precision"] if entry["kept"] else "-" for entry in plan]
+        click.echo(f"{'':<8} {'':>9}  " + " ".join(f"{e}:{cell}" for e, cell in enumerate(cells)))
+    choice = manifest.get("precision_budget")
+    if choice:
+        click.echo(
+            f"chosen under accuracy budget {choice['budget']:g} ({choice['metric']}): "
+            f"error {choice['error']:.3g}"
+            + (f", held-out {choice['held_out_error']:.3g}" if choice["held_out_error"] is not None else "")
+        )
 
 
 def _warn_caveats(layers: list[dict]) -> None:

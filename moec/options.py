@@ -14,11 +14,14 @@ import dataclasses
 import numbers
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from moec.errors import MoecError
 
-WEIGHT_PRECISIONS = ("fp32", "fp16")
-"""How expert weight matrices may be stored (``StoreExpertWeights``)."""
+PRECISIONS = ("fp32", "fp16", "int8")
+"""How expert weights may be stored, per expert (``StoreExpertWeights``; :mod:`moec.kernels.formats`)."""
+INT8_GROUPS = (0, 32, 64, 128)
+"""INT8 scale groups along the input: 0 is one scale per output channel."""
 ROUTINGS = ("learned", "cycle", "tile")
 """The model's own router, or a fixed pattern (``FixedRouting``'s ``PATTERNS``)."""
 
@@ -42,8 +45,15 @@ class CompileOptions:
     """What to compile for and what to change, for one ``compile_model`` call.
 
     ``target``: a bundled target name or the path of a target ``.toml`` file.
-    ``weights_precision``: how expert weight matrices are stored (``fp32``/``fp16``); the
-    arithmetic stays fp32.
+    ``precision``: how every expert's weight matrices are stored (``fp32``, ``fp16``, ``int8``:
+    symmetric INT8 with float32 scales); the arithmetic stays fp32. ``precision_plan``: per
+    layer name, one precision per expert (the model's expert numbering), overriding
+    ``precision`` for the layers it names (a single precision: every expert of the layer).
+    ``int8_group``: INT8 scale group along the input
+    (0: one scale per output channel; else 32, 64 or 128 inputs per scale). ``precision_budget``:
+    when the plan was chosen under an accuracy budget, that choice's record (budget, metric,
+    measured errors: :meth:`moec.analysis.precision_budget.BudgetResult.describe`), for the
+    manifest.
     ``max_tokens``: an upper bound on the token dimension, so intermediates are planned
     statically (``BoundTokens``); a call with more tokens fails. None: no bound.
     ``kept_experts``: per layer name, the experts static masking keeps (the others are never
@@ -63,7 +73,10 @@ class CompileOptions:
     """
 
     target: str = "host"
-    weights_precision: str = "fp32"
+    precision: str = "fp32"
+    precision_plan: Mapping[str, str | Sequence[str]] | None = None
+    int8_group: int = 0
+    precision_budget: Mapping[str, Any] | None = None
     max_tokens: int | None = None
     kept_experts: Mapping[str, Sequence[int]] | None = None
     kept_channels: Mapping[str, Sequence[Sequence[int]]] | None = None
@@ -78,7 +91,14 @@ class CompileOptions:
         raise :class:`OptionError` on the first bad one."""
         if not isinstance(self.target, str) or not self.target:
             raise OptionError("target", f"{{option}} {self.target!r}: name a bundled target or a .toml file")
-        _choice("weights_precision", self.weights_precision, WEIGHT_PRECISIONS)
+        _choice("precision", self.precision, PRECISIONS)
+        if self.int8_group not in INT8_GROUPS:
+            raise OptionError(
+                "int8_group",
+                f"{{option}} {self.int8_group}: must be one of {', '.join(map(str, INT8_GROUPS))}",
+            )
+        if self.precision_plan is not None:
+            object.__setattr__(self, "precision_plan", _precision_plan(self.precision_plan))
         _choice("routing", self.routing, ROUTINGS)
         if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
             raise OptionError(
@@ -101,6 +121,11 @@ class CompileOptions:
         if self.dump_ir is not None:
             object.__setattr__(self, "dump_ir", Path(self.dump_ir))
         object.__setattr__(self, "force", bool(self.force))
+
+    def layer_precisions(self, layer: str, experts: int) -> tuple[str, ...]:
+        """The precision of each of ``layer``'s ``experts`` experts (model numbering)."""
+        planned = (self.precision_plan or {}).get(layer, self.precision)
+        return (planned,) * experts if isinstance(planned, str) else tuple(planned)
 
     @property
     def skips_experts(self) -> bool:
@@ -136,6 +161,21 @@ def _ids(option: str, layer: str, ids: Sequence[int], what: str) -> list[int]:
 
 def _kept_experts(kept: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
     return {layer: _ids("kept_experts", layer, ids, "experts") for layer, ids in kept.items()}
+
+
+def _precision_plan(plan: Mapping[str, str | Sequence[str]]) -> dict[str, str | tuple[str, ...]]:
+    out: dict[str, str | tuple[str, ...]] = {}
+    for layer, precisions in plan.items():
+        if not precisions:
+            raise OptionError("precision_plan", f"{{option}}: layer {layer} needs a precision")
+        for precision in [precisions] if isinstance(precisions, str) else precisions:
+            if precision not in PRECISIONS:
+                raise OptionError(
+                    "precision_plan",
+                    f"{{option}}: layer {layer} has precision {precision!r}; use {', '.join(PRECISIONS)}",
+                )
+        out[str(layer)] = precisions if isinstance(precisions, str) else tuple(precisions)
+    return out
 
 
 def _kept_channels(kept: Mapping[str, Sequence[Sequence[int]]]) -> dict[str, list[list[int]]]:

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 
 from moec.canonical.semantics import LayerPlan
-from moec.errors import MoecError, first_line
+from moec.errors import first_line
 from moec.reference.evaluator import run_reference
 from moec.reference.stored import canonical_evaluator, run_stored_reference
 
@@ -54,29 +54,23 @@ def compare_outputs(
     return errors
 
 
-def stored_precision(manifest: dict[str, Any]) -> str:
-    """The precision the artifact stores expert matrices in (``fp32`` when it has no MoE layer)."""
-    precisions = {entry["precision"] for layer in manifest.get("layers", []) for entry in layer["plan"]}
-    if len(precisions) > 1:
-        raise MoecError(
-            f"artifact mixes expert precisions {sorted(precisions)}; verify cannot model that yet"
-        )
-    return precisions.pop() if precisions else "fp32"
-
-
 def layer_plans(manifest: dict[str, Any]) -> dict[str, LayerPlan]:
-    """Per layer name, what the artifact changed (masking, pruning, early exit); empty if nothing."""
+    """Per layer name, what the artifact changed (masking, pruning, early exit, stored precisions);
+    empty if nothing."""
     early_exit = manifest.get("early_exit") or {}
     pruning = manifest.get("pruning") or {}
     plans = {}
     for layer in manifest.get("layers", []):
         kept = [entry["expert"] for entry in layer["plan"] if entry["kept"]]
+        precisions = tuple(entry["precision"] for entry in layer["plan"])
         plan = LayerPlan(
             kept=kept if len(kept) < len(layer["plan"]) else None,
             channels=pruning.get(layer["name"], {}).get("channels"),
             top1_above=early_exit.get("top1_above"),
             below_fraction=early_exit.get("below_fraction"),
             pattern=None if manifest.get("routing", "learned") == "learned" else manifest["routing"],
+            precisions=None if set(precisions) == {"fp32"} else precisions,
+            int8_group=layer.get("int8_group") or 0,
         )
         if plan != LayerPlan():
             plans[layer["name"]] = plan
@@ -98,8 +92,8 @@ def reference_outputs(
     layers, which were confirmed against the graph when it was imported; ``on_fallback`` gets
     why, in one line.
     """
-    precision, plans = stored_precision(manifest), layer_plans(manifest)
-    if precision == "fp32" and not plans:
+    plans = layer_plans(manifest)
+    if not plans:
         try:
             return run_reference(model, feeds)
         except Exception as err:  # the onnx reference raises anything numpy does
@@ -111,7 +105,7 @@ def reference_outputs(
                     f"{first_line(err)[:100]}); "
                     "checked against its MoE layers' numpy reference instead"
                 )
-    return run_stored_reference(model, precision, feeds, plans)
+    return run_stored_reference(model, feeds, plans)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,8 +149,7 @@ def router_agreement(
         return on_route
 
     canonical_evaluator(model, on_route=recorder("original"))[0].run(None, feeds)
-    precision, plans = stored_precision(manifest), layer_plans(manifest)
-    canonical_evaluator(model, precision, recorder("optimised"), plans)[0].run(None, feeds)
+    canonical_evaluator(model, recorder("optimised"), layer_plans(manifest))[0].run(None, feeds)
     return {
         layer: float(np.mean([a == b for a, b in zip(sets, routes["optimised"][layer], strict=True)]))
         for layer, sets in routes["original"].items()

@@ -40,7 +40,10 @@ class LayerPlan:
 
     kept: the experts static masking kept (None: all). channels: per kept expert, the
     intermediate channels pruning kept (None: all). top1_above / below_fraction: early exit.
-    pattern: fixed routing (``cycle``/``tile``) instead of the router.
+    pattern: fixed routing (``cycle``/``tile``) instead of the router. precisions: per expert
+    (all of them, masked or not) how its matrices are stored (None: all fp32), with
+    ``int8_group`` the INT8 scale group (0: per output channel); applied by
+    :func:`moec.reference.stored.stored_layer`, not here.
     """
 
     kept: list[int] | None = None
@@ -48,6 +51,8 @@ class LayerPlan:
     top1_above: float | None = None
     below_fraction: float | None = None
     pattern: str | None = None
+    precisions: tuple[str, ...] | None = None
+    int8_group: int = 0
 
 
 def route(

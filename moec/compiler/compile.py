@@ -68,17 +68,36 @@ def lower_model(
     """
     options = options or CompileOptions()
     mod, params = relax.frontend.detach_params(imported.to_relax())
-    weights = SliceWeights(params.get("main", []))
+    main = mod["main"]
+    names = [var.name for var in main.params[int(main.attrs["num_input"]) :]]
+    weights = SliceWeights(dict(zip(names, params.get("main", []), strict=True)))
     pipeline = moe_pipeline(target.schedule, options, weights, c_identifiers=target.cuda is not None)
     return pipeline(mod), weights.weights
 
 
 def check_model_options(imported: ImportedModel, model_path: Path, options: CompileOptions) -> None:
-    """Raise :class:`OptionError` if the masking or pruning in ``options`` does not fit the model:
-    a layer it does not have, an expert or channel id past a layer's, or channels for a different
-    number of experts than the layer keeps."""
+    """Raise :class:`OptionError` if the masking, pruning or precision plan in ``options`` does not
+    fit the model: a layer it does not have, an expert or channel id past a layer's, channels
+    for a different number of experts than the layer keeps, a precision plan naming a different
+    number of experts than the layer has, or an INT8 group that does not divide a layer's
+    inputs."""
     layers = {b.layer.name: b.layer for b in imported.blocks}
-    for option in ("kept_experts", "kept_channels"):
+    for name, precisions in (options.precision_plan or {}).items():
+        if name in layers and not isinstance(precisions, str) and len(precisions) != layers[name].num_experts:
+            raise OptionError(
+                "precision_plan",
+                f"{{option}}: layer {name} has {layers[name].num_experts} experts; "
+                f"the plan names {len(precisions)}",
+            )
+    for name, layer in layers.items():
+        ffn = len((options.kept_channels or {}).get(name, [range(layer.ffn)])[0])
+        if options.int8_group and (layer.hidden % options.int8_group or ffn % options.int8_group):
+            raise OptionError(
+                "int8_group",
+                f"{{option}} {options.int8_group}: does not divide layer {name}'s hidden size {layer.hidden} "
+                f"and expert width {ffn}; use 0 (one scale per output channel) or a divisor of both",
+            )
+    for option in ("kept_experts", "kept_channels", "precision_plan"):
         unknown = sorted(set(getattr(options, option) or {}) - set(layers))
         if unknown:
             raise OptionError(

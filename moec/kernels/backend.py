@@ -24,6 +24,7 @@ import dataclasses
 
 from tvm.script import tirx as T
 
+from moec.kernels.formats import WeightFormat
 from moec.schedule import CpuSchedule, GpuSchedule
 
 WARP_SIZE = 32
@@ -244,9 +245,10 @@ class CpuBackend:
         rows_per_task = _largest_divisor_at_most(count, self.schedule.rows_per_task)
         return Rows(count, 1, rows_per_task, 1, "parallel", "serial", "serial")
 
-    def dot(self, length: int, indirect: bool, weight_dtype: str):
-        """``(dot, width)``: a TIR macro ``dot(acc, m, w, e, j, src, token, p0, count, lane)``
-        leaving in ``acc[m][pi, 0]`` the dot of weight row ``w[e, j]`` with source row
+    def dot(self, length: int, indirect: bool, fmt: WeightFormat):
+        """``(dot, width)``: a TIR macro ``dot(acc, m, w, s, e, j, src, token, p0, count, lane)``
+        leaving in ``acc[m][pi, 0]`` the dot of weight row ``w[e, j]`` (stored as ``fmt``, with
+        scales ``s``; a per-channel scale is left for the caller) with source row
         ``token[p0 + pi]`` (``indirect``) or ``p0 + pi``, for ``pi < count``; ``acc`` holds one
         ``[token_block, width]`` scratch buffer per matrix.
 
@@ -254,7 +256,7 @@ class CpuBackend:
         wide, so FMA latency is hidden; the partial sums are then folded by halving (log2 steps,
         not a serial chain).
         """
-        load, row = widen(weight_dtype), source_row(indirect)
+        row = source_row(indirect)
         L = _largest_pow2_divisor_at_most(length, self.schedule.lanes)
         A = _largest_pow2_divisor_at_most(length // L, self.schedule.accumulators)
         W = L * A
@@ -267,16 +269,18 @@ class CpuBackend:
         fold = halving_ladder(halve, W)
 
         @T.macro
-        def dot(acc, m, w, e, j, src, token, p0, count, lane):
+        def dot(acc, m, w, s, e, j, src, token, p0, count, lane):
             for pi, v in T.grid(count, W):
                 acc[m][pi, v] = T.float32(0)
             for ho in range(length // W):
                 for a in T.unroll(A):
                     for pi in T.unroll(count):
                         for v in T.vectorized(L):
-                            acc[m][pi, a * L + v] = acc[m][pi, a * L + v] + load(
-                                w[e, j, ho * W + a * L + v]
-                            ) * src[row(token, p0 + pi), ho * W + a * L + v]
+                            acc[m][pi, a * L + v] = (
+                                acc[m][pi, a * L + v]
+                                + fmt.load(w, s, (e, j, ho * W + a * L + v), j, ho * W + a * L + v)
+                                * src[row(token, p0 + pi), ho * W + a * L + v]
+                            )
             if fold is not None:
                 for pi in T.unroll(count):
                     fold(acc, m, pi)
@@ -317,12 +321,12 @@ class CudaBackend:
         s = self.schedule
         return Rows(count, s.rows_per_block, 1, s.threads_per_row, "blockIdx.x", "threadIdx.y", "threadIdx.x")
 
-    def dot(self, length: int, indirect: bool, weight_dtype: str):
+    def dot(self, length: int, indirect: bool, fmt: WeightFormat):
         """``(dot, 1)``: the TIR macro of :meth:`CpuBackend.dot` for one lane of a row: lane
         ``lane`` reads elements ``lane, lane + TPR, ...`` (a warp's reads of a row are
         contiguous), loads each weight once into a register for all ``count`` tokens, and the
         lanes' sums are folded with warp shuffles so lane 0 holds them in ``acc[m][pi, 0]``."""
-        load, row = widen(weight_dtype), source_row(indirect)
+        row = source_row(indirect)
         TPR = self.schedule.threads_per_row
         STEPS = (length + TPR - 1) // TPR
         exact = length % TPR == 0
@@ -336,15 +340,15 @@ class CudaBackend:
         fold = halving_ladder(shuffle_down, TPR)
 
         @T.macro
-        def dot(acc, m, w, e, j, src, token, p0, count, lane):
+        def dot(acc, m, w, s, e, j, src, token, p0, count, lane):
             wv = T.alloc_buffer((1,), "float32", scope=self.scratch_scope)
             for pi in range(count):
                 acc[m][pi, 0] = T.float32(0)
-            for s in range(STEPS):
-                if exact or s * TPR + lane < length:
-                    wv[0] = load(w[e, j, s * TPR + lane])
+            for step in range(STEPS):
+                if exact or step * TPR + lane < length:
+                    wv[0] = fmt.load(w, s, (e, j, step * TPR + lane), j, step * TPR + lane)
                     for pi in T.unroll(count):
-                        acc[m][pi, 0] = acc[m][pi, 0] + wv[0] * src[row(token, p0 + pi), s * TPR + lane]
+                        acc[m][pi, 0] = acc[m][pi, 0] + wv[0] * src[row(token, p0 + pi), step * TPR + lane]
             if fold is not None:
                 for pi in T.unroll(count):
                     fold(acc, m, pi)

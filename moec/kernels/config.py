@@ -20,8 +20,10 @@ from typing import Any, ClassVar
 
 from tvm.ir import Expr as PrimExpr
 
+from moec.kernels.formats import ExpertFormats, uniform
+
 WEIGHT_DTYPES = ("float32", "float16")
-"""Storage formats of expert weight matrices the expert kernels read (widened to float32)."""
+"""Storage formats of dense linear weights the linear kernel reads (widened to float32)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,27 +146,55 @@ class GroupConfig(MoEKernelConfig):
 
 @dataclasses.dataclass(frozen=True)
 class ExpertConfig(MoEKernelConfig):
-    """What both expert kernels have: the layer's sizes and the stored format of its weights."""
+    """What both expert kernels have: the layer's sizes and the stored format of each expert."""
 
     hidden: int
     ffn: int
-    weight_dtype: str = dataclasses.field(default="float32", kw_only=True)
+    formats: tuple[str, ...] | None = dataclasses.field(default=None, kw_only=True)
+    """Per expert its storage format (:mod:`moec.kernels.formats`); None: every expert fp32."""
+    int8_group: int = dataclasses.field(default=0, kw_only=True)
+    """INT8 scale group along the input (0: one scale per output channel)."""
     panel: int | None = dataclasses.field(default=None, kw_only=True)
     """None: matrices ``[E, out, in]``, one output row's dot at a time; an int: matrices packed in
     panels of ``panel`` output rows (see :meth:`matrix_shape`) for the output-stationary kernels
     of :mod:`moec.kernels.expert_panels`."""
 
     def __post_init__(self) -> None:
-        if self.weight_dtype not in WEIGHT_DTYPES:
-            raise ValueError(f"weight_dtype must be one of {WEIGHT_DTYPES}, got {self.weight_dtype!r}")
+        if self.formats is not None and len(self.formats) != self.num_experts:
+            raise ValueError(f"formats names {len(self.formats)} experts, the layer has {self.num_experts}")
+        ExpertFormats(uniform(self.formats, self.num_experts), self.int8_group)  # validates
 
-    def matrix_shape(self, rows: int, columns: int) -> tuple[int, ...]:
-        """An expert matrix of ``rows`` outputs by ``columns`` inputs: ``[E, rows, columns]``, or
-        packed ``[E, ceil(rows / panel), columns, panel]`` (``packed[e, p, c, v] = W[e, p * panel
-        + v, c]``, zeros past the last row)."""
+    @property
+    def expert_formats(self) -> ExpertFormats:
+        return ExpertFormats(uniform(self.formats, self.num_experts), self.int8_group)
+
+    def matrix_shape(self, rows: int, columns: int, experts: int | None = None) -> tuple[int, ...]:
+        """``experts`` (default: all) expert matrices of ``rows`` outputs by ``columns`` inputs:
+        ``[experts, rows, columns]``, or packed ``[experts, ceil(rows / panel), columns, panel]``
+        (``packed[e, p, c, v] = W[e, p * panel + v, c]``, zeros past the last row)."""
+        experts = self.num_experts if experts is None else experts
         if self.panel is None:
-            return (self.num_experts, rows, columns)
-        return (self.num_experts, -(-rows // self.panel), columns, self.panel)
+            return (experts, rows, columns)
+        return (experts, -(-rows // self.panel), columns, self.panel)
+
+    def matrix_buffers(self, role: str, rows: int, columns: int) -> list[BufferSpec]:
+        """The buffers holding ``role``'s ``rows × columns`` matrices: one per format the experts
+        use (and int8's scales), see :meth:`moec.kernels.formats.ExpertFormats.buffers`."""
+        return [
+            BufferSpec(name, shape, dtype)
+            for name, shape, dtype in self.expert_formats.buffers(
+                role,
+                rows,
+                columns,
+                lambda count: self.matrix_shape(rows, columns, count),
+                self.scale_rows(rows),
+            )
+        ]
+
+    def scale_rows(self, rows: int) -> int:
+        """Rows of an int8 scale buffer: ``rows``, padded to whole panels for the panel kernels
+        (which read a panel's scales as one vector)."""
+        return rows if self.panel is None else -(-rows // self.panel) * self.panel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,11 +211,10 @@ class ExpertUpConfig(ExpertConfig):
 
     def signature(self, rows: TokenDims) -> tuple[BufferSpec, ...]:
         n, E, H, F, K = _tokens(rows), self.num_experts, self.hidden, self.ffn, self.top_k
-        WD = self.weight_dtype
-        gate = (BufferSpec("w_gate", self.matrix_shape(F, H), WD), BufferSpec("b_gate", (E, F), "float32"))
+        gate = (*self.matrix_buffers("w_gate", F, H), BufferSpec("b_gate", (E, F), "float32"))
         return (
             BufferSpec("x", (n, H), "float32"),
-            BufferSpec("w_up", self.matrix_shape(F, H), WD),
+            *self.matrix_buffers("w_up", F, H),
             BufferSpec("b_up", (E, F), "float32"),
             *(gate if self.gated else ()),
             BufferSpec("offset", (E + 1,), "int32"),
@@ -202,10 +231,9 @@ class ExpertDownConfig(ExpertConfig):
 
     def signature(self, rows: TokenDims) -> tuple[BufferSpec, ...]:
         n, E, H, F, K = _tokens(rows), self.num_experts, self.hidden, self.ffn, self.top_k
-        WD = self.weight_dtype
         return (
             BufferSpec("inter", (n * K, F), "float32"),
-            BufferSpec("w_down", self.matrix_shape(H, F), WD),
+            *self.matrix_buffers("w_down", H, F),
             BufferSpec("b_down", (E, H), "float32"),
             BufferSpec("offset", (E + 1,), "int32"),
             BufferSpec("token", (n * K,), "int32"),

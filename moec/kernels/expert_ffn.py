@@ -26,8 +26,15 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from moec.kernels.backend import Backend
-from moec.kernels.config import ExpertDownConfig, ExpertUpConfig
-from moec.kernels.expert_panels import make_expert_down_panels, make_expert_up_panels
+from moec.kernels.config import ExpertConfig, ExpertDownConfig, ExpertUpConfig
+from moec.kernels.expert_panels import (
+    format_shapes,
+    make_expert_down_panels,
+    make_expert_up_panels,
+    role_params,
+    signature_params,
+)
+from moec.kernels.formats import WeightFormat
 
 
 def activation_epilogue(name: str, gated: bool, alpha: float, beta: float, limit: float):
@@ -69,25 +76,43 @@ def activation_epilogue(name: str, gated: bool, alpha: float, beta: float, limit
     return clamped
 
 
-def _without_params(func: tirx.PrimFunc, names: tuple[str, ...]) -> tirx.PrimFunc:
-    """``func`` without the (unused) parameters ``names``: one TVMScript source serves signatures
-    that differ only by optional inputs (the gate of ungated experts)."""
-    params = [p for p in func.params if p.name not in names]
-    return tirx.PrimFunc(params, func.body, func.ret_type, func.attrs)
-
-
-def expert_rows_macro(backend: Backend, count: int, experts: int, matrices: int, width: int, step, zero=None):
+def expert_rows_macro(
+    backend: Backend, count: int, config: ExpertConfig, matrices: int, width: int, step_for, zero=None
+):
     """The loop nest both expert kernels share, as a TIR macro ``nest(buffers, offset, n)``.
 
     The backend tiles the ``count`` output rows over threads; each thread walks the expert
-    groups (``offset``) in order and, for each of its rows, calls
-    ``step(acc, buffers, e, j, p0, count, lane, owner)`` on the group's tokens ``token_block`` at
-    a time, then one by one for the tail. ``acc`` is the thread's accumulators, one
-    ``[token_block, width]`` buffer per matrix; ``owner`` says whether this thread writes row ``j``.
-    ``zero(buffers, n, j)``, if given, first clears each owned output row.
+    groups (``offset``) in order and, for each expert with tokens and each of its rows, calls
+    ``step(acc, buffers, e, slot, j, p0, count, lane, owner)`` of the expert's format
+    (``step_for(fmt)``; ``slot``: the expert's entry in its format's buffers) on the group's
+    tokens ``token_block`` at a time, then one by one for the tail. ``acc`` is the thread's
+    accumulators, one ``[token_block, width]`` buffer per matrix; ``owner`` says whether this
+    thread writes row ``j``. ``zero(buffers, n, j)``, if given, first clears each owned output row.
     """
     rows, PB = backend.rows(count), backend.token_block
     second = (PB, width) if matrices == 2 else (1,)
+
+    def body_for(fmt: WeightFormat, _index: int):
+        step = step_for(fmt)
+
+        @T.macro
+        def body(ctx, e, slot):
+            acc, buffers, offset, task, thread, lane = ctx
+            for r in rows.per_thread():
+                for pb in range((offset[e + 1] - offset[e]) // PB):
+                    step(
+                        acc, buffers, e, slot, rows.row(task, thread, r), offset[e] + pb * PB, PB,
+                        lane, rows.owns(task, thread, r, lane),
+                    )  # fmt: skip
+                for pt in range((offset[e + 1] - offset[e]) % PB):
+                    step(
+                        acc, buffers, e, slot, rows.row(task, thread, r), offset[e + 1] - pt - 1, 1,
+                        lane, rows.owns(task, thread, r, lane),
+                    )  # fmt: skip
+
+        return body
+
+    run = config.expert_formats.dispatch(body_for)
 
     @T.macro
     def nest(buffers, offset, n):
@@ -102,18 +127,9 @@ def expert_rows_macro(backend: Backend, count: int, experts: int, matrices: int,
                         for r in rows.per_thread():
                             if rows.owns(task, thread, r, lane):
                                 zero(buffers, n, rows.row(task, thread, r))
-                    for e in range(experts):
-                        for r in rows.per_thread():
-                            for pb in range((offset[e + 1] - offset[e]) // PB):
-                                step(
-                                    acc, buffers, e, rows.row(task, thread, r), offset[e] + pb * PB, PB,
-                                    lane, rows.owns(task, thread, r, lane),
-                                )  # fmt: skip
-                            for pt in range((offset[e + 1] - offset[e]) % PB):
-                                step(
-                                    acc, buffers, e, rows.row(task, thread, r), offset[e + 1] - pt - 1, 1,
-                                    lane, rows.owns(task, thread, r, lane),
-                                )  # fmt: skip
+                    for e in range(config.num_experts):
+                        if offset[e + 1] > offset[e]:
+                            run((acc, buffers, offset, task, thread, lane), e)
 
     return nest
 
@@ -121,41 +137,58 @@ def expert_rows_macro(backend: Backend, count: int, experts: int, matrices: int,
 def make_expert_up_kernel(config: ExpertUpConfig, backend: Backend) -> tirx.PrimFunc:
     """PrimFunc ``inter[p] = act(gate_e(x[token[p]]), up_e(x[token[p]]))`` per expert group.
 
-    Signature: :meth:`ExpertUpConfig.signature` (``x``, ``w_up``, ``b_up``, [``w_gate``,
-    ``b_gate``,] ``offset``, ``token`` → ``inter``); the ``w_*`` are ``weight_dtype``, the rest
-    float32.
+    Signature: :meth:`ExpertUpConfig.signature` (``x``, the ``w_up`` buffers, ``b_up``, [the
+    ``w_gate`` buffers, ``b_gate``,] ``offset``, ``token`` → ``inter``): one matrix buffer per
+    expert format used (:mod:`moec.kernels.formats`), the rest float32.
     """
     c = config
-    E, H, F, K, WD, gated = c.num_experts, c.hidden, c.ffn, c.top_k, c.weight_dtype, c.gated
+    E, H, F, K, gated = c.num_experts, c.hidden, c.ffn, c.top_k, c.gated
     act = activation_epilogue(c.activation, gated, c.alpha, c.beta, c.limit)
     if c.panel is not None:
-        panels = make_expert_up_panels(c, backend, act)
-        return panels if gated else _without_params(panels, ("w_gate", "b_gate"))
-    dot, W = backend.dot(H, indirect=True, weight_dtype=WD)
+        return make_expert_up_panels(c, backend, act)
+    width = backend.dot(H, indirect=True, fmt=WeightFormat("fp32"))[1]
 
-    @T.macro
-    def step(acc, buffers, e, j, p0, count, lane, owner):
-        """Row ``j`` of expert ``e`` for the ``count`` pairs from ``p0``: up (and gate) dots, then
-        the activation."""
-        x, w_up, b_up, w_gate, b_gate, token, inter = buffers
-        dot(acc, 0, w_up, e, j, x, token, p0, count, lane)
-        if gated:
-            dot(acc, 1, w_gate, e, j, x, token, p0, count, lane)
-        if owner:
-            for pi in range(count):
-                if gated:
-                    inter[p0 + pi, j] = act(acc[1][pi, 0] + b_gate[e, j], acc[0][pi, 0] + b_up[e, j])
-                else:
-                    inter[p0 + pi, j] = act(T.float32(0), acc[0][pi, 0] + b_up[e, j])
+    def step_for(fmt: WeightFormat):
+        dot = backend.dot(H, indirect=True, fmt=fmt)[0]
 
-    nest = expert_rows_macro(backend, F, E, 2 if gated else 1, W, step)
+        @T.macro
+        def step(acc, buffers, e, slot, j, p0, count, lane, owner):
+            """Row ``j`` of expert ``e`` for the ``count`` pairs from ``p0``: up (and gate) dots,
+            then the activation."""
+            x, b_up, b_gate, token, inter, by_format = buffers
+            w_up, s_up, w_gate, s_gate = fmt.of(by_format)
+            dot(acc, 0, w_up, s_up, slot, j, x, token, p0, count, lane)
+            if gated:
+                dot(acc, 1, w_gate, s_gate, slot, j, x, token, p0, count, lane)
+            if owner:
+                for pi in range(count):
+                    if gated:
+                        inter[p0 + pi, j] = act(
+                            fmt.finish(acc[1][pi, 0], s_gate, slot, j) + b_gate[e, j],
+                            fmt.finish(acc[0][pi, 0], s_up, slot, j) + b_up[e, j],
+                        )
+                    else:
+                        inter[p0 + pi, j] = act(
+                            T.float32(0), fmt.finish(acc[0][pi, 0], s_up, slot, j) + b_up[e, j]
+                        )
+
+        return step
+
+    nest = expert_rows_macro(backend, F, c, 2 if gated else 1, width, step_for)
+    M32, M16, M8, S8 = format_shapes(c, F, H)
 
     @T.prim_func
     def expert_up(
         x_h: T.handle,
-        w_up: T.Buffer((E, F, H), WD),
+        w_up: T.Buffer(M32, "float32"),
+        w_up_fp16: T.Buffer(M16, "float16"),
+        w_up_int8: T.Buffer(M8, "int8"),
+        w_up_int8_scale: T.Buffer(S8, "float32"),
         b_up: T.Buffer((E, F), "float32"),
-        w_gate: T.Buffer((E, F, H), WD),
+        w_gate: T.Buffer(M32, "float32"),
+        w_gate_fp16: T.Buffer(M16, "float16"),
+        w_gate_int8: T.Buffer(M8, "int8"),
+        w_gate_int8_scale: T.Buffer(S8, "float32"),
         b_gate: T.Buffer((E, F), "float32"),
         offset: T.Buffer((E + 1,), "int32"),
         token_h: T.handle,
@@ -166,46 +199,73 @@ def make_expert_up_kernel(config: ExpertUpConfig, backend: Backend) -> tirx.Prim
         x = T.match_buffer(x_h, (n, H), "float32")
         token = T.match_buffer(token_h, (n * K,), "int32")
         inter = T.match_buffer(inter_h, (n * K, F), "float32")
-        nest((x, w_up, b_up, w_gate, b_gate, token, inter), offset, n)
+        by_format = (
+            (w_up, w_up, w_gate, w_gate),
+            (w_up_fp16, w_up_fp16, w_gate_fp16, w_gate_fp16),
+            (w_up_int8, w_up_int8_scale, w_gate_int8, w_gate_int8_scale),
+        )
+        nest((x, b_up, b_gate, token, inter, by_format), offset, n)
 
-    return expert_up if gated else _without_params(expert_up, ("w_gate", "b_gate"))
+    declared = [
+        "x",
+        *role_params("w_up"),
+        "b_up",
+        *role_params("w_gate"),
+        "b_gate",
+        "offset",
+        "token",
+        "inter",
+    ]
+    return signature_params(expert_up, declared, c)
 
 
 def make_expert_down_kernel(config: ExpertDownConfig, backend: Backend) -> tirx.PrimFunc:
     """PrimFunc ``y[token[p]] += gain[p] * (w_down_e @ inter[p] + b_down_e)`` over all groups.
 
-    Signature: :meth:`ExpertDownConfig.signature` (``inter``, ``w_down``, ``b_down``, ``offset``,
-    ``token``, ``gain`` → ``y``); ``y`` is zeroed first, so the result is the full MoE output.
-    The thread owning row ``j`` visits the experts in order, so a token's k contributions are
-    added by one thread in a fixed order.
+    Signature: :meth:`ExpertDownConfig.signature` (``inter``, the ``w_down`` buffers, ``b_down``,
+    ``offset``, ``token``, ``gain`` → ``y``); ``y`` is zeroed first, so the result is the full MoE
+    output. The thread owning row ``j`` visits the experts in order, so a token's k contributions
+    are added by one thread in a fixed order.
     """
     c = config
-    E, H, F, K, WD = c.num_experts, c.hidden, c.ffn, c.top_k, c.weight_dtype
+    E, H, F, K = c.num_experts, c.hidden, c.ffn, c.top_k
     if c.panel is not None:
         return make_expert_down_panels(c, backend)
-    dot, W = backend.dot(F, indirect=False, weight_dtype=WD)
+    width = backend.dot(F, indirect=False, fmt=WeightFormat("fp32"))[1]
 
     @T.macro
     def zero(buffers, n, j):
-        y = buffers[-1]
+        y = buffers[-2]
         for t in range(n):
             y[t, j] = T.float32(0)
 
-    @T.macro
-    def step(acc, buffers, e, j, p0, count, lane, owner):
-        """Row ``j`` of expert ``e`` for the ``count`` pairs from ``p0``, added into ``y``."""
-        inter, w_down, b_down, token, gain, y = buffers
-        dot(acc, 0, w_down, e, j, inter, token, p0, count, lane)
-        if owner:
-            for pi in range(count):
-                y[token[p0 + pi], j] = y[token[p0 + pi], j] + gain[p0 + pi] * (acc[0][pi, 0] + b_down[e, j])
+    def step_for(fmt: WeightFormat):
+        dot = backend.dot(F, indirect=False, fmt=fmt)[0]
 
-    nest = expert_rows_macro(backend, H, E, 1, W, step, zero)
+        @T.macro
+        def step(acc, buffers, e, slot, j, p0, count, lane, owner):
+            """Row ``j`` of expert ``e`` for the ``count`` pairs from ``p0``, added into ``y``."""
+            inter, b_down, token, gain, y, by_format = buffers
+            w_down, s_down = fmt.of(by_format)
+            dot(acc, 0, w_down, s_down, slot, j, inter, token, p0, count, lane)
+            if owner:
+                for pi in range(count):
+                    y[token[p0 + pi], j] = y[token[p0 + pi], j] + gain[p0 + pi] * (
+                        fmt.finish(acc[0][pi, 0], s_down, slot, j) + b_down[e, j]
+                    )
+
+        return step
+
+    nest = expert_rows_macro(backend, H, c, 1, width, step_for, zero)
+    M32, M16, M8, S8 = format_shapes(c, H, F)
 
     @T.prim_func
     def expert_down(
         inter_h: T.handle,
-        w_down: T.Buffer((E, H, F), WD),
+        w_down: T.Buffer(M32, "float32"),
+        w_down_fp16: T.Buffer(M16, "float16"),
+        w_down_int8: T.Buffer(M8, "int8"),
+        w_down_int8_scale: T.Buffer(S8, "float32"),
         b_down: T.Buffer((E, H), "float32"),
         offset: T.Buffer((E + 1,), "int32"),
         token_h: T.handle,
@@ -218,6 +278,8 @@ def make_expert_down_kernel(config: ExpertDownConfig, backend: Backend) -> tirx.
         token = T.match_buffer(token_h, (n * K,), "int32")
         gain = T.match_buffer(gain_h, (n * K,), "float32")
         y = T.match_buffer(y_h, (n, H), "float32")
-        nest((inter, w_down, b_down, token, gain, y), offset, n)
+        by_format = ((w_down, w_down), (w_down_fp16, w_down_fp16), (w_down_int8, w_down_int8_scale))
+        nest((inter, b_down, token, gain, y, by_format), offset, n)
 
-    return expert_down
+    declared = ["inter", *role_params("w_down"), "b_down", "offset", "token", "gain", "y"]
+    return signature_params(expert_down, declared, c)

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 from tvm import tirx
 from tvm.script import tirx as T
+from tvm.script.ir_builder import IRBuilder
 
-from moec.kernels.backend import Backend, CpuBackend, token_blocks, widen
-from moec.kernels.config import ExpertConfig, ExpertDownConfig, ExpertUpConfig
+from moec.kernels.backend import Backend, CpuBackend, token_blocks
+from moec.kernels.config import ExpertConfig, ExpertDownConfig, ExpertUpConfig, KernelConfig
+from moec.kernels.formats import FORMATS, WeightFormat
 
 
 def _check(config: ExpertConfig, backend: Backend) -> int:
@@ -38,20 +40,76 @@ def _panels_per_task(backend: CpuBackend, panel: int, panels: int) -> int:
     return max(1, min(panels, backend.schedule.rows_per_task // panel))
 
 
-def _groups_macro(experts: int, token_block: int, panels: int, per_task: int, block):
-    """A TIR macro ``groups(buffers, acc, offset, task)``: for every expert, each of the task's
-    ``per_task`` panels (of ``panels``) and the expert group's pairs through
-    ``block((buffers, acc, e, p), p0, count)``, ``token_block`` at a time, then the remainder."""
-    blocks = token_blocks(block, token_block)
+def _groups_macro(config: ExpertConfig, token_block: int, panels: int, per_task: int, block_for):
+    """A TIR macro ``groups(buffers, acc, offset, task)``: for every expert with tokens, each of
+    the task's ``per_task`` panels (of ``panels``) and the expert group's pairs through
+    ``block((buffers, acc, e, slot, p), p0, count)`` of the expert's format (``block_for(fmt)``;
+    ``slot``: the expert's entry in its format's buffers), ``token_block`` pairs at a time, then
+    the remainder."""
+
+    def body_for(fmt: WeightFormat, _index: int):
+        blocks = token_blocks(block_for(fmt), token_block)
+
+        @T.macro
+        def body(ctx, e, slot):
+            buffers, acc, offset, p = ctx
+            blocks((buffers, acc, e, slot, p), offset[e], offset[e + 1] - offset[e])
+
+        return body
+
+    run = config.expert_formats.dispatch(body_for)
 
     @T.macro
     def groups(buffers, acc, offset, task):
-        for e in range(experts):
+        for e in range(config.num_experts):
             for q in range(per_task):
                 if panels % per_task == 0 or task * per_task + q < panels:
-                    blocks((buffers, acc, e, task * per_task + q), offset[e], offset[e + 1] - offset[e])
+                    if offset[e + 1] > offset[e]:
+                        run((buffers, acc, offset, task * per_task + q), e)
 
     return groups
+
+
+def role_params(role: str) -> list[str]:
+    """Every parameter a kernel declares for ``role``'s matrices: one per format of
+    :data:`FORMATS`, and the int8 scales (:func:`signature_params` keeps those the config uses)."""
+    names = []
+    for name in FORMATS:
+        fmt = WeightFormat(name)
+        names += [fmt.matrix_name(role)] + ([fmt.scale_name(role)] if fmt.scaled else [])
+    return names
+
+
+def format_shapes(config: ExpertConfig, rows: int, columns: int) -> list[tuple]:
+    """The shapes of ``role_params``' buffers of a ``rows × columns`` matrix (a format no expert
+    uses gets a one-expert shape: its parameters are dropped)."""
+    formats = config.expert_formats
+    shapes = []
+    for name in FORMATS:
+        fmt = WeightFormat(name, config.int8_group)
+        count = max(1, formats.count(name))
+        shapes.append(config.matrix_shape(rows, columns, count))
+        if fmt.scaled:
+            shapes.append(fmt.scale_shape(count, config.scale_rows(rows), columns))
+    return shapes
+
+
+def signature_params(func: tirx.PrimFunc, declared: list[str], config: KernelConfig) -> tirx.PrimFunc:
+    """``func`` (whose TVMScript declared the parameters ``declared``) with only the parameters of
+    ``config``'s signature: one TVMScript source serves signatures that differ by optional inputs
+    (the gate of ungated experts, formats no expert uses), which the body never touches.
+
+    The parameters get their declared names back: TVMScript renames a buffer after the last name
+    a macro bound it to (a kernel passes each format's buffers around in tuples).
+    """
+    rows = tuple(tirx.Var(f"rows{i}", "int64") for i in range(config.row_dims))
+    wanted = {spec.name for spec in config.signature(rows)}
+    params = []
+    for param, name in zip(func.params, declared, strict=True):
+        IRBuilder.name(name, param)
+        if name in wanted:
+            params.append(param)
+    return tirx.PrimFunc(params, func.body, func.ret_type, func.attrs)
 
 
 def make_expert_up_panels(config: ExpertUpConfig, backend: Backend, act) -> tirx.PrimFunc:
@@ -62,46 +120,65 @@ def make_expert_up_panels(config: ExpertUpConfig, backend: Backend, act) -> tirx
     """
     NB = _check(config, backend)
     c = config
-    E, H, F, K, WD, gated = c.num_experts, c.hidden, c.ffn, c.top_k, c.weight_dtype, c.gated
-    P, TB, load = -(-F // NB), backend.token_block, widen(WD)
+    E, H, F, K, gated = c.num_experts, c.hidden, c.ffn, c.top_k, c.gated
+    P, TB = -(-F // NB), backend.token_block
     tail = F - (P - 1) * NB  # rows in the last panel
 
-    @T.macro
-    def block(ctx, p0, count):
-        (x, w_up, b_up, w_gate, b_gate, token, inter), (acc_up, acc_gate), e, p = ctx
-        for t in T.unroll(count):
-            for v in T.vectorized(NB):
-                acc_up[t, v] = T.float32(0)
-                if gated:
-                    acc_gate[t, v] = T.float32(0)
-        for h in range(H):
+    def block_for(fmt: WeightFormat):
+        @T.macro
+        def block(ctx, p0, count):
+            (x, b_up, b_gate, token, inter, by_format), (acc_up, acc_gate), e, slot, p = ctx
+            w_up, s_up, w_gate, s_gate = fmt.of(by_format)
             for t in T.unroll(count):
                 for v in T.vectorized(NB):
-                    acc_up[t, v] = acc_up[t, v] + x[token[p0 + t], h] * load(w_up[e, p, h, v])
+                    acc_up[t, v] = T.float32(0)
                     if gated:
-                        acc_gate[t, v] = acc_gate[t, v] + x[token[p0 + t], h] * load(w_gate[e, p, h, v])
-        for t in T.unroll(count):
-            # the last panel's padding rows are not stored (unrolled, so the accumulator indices
-            # stay constant and the accumulators in registers)
-            for v in T.vectorized(NB) if tail == NB else T.unroll(NB):
-                if tail == NB or p < P - 1 or v < tail:
-                    if gated:
-                        inter[p0 + t, p * NB + v] = act(
-                            acc_gate[t, v] + b_gate[e, p * NB + v], acc_up[t, v] + b_up[e, p * NB + v]
+                        acc_gate[t, v] = T.float32(0)
+            for h in range(H):
+                for t in T.unroll(count):
+                    for v in T.vectorized(NB):
+                        acc_up[t, v] = acc_up[t, v] + x[token[p0 + t], h] * fmt.load(
+                            w_up, s_up, (slot, p, h, v), p * NB + v, h
                         )
-                    else:
-                        inter[p0 + t, p * NB + v] = act(T.float32(0), acc_up[t, v] + b_up[e, p * NB + v])
+                        if gated:
+                            acc_gate[t, v] = acc_gate[t, v] + x[token[p0 + t], h] * fmt.load(
+                                w_gate, s_gate, (slot, p, h, v), p * NB + v, h
+                            )
+            for t in T.unroll(count):
+                # the last panel's padding rows are not stored (unrolled, so the accumulator indices
+                # stay constant and the accumulators in registers)
+                for v in T.vectorized(NB) if tail == NB else T.unroll(NB):
+                    if tail == NB or p < P - 1 or v < tail:
+                        if gated:
+                            inter[p0 + t, p * NB + v] = act(
+                                fmt.finish(acc_gate[t, v], s_gate, slot, p * NB + v) + b_gate[e, p * NB + v],
+                                fmt.finish(acc_up[t, v], s_up, slot, p * NB + v) + b_up[e, p * NB + v],
+                            )
+                        else:
+                            inter[p0 + t, p * NB + v] = act(
+                                T.float32(0),
+                                fmt.finish(acc_up[t, v], s_up, slot, p * NB + v) + b_up[e, p * NB + v],
+                            )
+
+        return block
 
     PT = _panels_per_task(backend, NB, P)
-    groups = _groups_macro(E, TB, P, PT, block)
+    groups = _groups_macro(c, TB, P, PT, block_for)
     second = (TB, NB) if gated else (1, 1)
+    M32, M16, M8, S8 = format_shapes(c, F, H)
 
     @T.prim_func
     def expert_up(
         x_h: T.handle,
-        w_up: T.Buffer((E, P, H, NB), WD),
+        w_up: T.Buffer(M32, "float32"),
+        w_up_fp16: T.Buffer(M16, "float16"),
+        w_up_int8: T.Buffer(M8, "int8"),
+        w_up_int8_scale: T.Buffer(S8, "float32"),
         b_up: T.Buffer((E, F), "float32"),
-        w_gate: T.Buffer((E, P, H, NB), WD),
+        w_gate: T.Buffer(M32, "float32"),
+        w_gate_fp16: T.Buffer(M16, "float16"),
+        w_gate_int8: T.Buffer(M8, "int8"),
+        w_gate_int8_scale: T.Buffer(S8, "float32"),
         b_gate: T.Buffer((E, F), "float32"),
         offset: T.Buffer((E + 1,), "int32"),
         token_h: T.handle,
@@ -116,9 +193,24 @@ def make_expert_up_panels(config: ExpertUpConfig, backend: Backend, act) -> tirx
             # one buffer per matrix: each stays under the 1 KiB that a CPU keeps on the stack
             acc_up = T.alloc_buffer((TB, NB), "float32", scope=backend.scratch_scope)
             acc_gate = T.alloc_buffer(second, "float32", scope=backend.scratch_scope)
-            groups((x, w_up, b_up, w_gate, b_gate, token, inter), (acc_up, acc_gate), offset, task)
+            by_format = (
+                (w_up, w_up, w_gate, w_gate),
+                (w_up_fp16, w_up_fp16, w_gate_fp16, w_gate_fp16),
+                (w_up_int8, w_up_int8_scale, w_gate_int8, w_gate_int8_scale),
+            )
+            groups((x, b_up, b_gate, token, inter, by_format), (acc_up, acc_gate), offset, task)
 
-    return expert_up
+    declared = [
+        "x",
+        *role_params("w_up"),
+        "b_up",
+        *role_params("w_gate"),
+        "b_gate",
+        "offset",
+        "token",
+        "inter",
+    ]
+    return signature_params(expert_up, declared, c)
 
 
 def make_expert_down_panels(config: ExpertDownConfig, backend: Backend) -> tirx.PrimFunc:
@@ -129,34 +221,44 @@ def make_expert_down_panels(config: ExpertDownConfig, backend: Backend) -> tirx.
     """
     NB = _check(config, backend)
     c = config
-    E, H, F, K, WD = c.num_experts, c.hidden, c.ffn, c.top_k, c.weight_dtype
-    P, TB, load = -(-H // NB), backend.token_block, widen(WD)
+    E, H, F, K = c.num_experts, c.hidden, c.ffn, c.top_k
+    P, TB = -(-H // NB), backend.token_block
     tail = H - (P - 1) * NB
 
-    @T.macro
-    def block(ctx, p0, count):
-        (inter, w_down, b_down, token, gain, y), acc, e, p = ctx
-        for t in T.unroll(count):
-            for v in T.vectorized(NB):
-                acc[t, v] = T.float32(0)
-        for f in range(F):
+    def block_for(fmt: WeightFormat):
+        @T.macro
+        def block(ctx, p0, count):
+            (inter, b_down, token, gain, y, by_format), acc, e, slot, p = ctx
+            w_down, s_down = fmt.of(by_format)
             for t in T.unroll(count):
                 for v in T.vectorized(NB):
-                    acc[t, v] = acc[t, v] + inter[p0 + t, f] * load(w_down[e, p, f, v])
-        for t in T.unroll(count):
-            for v in T.vectorized(NB) if tail == NB else T.unroll(NB):
-                if tail == NB or p < P - 1 or v < tail:
-                    y[token[p0 + t], p * NB + v] = y[token[p0 + t], p * NB + v] + gain[p0 + t] * (
-                        acc[t, v] + b_down[e, p * NB + v]
-                    )
+                    acc[t, v] = T.float32(0)
+            for f in range(F):
+                for t in T.unroll(count):
+                    for v in T.vectorized(NB):
+                        acc[t, v] = acc[t, v] + inter[p0 + t, f] * fmt.load(
+                            w_down, s_down, (slot, p, f, v), p * NB + v, f
+                        )
+            for t in T.unroll(count):
+                for v in T.vectorized(NB) if tail == NB else T.unroll(NB):
+                    if tail == NB or p < P - 1 or v < tail:
+                        y[token[p0 + t], p * NB + v] = y[token[p0 + t], p * NB + v] + gain[p0 + t] * (
+                            fmt.finish(acc[t, v], s_down, slot, p * NB + v) + b_down[e, p * NB + v]
+                        )
+
+        return block
 
     PT = _panels_per_task(backend, NB, P)
-    groups = _groups_macro(E, TB, P, PT, block)
+    groups = _groups_macro(c, TB, P, PT, block_for)
+    M32, M16, M8, S8 = format_shapes(c, H, F)
 
     @T.prim_func
     def expert_down(
         inter_h: T.handle,
-        w_down: T.Buffer((E, P, F, NB), WD),
+        w_down: T.Buffer(M32, "float32"),
+        w_down_fp16: T.Buffer(M16, "float16"),
+        w_down_int8: T.Buffer(M8, "int8"),
+        w_down_int8_scale: T.Buffer(S8, "float32"),
         b_down: T.Buffer((E, H), "float32"),
         offset: T.Buffer((E + 1,), "int32"),
         token_h: T.handle,
@@ -175,6 +277,8 @@ def make_expert_down_panels(config: ExpertDownConfig, backend: Backend) -> tirx.
                 for v in range(min(PT * NB, H)):
                     if task * PT * NB + v < H:
                         y[t, task * PT * NB + v] = T.float32(0)
-            groups((inter, w_down, b_down, token, gain, y), acc, offset, task)
+            by_format = ((w_down, w_down), (w_down_fp16, w_down_fp16), (w_down_int8, w_down_int8_scale))
+            groups((inter, b_down, token, gain, y, by_format), acc, offset, task)
 
-    return expert_down
+    declared = ["inter", *role_params("w_down"), "b_down", "offset", "token", "gain", "y"]
+    return signature_params(expert_down, declared, c)

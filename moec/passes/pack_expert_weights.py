@@ -3,9 +3,11 @@
 Rewrite rules, for every Relax function with attribute ``moec.layer``, for a CPU schedule:
 
 - its expert matrix parameters (``w_up``, ``w_gate`` ``[E, F, H]``, ``w_down`` ``[E, H, F]``,
-  found by role) become their packed form ``[E, ceil(out / panel), in, panel]``
+  found by role; and each format's part of them, ``w_up_fp16``, ``w_up_int8``, …, from
+  ``StoreExpertWeights``) become their packed form ``[E, ceil(out / panel), in, panel]``
   (:meth:`moec.kernels.config.ExpertConfig.matrix_shape`; ``panel`` = the schedule's ``lanes ×
-  panel_vectors``, or the matrix's output size when smaller), their dtype kept;
+  panel_vectors``, or the matrix's output size when smaller), their dtype kept; int8 scales
+  (``w_up_int8_scale``, outputs last) get their output axis padded to whole panels;
 - the ``expert_up`` / ``expert_down`` kernel specs it calls are remade with that ``panel``, so
   the schedule phase builds the output-stationary kernels of :mod:`moec.kernels.expert_panels`;
 - ``main``'s parameters passed to those slots are retyped the same way and recorded in
@@ -27,11 +29,11 @@ from tvm import relax
 
 from moec.canonical.layer import EXPERT_MATRICES
 from moec.kernels import kernel_config
+from moec.kernels.formats import ExpertFormats
 from moec.passes.signature import (
     called_kernels,
     is_layer,
     layer_arguments,
-    layer_weight_slots,
     rebuild,
     reconfigured,
 )
@@ -53,7 +55,7 @@ class PackExpertWeights:
         self.changed = []
         layers = {}
         kernels: dict[str, tvm.tirx.PrimFunc] = {}
-        panels: dict[str, dict[int, int]] = {}
+        panels: dict[str, dict[int, tuple[int, bool]]] = {}
         for gvar, func in mod.functions_items():
             if not is_layer(func):
                 continue
@@ -65,14 +67,20 @@ class PackExpertWeights:
             # w_up / w_gate: ffn outputs of hidden inputs; w_down: hidden outputs of ffn inputs
             widths = {"expert_up": self.schedule.panel(ffn), "expert_down": self.schedule.panel(hidden)}
             types, slots = {}, {}
-            for role, i in layer_weight_slots(func).items():
-                if role not in EXPERT_MATRICES:
+            for i, param in enumerate(func.params):
+                part = ExpertFormats.part_of(param.name, EXPERT_MATRICES)
+                if part is None:
                     continue
+                role, scale = part
                 width = widths["expert_down" if role == "w_down" else "expert_up"]
-                experts, rows, columns = (int(d) for d in func.params[i].ty.shape)
-                shape = [experts, -(-rows // width), columns, width]
-                types[i] = relax.TensorType(shape, func.params[i].ty.dtype)
-                slots[i] = width
+                *outer, rows = (int(d) for d in param.ty.shape)
+                if scale:
+                    shape = [*outer, -(-rows // width) * width]
+                else:
+                    experts, rows, columns = (int(d) for d in param.ty.shape)
+                    shape = [experts, -(-rows // width), columns, width]
+                types[i] = relax.TensorType(shape, param.ty.dtype)
+                slots[i] = (width, scale)
             names = {}
             for kernel, config in zip(found, configs, strict=True):
                 kernels[kernel.name_hint] = reconfigured(mod[kernel], {"panel": widths[config.kind]})
@@ -84,7 +92,10 @@ class PackExpertWeights:
         main = mod["main"]
         record = json.loads(str(main.attrs[PACKED_WEIGHTS])) if PACKED_WEIGHTS in main.attrs else {}
         for var, (layer, slot) in layer_arguments(main, panels).items():
-            record[var.name] = {"experts": True, "panel": panels[layer][slot], "transposed": True}
+            width, scale = panels[layer][slot]
+            record[var.name] = {"experts": True, "panel": width, "transposed": True} | (
+                {"scale": True} if scale else {}
+            )
         attrs = {PACKED_WEIGHTS: json.dumps(record, sort_keys=True)}
         updated = rebuild(mod, kernels, layers, attrs)
         if updated is None:

@@ -3,7 +3,8 @@
 Phase 0 (frontend, not here): MoE blocks → canonical layer functions calling our kernels.
 Phase 1 (layers): rewrites of MoE layers driven by the compile options (masking and pruning
          chosen from the calibration profile) — ``MaskExperts``, ``PruneChannels``,
-         ``SkipExperts``, ``FixedRouting``, ``StoreExpertWeights``, each only when asked for.
+         ``SkipExperts``, ``FixedRouting``, ``StoreExpertWeights`` (each expert's precision),
+         each only when asked for.
 Phase 2 (schedule): on CPU targets, ``main``'s dense matmuls with weights moved onto moec's linear
          kernel, their weights packed in panels (``DenseLinear``), and the expert matrices
          packed in panels for the output-stationary expert kernels (``PackExpertWeights``);
@@ -71,8 +72,8 @@ def moe_pipeline(
         layers.append(SkipExperts(options.skip_top1_above, options.skip_below_fraction))
     if options.routing != "learned":
         layers.append(FixedRouting(options.routing))
-    if options.weights_precision != "fp32":
-        layers.append(StoreExpertWeights(options.weights_precision))
+    if options.precision != "fp32" or options.precision_plan:
+        layers.append(StoreExpertWeights(_stored_plan(options), options.precision, options.int8_group))
     dense = [DenseLinear(schedule), PackExpertWeights(schedule)] if isinstance(schedule, CpuSchedule) else []
     identifiers = [CIdentifiers()] if c_identifiers else []
     phases: list[tuple[str, tvm.transform.Pass]] = [
@@ -92,6 +93,15 @@ def moe_pipeline(
         if dump_dir:
             passes.append(DumpIR(dump_dir, f"{number:02d}-{name}"))
     return tvm.transform.Sequential(passes, name="moec")
+
+
+def _stored_plan(options: CompileOptions) -> dict[str, str | tuple[str, ...]]:
+    """``options.precision_plan`` numbered as the layers are after masking (the kept experts')."""
+    plan: dict[str, str | tuple[str, ...]] = {}
+    for layer, planned in (options.precision_plan or {}).items():
+        kept = (options.kept_experts or {}).get(layer, range(len(planned)))
+        plan[layer] = planned if isinstance(planned, str) else tuple(planned[e] for e in kept)
+    return plan
 
 
 LOWERING_BACKENDS = {"llvm": "cpu_generic", "cuda": "cuda"}

@@ -8,18 +8,22 @@ Rewrite rules, on ``main``:
 
 - its attributes ``moec.expert_slices`` (parameter name → kept expert ids, from
   ``MaskExperts``), ``moec.channel_slices`` (parameter name → ``[axis, per kept expert the
-  channel ids]``, from ``PruneChannels``) and ``moec.packed_weights`` (parameter name →
-  ``{"panel", "transposed"[, "experts"]}``, from ``DenseLinear`` and ``PackExpertWeights``)
-  are removed: once the weights are sliced and packed they say nothing more about the module;
+  channel ids]``, from ``PruneChannels``), ``moec.expert_formats`` (parameter name → the
+  ``source`` parameter, ``experts``, ``format``, ``group`` and whether it holds the ``scale``,
+  from ``StoreExpertWeights``) and ``moec.packed_weights`` (parameter name → ``{"panel",
+  "transposed"[, "experts"][, "scale"]}``, from ``DenseLinear`` and ``PackExpertWeights``) are
+  removed: once the weights are sliced and packed they say nothing more about the module;
 - the module is otherwise unchanged.
 
 Alongside, ``weights`` (parameter name → tensor, in ``main``'s parameter order, under the names
-the parameters have when the pass runs: the ONNX names) holds each weight with the experts and
-channels the attributes list sliced away, converted to its parameter's dtype
-(``StoreExpertWeights``' fp16), and packed in panels where ``DenseLinear`` or
-``PackExpertWeights`` asked (``packed[p, k, v] = W[k, p * panel + v]``, ``W`` transposed first
-if stored ``[N, K]``, zeros past the last column; with ``experts``, each expert's matrix so).
-A weight nothing changed is passed through, not copied.
+the parameters have when the pass runs: the ONNX names, and ``{source}.{format}`` for the
+parts of a weight stored per format) holds each weight with the experts and channels the
+attributes list sliced away; for a part, its experts in its format (float16, or int8 values
+or scales as :func:`moec.kernels.formats.quantize_int8` makes them); converted to its
+parameter's dtype; and packed in panels where ``DenseLinear`` or ``PackExpertWeights`` asked
+(``packed[p, k, v] = W[k, p * panel + v]``, ``W`` transposed first if stored ``[N, K]``, zeros
+past the last column; with ``experts``, each expert's matrix so; with ``scale``, only the last
+axis padded with zeros to whole panels). A weight nothing changed is passed through, not copied.
 
 Runs in the export phase, after every pass that retypes ``main``'s weights and before
 ``CIdentifiers`` renames them.
@@ -28,40 +32,56 @@ Runs in the export phase, after every pass that retypes ``main``'s weights and b
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 
 import numpy as np
 import tvm
 from tvm import relax
 
+from moec.kernels.formats import quantize_int8
+
 EXPERT_SLICES = "moec.expert_slices"
 CHANNEL_SLICES = "moec.channel_slices"
+EXPERT_FORMATS = "moec.expert_formats"
 PACKED_WEIGHTS = "moec.packed_weights"
 
 
 @tvm.transform.module_pass(opt_level=0, name="SliceWeights")
 class SliceWeights:
-    """Slice and convert ``params`` (``main``'s detached weights, in order) to ``main``'s
-    signature; ``weights`` holds the result by parameter name once the pass has run."""
+    """Slice and convert ``params`` (``main``'s detached weights by their parameter names before
+    the pipeline ran) to ``main``'s signature; ``weights`` holds the result by parameter name
+    once the pass has run."""
 
-    def __init__(self, params: list[tvm.runtime.Tensor]) -> None:
-        self.params = list(params)
+    def __init__(self, params: Mapping[str, tvm.runtime.Tensor]) -> None:
+        self.params = dict(params)
         self.weights: dict[str, tvm.runtime.Tensor] = {}
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         main = mod["main"]
         slices = _attr_json(main, EXPERT_SLICES)
         channels = _attr_json(main, CHANNEL_SLICES)
+        formats = _attr_json(main, EXPERT_FORMATS)
         packing = _attr_json(main, PACKED_WEIGHTS)
         num_inputs = int(main.attrs["num_input"])
-        self.weights = {
-            var.name: _follow(
-                value, str(var.ty.dtype), slices.get(var.name), channels.get(var.name), packing.get(var.name)
-            )
-            for var, value in zip(main.params[num_inputs:], self.params, strict=True)
-        }
-        if not slices and not channels and not packing:
+        sliced: dict[str, np.ndarray] = {}  # a split weight's source, sliced once for all its parts
+
+        def follow(name: str, dtype: str) -> tvm.runtime.Tensor:
+            part = formats.get(name)
+            if part is None:
+                return _follow(
+                    self.params[name], dtype, slices.get(name), channels.get(name), packing.get(name)
+                )
+            source = part["source"]
+            if source not in sliced:
+                value = self.params[source]
+                sliced[source] = _follow(value, "float32", slices.get(source), channels.get(source)).numpy()
+            stored = _stored_part(sliced[source], part)
+            return _follow(tvm.runtime.tensor(stored), dtype, None, None, packing.get(name))
+
+        self.weights = {var.name: follow(var.name, str(var.ty.dtype)) for var in main.params[num_inputs:]}
+        if not slices and not channels and not packing and not formats:
             return mod
-        for key in (EXPERT_SLICES, CHANNEL_SLICES, PACKED_WEIGHTS):
+        for key in (EXPERT_SLICES, CHANNEL_SLICES, EXPERT_FORMATS, PACKED_WEIGHTS):
             if main.attrs is not None and key in main.attrs:
                 main = main.without_attr(key)
         updated = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
@@ -94,11 +114,27 @@ def _follow(
         array = np.stack([np.take(array[e], ids, axis=axis - 1) for e, ids in enumerate(kept)])
     if packing is not None:
         panel, transposed = int(packing["panel"]), bool(packing["transposed"])
-        if packing.get("experts"):  # one [out, in] matrix per expert, each packed
+        if packing.get("scale"):  # scales [..., out]: the last axis padded to whole panels
+            padded = np.zeros((*array.shape[:-1], -(-array.shape[-1] // panel) * panel), array.dtype)
+            padded[..., : array.shape[-1]] = array
+            array = padded
+        elif packing.get("experts"):  # one [out, in] matrix per expert, each packed
             array = np.stack([_panels(matrix.T if transposed else matrix, panel) for matrix in array])
         else:
             array = _panels(array.T if transposed else array, panel)
     return tvm.runtime.tensor(np.ascontiguousarray(array.astype(dtype, copy=False)))
+
+
+def _stored_part(matrices: np.ndarray, part: dict) -> np.ndarray:
+    """One part of expert matrices ``[E, out, in]`` stored per format: the ``experts`` of the
+    part's ``format`` (int8: their quantized values, or their scales)."""
+    chosen = matrices[part["experts"]]
+    if part["format"] == "fp16":
+        return chosen.astype(np.float16)
+    if part["format"] == "int8":
+        q, scale = quantize_int8(chosen, int(part["group"]))
+        return scale if part["scale"] else q
+    return chosen
 
 
 def _panels(weight: np.ndarray, panel: int) -> np.ndarray:

@@ -1,12 +1,19 @@
-"""The reference for an artifact whose expert weights are stored narrower than the model's.
+"""The reference for an artifact that changed its model: experts stored narrower, masked, pruned.
 
-An artifact that stores expert matrices as fp16 cannot match the fp32 model to 1e-4: the
-rounding of the weights is the point. What it must match is the model *with those weights
+An artifact that stores expert matrices as fp16 or int8 cannot match the fp32 model to 1e-4:
+the rounding of the weights is the point. What it must match is the model *with those weights
 rounded*: the frontend's canonical graph (every MoE block one ``moec::MoELayer`` node whose
-weights are initializers), with the expert matrices rounded to the stored precision, run by
+weights are initializers), each expert's matrices rounded to its stored precision, run by
 ``onnx.reference.ReferenceEvaluator`` with the numpy layer semantics of
 :mod:`moec.canonical.semantics`. The canonical layer is itself checked against the original
 graph when the frontend extracts it, so this oracle stays independent of TVM.
+
+The rounding, per expert matrix ``W`` ``[out, in]`` (as pruning left it: only its kept channels):
+
+- ``fp16``: ``float32(float16(W))``;
+- ``int8``: symmetric, per output row and group of ``int8_group`` inputs (the whole row when
+  0): ``step = float32(max |W|) / 127`` (1 for an all-zero group), ``W' = clip(rint(W / step),
+  -127, 127) * step``, all in float32, ``rint`` rounding half to even.
 """
 
 from __future__ import annotations
@@ -17,18 +24,17 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 
 from moec.canonical.layer import MoELayer
 from moec.canonical.semantics import LayerPlan, moe_forward, route
 from moec.frontend.importer import find_blocks
-from moec.frontend.rewrite import LAYER_DOMAIN, LAYER_OP, layer_weight_names, replace_blocks
+from moec.frontend.rewrite import LAYER_DOMAIN, LAYER_OP, replace_blocks
 from moec.onnx_fixes import FIXED_OPS
 
-STORAGE_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 MATRIX_ROLES = ("w_up", "w_gate", "w_down")
+INT8_LEVELS = 127
 
 
 RouteHook = Callable[[int, MoELayer, np.ndarray, np.ndarray, np.ndarray], None]
@@ -50,6 +56,8 @@ def _layer_op(
         flat_logits = logits.reshape(-1, spec.num_experts)
         flat_x = x.reshape(-1, spec.hidden)
         plan = (plans or {}).get(spec.name)
+        if plan is not None and plan.precisions is not None:
+            current = stored_layer(current, plan)
         if on_route is not None:
             on_route(int(layer), current, flat_x, *route(current, flat_logits, plan))
         sequence = x.shape[-2] if x.ndim >= 3 else None  # the tokens an expert capacity counts over
@@ -59,41 +67,59 @@ def _layer_op(
     return type(LAYER_OP, (OpRun,), {"op_domain": LAYER_DOMAIN, "_run": _run})
 
 
+def _rounded(matrix: np.ndarray, precision: str, group: int) -> np.ndarray:
+    """One expert matrix ``[out, in]`` as the artifact stores it (see the module docstring)."""
+    if precision == "fp16":
+        return matrix.astype(np.float16).astype(np.float32)
+    if precision != "int8":
+        return matrix
+    rows, columns = matrix.shape
+    groups = matrix.astype(np.float32).reshape(rows, columns // (group or columns), -1)
+    peak = np.abs(groups).max(axis=-1, keepdims=True)
+    step = np.where(peak > 0, peak / np.float32(INT8_LEVELS), np.float32(1)).astype(np.float32)
+    levels = np.clip(np.rint(groups / step), -INT8_LEVELS, INT8_LEVELS).astype(np.float32)
+    return (levels * step).reshape(rows, columns)
+
+
+def stored_layer(layer: MoELayer, plan: LayerPlan) -> MoELayer:
+    """``layer`` with each expert's matrices rounded to its precision in ``plan`` (after pruning:
+    a pruned expert's matrices are rounded over its kept channels only)."""
+    kept = plan.kept if plan.kept is not None else list(range(layer.num_experts))
+    changes = {}
+    for role in MATRIX_ROLES:
+        matrices = getattr(layer, role)
+        if matrices is None:
+            continue
+        matrices = matrices.copy()
+        for position, expert in enumerate(kept):
+            channels = plan.channels[position] if plan.channels is not None else slice(None)
+            # the intermediate channels are w_up's / w_gate's rows and w_down's columns
+            index = (channels, slice(None)) if role != "w_down" else (slice(None), channels)
+            part = matrices[expert][index]
+            matrices[expert][index] = _rounded(part, plan.precisions[expert], plan.int8_group)
+        changes[role] = matrices
+    return dataclasses.replace(layer, **changes)
+
+
 def canonical_evaluator(
     model: onnx.ModelProto,
-    precision: str = "fp32",
     on_route: RouteHook | None = None,
     plans: dict[str, LayerPlan] | None = None,
 ) -> tuple[ReferenceEvaluator, list[MoELayer]]:
     """A reference evaluator of ``model`` with its MoE blocks as canonical layers (expert matrices
-    rounded to ``precision``; masking, pruning and early exit as ``plans`` says per layer name),
-    calling ``on_route`` with every layer's routing; and the layers."""
+    rounded to their stored precisions; masking, pruning and early exit as ``plans`` says per
+    layer name), calling ``on_route`` with every layer's routing; and the layers."""
     blocks = find_blocks(model)
     canonical = replace_blocks(model, blocks) if blocks else model
-    rounded = {
-        name
-        for block in blocks
-        for name in layer_weight_names(block)
-        if name.rsplit(".", 1)[1] in MATRIX_ROLES
-    }
-    storage = STORAGE_DTYPES[precision]
-    if storage is not np.float32:
-        for index, tensor in enumerate(canonical.graph.initializer):
-            if tensor.name in rounded:
-                value = numpy_helper.to_array(tensor).astype(storage).astype(np.float32)
-                canonical.graph.initializer[index].CopyFrom(numpy_helper.from_array(value, tensor.name))
     layers = [b.layer for b in blocks]
     return ReferenceEvaluator(canonical, new_ops=[_layer_op(layers, on_route, plans), *FIXED_OPS]), layers
 
 
 def run_stored_reference(
-    model: onnx.ModelProto,
-    precision: str,
-    feeds: dict[str, np.ndarray],
-    plans: dict[str, LayerPlan] | None = None,
+    model: onnx.ModelProto, feeds: dict[str, np.ndarray], plans: dict[str, LayerPlan] | None = None
 ) -> dict[str, Any]:
-    """Outputs of ``model`` with every MoE layer's expert matrices rounded to ``precision`` (and
-    the masking, pruning and early exit of ``plans``)."""
-    evaluator, _ = canonical_evaluator(model, precision, plans=plans)
+    """Outputs of ``model`` with the changes ``plans`` names per layer (stored precisions,
+    masking, pruning, early exit)."""
+    evaluator, _ = canonical_evaluator(model, plans=plans)
     names = [o.name for o in model.graph.output]
     return dict(zip(names, evaluator.run(None, feeds), strict=True))

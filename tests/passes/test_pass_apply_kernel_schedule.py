@@ -10,7 +10,7 @@ from moec.passes.apply_kernel_schedule import ApplyKernelSchedule
 from moec.schedule import CpuSchedule
 
 SCHEDULE = CpuSchedule(lanes=4, rows_per_task=2, token_block=1, accumulators=1)
-DOWN_CONFIG = '{"ffn": 4, "hidden": 2, "num_experts": 2, "panel": null, "top_k": 1, "weight_dtype": "float32"}'
+DOWN_CONFIG = '{"ffn": 4, "formats": null, "hidden": 2, "int8_group": 0, "num_experts": 2, "panel": null, "top_k": 1}'
 GROUP_CONFIG = '{"num_experts": 2, "top_k": 1}'
 BUILT_FOR = '{"accumulators": 1, "kind": "cpu", "lanes": 4, "panel_vectors": 2, "rows_per_task": 2, "token_block": 1}'
 
@@ -87,39 +87,41 @@ class Expected:
                 acc_unused = T.alloc_buffer((1,))
                 for r, t in T.grid(2, n):
                     y[t, (task + thread) * 2 + r] = T.float32(0)
-                for e, r in T.grid(2, 2):
-                    # token_block=1: every pair of the group in a full block, no tail
-                    for pb in range(offset[e + 1] - offset[e]):
-                        for pi, v in T.grid(1, 4):
-                            acc[pi, v] = T.float32(0)
-                        for ho in range(1):
-                            for a in T.unroll(1):
+                for e in range(2):
+                    if offset[e + 1] > offset[e]:  # only experts with tokens
+                        for r in range(2):
+                            # token_block=1: every pair of the group in a full block, no tail
+                            for pb in range(offset[e + 1] - offset[e]):
+                                for pi, v in T.grid(1, 4):
+                                    acc[pi, v] = T.float32(0)
+                                for ho in range(1):
+                                    for a in T.unroll(1):
+                                        for pi in T.unroll(1):
+                                            # lanes=4: one 4-wide vector accumulator per token
+                                            for v in T.vectorized(4):
+                                                acc[pi, a * 4 + v] = acc[pi, a * 4 + v] + w_down[e, (task + thread) * 2 + r, ho * 4 + a * 4 + v] * inter[offset[e] + pb + pi, ho * 4 + a * 4 + v]
+                                for pi in T.unroll(1):  # fold the 4 lanes by halving
+                                    for v in T.vectorized(2):
+                                        acc[pi, v] = acc[pi, v] + acc[pi, v + 2]
+                                    for v in T.vectorized(1):
+                                        acc[pi, v] = acc[pi, v] + acc[pi, v + 1]
+                                for pi in range(1):
+                                    y[token[offset[e] + pb + pi], (task + thread) * 2 + r] = y[token[offset[e] + pb + pi], (task + thread) * 2 + r] + gain[offset[e] + pb + pi] * (acc[pi, 0] + b_down[e, (task + thread) * 2 + r])
+                            for pt in range(0):
+                                for pi, v in T.grid(1, 4):
+                                    acc[pi, v] = T.float32(0)
+                                for ho in range(1):
+                                    for a in T.unroll(1):
+                                        for pi in T.unroll(1):
+                                            for v in T.vectorized(4):
+                                                acc[pi, a * 4 + v] = acc[pi, a * 4 + v] + w_down[e, (task + thread) * 2 + r, ho * 4 + a * 4 + v] * inter[offset[e + 1] - pt - 1 + pi, ho * 4 + a * 4 + v]
                                 for pi in T.unroll(1):
-                                    # lanes=4: one 4-wide vector accumulator per token
-                                    for v in T.vectorized(4):
-                                        acc[pi, a * 4 + v] = acc[pi, a * 4 + v] + w_down[e, (task + thread) * 2 + r, ho * 4 + a * 4 + v] * inter[offset[e] + pb + pi, ho * 4 + a * 4 + v]
-                        for pi in T.unroll(1):  # fold the 4 lanes by halving
-                            for v in T.vectorized(2):
-                                acc[pi, v] = acc[pi, v] + acc[pi, v + 2]
-                            for v in T.vectorized(1):
-                                acc[pi, v] = acc[pi, v] + acc[pi, v + 1]
-                        for pi in range(1):
-                            y[token[offset[e] + pb + pi], (task + thread) * 2 + r] = y[token[offset[e] + pb + pi], (task + thread) * 2 + r] + gain[offset[e] + pb + pi] * (acc[pi, 0] + b_down[e, (task + thread) * 2 + r])
-                    for pt in range(0):
-                        for pi, v in T.grid(1, 4):
-                            acc[pi, v] = T.float32(0)
-                        for ho in range(1):
-                            for a in T.unroll(1):
-                                for pi in T.unroll(1):
-                                    for v in T.vectorized(4):
-                                        acc[pi, a * 4 + v] = acc[pi, a * 4 + v] + w_down[e, (task + thread) * 2 + r, ho * 4 + a * 4 + v] * inter[offset[e + 1] - pt - 1 + pi, ho * 4 + a * 4 + v]
-                        for pi in T.unroll(1):
-                            for v in T.vectorized(2):
-                                acc[pi, v] = acc[pi, v] + acc[pi, v + 2]
-                            for v in T.vectorized(1):
-                                acc[pi, v] = acc[pi, v] + acc[pi, v + 1]
-                        for pi in range(1):
-                            y[token[offset[e + 1] - pt - 1 + pi], (task + thread) * 2 + r] = y[token[offset[e + 1] - pt - 1 + pi], (task + thread) * 2 + r] + gain[offset[e + 1] - pt - 1 + pi] * (acc[pi, 0] + b_down[e, (task + thread) * 2 + r])
+                                    for v in T.vectorized(2):
+                                        acc[pi, v] = acc[pi, v] + acc[pi, v + 2]
+                                    for v in T.vectorized(1):
+                                        acc[pi, v] = acc[pi, v] + acc[pi, v + 1]
+                                for pi in range(1):
+                                    y[token[offset[e + 1] - pt - 1 + pi], (task + thread) * 2 + r] = y[token[offset[e + 1] - pt - 1 + pi], (task + thread) * 2 + r] + gain[offset[e + 1] - pt - 1 + pi] * (acc[pi, 0] + b_down[e, (task + thread) * 2 + r])
 
     @T.prim_func(private=True)
     def unrelated(a: T.Buffer((4,), "float32")):

@@ -122,7 +122,8 @@ def test_slice_weights_packs_what_dense_linear_recorded():
     transposed first for ``w_head``), zeros past the last column; other weights untouched."""
     rng = np.random.default_rng(0)
     w_q, w_head, embed = (rng.standard_normal(s).astype(np.float32) for s in ((4, 6), (5, 4), (10, 4)))
-    weights = SliceWeights([tvm.runtime.tensor(a) for a in (w_q, w_head, embed)])
+    arrays = {"w_q": w_q, "w_head": w_head, "embed": embed}
+    weights = SliceWeights({name: tvm.runtime.tensor(value) for name, value in arrays.items()})
     weights(DenseLinear(SCHEDULE)(Before))
     for name, matrix in (("w_q", w_q), ("w_head", w_head.T)):
         packed = weights.weights[name].numpy()

@@ -21,10 +21,10 @@ from moec.schedule import CpuSchedule
 
 SCHEDULE = CpuSchedule(lanes=4, panel_vectors=1)
 LAYER = '{"name": "moe0", "experts": 3, "top_k": 1, "hidden": 2, "ffn": 4, "activation": "relu"}'
-UP_CONFIG = '{"activation": "relu", "alpha": 1.0, "beta": 0.0, "ffn": 4, "gated": false, "hidden": 2, "limit": Infinity, "num_experts": 3, "panel": null, "top_k": 1, "weight_dtype": "float32"}'
-DOWN_CONFIG = '{"ffn": 4, "hidden": 2, "num_experts": 3, "panel": null, "top_k": 1, "weight_dtype": "float32"}'
-PACKED_UP_CONFIG = '{"activation": "relu", "alpha": 1.0, "beta": 0.0, "ffn": 4, "gated": false, "hidden": 2, "limit": Infinity, "num_experts": 3, "panel": 4, "top_k": 1, "weight_dtype": "float32"}'
-PACKED_DOWN_CONFIG = '{"ffn": 4, "hidden": 2, "num_experts": 3, "panel": 2, "top_k": 1, "weight_dtype": "float32"}'
+UP_CONFIG = '{"activation": "relu", "alpha": 1.0, "beta": 0.0, "ffn": 4, "formats": null, "gated": false, "hidden": 2, "int8_group": 0, "limit": Infinity, "num_experts": 3, "panel": null, "top_k": 1}'
+DOWN_CONFIG = '{"ffn": 4, "formats": null, "hidden": 2, "int8_group": 0, "num_experts": 3, "panel": null, "top_k": 1}'
+PACKED_UP_CONFIG = '{"activation": "relu", "alpha": 1.0, "beta": 0.0, "ffn": 4, "formats": null, "gated": false, "hidden": 2, "int8_group": 0, "limit": Infinity, "num_experts": 3, "panel": 4, "top_k": 1}'
+PACKED_DOWN_CONFIG = '{"ffn": 4, "formats": null, "hidden": 2, "int8_group": 0, "num_experts": 3, "panel": 2, "top_k": 1}'
 PACKED = '{"moe0_w_down": {"experts": true, "panel": 2, "transposed": true}, "moe0_w_up": {"experts": true, "panel": 4, "transposed": true}}'
 
 
@@ -169,7 +169,8 @@ def test_slice_weights_packs_each_experts_matrix():
     rng = np.random.default_rng(0)
     shapes = ((3, 4, 2), (3, 4), (3, 2, 4), (3, 2))
     w_up, b_up, w_down, b_down = (rng.standard_normal(s).astype(np.float32) for s in shapes)
-    weights = SliceWeights([tvm.runtime.tensor(a) for a in (w_up, b_up, w_down, b_down)])
+    arrays = {"moe0_w_up": w_up, "moe0_b_up": b_up, "moe0_w_down": w_down, "moe0_b_down": b_down}
+    weights = SliceWeights({name: tvm.runtime.tensor(value) for name, value in arrays.items()})
     weights(PackExpertWeights(SCHEDULE)(Before))
     for name, matrix, panel in (("moe0_w_up", w_up, 4), ("moe0_w_down", w_down, 2)):
         packed = weights.weights[name].numpy()

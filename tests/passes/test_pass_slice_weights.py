@@ -71,7 +71,7 @@ def _full_weights() -> dict[str, np.ndarray]:
 def test_removes_the_slice_attributes_and_slices_the_weights() -> None:
     full = _full_weights()
     params = [tvm.runtime.tensor(full[name]) for name in ("w_up", "w_down", "b")]
-    slicer = SliceWeights(params)
+    slicer = SliceWeights(dict(zip(("w_up", "w_down", "b"), params, strict=True)))
     tvm.ir.assert_structural_equal(slicer(Before), Expected)
 
     assert list(slicer.weights) == ["w_up", "w_down", "b"]
@@ -88,7 +88,7 @@ def test_nothing_recorded_changes_nothing() -> None:
     """No slice attributes and weights already in ``main``'s dtypes: module and weights as they are."""
     shapes = {"w_up": ((2, 2, 3), "float16"), "w_down": ((2, 3, 2), "float32"), "b": ((3,), "float32")}
     params = [tvm.runtime.tensor(np.ones(shape, dtype)) for shape, dtype in shapes.values()]
-    slicer = SliceWeights(params)
+    slicer = SliceWeights(dict(zip(shapes, params, strict=True)))
     tvm.ir.assert_structural_equal(slicer(Expected), Expected)
     assert all(slicer.weights[name] is value for name, value in zip(shapes, params, strict=True))
 
@@ -103,7 +103,7 @@ def test_export_phase_leaves_weights_that_fit_main(moe_block, tmp_path: Path) ->
     """In the pipeline: the layer phase records the slices, the export phase applies and drops
     them, and every weight has its ``main`` parameter's shape and dtype."""
     path, _ = moe_block(hidden=8, ffn=16, experts=4, top_k=2)
-    options = CompileOptions(kept_experts={"moe0": [1, 3]}, weights_precision="fp16", dump_ir=tmp_path)
+    options = CompileOptions(kept_experts={"moe0": [1, 3]}, precision="fp16", dump_ir=tmp_path)
     mod, weights = lower_model(import_model(load_model(path)), load_target("host"), options)
     dumps = sorted(p.name for p in tmp_path.iterdir())
     assert dumps == ["00-frontend.py", "01-layers.py", "02-schedule.py", "03-export.py"]
@@ -115,4 +115,4 @@ def test_export_phase_leaves_weights_that_fit_main(moe_block, tmp_path: Path) ->
     for param in params:
         value = weights[param.name]
         assert (list(value.shape), str(value.dtype)) == ([int(d) for d in param.ty.shape], param.ty.dtype)
-    assert weights["moe0.w_up"].shape[0] == 2 and weights["moe0.w_up"].dtype == "float16"
+    assert weights["moe0.w_up.fp16"].shape[0] == 2 and weights["moe0.w_up.fp16"].dtype == "float16"

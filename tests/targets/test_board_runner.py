@@ -28,6 +28,7 @@ from moec.reference.evaluator import run_reference
 from moec.reference.stored import run_stored_reference
 from moec.runtime.board import ArtifactTarget, RunnerSession, runtime_library_dirs
 from moec.targets import bundled_target_file
+from moec.verify import layer_plans
 from tests.helpers import (
     EXAMPLE_MODEL,
     FP32_ATOL,
@@ -39,6 +40,8 @@ from tests.helpers import (
 )
 
 HIDDEN = 64
+MIXED = ["int8", "fp16", "fp32", "int8", "int8", "fp16", "int8", "fp32"]
+"""One precision per expert of the example's first layer: every format in one layer."""
 EM_AARCH64 = 183
 LATENCY = re.compile(r"latency over \d+ runs: mean [\d.]+ ms, p50 [\d.]+ ms, p99 [\d.]+ ms")
 
@@ -93,18 +96,30 @@ def test_a72_artifact_matches_numpy_under_qemu(session: RunnerSession, model, to
         assert_close(outputs[name], value, FP32_ATOL, f"{name} ({tokens} tokens, qemu) vs numpy")
 
 
-def test_a72_fp16_weights_match_rounded_reference_under_qemu(model, tmp_path: Path) -> None:
-    """FP16-stored expert weights on the A72 (no FP16 arithmetic): widened on load, fp32 math."""
-    artifact = compile_model(
-        EXAMPLE_MODEL, tmp_path / "fp16", CompileOptions(target="cortex-a72", weights_precision="fp16")
-    )
+@pytest.mark.parametrize(
+    ("target", "precisions"),
+    [
+        ("cortex-a72", {"precision": "fp16"}),
+        ("cortex-a72", {"precision_plan": {"moe0": MIXED, "moe1": "int8"}}),
+        ("cortex-a76", {"precision_plan": {"moe0": MIXED, "moe1": "int8"}, "int8_group": 32}),
+    ],
+    ids=["a72-fp16", "a72-mixed", "a76-mixed-int8-groups"],
+)
+def test_stored_precisions_match_rounded_reference_under_qemu(
+    model, tmp_path: Path, target: str, precisions: dict
+) -> None:
+    """Expert weights stored narrower on the boards: fp16 widened on load, int8 widened and
+    scaled, and a layer mixing int8, fp16 and fp32 experts in one dispatch, all computed in fp32;
+    the outputs match the model with each expert rounded as stored."""
+    artifact = compile_model(EXAMPLE_MODEL, tmp_path / "out", CompileOptions(target=target, **precisions))
     session = RunnerSession(artifact)
+    plans = layer_plans(session.manifest)
     for tokens in (1, 7):
         feeds = {"x": tokens_input(tokens, HIDDEN)}
-        expected = run_stored_reference(model, "fp16", feeds)
+        expected = run_stored_reference(model, feeds, plans)
         actual = session.run(feeds)
         for name, value in expected.items():
-            assert_close(actual[name], value, FP32_ATOL, f"{name} ({tokens} tokens, fp16 weights, qemu)")
+            assert_close(actual[name], value, FP32_ATOL, f"{name} ({tokens} tokens, {target}, qemu)")
 
 
 def test_runner_and_runtime_are_aarch64_and_relocatable(session: RunnerSession) -> None:

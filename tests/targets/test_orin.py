@@ -172,6 +172,8 @@ UP = {
     "limit": float("inf"),
 }
 DOWN = {"num_experts": 6, "hidden": 64, "ffn": 96, "top_k": 2}
+MIXED = ["int8", "fp16", "fp32", "int8", "fp32", "fp16"]
+"""Every expert weight format in one layer."""
 CAPACITY = {"num_experts": 6, "top_k": 2, "capacity": 3}
 CASES = {"route": ROUTE, "capacity": CAPACITY, "group": GROUP, "expert_up": UP, "expert_down": DOWN}
 
@@ -223,18 +225,23 @@ def test_gpu_kernel_compiles_for_sm87_with_thread_binding(kind, orin):
     "config",
     [
         {**UP, "hidden": 20, "ffn": 12, "activation": "gelu", "gated": False},
-        {**UP, "activation": "silu", "alpha": 1.702, "beta": 1.0, "limit": 7.0, "weight_dtype": "float16"},
+        {**UP, "activation": "silu", "alpha": 1.702, "beta": 1.0, "limit": 7.0, "formats": ["fp16"] * 6},
         {**DOWN, "hidden": 20, "ffn": 13},
-        {**DOWN, "weight_dtype": "float16"},
+        {**DOWN, "formats": ["fp16"] * 6},
+        {**UP, "formats": MIXED},
+        {**DOWN, "formats": MIXED, "int8_group": 32},
     ],
-    ids=["up-ragged", "up-fp16-clamped", "down-ragged", "down-fp16"],
+    ids=["up-ragged", "up-fp16-clamped", "down-ragged", "down-fp16", "up-mixed", "down-mixed-int8-groups"],
 )
 def test_gpu_expert_kernels_compile_across_schedules_and_tails(schedule, config, orin):
     kind = "expert_up" if "activation" in config else "expert_down"
     source, cubins = _build(kind, config, schedule, orin)
     assert f"moe0_{kind}_kernel" in cubins[0].functions
-    if config.get("weight_dtype") == "float16":
+    formats = set(config.get("formats") or ["fp32"])
+    if "fp16" in formats:
         assert "half" in source
+    if "int8" in formats:
+        assert "int8_t" in source or "signed char" in source
 
 
 @needs_nvcc

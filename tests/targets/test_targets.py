@@ -75,13 +75,29 @@ def test_a72_expert_kernels_use_neon_vector_fma(kind: str) -> None:
 def test_a72_fp16_weights_are_widened_with_neon_not_a_libcall() -> None:
     """The A72 stores fp16 but computes fp32: weights convert with vector fcvtl, not __extendhfsf2."""
     target = load_target("cortex-a72")
-    config = {"num_experts": 4, "hidden": 64, "ffn": 32, "top_k": 2, "weight_dtype": "float16"}
+    config = {"num_experts": 4, "hidden": 64, "ffn": 32, "top_k": 2, "formats": ["fp16"] * 4}
     kernel = make_kernel(config_from_dict("expert_down", config), target.schedule)
     kernel = kernel.with_attr("global_symbol", "expert_down")
     asm = tvm.compile(tvm.IRModule({"expert_down": kernel}), target=target.tvm_target).mod.inspect_source("s")
     assert len(re.findall(r"\bfcvtl2?\s+v\d+\.4s, v\d+\.[48]h", asm)) >= 4
     assert len(re.findall(r"\bfmla\s+v\d+\.4s", asm)) >= 4
     assert not re.search(r"\bbl\s+__extendhfsf2", asm), "fp16 weights widened by a library call"
+
+
+@pytest.mark.parametrize("kind", ["expert_up", "expert_down"])
+def test_a72_int8_weights_are_widened_and_scaled_with_neon(kind: str) -> None:
+    """W8A32 on the A72 (no dot-product instructions): the panel kernels convert int8 weights to
+    fp32 four lanes at a time (``scvtf v.4s``, LLVM placing each byte with ``tbl``) and multiply
+    in NEON fp32; no scalar conversions or FMAs in the hot loop."""
+    target = load_target("cortex-a72")
+    config = {"num_experts": 4, "hidden": 64, "ffn": 64, "top_k": 2, "formats": ["int8"] * 4, "panel": 8}
+    if kind == "expert_up":
+        config |= {"activation": "silu", "gated": True}
+    kernel = make_kernel(config_from_dict(kind, config), target.schedule).with_attr("global_symbol", kind)
+    asm = tvm.compile(tvm.IRModule({kind: kernel}), target=target.tvm_target).mod.inspect_source("s")
+    assert len(re.findall(r"\bscvtf\s+v\d+\.4s", asm)) >= 8
+    assert len(re.findall(r"\bfmla\s+v\d+\.4s", asm)) >= 32
+    assert not re.search(r"\b(scvtf|fmadd)\s+s\d+", asm), "scalar int8 conversion or FMA"
 
 
 def _user_target(tmp_path: Path) -> Path:

@@ -276,15 +276,106 @@ def test_expert_kernels_match_numpy(schedule, activation, gated, extra, tokens, 
     assert_close(y, expected.astype(np.float32), 1e-5)
 
 
+MIXED = ("int8", "fp32", "fp16", "int8", "fp16")
+"""A layer whose experts use every storage format, none in a run with its own kind."""
+
+
+def _stored_formats(weight: np.ndarray, formats: tuple[str, ...], group: int, rng) -> tuple[dict, np.ndarray]:
+    """Expert matrices ``weight`` ``[E, out, in]`` stored per expert as ``formats`` says: the kernel's
+    buffers by format (``fp32``: the matrices; ``fp16``: rounded; ``int8``: random INT8 values
+    with random positive scales per output row, or per ``group`` inputs and output row), and
+    the float32 matrices those buffers hold (what the kernels must compute with)."""
+    held = weight.astype(np.float32).copy()
+    stored: dict[str, list] = {"fp32": [], "fp16": [], "int8": [], "scale": []}
+    for e, fmt in enumerate(formats):
+        out, columns = weight.shape[1:]
+        if fmt == "fp16":
+            stored["fp16"].append(weight[e].astype(np.float16))
+            held[e] = stored["fp16"][-1].astype(np.float32)
+        elif fmt == "int8":
+            q = rng.integers(-127, 128, (out, columns)).astype(np.int8)
+            if group:
+                scale = rng.uniform(0.001, 0.01, (columns // group, out)).astype(np.float32)
+                held[e] = q * np.repeat(scale.T, group, axis=1)
+            else:
+                scale = rng.uniform(0.001, 0.01, out).astype(np.float32)
+                held[e] = q * scale[:, None]
+            stored["int8"].append(q)
+            stored["scale"].append(scale)
+        else:
+            stored["fp32"].append(weight[e])
+    return {k: np.stack(v) for k, v in stored.items() if v}, held
+
+
+@pytest.mark.parametrize("schedule", [SCHEDULES[0], SCHEDULES[1]], ids=["default", "l4r3b3a2"])
+@pytest.mark.parametrize("panel", [None, 8], ids=["rows", "panels-of-8"])
+@pytest.mark.parametrize("group", [0, 4], ids=["int8-per-channel", "int8-groups-of-4"])
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "ungated"])
+@pytest.mark.parametrize("tokens", [1, 7])
+def test_mixed_format_expert_kernels_match_numpy(schedule, panel, group, gated, tokens):
+    """One layer with fp32, fp16 and int8 experts in one call: each expert's weights are read in
+    its own format, and the result is the FFN over the weights those formats hold."""
+    layer = _layer(gated=gated, activation="silu" if gated else "relu")
+    E, H, F, K = layer.num_experts, layer.hidden, layer.ffn, layer.top_k
+    rng = np.random.default_rng(tokens + 10 * group)
+    stored, held = {}, {}
+    for role in ("w_up", "w_gate", "w_down") if gated else ("w_up", "w_down"):
+        stored[role], held[role] = _stored_formats(getattr(layer, role), MIXED, group, rng)
+    layer = dataclasses.replace(layer, **held)
+    x = rng.standard_normal((tokens, H)).astype(np.float32)
+    index = np.stack([rng.choice(E, K, replace=False) for _ in range(tokens)])
+    gain_in = rng.random((tokens, K))
+    order = np.argsort(index.reshape(-1), kind="stable")
+    token = (order // K).astype(np.int32)
+    gain = gain_in.reshape(-1)[order].astype(np.float32)
+    offset = np.concatenate([[0], np.cumsum(np.bincount(index.ravel(), minlength=E))]).astype(np.int32)
+    pack = (lambda w: w) if panel is None else (lambda w: pack_expert_panels(w, panel))
+
+    def buffers(role: str) -> list[np.ndarray]:
+        """The role's buffers as the kernels take them: matrices packed, scales over whole panels."""
+        parts = stored[role]
+        scale = parts["scale"]
+        if panel is not None:
+            rows = -(-scale.shape[-1] // panel) * panel
+            scale = np.concatenate(
+                [scale, np.zeros((*scale.shape[:-1], rows - scale.shape[-1]), np.float32)], -1
+            )
+        return [pack(parts["fp32"]), pack(parts["fp16"]), pack(parts["int8"]), scale]
+
+    common = {"num_experts": E, "hidden": H, "ffn": F, "top_k": K, "panel": panel, "formats": MIXED}
+    common["int8_group"] = group
+    up_config = {**common, "activation": layer.activation, "gated": gated}
+    gate = [*buffers("w_gate"), layer.b_gate] if gated else []
+    (inter,) = _run(
+        "expert_up", up_config, schedule, x, *buffers("w_up"), layer.b_up, *gate, offset, token,
+        outputs=[((tokens * K, F), "float32")],
+    )  # fmt: skip
+    (y,) = _run(
+        "expert_down", common, schedule, inter, *buffers("w_down"), layer.b_down, offset, token, gain,
+        outputs=[((tokens, H), "float32")],
+    )  # fmt: skip
+    expected = np.zeros((tokens, H))
+    for t in range(tokens):
+        for slot in range(K):
+            expected[t] += (
+                gain_in[t, slot] * expert_ffn(layer, int(index[t, slot]), x[t : t + 1].astype(np.float64))[0]
+            )
+    assert_close(y, expected.astype(np.float32), 1e-5)
+
+
 SIGNATURE_CASES: list[KernelConfig] = [
     RouteConfig(num_experts=6, top_k=2, scoring="softmax", normalize=True, kept=(0, 2, 3, 5)),
     CapacityConfig(num_experts=4, top_k=2, capacity=3),
     GroupConfig(num_experts=5, top_k=2),
     ExpertUpConfig(num_experts=5, hidden=20, ffn=12, top_k=2, activation="silu", gated=True),
     ExpertUpConfig(
-        num_experts=5, hidden=20, ffn=12, top_k=2, activation="relu", gated=False, weight_dtype="float16"
+        num_experts=5, hidden=20, ffn=12, top_k=2, activation="relu", gated=False, formats=("fp16",) * 5
     ),
-    ExpertDownConfig(num_experts=5, hidden=20, ffn=12, top_k=2, weight_dtype="float16"),
+    ExpertDownConfig(num_experts=5, hidden=20, ffn=12, top_k=2, formats=("fp16",) * 5),
+    ExpertUpConfig(
+        num_experts=5, hidden=20, ffn=12, top_k=2, activation="silu", gated=True, formats=MIXED, int8_group=4
+    ),
+    ExpertDownConfig(num_experts=5, hidden=20, ffn=12, top_k=2, formats=MIXED),
 ]
 
 
@@ -352,9 +443,12 @@ def test_built_kernel_has_its_spec_signature(config, schedule):
     [
         ExpertUpConfig(num_experts=5, hidden=20, ffn=12, top_k=2, activation="silu", gated=True, panel=8),
         ExpertUpConfig(num_experts=5, hidden=20, ffn=12, top_k=2, activation="relu", gated=False, panel=8),
-        ExpertDownConfig(num_experts=5, hidden=20, ffn=12, top_k=2, weight_dtype="float16", panel=8),
+        ExpertDownConfig(num_experts=5, hidden=20, ffn=12, top_k=2, formats=("fp16",) * 5, panel=8),
+        ExpertUpConfig(
+            num_experts=5, hidden=20, ffn=12, top_k=2, activation="relu", gated=False, panel=8, formats=MIXED
+        ),
     ],
-    ids=["up-gated", "up", "down-fp16"],
+    ids=["up-gated", "up", "down-fp16", "up-mixed"],
 )
 def test_built_panel_expert_kernel_has_its_spec_signature(config):
     spec, built = kernel_spec(config), make_kernel(config, CpuSchedule())

@@ -9,14 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moec.options import ROUTINGS, WEIGHT_PRECISIONS, CompileOptions, OptionError
+from moec.kernels import formats
+from moec.options import INT8_GROUPS, PRECISIONS, ROUTINGS, CompileOptions, OptionError
 from moec.passes.fixed_routing import PATTERNS
-from moec.passes.store_expert_weights import PRECISION_DTYPES
 
 
 def test_defaults_compile_for_host_unchanged() -> None:
     options = CompileOptions()
-    assert (options.target, options.weights_precision, options.routing) == ("host", "fp32", "learned")
+    assert (options.target, options.precision, options.routing) == ("host", "fp32", "learned")
+    assert options.precision_plan is None and options.int8_group == 0
     assert options.kept_experts is None and options.max_tokens is None and not options.skips_experts
 
 
@@ -24,7 +25,10 @@ def test_defaults_compile_for_host_unchanged() -> None:
     ("field", "value", "words"),
     [
         ("target", "", "name a bundled target"),
-        ("weights_precision", "fp8", "must be one of fp32, fp16"),
+        ("precision", "fp8", "must be one of fp32, fp16, int8"),
+        ("precision_plan", {"moe0": ["int8", "int4"]}, "has precision 'int4'"),
+        ("precision_plan", {"moe0": []}, "needs a precision"),
+        ("int8_group", 16, "must be one of 0, 32, 64, 128"),
         ("routing", "random", "must be one of learned, cycle, tile"),
         ("max_tokens", 0, "at least 1"),
         ("max_tokens", 2.5, "whole number"),
@@ -84,4 +88,12 @@ def test_choices_are_what_the_passes_accept() -> None:
     """The options' choices are spelled out here so the CLI can read them without loading TVM;
     they must stay the passes' own."""
     assert ROUTINGS == ("learned", *PATTERNS)
-    assert set(WEIGHT_PRECISIONS) == set(PRECISION_DTYPES)
+    assert PRECISIONS == formats.FORMATS
+    assert INT8_GROUPS == formats.INT8_GROUPS
+
+
+def test_layer_precisions_follow_the_plan_then_the_default() -> None:
+    options = CompileOptions(precision="fp16", precision_plan={"moe0": ["int8", "fp32"], "moe1": "int8"})
+    assert options.layer_precisions("moe0", 2) == ("int8", "fp32")
+    assert options.layer_precisions("moe1", 3) == ("int8",) * 3
+    assert options.layer_precisions("moe2", 2) == ("fp16", "fp16")
