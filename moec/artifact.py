@@ -97,13 +97,16 @@ class Manifest(_ManifestKeys, total=False):
     pruned layers; ``max_tokens`` the token bound (None: none). ``cuda_build``, for CUDA targets
     only, names the toolchain that made the cubins. ``precision_budget``, when the experts'
     precisions were chosen under an accuracy budget, records that choice (budget, metric,
-    measured errors). ``entries`` names extra entry points of the
-    library by use: ``one_token`` is ``main`` with every symbolic input dimension fixed to 1 (static
-    shapes and memory), for calls whose symbolic dimensions are all 1."""
+    measured errors). ``dense_weights`` names the dense weights (routers, attention, LM head)
+    stored narrower: precision, the axis of their outputs, whether a router. ``entries`` names
+    extra entry points of the library by use: ``one_token`` is ``main`` with every symbolic
+    input dimension fixed to 1 (static shapes and memory), for calls whose symbolic dimensions
+    are all 1."""
 
     cuda_build: dict[str, Any]
     entries: dict[str, str]
     precision_budget: dict[str, Any]
+    dense_weights: dict[str, dict[str, Any]]
 
 
 def value_info(value: onnx.ValueInfoProto) -> ValueInfo:
@@ -131,13 +134,15 @@ def build_manifest(
     options: CompileOptions,
     cuda_build: dict[str, Any] | None = None,
     entries: dict[str, str] | None = None,
+    dense: dict[str, dict[str, Any]] | None = None,
 ) -> Manifest:
     """The manifest of ``imported`` compiled for ``target`` with ``options``.
 
     ``weights`` are the stored weight tensors by name, in ``main``'s parameter order: each
     layer's plan reports the precision its expert matrices are stored in and the bytes one
     expert occupies in the weights file. ``cuda_build``: what the CUDA build used (CUDA targets);
-    ``entries``: the library's extra entry points by use.
+    ``entries``: the library's extra entry points by use; ``dense``: the dense weights stored
+    narrower (name → precision, output axis, router or not).
     """
     import tvm  # already loaded by the compiler; imported here to keep it out of the readers' imports
 
@@ -190,6 +195,8 @@ def build_manifest(
         },
         max_tokens=options.max_tokens,
     )
+    if dense:
+        manifest["dense_weights"] = dense
     if options.precision_budget:
         manifest["precision_budget"] = dict(options.precision_budget)
     if cuda_build:

@@ -23,6 +23,8 @@ OPTION_FLAGS = {
     "precision_plan": "--precision-plan",
     "int8_group": "--int8-group",
     "precision_budget": "--accuracy-budget",
+    "router_precision": "--router-precision",
+    "dense_precision": "--dense-precision",
     "max_tokens": "--max-tokens",
     "kept_experts": "--keep-experts/--mask-threshold",
     "kept_channels": "--prune-ratio",
@@ -206,8 +208,8 @@ def main() -> None:
     "--precision-plan",
     "precision_plan_path",
     type=click.Path(path_type=Path),
-    help="TOML file naming each layer's experts' precisions ([layers] moe0 = [\"int8\", \"fp32\", ...] "
-    "or moe0 = \"fp16\"); layers it does not name get --precision.",
+    help='TOML file naming each layer\'s experts\' precisions ([layers] moe0 = ["int8", "fp32", ...] '
+    'or moe0 = "fp16"); layers it does not name get --precision.',
 )
 @click.option(
     "--int8-group",
@@ -215,6 +217,21 @@ def main() -> None:
     default=None,
     help="INT8 scale group along each expert row: 0 = one scale per output channel (default), or "
     "32/64/128 inputs per scale (more accurate, more scale bytes).",
+)
+@click.option(
+    "--router-precision",
+    type=click.Choice(PRECISIONS),
+    default="fp32",
+    show_default=True,
+    help="How the MoE routers' weights are stored (CPU targets): int8 quarters the router's bytes, "
+    "read for every token; 'moec verify --against original' reports its effect on routing agreement.",
+)
+@click.option(
+    "--dense-precision",
+    type=click.Choice(PRECISIONS),
+    default="fp32",
+    show_default=True,
+    help="How the other dense weights (attention, shared experts, LM head) are stored (CPU targets).",
 )
 @click.option(
     "--accuracy-budget",
@@ -289,6 +306,8 @@ def compile(  # noqa: A001
     precision: str,
     precision_plan_path: Path | None,
     int8_group: str | None,
+    router_precision: str,
+    dense_precision: str,
     accuracy_budget: float | None,
     calib: Path | None,
     max_tokens: int | None,
@@ -334,6 +353,8 @@ def compile(  # noqa: A001
             precision=precision,
             precision_plan=plan.layers if plan else None,
             int8_group=int(int8_group) if int8_group is not None else plan_group,
+            router_precision=router_precision,
+            dense_precision=dense_precision,
             max_tokens=max_tokens,
             kept_experts=kept,
             kept_channels=channels,
@@ -745,6 +766,13 @@ def _inspect_artifact(artifact: Path, as_json: bool) -> None:
         click.echo(f"{layer['name']:<8} {stored / 1e6:>9.3f}  {summary}")
         cells = [entry["precision"] if entry["kept"] else "-" for entry in plan]
         click.echo(f"{'':<8} {'':>9}  " + " ".join(f"{e}:{cell}" for e, cell in enumerate(cells)))
+    dense = manifest.get("dense_weights") or {}
+    if dense:
+        stored = [
+            f"{name} {entry['precision']}{' (router)' if entry['router'] else ''}"
+            for name, entry in dense.items()
+        ]
+        click.echo(f"dense weights stored narrower: {', '.join(stored)}")
     choice = manifest.get("precision_budget")
     if choice:
         click.echo(

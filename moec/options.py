@@ -53,7 +53,9 @@ class CompileOptions:
     (0: one scale per output channel; else 32, 64 or 128 inputs per scale). ``precision_budget``:
     when the plan was chosen under an accuracy budget, that choice's record (budget, metric,
     measured errors: :meth:`moec.analysis.precision_budget.BudgetResult.describe`), for the
-    manifest.
+    manifest. ``router_precision`` / ``dense_precision``: how the MoE routers' weights / the
+    other dense matmul weights (attention, shared experts, LM head) are stored, on CPU targets
+    (``DenseLinear``): ``fp32``, ``fp16`` or ``int8`` (one scale per output column).
     ``max_tokens``: an upper bound on the token dimension, so intermediates are planned
     statically (``BoundTokens``); a call with more tokens fails. None: no bound.
     ``kept_experts``: per layer name, the experts static masking keeps (the others are never
@@ -77,6 +79,8 @@ class CompileOptions:
     precision_plan: Mapping[str, str | Sequence[str]] | None = None
     int8_group: int = 0
     precision_budget: Mapping[str, Any] | None = None
+    router_precision: str = "fp32"
+    dense_precision: str = "fp32"
     max_tokens: int | None = None
     kept_experts: Mapping[str, Sequence[int]] | None = None
     kept_channels: Mapping[str, Sequence[Sequence[int]]] | None = None
@@ -92,6 +96,8 @@ class CompileOptions:
         if not isinstance(self.target, str) or not self.target:
             raise OptionError("target", f"{{option}} {self.target!r}: name a bundled target or a .toml file")
         _choice("precision", self.precision, PRECISIONS)
+        _choice("router_precision", self.router_precision, PRECISIONS)
+        _choice("dense_precision", self.dense_precision, PRECISIONS)
         if self.int8_group not in INT8_GROUPS:
             raise OptionError(
                 "int8_group",

@@ -77,6 +77,14 @@ def layer_plans(manifest: dict[str, Any]) -> dict[str, LayerPlan]:
     return plans
 
 
+def dense_storage(manifest: dict[str, Any]) -> dict[str, tuple[str, int]]:
+    """The dense weights the artifact stores narrower: name → (precision, output axis)."""
+    return {
+        name: (entry["precision"], entry["output_axis"])
+        for name, entry in (manifest.get("dense_weights") or {}).items()
+    }
+
+
 def reference_outputs(
     model: onnx.ModelProto,
     manifest: dict[str, Any],
@@ -85,15 +93,16 @@ def reference_outputs(
 ) -> dict[str, np.ndarray]:
     """What the artifact must compute: the model itself (the original graph, run by the ONNX
     reference evaluator), or, when the artifact changed the model (weights stored narrower,
-    experts masked, channels pruned, early exit), its canonical layers with those changes.
+    experts masked, channels pruned, early exit), its canonical layers (and dense weights) with
+    those changes.
 
     A graph that does not run at ``feeds``' shapes (a TorchScript trace of a loop over the
     experts hit, whose split sizes came from the trace input) is checked through its canonical
     layers, which were confirmed against the graph when it was imported; ``on_fallback`` gets
     why, in one line.
     """
-    plans = layer_plans(manifest)
-    if not plans:
+    plans, dense = layer_plans(manifest), dense_storage(manifest)
+    if not plans and not dense:
         try:
             return run_reference(model, feeds)
         except Exception as err:  # the onnx reference raises anything numpy does
@@ -105,7 +114,7 @@ def reference_outputs(
                     f"{first_line(err)[:100]}); "
                     "checked against its MoE layers' numpy reference instead"
                 )
-    return run_stored_reference(model, feeds, plans)
+    return run_stored_reference(model, feeds, plans, dense)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,7 +158,10 @@ def router_agreement(
         return on_route
 
     canonical_evaluator(model, on_route=recorder("original"))[0].run(None, feeds)
-    canonical_evaluator(model, recorder("optimised"), layer_plans(manifest))[0].run(None, feeds)
+    optimised = canonical_evaluator(
+        model, recorder("optimised"), layer_plans(manifest), dense_storage(manifest)
+    )
+    optimised[0].run(None, feeds)
     return {
         layer: float(np.mean([a == b for a, b in zip(sets, routes["optimised"][layer], strict=True)]))
         for layer, sets in routes["original"].items()

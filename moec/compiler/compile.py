@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -31,7 +32,7 @@ from moec.options import CompileOptions, OptionError
 from moec.passes.bound_tokens import input_symbols
 from moec.passes.one_token_entry import ONE_TOKEN_ENTRY
 from moec.passes.pipeline import lowering_pipeline, moe_pipeline
-from moec.passes.slice_weights import SliceWeights
+from moec.passes.slice_weights import DENSE_WEIGHTS, SliceWeights
 from moec.targets import TargetSpec, load_target
 from moec.weights_file import write_weights
 
@@ -135,6 +136,12 @@ def compile_model(
     model_path, out_dir = Path(model_path), Path(out_dir)
     options = options or CompileOptions()
     target = load_target(options.target)
+    for option in ("router_precision", "dense_precision"):
+        if getattr(options, option) != "fp32" and target.cuda is not None:
+            raise OptionError(
+                option,
+                f"{{option}}: dense weights are stored narrower on CPU targets only, not on {target.name}",
+            )
     check_replaceable(out_dir, options.force)
     log(f"loading {model_path}")
     imported = import_model(load_model(model_path))
@@ -163,7 +170,10 @@ def compile_model(
         write_weights(staging / WEIGHTS, weights, lambda tensor: tensor.numpy())
         has_one_token = any(g.name_hint == ONE_TOKEN_ENTRY for g in mod.get_global_vars())
         entries = {"one_token": ONE_TOKEN_ENTRY} if has_one_token else {}
-        manifest = build_manifest(imported, target, model_path, weights, options, cuda_info, entries)
+        dense = (
+            json.loads(str(mod["main"].attrs[DENSE_WEIGHTS])) if DENSE_WEIGHTS in mod["main"].attrs else {}
+        )
+        manifest = build_manifest(imported, target, model_path, weights, options, cuda_info, entries, dense)
         write_manifest(staging, manifest)
     log(f"wrote {out_dir}")
     return out_dir

@@ -128,13 +128,6 @@ def source_row(indirect: bool):
     return lambda token, p: p
 
 
-def widen(weight_dtype: str):
-    """``load(value)``: a stored weight element as float32 (narrower weights widen on load)."""
-    if weight_dtype == "float32":
-        return lambda value: value
-    return lambda value: T.Cast("float32", value)
-
-
 @dataclasses.dataclass(frozen=True)
 class Items:
     """Independent items (tokens, sequences), ``per_outer`` of them per outer loop step.

@@ -22,9 +22,6 @@ from tvm.ir import Expr as PrimExpr
 
 from moec.kernels.formats import ExpertFormats, uniform
 
-WEIGHT_DTYPES = ("float32", "float16")
-"""Storage formats of dense linear weights the linear kernel reads (widened to float32)."""
-
 
 @dataclasses.dataclass(frozen=True)
 class BufferSpec:
@@ -248,7 +245,9 @@ class LinearConfig(KernelConfig):
 
     The weight ``W`` (``[in_features, out_features]``) is stored packed in ``panel``-column
     panels, ``[panels, in_features, panel]`` (``packed[p, k, v] = W[k, p * panel + v]``, zeros
-    past ``out_features``), so one parallel task streams one contiguous panel.
+    past ``out_features``), so one parallel task streams one contiguous panel; in
+    ``weight_format`` (:mod:`moec.kernels.formats`: int8 with one scale per output column,
+    ``[1, panels * panel]``, zeros past ``out_features``).
     """
 
     kind: ClassVar[str] = "linear"
@@ -256,11 +255,10 @@ class LinearConfig(KernelConfig):
     in_features: int
     out_features: int
     panel: int
-    weight_dtype: str = "float32"
+    weight_format: str = "fp32"
 
     def __post_init__(self) -> None:
-        if self.weight_dtype not in WEIGHT_DTYPES:
-            raise ValueError(f"weight_dtype must be one of {WEIGHT_DTYPES}, got {self.weight_dtype!r}")
+        ExpertFormats((self.weight_format,))  # validates
 
     @property
     def panels(self) -> int:
@@ -268,9 +266,12 @@ class LinearConfig(KernelConfig):
 
     def signature(self, rows: TokenDims) -> tuple[BufferSpec, ...]:
         n, K, N = _tokens(rows), self.in_features, self.out_features
+        weight = ExpertFormats((self.weight_format,)).buffers(
+            "w", N, K, lambda _count: (self.panels, K, self.panel), self.panels * self.panel
+        )
         return (
             BufferSpec("x", (n, K), "float32"),
-            BufferSpec("w", (self.panels, K, self.panel), self.weight_dtype),
+            *(BufferSpec(name, shape, dtype) for name, shape, dtype in weight),
             BufferSpec("y", (n, N), "float32", output=True),
         )
 

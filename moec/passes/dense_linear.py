@@ -24,6 +24,13 @@ Rewrite rules, on ``main``, for a weight parameter ``W`` of ``main`` (float32, r
 - A weight is rewritten only when every use of it is such a matmul, all in one orientation: a
   weight also read by anything else (an embedding lookup tied to the LM head) keeps its layout
   and its matmuls stay with TVM's lowering.
+- Its storage format (:mod:`moec.kernels.formats`) is ``router_format`` for a router (a
+  weight whose matmul computes an MoE layer's router logits, through reshapes, adds and casts)
+  and ``dense_format`` for the others. fp16 changes the packed weight's dtype. int8 replaces the
+  parameter by two, ``{name}.int8`` (the packed INT8 values) and ``{name}.int8_scale``
+  (``[1, panels * panel]``, one float32 scale per output column). Either is recorded in
+  ``moec.expert_formats`` (``{"source", "format", "group", "scale", "output_axis", "router"}``)
+  and ``moec.packed_weights`` (int8 scales: ``{"scale": true}``) for ``SliceWeights``.
 
 Matmuls of the same shape share one kernel spec (``linear_KxN``); ``ApplyKernelSchedule``
 builds it. Runs in the schedule phase, for CPU targets (on CUDA, dlight's GPU matmul schedules
@@ -42,9 +49,12 @@ from tvm.relax.expr_functor import PyExprMutator, PyExprVisitor, mutator, visito
 
 from moec.kernels import kernel_spec
 from moec.kernels.config import LinearConfig
-from moec.passes.signature import replace_params
-from moec.passes.slice_weights import PACKED_WEIGHTS
+from moec.passes.signature import is_layer
+from moec.passes.slice_weights import EXPERT_FORMATS, PACKED_WEIGHTS
 from moec.schedule import CpuSchedule
+
+PASS_THROUGH = ("relax.reshape", "relax.add", "relax.astype", "relax.permute_dims")
+"""Ops between a router matmul and the layer's logits argument (a bias, a flatten, a cast)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,10 +76,38 @@ def _is_float32(expr: relax.Expr, rank: int | None = None) -> bool:
     return rank is None or len(ty.shape.values) == rank
 
 
-def _packed_type(config: LinearConfig) -> relax.TensorType:
-    """The type of a weight packed for ``config``: its kernel's weight buffer."""
-    weight = config.signature((tvm.tirx.IntImm("int64", 1),))[1]
-    return relax.TensorType(list(weight.shape), weight.dtype)
+def _packed_params(name: str, config: LinearConfig) -> list[relax.Var]:
+    """The parameters replacing weight ``name`` packed for ``config``: its kernel's weight
+    buffers (the packed weight; for int8, then its scales), named as ``main`` stores them."""
+    buffers = config.signature((tvm.tirx.IntImm("int64", 1),))[1:-1]
+    names = [name] if len(buffers) == 1 else [f"{name}.{config.weight_format}", f"{name}.int8_scale"]
+    return [
+        relax.Var(n, relax.TensorType(list(b.shape), b.dtype)) for n, b in zip(names, buffers, strict=True)
+    ]
+
+
+def _router_weights(mod: tvm.IRModule, main: relax.Function, found: _Uses) -> set[relax.Var]:
+    """``main``'s weights whose matmul computes an MoE layer's router logits (the layer call's
+    second argument, through :data:`PASS_THROUGH` ops)."""
+    routers = set()
+
+    @visitor
+    class _LayerCalls(PyExprVisitor):
+        def visit_call_(self, call: relax.Call) -> None:
+            if isinstance(call.op, tvm.ir.GlobalVar) and is_layer(mod[call.op]) and len(call.args) > 1:
+                value = found.values.get(call.args[1])
+                while value is not None and any(_op(value, name) for name in PASS_THROUGH):
+                    value = found.values.get(value.args[0])
+                if value is not None and _op(value, "relax.matmul"):
+                    weight = value.args[1]
+                    source = found.values.get(weight)
+                    routers.add(
+                        source.args[0] if source is not None and _op(source, "relax.permute_dims") else weight
+                    )
+            super().visit_call_(call)
+
+    _LayerCalls().visit_expr(main.body)
+    return routers
 
 
 @visitor
@@ -93,10 +131,15 @@ class _Uses(PyExprVisitor):
 
 
 def _packings(
-    main: relax.Function, found: _Uses, schedule: CpuSchedule
+    main: relax.Function,
+    found: _Uses,
+    schedule: CpuSchedule,
+    formats: dict[bool, str],
+    routers: set[relax.Var],
 ) -> tuple[dict[relax.Var, _Packing], set[relax.Var]]:
     """The weights to pack (by parameter) and the transposes of them the rewrite drops, from the
-    uses and bindings ``found`` in ``main``'s body."""
+    uses and bindings ``found`` in ``main``'s body; a weight in ``routers`` is stored as
+    ``formats[True]``, the others as ``formats[False]``."""
     weights = set(main.params[int(main.attrs["num_input"]) :])
     transposes = {
         var: value.args[0]
@@ -134,7 +177,10 @@ def _packings(
         rows, cols = (int(d) for d in w.ty.shape.values)
         in_features, out_features = (cols, rows) if transposed else (rows, cols)
         panel = schedule.panel(out_features)
-        config = LinearConfig(in_features=in_features, out_features=out_features, panel=panel)
+        fmt = formats[w in routers]
+        config = LinearConfig(
+            in_features=in_features, out_features=out_features, panel=panel, weight_format=fmt
+        )
         packings[w] = _Packing(config, transposed)
     dropped = {t for t, source in transposes.items() if source in packings}
     return packings, dropped
@@ -149,7 +195,7 @@ class _Rewriter(PyExprMutator):
         mod: tvm.IRModule,
         packings: dict[relax.Var, _Packing],
         dropped: set[relax.Var],
-        packed: dict[relax.Var, relax.Var],
+        packed: dict[relax.Var, list[relax.Var]],
         values: dict[relax.Var, relax.Expr],
     ) -> None:
         super().__init__(mod)
@@ -174,6 +220,7 @@ class _Rewriter(PyExprMutator):
         config = self.packings[weight].config
         if config not in self.kernels:
             name = f"linear_{config.in_features}x{config.out_features}"
+            name += "" if config.weight_format == "fp32" else f"_{config.weight_format}"
             self.kernels[config] = self.builder_.add_func(kernel_spec(config), name)
         x = self.visit_expr(value.args[0])
         *leading, _ = x.ty.shape.values
@@ -182,7 +229,7 @@ class _Rewriter(PyExprMutator):
             rows = rows * dim
         flat = x if len(leading) == 1 else self.builder_.emit(relax.op.reshape(x, [rows, config.in_features]))
         out = relax.TensorType([rows, config.out_features], "float32")
-        y = relax.call_tir(self.kernels[config], [flat, self.packed[weight]], out)
+        y = relax.call_tir(self.kernels[config], [flat, *self.packed[weight]], out)
         if len(leading) > 1:
             y = relax.op.reshape(self.builder_.emit(y), binding.var.ty.shape)
         self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(y)))
@@ -193,23 +240,43 @@ class DenseLinear:
     """Run ``main``'s dense matmuls with weights on moec's linear kernel; ``changed`` lists the
     packed weights by name."""
 
-    def __init__(self, schedule: CpuSchedule) -> None:
+    def __init__(
+        self, schedule: CpuSchedule, router_format: str = "fp32", dense_format: str = "fp32"
+    ) -> None:
         self.schedule = schedule
+        self.formats = {True: router_format, False: dense_format}
         self.changed: list[str] = []
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         main = mod["main"]
         found = _Uses()
         found.visit_expr(main.body)
-        packings, dropped = _packings(main, found, self.schedule)
+        routers = _router_weights(mod, main, found)
+        packings, dropped = _packings(main, found, self.schedule, self.formats, routers)
         self.changed = sorted(w.name for w in packings)
         if not packings:
             return mod
-        packed = {w: relax.Var(w.name, _packed_type(p.config)) for w, p in packings.items()}
+        packed = {w: _packed_params(w.name, p.config) for w, p in packings.items()}
         rewriter = _Rewriter(mod, packings, dropped, packed, found.values)
         rewritten = rewriter.visit_expr(main)
-        record = {w.name: {"panel": p.config.panel, "transposed": p.transposed} for w, p in packings.items()}
-        record_json = json.dumps(record, sort_keys=True)
-        rewritten = replace_params(rewritten, packed).with_attr(PACKED_WEIGHTS, record_json)
+        record, parts = {}, {}
+        for w, p in packings.items():
+            record[packed[w][0].name] = {"panel": p.config.panel, "transposed": p.transposed}
+            if len(packed[w]) == 2:  # int8: the values, then their scales
+                record[packed[w][1].name] = {"panel": p.config.panel, "scale": True, "transposed": False}
+            if p.config.weight_format != "fp32":
+                for var, scale in zip(packed[w], (False, True)[: len(packed[w])], strict=True):
+                    parts[var.name] = {
+                        "source": w.name, "format": p.config.weight_format, "group": 0, "scale": scale,
+                        "output_axis": 0 if p.transposed else 1, "router": w in routers,
+                    }  # fmt: skip
+        params = [new for param in rewritten.params for new in packed.get(param, [param])]
+        rewritten = relax.Function(
+            params, rewritten.body, rewritten.ret_ty, rewritten.is_pure, rewritten.attrs
+        )
+        rewritten = rewritten.with_attr(PACKED_WEIGHTS, json.dumps(record, sort_keys=True))
+        if parts:
+            previous = json.loads(str(main.attrs[EXPERT_FORMATS])) if EXPERT_FORMATS in main.attrs else {}
+            rewritten = rewritten.with_attr(EXPERT_FORMATS, json.dumps(previous | parts, sort_keys=True))
         rewriter.builder_.update_func(mod.get_global_var("main"), rewritten)
         return rewriter.builder_.get()

@@ -74,7 +74,10 @@ def moe_pipeline(
         layers.append(FixedRouting(options.routing))
     if options.precision != "fp32" or options.precision_plan:
         layers.append(StoreExpertWeights(_stored_plan(options), options.precision, options.int8_group))
-    dense = [DenseLinear(schedule), PackExpertWeights(schedule)] if isinstance(schedule, CpuSchedule) else []
+    dense: list[tvm.transform.Pass] = []
+    if isinstance(schedule, CpuSchedule):
+        linear = DenseLinear(schedule, options.router_precision, options.dense_precision)
+        dense = [linear, PackExpertWeights(schedule)]
     identifiers = [CIdentifiers()] if c_identifiers else []
     phases: list[tuple[str, tvm.transform.Pass]] = [
         # Phase 1: MoE layer rewrites.

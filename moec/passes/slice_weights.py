@@ -13,6 +13,9 @@ Rewrite rules, on ``main``:
   from ``StoreExpertWeights``) and ``moec.packed_weights`` (parameter name → ``{"panel",
   "transposed"[, "experts"][, "scale"]}``, from ``DenseLinear`` and ``PackExpertWeights``) are
   removed: once the weights are sliced and packed they say nothing more about the module;
+- the dense weights stored narrower (parts with an ``output_axis``) are summarised in
+  ``moec.dense_weights`` (source name → ``{"precision", "output_axis", "router"}``), which the
+  manifest and the reference read;
 - the module is otherwise unchanged.
 
 Alongside, ``weights`` (parameter name → tensor, in ``main``'s parameter order, under the names
@@ -44,6 +47,7 @@ EXPERT_SLICES = "moec.expert_slices"
 CHANNEL_SLICES = "moec.channel_slices"
 EXPERT_FORMATS = "moec.expert_formats"
 PACKED_WEIGHTS = "moec.packed_weights"
+DENSE_WEIGHTS = "moec.dense_weights"
 
 
 @tvm.transform.module_pass(opt_level=0, name="SliceWeights")
@@ -79,11 +83,22 @@ class SliceWeights:
             return _follow(tvm.runtime.tensor(stored), dtype, None, None, packing.get(name))
 
         self.weights = {var.name: follow(var.name, str(var.ty.dtype)) for var in main.params[num_inputs:]}
+        dense = {
+            part["source"]: {
+                "precision": part["format"],
+                "output_axis": part["output_axis"],
+                "router": part["router"],
+            }
+            for part in formats.values()
+            if "output_axis" in part
+        }
         if not slices and not channels and not packing and not formats:
             return mod
         for key in (EXPERT_SLICES, CHANNEL_SLICES, EXPERT_FORMATS, PACKED_WEIGHTS):
             if main.attrs is not None and key in main.attrs:
                 main = main.without_attr(key)
+        if dense:
+            main = main.with_attr(DENSE_WEIGHTS, json.dumps(dense, sort_keys=True))
         updated = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
         updated["main"] = main
         return updated
@@ -127,7 +142,15 @@ def _follow(
 
 def _stored_part(matrices: np.ndarray, part: dict) -> np.ndarray:
     """One part of expert matrices ``[E, out, in]`` stored per format: the ``experts`` of the
-    part's ``format`` (int8: their quantized values, or their scales)."""
+    part's ``format`` (int8: their quantized values, or their scales). A dense weight (a part
+    with an ``output_axis``) is one matrix: its int8 values in its own orientation, or its scales
+    ``[1, out]``."""
+    if "output_axis" in part:
+        if part["format"] == "fp16":
+            return matrices.astype(np.float16)
+        by_output = matrices if part["output_axis"] == 0 else matrices.T
+        q, scale = quantize_int8(by_output[None], int(part["group"]))
+        return scale if part["scale"] else (q[0] if part["output_axis"] == 0 else q[0].T)
     chosen = matrices[part["experts"]]
     if part["format"] == "fp16":
         return chosen.astype(np.float16)

@@ -8,7 +8,10 @@ weights are initializers), each expert's matrices rounded to its stored precisio
 :mod:`moec.canonical.semantics`. The canonical layer is itself checked against the original
 graph when the frontend extracts it, so this oracle stays independent of TVM.
 
-The rounding, per expert matrix ``W`` ``[out, in]`` (as pruning left it: only its kept channels):
+Dense weights stored narrower (routers, attention, LM head: ``--router-precision``,
+``--dense-precision``) are rounded the same way in the graph's initializers, per output
+channel. The rounding, per expert matrix ``W`` ``[out, in]`` (as pruning left it: only its kept
+channels), or dense weight by output channel:
 
 - ``fp16``: ``float32(float16(W))``;
 - ``int8``: symmetric, per output row and group of ``int8_group`` inputs (the whole row when
@@ -24,11 +27,13 @@ from typing import Any
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 
 from moec.canonical.layer import MoELayer
 from moec.canonical.semantics import LayerPlan, moe_forward, route
+from moec.errors import MoecError
 from moec.frontend.importer import find_blocks
 from moec.frontend.rewrite import LAYER_DOMAIN, LAYER_OP, replace_blocks
 from moec.onnx_fixes import FIXED_OPS
@@ -101,25 +106,57 @@ def stored_layer(layer: MoELayer, plan: LayerPlan) -> MoELayer:
     return dataclasses.replace(layer, **changes)
 
 
+DenseStorage = dict[str, tuple[str, int]]
+"""Dense weights stored narrower, by initializer name: (precision, the axis of its outputs)."""
+
+
+def _round_dense(model: onnx.ModelProto, dense: DenseStorage) -> None:
+    """Round ``model``'s dense weight initializers in place as ``dense`` says (each output
+    channel of an int8 weight gets its own step)."""
+    found = {tensor.name: i for i, tensor in enumerate(model.graph.initializer)}
+    for name, (precision, output_axis) in dense.items():
+        if name not in found:
+            raise MoecError(
+                f"the artifact stores weight '{name}' as {precision}, but the model has no such initializer"
+            )
+        tensor = model.graph.initializer[found[name]]
+        value = numpy_helper.to_array(tensor).astype(np.float32)
+        by_output = value if output_axis == 0 else value.T
+        rounded = _rounded(by_output, precision, 0)
+        model.graph.initializer[found[name]].CopyFrom(
+            numpy_helper.from_array(rounded if output_axis == 0 else rounded.T.copy(), name)
+        )
+
+
 def canonical_evaluator(
     model: onnx.ModelProto,
     on_route: RouteHook | None = None,
     plans: dict[str, LayerPlan] | None = None,
+    dense: DenseStorage | None = None,
 ) -> tuple[ReferenceEvaluator, list[MoELayer]]:
     """A reference evaluator of ``model`` with its MoE blocks as canonical layers (expert matrices
     rounded to their stored precisions; masking, pruning and early exit as ``plans`` says per
-    layer name), calling ``on_route`` with every layer's routing; and the layers."""
+    layer name; the ``dense`` weights rounded), calling ``on_route`` with every layer's routing;
+    and the layers."""
     blocks = find_blocks(model)
     canonical = replace_blocks(model, blocks) if blocks else model
+    if dense:
+        if canonical is model:
+            canonical = onnx.ModelProto()
+            canonical.CopyFrom(model)
+        _round_dense(canonical, dense)
     layers = [b.layer for b in blocks]
     return ReferenceEvaluator(canonical, new_ops=[_layer_op(layers, on_route, plans), *FIXED_OPS]), layers
 
 
 def run_stored_reference(
-    model: onnx.ModelProto, feeds: dict[str, np.ndarray], plans: dict[str, LayerPlan] | None = None
+    model: onnx.ModelProto,
+    feeds: dict[str, np.ndarray],
+    plans: dict[str, LayerPlan] | None = None,
+    dense: DenseStorage | None = None,
 ) -> dict[str, Any]:
     """Outputs of ``model`` with the changes ``plans`` names per layer (stored precisions,
-    masking, pruning, early exit)."""
-    evaluator, _ = canonical_evaluator(model, plans=plans)
+    masking, pruning, early exit) and its ``dense`` weights rounded as stored."""
+    evaluator, _ = canonical_evaluator(model, plans=plans, dense=dense)
     names = [o.name for o in model.graph.output]
     return dict(zip(names, evaluator.run(None, feeds), strict=True))

@@ -10,6 +10,8 @@ keeps its layout and its matmul.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import tvm
@@ -22,8 +24,8 @@ from moec.passes.slice_weights import SliceWeights
 from moec.schedule import CpuSchedule
 
 SCHEDULE = CpuSchedule(lanes=4, panel_vectors=1)
-Q_CONFIG = '{"in_features": 4, "out_features": 6, "panel": 4, "weight_dtype": "float32"}'
-HEAD_CONFIG = '{"in_features": 4, "out_features": 5, "panel": 4, "weight_dtype": "float32"}'
+Q_CONFIG = '{"in_features": 4, "out_features": 6, "panel": 4, "weight_format": "fp32"}'
+HEAD_CONFIG = '{"in_features": 4, "out_features": 5, "panel": 4, "weight_format": "fp32"}'
 PACKED = '{"w_head": {"panel": 4, "transposed": true}, "w_q": {"panel": 4, "transposed": false}}'
 
 
@@ -133,3 +135,42 @@ def test_slice_weights_packs_what_dense_linear_recorded():
             expected = matrix[k, column] if column < matrix.shape[1] else 0.0
             assert packed[p, k, v] == expected, f"{name}[{p}, {k}, {v}]"
     np.testing.assert_array_equal(weights.weights["embed"].numpy(), embed)
+
+
+def test_int8_weights_become_values_and_column_scales():
+    """``dense_format="int8"``: each packed weight becomes ``{name}.int8`` (the panels, int8) and
+    ``{name}.int8_scale`` (``[1, panels * panel]``), the kernels read int8 and their scales, and
+    SliceWeights stores ``q = rint(W / s)`` with ``s`` = each output column's max |W| / 127
+    (zero past the last column), in either orientation of the source."""
+    rng = np.random.default_rng(1)
+    w_q, w_head, embed = (rng.standard_normal(s).astype(np.float32) for s in ((4, 6), (5, 4), (10, 4)))
+    arrays = {"w_q": w_q, "w_head": w_head, "embed": embed}
+    weights = SliceWeights({name: tvm.runtime.tensor(value) for name, value in arrays.items()})
+    dense = DenseLinear(SCHEDULE, dense_format="int8")
+    after = weights(dense(Before))
+    main = after["main"]
+    params = [(p.name, [int(d) for d in p.ty.shape], str(p.ty.dtype)) for p in main.params[2:]]
+    assert params == [
+        ("w_q.int8", [2, 4, 4], "int8"),
+        ("w_q.int8_scale", [1, 8], "float32"),
+        ("w_head.int8", [2, 4, 4], "int8"),
+        ("w_head.int8_scale", [1, 8], "float32"),
+        ("embed", [10, 4], "float32"),
+    ]
+    kernels = {gv.name_hint: f for gv, f in after.functions_items() if gv.name_hint.startswith("linear")}
+    assert sorted(kernels) == ["linear_4x5_int8", "linear_4x6_int8"]
+    assert all('"weight_format": "int8"' in str(f.attrs["moec.config"]) for f in kernels.values())
+    assert json.loads(str(main.attrs["moec.dense_weights"])) == {
+        "w_head": {"output_axis": 0, "precision": "int8", "router": False},
+        "w_q": {"output_axis": 1, "precision": "int8", "router": False},
+    }
+    for name, matrix in (("w_q", w_q), ("w_head", w_head.T)):  # matrix: [in, out]
+        scale = np.abs(matrix).max(axis=0) / np.float32(127)
+        q = np.clip(np.rint(matrix / scale), -127, 127)
+        stored_scale = weights.weights[f"{name}.int8_scale"].numpy()
+        np.testing.assert_array_equal(stored_scale[0, : matrix.shape[1]], scale.astype(np.float32))
+        assert not stored_scale[0, matrix.shape[1] :].any()
+        packed = weights.weights[f"{name}.int8"].numpy()
+        for p, k, v in np.ndindex(2, 4, 4):
+            column = 4 * p + v
+            assert packed[p, k, v] == (q[k, column] if column < matrix.shape[1] else 0), f"{name}[{p}, {k}, {v}]"
