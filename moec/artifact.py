@@ -146,6 +146,8 @@ def build_manifest(
     """
     import tvm  # already loaded by the compiler; imported here to keep it out of the readers' imports
 
+    from moec.kernels.formats import fp16_arithmetic
+
     kept_experts = options.kept_experts or {}
     layers = []
     for block in imported.blocks:
@@ -157,12 +159,14 @@ def build_manifest(
         precisions = options.layer_precisions(layer.name, layer.num_experts)
         stored = expert_bytes(weights, names, [precisions[e] for e in kept])
         entry["int8_group"] = options.int8_group if "int8" in precisions else None
+        ffn = len((options.kept_channels or {}).get(layer.name, [range(layer.ffn)])[0])
+        half = fp16_arithmetic(target.cpu_fp16, layer.hidden, ffn)
         entry["plan"] = [
             ExpertPlan(
                 expert=expert,
                 kept=expert in kept,
                 precision=precisions[expert],
-                compute="fp32",
+                compute="fp16" if half and precisions[expert] == "fp16" else "fp32",
                 bytes=stored[kept.index(expert)] if expert in kept else 0,
             )
             for expert in range(layer.num_experts)

@@ -111,6 +111,11 @@ class TargetSpec:
         """Whether artifacts for this target run on this machine without an emulator."""
         return self.cuda is None and self.hardware.arch == platform.machine()
 
+    @property
+    def cpu_fp16(self) -> bool:
+        """Whether this is a CPU target with FP16 arithmetic (its fp16 experts multiply in FP16)."""
+        return self.cuda is None and "fp16" in self.hardware.compute_precisions
+
     def describe(self) -> dict[str, Any]:
         return {
             "name": self.name,

@@ -72,7 +72,9 @@ def lower_model(
     main = mod["main"]
     names = [var.name for var in main.params[int(main.attrs["num_input"]) :]]
     weights = SliceWeights(dict(zip(names, params.get("main", []), strict=True)))
-    pipeline = moe_pipeline(target.schedule, options, weights, c_identifiers=target.cuda is not None)
+    pipeline = moe_pipeline(
+        target.schedule, options, weights, c_identifiers=target.cuda is not None, cpu_fp16=target.cpu_fp16
+    )
     return pipeline(mod), weights.weights
 
 

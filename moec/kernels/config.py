@@ -151,6 +151,8 @@ class ExpertConfig(MoEKernelConfig):
     """Per expert its storage format (:mod:`moec.kernels.formats`); None: every expert fp32."""
     int8_group: int = dataclasses.field(default=0, kw_only=True)
     """INT8 scale group along the input (0: one scale per output channel)."""
+    fp16_arithmetic: bool = dataclasses.field(default=False, kw_only=True)
+    """fp16 experts multiply in FP16 (CPU targets with FP16 arithmetic; panel kernels)."""
     panel: int | None = dataclasses.field(default=None, kw_only=True)
     """None: matrices ``[E, out, in]``, one output row's dot at a time; an int: matrices packed in
     panels of ``panel`` output rows (see :meth:`matrix_shape`) for the output-stationary kernels
@@ -163,7 +165,7 @@ class ExpertConfig(MoEKernelConfig):
 
     @property
     def expert_formats(self) -> ExpertFormats:
-        return ExpertFormats(uniform(self.formats, self.num_experts), self.int8_group)
+        return ExpertFormats(uniform(self.formats, self.num_experts), self.int8_group, self.fp16_arithmetic)
 
     def matrix_shape(self, rows: int, columns: int, experts: int | None = None) -> tuple[int, ...]:
         """``experts`` (default: all) expert matrices of ``rows`` outputs by ``columns`` inputs:

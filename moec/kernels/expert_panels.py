@@ -23,13 +23,16 @@ from tvm.script.ir_builder import IRBuilder
 
 from moec.kernels.backend import Backend, CpuBackend, token_blocks
 from moec.kernels.config import ExpertConfig, ExpertDownConfig, ExpertUpConfig, KernelConfig
-from moec.kernels.formats import FORMATS, WeightFormat
+from moec.kernels.formats import FORMATS, FP16_CHUNK, WeightFormat
 
 
 def _check(config: ExpertConfig, backend: Backend) -> int:
-    """The panel width, after checking the backend can build panel kernels."""
+    """The panel width, after checking the backend can build panel kernels (and, for FP16
+    arithmetic, that both matrix widths are whole FP16 chunks)."""
     if not isinstance(backend, CpuBackend) or config.panel is None:
         raise ValueError("expert panel kernels are built for CPU targets, from configs with a panel")
+    if config.fp16_arithmetic and (config.hidden % FP16_CHUNK or config.ffn % FP16_CHUNK):
+        raise ValueError(f"FP16 arithmetic needs hidden and ffn sizes that are multiples of {FP16_CHUNK}")
     return config.panel
 
 
@@ -127,23 +130,52 @@ def make_expert_up_panels(config: ExpertUpConfig, backend: Backend, act) -> tirx
     def block_for(fmt: WeightFormat):
         @T.macro
         def block(ctx, p0, count):
-            (x, b_up, b_gate, token, inter, by_format), (acc_up, acc_gate), e, slot, p = ctx
+            (x, b_up, b_gate, token, inter, by_format), (acc_up, acc_gate, half_up, half_gate), e, slot, p = (
+                ctx
+            )
             w_up, s_up, w_gate, s_gate = fmt.of(by_format)
             for t in T.unroll(count):
                 for v in T.vectorized(NB):
                     acc_up[t, v] = T.float32(0)
                     if gated:
                         acc_gate[t, v] = T.float32(0)
-            for h in range(H):
-                for t in T.unroll(count):
-                    for v in T.vectorized(NB):
-                        acc_up[t, v] = acc_up[t, v] + x[token[p0 + t], h] * fmt.load(
-                            w_up, s_up, (slot, p, h, v), p * NB + v, h
-                        )
-                        if gated:
-                            acc_gate[t, v] = acc_gate[t, v] + x[token[p0 + t], h] * fmt.load(
-                                w_gate, s_gate, (slot, p, h, v), p * NB + v, h
+            if fmt.fp16_arithmetic:  # FP16 products and chunk sums, chunks added in float32
+                for hc in range(H // FP16_CHUNK):
+                    for t in T.unroll(count):
+                        for v in T.vectorized(NB):
+                            half_up[t, v] = T.float16(0)
+                            if gated:
+                                half_gate[t, v] = T.float16(0)
+                    for hi in range(FP16_CHUNK):
+                        for t in T.unroll(count):
+                            for v in T.vectorized(NB):
+                                half_up[t, v] = (
+                                    half_up[t, v]
+                                    + T.Cast("float16", x[token[p0 + t], hc * FP16_CHUNK + hi])
+                                    * w_up[slot, p, hc * FP16_CHUNK + hi, v]
+                                )
+                                if gated:
+                                    half_gate[t, v] = (
+                                        half_gate[t, v]
+                                        + T.Cast("float16", x[token[p0 + t], hc * FP16_CHUNK + hi])
+                                        * w_gate[slot, p, hc * FP16_CHUNK + hi, v]
+                                    )
+                    for t in T.unroll(count):
+                        for v in T.vectorized(NB):
+                            acc_up[t, v] = acc_up[t, v] + T.Cast("float32", half_up[t, v])
+                            if gated:
+                                acc_gate[t, v] = acc_gate[t, v] + T.Cast("float32", half_gate[t, v])
+            else:
+                for h in range(H):
+                    for t in T.unroll(count):
+                        for v in T.vectorized(NB):
+                            acc_up[t, v] = acc_up[t, v] + x[token[p0 + t], h] * fmt.load(
+                                w_up, s_up, (slot, p, h, v), p * NB + v, h
                             )
+                            if gated:
+                                acc_gate[t, v] = acc_gate[t, v] + x[token[p0 + t], h] * fmt.load(
+                                    w_gate, s_gate, (slot, p, h, v), p * NB + v, h
+                                )
             for t in T.unroll(count):
                 # the last panel's padding rows are not stored (unrolled, so the accumulator indices
                 # stay constant and the accumulators in registers)
@@ -165,6 +197,8 @@ def make_expert_up_panels(config: ExpertUpConfig, backend: Backend, act) -> tirx
     PT = _panels_per_task(backend, NB, P)
     groups = _groups_macro(c, TB, P, PT, block_for)
     second = (TB, NB) if gated else (1, 1)
+    half = (TB, NB) if c.fp16_arithmetic else (1, 1)  # FP16 chunk sums, for fp16 experts
+    half_second = (TB, NB) if c.fp16_arithmetic and gated else (1, 1)
     M32, M16, M8, S8 = format_shapes(c, F, H)
 
     @T.prim_func
@@ -193,12 +227,15 @@ def make_expert_up_panels(config: ExpertUpConfig, backend: Backend, act) -> tirx
             # one buffer per matrix: each stays under the 1 KiB that a CPU keeps on the stack
             acc_up = T.alloc_buffer((TB, NB), "float32", scope=backend.scratch_scope)
             acc_gate = T.alloc_buffer(second, "float32", scope=backend.scratch_scope)
+            half_up = T.alloc_buffer(half, "float16", scope=backend.scratch_scope)
+            half_gate = T.alloc_buffer(half_second, "float16", scope=backend.scratch_scope)
             by_format = (
                 (w_up, w_up, w_gate, w_gate),
                 (w_up_fp16, w_up_fp16, w_gate_fp16, w_gate_fp16),
                 (w_up_int8, w_up_int8_scale, w_gate_int8, w_gate_int8_scale),
             )
-            groups((x, b_up, b_gate, token, inter, by_format), (acc_up, acc_gate), offset, task)
+            accumulators = (acc_up, acc_gate, half_up, half_gate)
+            groups((x, b_up, b_gate, token, inter, by_format), accumulators, offset, task)
 
     declared = [
         "x",
@@ -228,17 +265,34 @@ def make_expert_down_panels(config: ExpertDownConfig, backend: Backend) -> tirx.
     def block_for(fmt: WeightFormat):
         @T.macro
         def block(ctx, p0, count):
-            (inter, b_down, token, gain, y, by_format), acc, e, slot, p = ctx
+            (inter, b_down, token, gain, y, by_format), (acc, half), e, slot, p = ctx
             w_down, s_down = fmt.of(by_format)
             for t in T.unroll(count):
                 for v in T.vectorized(NB):
                     acc[t, v] = T.float32(0)
-            for f in range(F):
-                for t in T.unroll(count):
-                    for v in T.vectorized(NB):
-                        acc[t, v] = acc[t, v] + inter[p0 + t, f] * fmt.load(
-                            w_down, s_down, (slot, p, f, v), p * NB + v, f
-                        )
+            if fmt.fp16_arithmetic:  # FP16 products and chunk sums, chunks added in float32
+                for fc in range(F // FP16_CHUNK):
+                    for t in T.unroll(count):
+                        for v in T.vectorized(NB):
+                            half[t, v] = T.float16(0)
+                    for fi in range(FP16_CHUNK):
+                        for t in T.unroll(count):
+                            for v in T.vectorized(NB):
+                                half[t, v] = (
+                                    half[t, v]
+                                    + T.Cast("float16", inter[p0 + t, fc * FP16_CHUNK + fi])
+                                    * w_down[slot, p, fc * FP16_CHUNK + fi, v]
+                                )
+                    for t in T.unroll(count):
+                        for v in T.vectorized(NB):
+                            acc[t, v] = acc[t, v] + T.Cast("float32", half[t, v])
+            else:
+                for f in range(F):
+                    for t in T.unroll(count):
+                        for v in T.vectorized(NB):
+                            acc[t, v] = acc[t, v] + inter[p0 + t, f] * fmt.load(
+                                w_down, s_down, (slot, p, f, v), p * NB + v, f
+                            )
             for t in T.unroll(count):
                 for v in T.vectorized(NB) if tail == NB else T.unroll(NB):
                     if tail == NB or p < P - 1 or v < tail:
@@ -250,6 +304,7 @@ def make_expert_down_panels(config: ExpertDownConfig, backend: Backend) -> tirx.
 
     PT = _panels_per_task(backend, NB, P)
     groups = _groups_macro(c, TB, P, PT, block_for)
+    half_shape = (TB, NB) if c.fp16_arithmetic else (1, 1)  # FP16 chunk sums, for fp16 experts
     M32, M16, M8, S8 = format_shapes(c, H, F)
 
     @T.prim_func
@@ -273,12 +328,13 @@ def make_expert_down_panels(config: ExpertDownConfig, backend: Backend) -> tirx.
         y = T.match_buffer(y_h, (n, H), "float32")
         for task in T.parallel(-(-P // PT)):
             acc = T.alloc_buffer((TB, NB), "float32", scope=backend.scratch_scope)
+            half = T.alloc_buffer(half_shape, "float16", scope=backend.scratch_scope)
             for t in range(n):
                 for v in range(min(PT * NB, H)):
                     if task * PT * NB + v < H:
                         y[t, task * PT * NB + v] = T.float32(0)
             by_format = ((w_down, w_down), (w_down_fp16, w_down_fp16), (w_down_int8, w_down_int8_scale))
-            groups((inter, b_down, token, gain, y, by_format), acc, offset, task)
+            groups((inter, b_down, token, gain, y, by_format), (acc, half), offset, task)
 
     declared = ["inter", *role_params("w_down"), "b_down", "offset", "token", "gain", "y"]
     return signature_params(expert_down, declared, c)

@@ -3,7 +3,11 @@
 An MoE layer's experts need not share one format: each expert is stored as
 
 - ``fp32``: float32, read as is;
-- ``fp16``: float16, widened to float32 as it is loaded (the arithmetic stays float32);
+- ``fp16``: float16, widened to float32 as it is loaded (the arithmetic stays float32); or, on a
+  target with FP16 arithmetic (``fp16_arithmetic``: Cortex-A76 ``+fullfp16``), multiplied in
+  FP16: the panel kernels cast each activation to float16 and accumulate ``FP16_CHUNK`` inputs
+  at a time in float16 vectors, then add each chunk's sums into float32 accumulators (twice the
+  lanes per instruction; the error bound is in :data:`FP16_CHUNK`'s note);
 - ``int8``: symmetric INT8 with float32 scales (W8A32), widened and multiplied in float32.
   Per output channel (``group == 0``): ``W[o, i] ≈ q[o, i] * s[o]``, and the kernels apply
   ``s[o]`` once to each finished dot (``acc * s[o]``). In groups of ``group`` inputs:
@@ -34,6 +38,12 @@ FORMAT_DTYPES = {"fp32": "float32", "fp16": "float16", "int8": "int8"}
 INT8_GROUPS = (0, 32, 64, 128)
 """INT8 scale groups along the input a plan may ask for: 0 is one scale per output channel
 (the kernels take any group that divides the input size)."""
+FP16_CHUNK = 16
+"""Inputs accumulated in float16 before a chunk's sums join the float32 accumulators (FP16
+arithmetic). Each product and partial sum rounds to float16 (relative step 2^-11), so a chunk's
+sum is within about ``FP16_CHUNK`` x 2^-11 of its magnitude, and the chunks add in float32: the
+tests hold FP16-arithmetic outputs to 1e-2 of the largest output against the fp16-rounded
+reference (measured ~1e-3)."""
 INT8_LIMIT = 127
 """Symmetric INT8: quantized values lie in ``[-127, 127]`` (-128 unused, so negation is exact)."""
 
@@ -44,6 +54,8 @@ class WeightFormat:
 
     name: str
     group: int = 0
+    fp16_arithmetic: bool = False
+    """fp16 weights multiplied in FP16 (the panel kernels' chunked FP16 accumulation)."""
 
     @property
     def dtype(self) -> str:
@@ -93,10 +105,11 @@ class WeightFormat:
 @dataclasses.dataclass(frozen=True)
 class ExpertFormats:
     """The formats of one layer's experts: ``formats[e]`` is expert ``e``'s, ``group`` the int8
-    scale group."""
+    scale group, ``fp16_arithmetic`` whether fp16 experts multiply in FP16."""
 
     formats: tuple[str, ...]
     group: int = 0
+    fp16_arithmetic: bool = False
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.formats) - set(FORMATS))
@@ -108,7 +121,11 @@ class ExpertFormats:
     @property
     def present(self) -> tuple[WeightFormat, ...]:
         """The formats some expert uses, in :data:`FORMATS` order."""
-        return tuple(WeightFormat(f, self.group) for f in FORMATS if f in self.formats)
+        return tuple(
+            WeightFormat(f, self.group, f == "fp16" and self.fp16_arithmetic)
+            for f in FORMATS
+            if f in self.formats
+        )
 
     def count(self, name: str) -> int:
         return self.formats.count(name)
@@ -217,6 +234,17 @@ def _format_branch(body, start: int, stop: int, rest, position):
             rest(ctx, e)
 
     return branch
+
+
+def fp16_arithmetic(cpu_fp16: bool, hidden: int, ffn: int) -> bool:
+    """Whether a layer's fp16 experts multiply in FP16: on a CPU target with FP16 arithmetic
+    (``cpu_fp16``), when both matrix widths are whole :data:`FP16_CHUNK`s."""
+    return cpu_fp16 and hidden % FP16_CHUNK == 0 and ffn % FP16_CHUNK == 0
+
+
+FP16_ARITHMETIC_TOLERANCE = 1e-2
+"""What an artifact whose experts multiply in FP16 is held to against the reference (with the
+weights rounded to fp16, computed in fp64): max abs error over the output's largest value."""
 
 
 def uniform(formats: Sequence[str] | None, experts: int) -> tuple[str, ...]:

@@ -54,6 +54,7 @@ def moe_pipeline(
     options: CompileOptions,
     weights: SliceWeights,
     c_identifiers: bool = False,
+    cpu_fp16: bool = False,
 ) -> tvm.transform.Pass:
     """The phases moec runs before handing the module to ``tvm.compile``.
 
@@ -61,7 +62,7 @@ def moe_pipeline(
     precision) and the IR dump directory. ``weights`` holds ``main``'s detached weights; once
     the pipeline has run, its ``weights`` follow ``main``'s signature. ``c_identifiers``: rename
     ``main``'s parameters to C identifiers (CUDA targets, whose kernel parameters TVM names
-    after them).
+    after them). ``cpu_fp16``: a CPU target with FP16 arithmetic (fp16 experts multiply in FP16).
     """
     layers: list[tvm.transform.Pass] = []
     if options.kept_experts:
@@ -73,7 +74,8 @@ def moe_pipeline(
     if options.routing != "learned":
         layers.append(FixedRouting(options.routing))
     if options.precision != "fp32" or options.precision_plan:
-        layers.append(StoreExpertWeights(_stored_plan(options), options.precision, options.int8_group))
+        stored = StoreExpertWeights(_stored_plan(options), options.precision, options.int8_group, cpu_fp16)
+        layers.append(stored)
     dense: list[tvm.transform.Pass] = []
     if isinstance(schedule, CpuSchedule):
         linear = DenseLinear(schedule, options.router_precision, options.dense_precision)

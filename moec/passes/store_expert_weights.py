@@ -9,10 +9,12 @@ for every expert of a layer it does not name) is not all ``fp32``:
   holding those experts in order: ``w_up`` ``[E32, out, in]`` float32, ``w_up_fp16`` float16,
   ``w_up_int8`` int8 and its scales ``w_up_int8_scale`` (``[E8, out]``, or ``[E8, in / group,
   out]`` with an ``int8_group``); the biases stay float32;
-- the ``expert_up`` / ``expert_down`` kernels it calls are remade with the plan's ``formats``
-  and ``int8_group``, as ``{layer}_{kind}_stored`` (layers with the same plan share them, as
-  the frontend's layers shared the kernels before): their signatures list the same buffers
-  in the same place, so each call takes the new parameters where it took the old one;
+- the ``expert_up`` / ``expert_down`` kernels it calls are remade with the plan's ``formats``,
+  ``int8_group`` and, on a CPU target with FP16 arithmetic (``cpu_fp16``), ``fp16_arithmetic``
+  for fp16 experts (:func:`moec.kernels.formats.fp16_arithmetic`), as
+  ``{layer}_{kind}_stored`` (layers with the same plan share them, as the frontend's layers
+  shared the kernels before): their signatures list the same buffers in the same place, so
+  each call takes the new parameters where it took the old one;
 - ``main``'s parameter passed to each replaced slot is replaced the same way by parameters named
   ``{name}.{format}`` (and ``{name}.int8_scale``), recorded in ``main``'s attribute
   ``moec.expert_formats`` (new name → ``{"source", "experts", "format", "group", "scale"}``),
@@ -36,7 +38,7 @@ from tvm.relax.expr_functor import PyExprMutator, PyExprVisitor, mutator, visito
 from moec.canonical.layer import EXPERT_MATRICES
 from moec.kernels import kernel_config, kernel_spec
 from moec.kernels.config import replace
-from moec.kernels.formats import ExpertFormats
+from moec.kernels.formats import ExpertFormats, fp16_arithmetic
 from moec.passes.signature import call_outputs, called_kernels, is_layer, layer_weight_slots
 from moec.passes.slice_weights import EXPERT_FORMATS
 
@@ -118,9 +120,10 @@ class StoreExpertWeights:
         formats: dict[str, str | tuple[str, ...]] | None = None,
         default: str = "fp32",
         int8_group: int = 0,
+        cpu_fp16: bool = False,
     ) -> None:
         self.plan = dict(formats or {})
-        self.default, self.group = default, int8_group
+        self.default, self.group, self.cpu_fp16 = default, int8_group, cpu_fp16
         self.formats: dict[str, ExpertFormats] = {}
         self.changed: list[str] = []
 
@@ -144,7 +147,10 @@ class StoreExpertWeights:
                 raise ValueError(
                     f"{gvar.name_hint}: the plan names {len(plan)} experts, the layer has {experts}"
                 )
-            formats = self.formats[gvar.name_hint] = ExpertFormats(plan, self.group)
+            w_up = func.params[layer_weight_slots(func)["w_up"]]
+            _, ffn, hidden = (int(d) for d in w_up.ty.shape)
+            arithmetic = fp16_arithmetic(self.cpu_fp16, hidden, ffn)
+            formats = self.formats[gvar.name_hint] = ExpertFormats(plan, self.group, arithmetic)
             planned = self._plan_layer(
                 func, formats, _layer_call_arguments(main, gvar.name_hint), uses, main_params
             )
@@ -201,7 +207,12 @@ class StoreExpertWeights:
             renamed[name] = {}
             for kernel in called_kernels(mod, mod[name], WEIGHT_KERNELS):
                 config = kernel_config(mod[kernel])
-                config = replace(config, formats=formats.formats, int8_group=formats.group)
+                config = replace(
+                    config,
+                    formats=formats.formats,
+                    int8_group=formats.group,
+                    fp16_arithmetic=formats.fp16_arithmetic and "fp16" in formats.formats,
+                )
                 key = f"{config.kind}:{config.to_json()}"
                 if key not in made:
                     made[key] = f"{name}_{config.kind}_stored"

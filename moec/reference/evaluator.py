@@ -2,8 +2,9 @@
 
 moec needs an oracle for complete models, not just the MoE node. The ONNX
 reference evaluator runs every standard op; this module teaches it the
-onnxruntime ``MoE`` contrib op by registering a custom ``OpRun`` that calls
-:func:`moec.reference.ms_moe.ms_moe`, and the attention fusions of transformers' exporter
+onnxruntime ``MoE`` and ``QMoE`` contrib ops by registering custom ``OpRun``s that call
+:func:`moec.reference.ms_moe.ms_moe` and :func:`moec.reference.qmoe.qmoe`, and the attention
+fusions of transformers' exporter
 (:mod:`moec.reference.contrib`). Nothing here imports TVM or onnxruntime.
 """
 
@@ -19,8 +20,9 @@ from onnx.reference.op_run import OpRun
 from moec.onnx_fixes import FIXED_OPS
 from moec.reference.contrib import CONTRIB_OPS
 from moec.reference.ms_moe import ms_moe
+from moec.reference.qmoe import qmoe
 
-__all__ = ["MS_DOMAIN", "MoE", "run_reference"]
+__all__ = ["MS_DOMAIN", "MoE", "QMoE", "run_reference"]
 
 #: The domain of onnxruntime's contrib ops.
 MS_DOMAIN = "com.microsoft"
@@ -105,13 +107,23 @@ def _with_ms_opset(model: onnx.ModelProto) -> onnx.ModelProto:
     return fixed
 
 
+class QMoE(OpRun):
+    """``com.microsoft::QMoE`` for the ONNX reference evaluator (delegates to ``qmoe``, which
+    takes the node's inputs and attributes as the op defines them)."""
+
+    op_domain = MS_DOMAIN
+
+    def _run(self, *inputs: np.ndarray | None, **attributes: Any) -> tuple[np.ndarray]:  # type: ignore[override]
+        return (qmoe(*inputs, **attributes),)
+
+
 def run_reference(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Run ``model`` on ``feeds`` with the numpy reference and return ``{output name: array}``.
 
     Graph outputs are returned in graph order, keyed by their names.
     """
     model = _with_ms_opset(model)
-    sess = ReferenceEvaluator(model, new_ops=[MoE, *CONTRIB_OPS, *FIXED_OPS])
+    sess = ReferenceEvaluator(model, new_ops=[MoE, QMoE, *CONTRIB_OPS, *FIXED_OPS])
     names = [out.name for out in model.graph.output]
     results: list[Any] = sess.run(names, feeds)
     return {name: np.asarray(value) for name, value in zip(names, results, strict=True)}

@@ -4,20 +4,18 @@ own output on the same graph and against the numpy oracle (moec.reference.qmoe).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 from onnx.reference import ReferenceEvaluator
-from onnx.reference.op_run import OpRun
 
 from moec.compiler.compile import compile_model
 from moec.errors import MoecError
 from moec.frontend.importer import find_blocks
 from moec.options import CompileOptions
-from moec.reference.qmoe import qmoe
+from moec.reference.evaluator import QMoE
 from tests.helpers import (
     FP32_ATOL,
     REPO_ROOT,
@@ -33,15 +31,6 @@ from tests.zoo.qmoe import build_qmoe_model
 TOKENS = [1, 6, 37]
 HIDDEN = 128
 SLOW = pytest.mark.slow
-
-
-class QMoE(OpRun):
-    """``com.microsoft::QMoE`` for onnx's reference evaluator: the numpy oracle."""
-
-    op_domain = "com.microsoft"
-
-    def _run(self, *inputs: np.ndarray | None, **attributes: Any) -> tuple[np.ndarray]:  # type: ignore[override]
-        return (qmoe(*inputs, **attributes),)
 
 
 def onnxruntime_output(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:

@@ -100,6 +100,28 @@ def test_a72_int8_weights_are_widened_and_scaled_with_neon(kind: str) -> None:
     assert not re.search(r"\b(scvtf|fmadd)\s+s\d+", asm), "scalar int8 conversion or FMA"
 
 
+def _fp16_expert_assembly(target_name: str) -> str:
+    """Assembly of the example's expert kernels compiled for ``target_name`` with every expert fp16."""
+    target = load_target(target_name)
+    options = CompileOptions(target=target_name, precision="fp16")
+    mod, _ = lower_model(import_model(load_model(EXAMPLE_MODEL)), target, options)
+    experts = ("expert_up", "expert_down")
+    kernels = {gv.name_hint: f for gv, f in mod.functions_items() if kernel_kind(f) in experts}
+    assert len(kernels) == 2, sorted(kernels)
+    module = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in kernels.items()})
+    return tvm.compile(module, target=target.tvm_target).mod.inspect_source("s")
+
+
+def test_fp16_experts_multiply_in_fp16_on_the_a76_only() -> None:
+    """FP16 arithmetic where the core has it: the A76 (+fullfp16) build multiplies fp16 experts
+    with FP16 vector FMAs (``fmla v.8h``: 8 lanes); the A72 build widens them (``fcvtl``) and
+    multiplies in fp32, with no FP16 arithmetic at all."""
+    a76, a72 = _fp16_expert_assembly("cortex-a76"), _fp16_expert_assembly("cortex-a72")
+    assert len(re.findall(r"\bfmla\s+v\d+\.8h", a76)) >= 16
+    assert not re.search(r"\bfmla\s+v\d+\.[48]h", a72)
+    assert len(re.findall(r"\bfcvtl2?\s+v\d+\.4s, v\d+\.[48]h", a72)) >= 4
+
+
 def _user_target(tmp_path: Path) -> Path:
     """A board file written the way the cortex-a76 example tells a user to, for this machine."""
     (tmp_path / "narrow.toml").write_text(

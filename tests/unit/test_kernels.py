@@ -24,7 +24,7 @@ from moec.kernels.config import (
     config_from_json,
 )
 from moec.schedule import CpuSchedule, GpuSchedule
-from tests.helpers import assert_close
+from tests.helpers import FP32_ATOL, assert_close
 
 SCHEDULES = [
     CpuSchedule(),
@@ -471,3 +471,52 @@ def test_expert_kernels_with_one_lane_fold_nothing():
     test_expert_kernels_match_numpy(
         CpuSchedule(lanes=1, rows_per_task=2, token_block=2, accumulators=1), "silu", True, {}, 3, None
     )
+
+
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "ungated"])
+@pytest.mark.parametrize("tokens", [1, 7])
+def test_fp16_arithmetic_panel_kernels_stay_within_their_bound(gated, tokens):
+    """fp16 experts multiplied in FP16 (chunked FP16 sums added in fp32) next to fp32 and int8
+    experts: within the documented bound (1e-2 of the largest output) of the FFN over the
+    fp16-rounded weights, and not equal to the fp32-arithmetic result (FP16 really rounds)."""
+    layer = _layer(experts=5, hidden=32, ffn=48, gated=gated, activation="silu" if gated else "relu")
+    E, H, F, K = layer.num_experts, layer.hidden, layer.ffn, layer.top_k
+    formats = ("fp16", "fp32", "fp16", "int8", "fp16")
+    rng = np.random.default_rng(tokens)
+    stored, held = {}, {}
+    for role in ("w_up", "w_gate", "w_down") if gated else ("w_up", "w_down"):
+        stored[role], held[role] = _stored_formats(getattr(layer, role), formats, 0, rng)
+    layer = dataclasses.replace(layer, **held)
+    x = rng.standard_normal((tokens, H)).astype(np.float32)
+    index = np.stack([rng.choice(E, K, replace=False) for _ in range(tokens)])
+    order = np.argsort(index.reshape(-1), kind="stable")
+    token, gain = (order // K).astype(np.int32), np.ones(tokens * K, np.float32)
+    offset = np.concatenate([[0], np.cumsum(np.bincount(index.ravel(), minlength=E))]).astype(np.int32)
+    panel = 16
+
+    def buffers(role: str) -> list[np.ndarray]:
+        parts = stored[role]
+        return [pack_expert_panels(parts[f], panel) for f in ("fp32", "fp16", "int8")] + [parts["scale"]]
+
+    results = {}
+    for arithmetic in (True, False):
+        common = {"num_experts": E, "hidden": H, "ffn": F, "top_k": K, "panel": panel, "formats": formats}
+        common["fp16_arithmetic"] = arithmetic
+        up_config = {**common, "activation": layer.activation, "gated": gated}
+        gate = [*buffers("w_gate"), layer.b_gate] if gated else []
+        (inter,) = _run(
+            "expert_up", up_config, SCHEDULES[0], x, *buffers("w_up"), layer.b_up, *gate, offset, token,
+            outputs=[((tokens * K, F), "float32")],
+        )  # fmt: skip
+        (results[arithmetic],) = _run(
+            "expert_down", common, SCHEDULES[0], inter, *buffers("w_down"), layer.b_down, offset, token, gain,
+            outputs=[((tokens, H), "float32")],
+        )  # fmt: skip
+    expected = np.zeros((tokens, H))
+    for t in range(tokens):
+        for slot in range(K):
+            expected[t] += expert_ffn(layer, int(index[t, slot]), x[t : t + 1].astype(np.float64))[0]
+    bound = 1e-2 * np.abs(expected).max()
+    assert np.abs(results[True] - expected).max() <= bound
+    assert_close(results[False], expected.astype(np.float32), FP32_ATOL)
+    assert np.abs(results[True] - results[False]).max() > 1e-6, "FP16 arithmetic computed nothing in FP16"
