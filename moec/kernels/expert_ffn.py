@@ -27,13 +27,8 @@ from tvm.script import tirx as T
 
 from moec.kernels.backend import Backend
 from moec.kernels.config import ExpertConfig, ExpertDownConfig, ExpertUpConfig
-from moec.kernels.expert_panels import (
-    format_shapes,
-    make_expert_down_panels,
-    make_expert_up_panels,
-    role_params,
-    signature_params,
-)
+from moec.kernels.expert_funcs import expert_down_func, expert_up_func
+from moec.kernels.expert_panels import make_expert_down_panels, make_expert_up_panels
 from moec.kernels.formats import WeightFormat
 
 
@@ -142,7 +137,7 @@ def make_expert_up_kernel(config: ExpertUpConfig, backend: Backend) -> tirx.Prim
     expert format used (:mod:`moec.kernels.formats`), the rest float32.
     """
     c = config
-    E, H, F, K, gated = c.num_experts, c.hidden, c.ffn, c.top_k, c.gated
+    H, F, gated = c.hidden, c.ffn, c.gated
     act = activation_epilogue(c.activation, gated, c.alpha, c.beta, c.limit)
     if c.panel is not None:
         return make_expert_up_panels(c, backend, act)
@@ -175,48 +170,7 @@ def make_expert_up_kernel(config: ExpertUpConfig, backend: Backend) -> tirx.Prim
         return step
 
     nest = expert_rows_macro(backend, F, c, 2 if gated else 1, width, step_for)
-    M32, M16, M8, S8 = format_shapes(c, F, H)
-
-    @T.prim_func
-    def expert_up(
-        x_h: T.handle,
-        w_up: T.Buffer(M32, "float32"),
-        w_up_fp16: T.Buffer(M16, "float16"),
-        w_up_int8: T.Buffer(M8, "int8"),
-        w_up_int8_scale: T.Buffer(S8, "float32"),
-        b_up: T.Buffer((E, F), "float32"),
-        w_gate: T.Buffer(M32, "float32"),
-        w_gate_fp16: T.Buffer(M16, "float16"),
-        w_gate_int8: T.Buffer(M8, "int8"),
-        w_gate_int8_scale: T.Buffer(S8, "float32"),
-        b_gate: T.Buffer((E, F), "float32"),
-        offset: T.Buffer((E + 1,), "int32"),
-        token_h: T.handle,
-        inter_h: T.handle,
-    ):
-        T.func_attr(backend.attrs)
-        n = T.int64()
-        x = T.match_buffer(x_h, (n, H), "float32")
-        token = T.match_buffer(token_h, (n * K,), "int32")
-        inter = T.match_buffer(inter_h, (n * K, F), "float32")
-        by_format = (
-            (w_up, w_up, w_gate, w_gate),
-            (w_up_fp16, w_up_fp16, w_gate_fp16, w_gate_fp16),
-            (w_up_int8, w_up_int8_scale, w_gate_int8, w_gate_int8_scale),
-        )
-        nest((x, b_up, b_gate, token, inter, by_format), offset, n)
-
-    declared = [
-        "x",
-        *role_params("w_up"),
-        "b_up",
-        *role_params("w_gate"),
-        "b_gate",
-        "offset",
-        "token",
-        "inter",
-    ]
-    return signature_params(expert_up, declared, c)
+    return expert_up_func(c, backend, nest)
 
 
 def make_expert_down_kernel(config: ExpertDownConfig, backend: Backend) -> tirx.PrimFunc:
@@ -228,7 +182,7 @@ def make_expert_down_kernel(config: ExpertDownConfig, backend: Backend) -> tirx.
     are added by one thread in a fixed order.
     """
     c = config
-    E, H, F, K = c.num_experts, c.hidden, c.ffn, c.top_k
+    H, F = c.hidden, c.ffn
     if c.panel is not None:
         return make_expert_down_panels(c, backend)
     width = backend.dot(F, indirect=False, fmt=WeightFormat("fp32"))[1]
@@ -257,29 +211,4 @@ def make_expert_down_kernel(config: ExpertDownConfig, backend: Backend) -> tirx.
         return step
 
     nest = expert_rows_macro(backend, H, c, 1, width, step_for, zero)
-    M32, M16, M8, S8 = format_shapes(c, H, F)
-
-    @T.prim_func
-    def expert_down(
-        inter_h: T.handle,
-        w_down: T.Buffer(M32, "float32"),
-        w_down_fp16: T.Buffer(M16, "float16"),
-        w_down_int8: T.Buffer(M8, "int8"),
-        w_down_int8_scale: T.Buffer(S8, "float32"),
-        b_down: T.Buffer((E, H), "float32"),
-        offset: T.Buffer((E + 1,), "int32"),
-        token_h: T.handle,
-        gain_h: T.handle,
-        y_h: T.handle,
-    ):
-        T.func_attr(backend.attrs)
-        n = T.int64()
-        inter = T.match_buffer(inter_h, (n * K, F), "float32")
-        token = T.match_buffer(token_h, (n * K,), "int32")
-        gain = T.match_buffer(gain_h, (n * K,), "float32")
-        y = T.match_buffer(y_h, (n, H), "float32")
-        by_format = ((w_down, w_down), (w_down_fp16, w_down_fp16), (w_down_int8, w_down_int8_scale))
-        nest((inter, b_down, token, gain, y, by_format), offset, n)
-
-    declared = ["inter", *role_params("w_down"), "b_down", "offset", "token", "gain", "y"]
-    return signature_params(expert_down, declared, c)
+    return expert_down_func(c, backend, nest)

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 from tvm import tirx
 from tvm.script import tirx as T
-from tvm.script.ir_builder import IRBuilder
 
 from moec.kernels.backend import Backend, CpuBackend, token_blocks
-from moec.kernels.config import ExpertConfig, ExpertDownConfig, ExpertUpConfig, KernelConfig
-from moec.kernels.formats import FORMATS, FP16_CHUNK, WeightFormat
+from moec.kernels.config import ExpertConfig, ExpertDownConfig, ExpertUpConfig
+from moec.kernels.expert_funcs import expert_down_func, expert_up_func
+from moec.kernels.formats import FP16_CHUNK, WeightFormat
 
 
 def _check(config: ExpertConfig, backend: Backend) -> int:
@@ -73,48 +73,6 @@ def _groups_macro(config: ExpertConfig, token_block: int, panels: int, per_task:
     return groups
 
 
-def role_params(role: str) -> list[str]:
-    """Every parameter a kernel declares for ``role``'s matrices: one per format of
-    :data:`FORMATS`, and the int8 scales (:func:`signature_params` keeps those the config uses)."""
-    names = []
-    for name in FORMATS:
-        fmt = WeightFormat(name)
-        names += [fmt.matrix_name(role)] + ([fmt.scale_name(role)] if fmt.scaled else [])
-    return names
-
-
-def format_shapes(config: ExpertConfig, rows: int, columns: int) -> list[tuple]:
-    """The shapes of ``role_params``' buffers of a ``rows × columns`` matrix (a format no expert
-    uses gets a one-expert shape: its parameters are dropped)."""
-    formats = config.expert_formats
-    shapes = []
-    for name in FORMATS:
-        fmt = WeightFormat(name, config.int8_group)
-        count = max(1, formats.count(name))
-        shapes.append(config.matrix_shape(rows, columns, count))
-        if fmt.scaled:
-            shapes.append(fmt.scale_shape(count, config.scale_rows(rows), columns))
-    return shapes
-
-
-def signature_params(func: tirx.PrimFunc, declared: list[str], config: KernelConfig) -> tirx.PrimFunc:
-    """``func`` (whose TVMScript declared the parameters ``declared``) with only the parameters of
-    ``config``'s signature: one TVMScript source serves signatures that differ by optional inputs
-    (the gate of ungated experts, formats no expert uses), which the body never touches.
-
-    The parameters get their declared names back: TVMScript renames a buffer after the last name
-    a macro bound it to (a kernel passes each format's buffers around in tuples).
-    """
-    rows = tuple(tirx.Var(f"rows{i}", "int64") for i in range(config.row_dims))
-    wanted = {spec.name for spec in config.signature(rows)}
-    params = []
-    for param, name in zip(func.params, declared, strict=True):
-        IRBuilder.name(name, param)
-        if name in wanted:
-            params.append(param)
-    return tirx.PrimFunc(params, func.body, func.ret_type, func.attrs)
-
-
 def make_expert_up_panels(config: ExpertUpConfig, backend: Backend, act) -> tirx.PrimFunc:
     """PrimFunc ``inter[p] = act(gate_e(x[token[p]]), up_e(x[token[p]]))`` over packed panels.
 
@@ -123,7 +81,7 @@ def make_expert_up_panels(config: ExpertUpConfig, backend: Backend, act) -> tirx
     """
     NB = _check(config, backend)
     c = config
-    E, H, F, K, gated = c.num_experts, c.hidden, c.ffn, c.top_k, c.gated
+    H, F, gated = c.hidden, c.ffn, c.gated
     P, TB = -(-F // NB), backend.token_block
     tail = F - (P - 1) * NB  # rows in the last panel
 
@@ -199,55 +157,18 @@ def make_expert_up_panels(config: ExpertUpConfig, backend: Backend, act) -> tirx
     second = (TB, NB) if gated else (1, 1)
     half = (TB, NB) if c.fp16_arithmetic else (1, 1)  # FP16 chunk sums, for fp16 experts
     half_second = (TB, NB) if c.fp16_arithmetic and gated else (1, 1)
-    M32, M16, M8, S8 = format_shapes(c, F, H)
 
-    @T.prim_func
-    def expert_up(
-        x_h: T.handle,
-        w_up: T.Buffer(M32, "float32"),
-        w_up_fp16: T.Buffer(M16, "float16"),
-        w_up_int8: T.Buffer(M8, "int8"),
-        w_up_int8_scale: T.Buffer(S8, "float32"),
-        b_up: T.Buffer((E, F), "float32"),
-        w_gate: T.Buffer(M32, "float32"),
-        w_gate_fp16: T.Buffer(M16, "float16"),
-        w_gate_int8: T.Buffer(M8, "int8"),
-        w_gate_int8_scale: T.Buffer(S8, "float32"),
-        b_gate: T.Buffer((E, F), "float32"),
-        offset: T.Buffer((E + 1,), "int32"),
-        token_h: T.handle,
-        inter_h: T.handle,
-    ):
-        T.func_attr(backend.attrs)
-        n = T.int64()
-        x = T.match_buffer(x_h, (n, H), "float32")
-        token = T.match_buffer(token_h, (n * K,), "int32")
-        inter = T.match_buffer(inter_h, (n * K, F), "float32")
+    @T.macro
+    def body(buffers, offset, n):
         for task in T.parallel(-(-P // PT)):
             # one buffer per matrix: each stays under the 1 KiB that a CPU keeps on the stack
             acc_up = T.alloc_buffer((TB, NB), "float32", scope=backend.scratch_scope)
             acc_gate = T.alloc_buffer(second, "float32", scope=backend.scratch_scope)
             half_up = T.alloc_buffer(half, "float16", scope=backend.scratch_scope)
             half_gate = T.alloc_buffer(half_second, "float16", scope=backend.scratch_scope)
-            by_format = (
-                (w_up, w_up, w_gate, w_gate),
-                (w_up_fp16, w_up_fp16, w_gate_fp16, w_gate_fp16),
-                (w_up_int8, w_up_int8_scale, w_gate_int8, w_gate_int8_scale),
-            )
-            accumulators = (acc_up, acc_gate, half_up, half_gate)
-            groups((x, b_up, b_gate, token, inter, by_format), accumulators, offset, task)
+            groups(buffers, (acc_up, acc_gate, half_up, half_gate), offset, task)
 
-    declared = [
-        "x",
-        *role_params("w_up"),
-        "b_up",
-        *role_params("w_gate"),
-        "b_gate",
-        "offset",
-        "token",
-        "inter",
-    ]
-    return signature_params(expert_up, declared, c)
+    return expert_up_func(c, backend, body)
 
 
 def make_expert_down_panels(config: ExpertDownConfig, backend: Backend) -> tirx.PrimFunc:
@@ -258,7 +179,7 @@ def make_expert_down_panels(config: ExpertDownConfig, backend: Backend) -> tirx.
     """
     NB = _check(config, backend)
     c = config
-    E, H, F, K = c.num_experts, c.hidden, c.ffn, c.top_k
+    H, F = c.hidden, c.ffn
     P, TB = -(-H // NB), backend.token_block
     tail = H - (P - 1) * NB
 
@@ -305,27 +226,10 @@ def make_expert_down_panels(config: ExpertDownConfig, backend: Backend) -> tirx.
     PT = _panels_per_task(backend, NB, P)
     groups = _groups_macro(c, TB, P, PT, block_for)
     half_shape = (TB, NB) if c.fp16_arithmetic else (1, 1)  # FP16 chunk sums, for fp16 experts
-    M32, M16, M8, S8 = format_shapes(c, H, F)
 
-    @T.prim_func
-    def expert_down(
-        inter_h: T.handle,
-        w_down: T.Buffer(M32, "float32"),
-        w_down_fp16: T.Buffer(M16, "float16"),
-        w_down_int8: T.Buffer(M8, "int8"),
-        w_down_int8_scale: T.Buffer(S8, "float32"),
-        b_down: T.Buffer((E, H), "float32"),
-        offset: T.Buffer((E + 1,), "int32"),
-        token_h: T.handle,
-        gain_h: T.handle,
-        y_h: T.handle,
-    ):
-        T.func_attr(backend.attrs)
-        n = T.int64()
-        inter = T.match_buffer(inter_h, (n * K, F), "float32")
-        token = T.match_buffer(token_h, (n * K,), "int32")
-        gain = T.match_buffer(gain_h, (n * K,), "float32")
-        y = T.match_buffer(y_h, (n, H), "float32")
+    @T.macro
+    def body(buffers, offset, n):
+        y = buffers[4]
         for task in T.parallel(-(-P // PT)):
             acc = T.alloc_buffer((TB, NB), "float32", scope=backend.scratch_scope)
             half = T.alloc_buffer(half_shape, "float16", scope=backend.scratch_scope)
@@ -333,8 +237,6 @@ def make_expert_down_panels(config: ExpertDownConfig, backend: Backend) -> tirx.
                 for v in range(min(PT * NB, H)):
                     if task * PT * NB + v < H:
                         y[t, task * PT * NB + v] = T.float32(0)
-            by_format = ((w_down, w_down), (w_down_fp16, w_down_fp16), (w_down_int8, w_down_int8_scale))
-            groups((inter, b_down, token, gain, y, by_format), (acc, half), offset, task)
+            groups(buffers, (acc, half), offset, task)
 
-    declared = ["inter", *role_params("w_down"), "b_down", "offset", "token", "gain", "y"]
-    return signature_params(expert_down, declared, c)
+    return expert_down_func(c, backend, body)

@@ -23,7 +23,7 @@ from tvm.script import tirx as T
 
 from moec.kernels.backend import Backend, CpuBackend, token_blocks
 from moec.kernels.config import LinearConfig
-from moec.kernels.expert_panels import signature_params
+from moec.kernels.expert_funcs import signature_params
 from moec.kernels.formats import WeightFormat
 
 
