@@ -17,7 +17,8 @@ KV cache: the processing of a 1- or a 16-token prompt. The same weights in every
 ``moec-int8``    the same ONNX file compiled with ``--precision int8``: every MoE expert's matrices
                  stored int8 (symmetric, one fp32 scale per output row, widened and multiplied in
                  fp32); attention, router, embeddings and LM head stay fp32.
-``moec-int8-g32`` ``--precision int8 --int8-group 32``: a scale per 32 inputs (as Q8_0's blocks).
+``moec-int8-all-g32`` ``moec-int8-all`` with ``--int8-group 32``: a scale per 32 inputs of each output
+                 (as Q8_0's blocks of 32), every matrix.
 ``moec-int8-all`` ``--precision int8 --dense-precision int8 --router-precision int8``: the attention
                  projections, routers and LM head int8 too (one fp32 scale per output column), as
                  Q8_0 quantizes every matrix; embeddings and norms stay fp32.
@@ -168,8 +169,8 @@ TOLERANCE = 1e-3
 SYSTEMS = (
     "moec",
     "moec-int8",
-    "moec-int8-g32",
     "moec-int8-all",
+    "moec-int8-all-g32",
     "moec-fp16",
     "onnxruntime",
     "llama.cpp",
@@ -183,7 +184,16 @@ cache); ``llama.cpp-q8_0`` / ``-f16``: ``llama.cpp``'s context settings on a Q8_
 MOEC_FLAGS = {
     "moec": [],
     "moec-int8": ["--precision", "int8"],
-    "moec-int8-g32": ["--precision", "int8", "--int8-group", "32"],
+    "moec-int8-all-g32": [
+        "--precision",
+        "int8",
+        "--dense-precision",
+        "int8",
+        "--router-precision",
+        "int8",
+        "--int8-group",
+        "32",
+    ],  # fmt: skip
     "moec-int8-all": ["--precision", "int8", "--dense-precision", "int8", "--router-precision", "int8"],
     "moec-fp16": ["--precision", "fp16"],
 }
@@ -195,7 +205,7 @@ EXACT_ATTENTION = ("llama.cpp", "llama.cpp-q8_0", "llama.cpp-f16")
 WEIGHTS = {
     "moec": "fp32",
     "moec-int8": "experts int8, fp32 scale per row; rest fp32",
-    "moec-int8-g32": "experts int8, fp32 scale per 32 inputs; rest fp32",
+    "moec-int8-all-g32": "every matrix int8, fp32 scale per 32 inputs of each output",
     "moec-int8-all": "every matrix int8 (experts: scale per row; attention, routers, LM head: per column)",
     "moec-fp16": "experts fp16; rest fp32",
     "onnxruntime": "fp32",
@@ -211,7 +221,7 @@ RUNNER_ROW = "moec-runner"
 LABELS = {
     "moec": "moec",
     "moec-int8": "moec INT8",
-    "moec-int8-g32": "moec INT8 g32",
+    "moec-int8-all-g32": "moec INT8 all g32",
     "moec-int8-all": "moec INT8 all",
     "moec-fp16": "moec FP16",
     "onnxruntime": "onnxruntime",
@@ -225,14 +235,14 @@ STRICT = ("moec", "onnxruntime")
 FP32 = ("moec", "onnxruntime", "llama.cpp", "llama.cpp-fa")
 """Systems with fp32 weights: flagged in the report when over TOLERANCE off PyTorch (the narrower
 ones cannot match PyTorch that closely: their errors and top-1 agreement are reported)."""
-QUANTIZED_MOEC = ("moec-int8", "moec-int8-g32", "moec-int8-all", "moec-fp16")
+QUANTIZED_MOEC = ("moec-int8", "moec-int8-all-g32", "moec-int8-all", "moec-fp16")
 """Checked against moec's numpy oracle of the stored weights (``run_stored_reference``), within
 TOLERANCE, unless ``--no-oracle``."""
 PROFILED = ("moec", "moec-int8", "moec-int8-all")
 """moec systems whose per-function breakdown is reported."""
 PAIRS = (
     ("moec-int8", "llama.cpp-q8_0"),
-    ("moec-int8-g32", "llama.cpp-q8_0"),
+    ("moec-int8-all-g32", "llama.cpp-q8_0"),
     ("moec-int8-all", "llama.cpp-q8_0"),
     ("moec-fp16", "llama.cpp-f16"),
 )
@@ -1102,8 +1112,8 @@ DESCRIPTIONS = {
     "moec-int8": "**moec INT8** = the same with `--precision int8`: every expert's matrices int8 (symmetric, "
     "one fp32 scale per output row, widened and multiplied in fp32); attention, router, embeddings and "
     "LM head stay fp32",
-    "moec-int8-g32": "**moec INT8 g32** = `--precision int8 --int8-group 32`: a scale per 32 inputs, like "
-    "Q8_0's blocks of 32",
+    "moec-int8-all-g32": "**moec INT8 all g32** = moec INT8 all with `--int8-group 32`: a scale per 32 "
+    "inputs of each output, like Q8_0's blocks of 32",
     "moec-int8-all": "**moec INT8 all** = `--precision int8 --dense-precision int8 --router-precision int8`: "
     "the attention projections, routers and LM head int8 too (one fp32 scale per output column; "
     "embeddings and norms fp32), as Q8_0 quantizes every matrix",
@@ -1312,7 +1322,7 @@ def report(results: dict[int, dict[str, Any]], rss: dict[str, dict[str, Any]], f
         lines += [title, "", *table([*lead_header, *names], ratio_rows), ""]
 
     targets = []
-    for q in ("moec-int8", "moec-int8-g32", "moec-int8-all"):
+    for q in ("moec-int8", "moec-int8-all-g32", "moec-int8-all"):
         if q not in chosen:
             continue
         for threads, r in sorted(results.items()):

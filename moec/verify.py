@@ -82,10 +82,10 @@ def fp16_computed(manifest: dict[str, Any]) -> bool:
     return any(entry["compute"] == "fp16" for layer in manifest.get("layers", []) for entry in layer["plan"])
 
 
-def dense_storage(manifest: dict[str, Any]) -> dict[str, tuple[str, int]]:
-    """The dense weights the artifact stores narrower: name → (precision, output axis)."""
+def dense_storage(manifest: dict[str, Any]) -> dict[str, tuple[str, int, int]]:
+    """The dense weights the artifact stores narrower: name → (precision, output axis, group)."""
     return {
-        name: (entry["precision"], entry["output_axis"])
+        name: (entry["precision"], entry["output_axis"], entry["group"])
         for name, entry in (manifest.get("dense_weights") or {}).items()
     }
 

@@ -249,7 +249,8 @@ class LinearConfig(KernelConfig):
     panels, ``[panels, in_features, panel]`` (``packed[p, k, v] = W[k, p * panel + v]``, zeros
     past ``out_features``), so one parallel task streams one contiguous panel; in
     ``weight_format`` (:mod:`moec.kernels.formats`: int8 with one scale per output column,
-    ``[1, panels * panel]``, zeros past ``out_features``).
+    ``[1, panels * panel]``, or per ``int8_group`` inputs of it, ``[1, in / group, panels *
+    panel]``; zeros past ``out_features``).
     """
 
     kind: ClassVar[str] = "linear"
@@ -258,9 +259,11 @@ class LinearConfig(KernelConfig):
     out_features: int
     panel: int
     weight_format: str = "fp32"
+    int8_group: int = 0
+    """int8: one scale per output column (0) or per ``int8_group`` inputs of it."""
 
     def __post_init__(self) -> None:
-        ExpertFormats((self.weight_format,))  # validates
+        ExpertFormats((self.weight_format,), self.int8_group)  # validates
 
     @property
     def panels(self) -> int:
@@ -268,7 +271,7 @@ class LinearConfig(KernelConfig):
 
     def signature(self, rows: TokenDims) -> tuple[BufferSpec, ...]:
         n, K, N = _tokens(rows), self.in_features, self.out_features
-        weight = ExpertFormats((self.weight_format,)).buffers(
+        weight = ExpertFormats((self.weight_format,), self.int8_group).buffers(
             "w", N, K, lambda _count: (self.panels, K, self.panel), self.panels * self.panel
         )
         return (

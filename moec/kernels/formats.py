@@ -80,15 +80,16 @@ class WeightFormat:
             return (count, rows)
         return (count, columns // self.group, rows)
 
-    def load(self, matrix, scale, index: tuple, row, column) -> tirx.PrimExpr:
-        """Weight element ``matrix[index]`` (output ``row``, input ``column``) as float32, with its
-        group's scale applied (a per-channel scale is applied by :meth:`finish`)."""
+    def load(self, matrix, scale, index: tuple, row, column, slot=None) -> tirx.PrimExpr:
+        """Weight element ``matrix[index]`` (output ``row``, input ``column``; ``slot``: its
+        matrix's entry in the scales, default ``index[0]``) as float32, with its group's scale
+        applied (a per-channel scale is applied by :meth:`finish`)."""
         value = matrix[index]
         if self.name == "fp32":
             return value
         widened = T.Cast("float32", value)
         if self.scaled and self.group:
-            return widened * scale[index[0], column // self.group, row]
+            return widened * scale[index[0] if slot is None else slot, column // self.group, row]
         return widened
 
     def of(self, by_format: tuple) -> tuple:

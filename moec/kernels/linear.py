@@ -37,7 +37,7 @@ def make_linear_kernel(config: LinearConfig, backend: Backend) -> tirx.PrimFunc:
     if not isinstance(backend, CpuBackend):
         raise ValueError("the linear kernel is built for CPU targets only (CUDA uses dlight's matmul)")
     K, N, NB, P = config.in_features, config.out_features, config.panel, config.panels
-    fmt = WeightFormat(config.weight_format)
+    fmt = WeightFormat(config.weight_format, config.int8_group)
     TB = backend.token_block
     exact = N % NB == 0
 
@@ -51,7 +51,7 @@ def make_linear_kernel(config: LinearConfig, backend: Backend) -> tirx.PrimFunc:
         for k in range(K):
             for t in T.unroll(count):
                 for v in T.vectorized(NB):
-                    acc[t, v] = acc[t, v] + x[t0 + t, k] * fmt.load(w, s, (p, k, v), p * NB + v, k)
+                    acc[t, v] = acc[t, v] + x[t0 + t, k] * fmt.load(w, s, (p, k, v), p * NB + v, k, slot=0)
         for t in T.unroll(count):
             if exact or p < P - 1:
                 for v in T.vectorized(NB):
@@ -62,11 +62,10 @@ def make_linear_kernel(config: LinearConfig, backend: Backend) -> tirx.PrimFunc:
                         y[t0 + t, p * NB + v] = fmt.finish(acc[t, v], s, 0, p * NB + v)
 
     blocks = token_blocks(panel_block, TB)
+    S = fmt.scale_shape(1, P * NB, K)  # int8: per output column, or per group of inputs too
 
     @T.prim_func
-    def linear(
-        x_h: T.handle, w: T.Buffer((P, K, NB), fmt.dtype), s: T.Buffer((1, P * NB), "float32"), y_h: T.handle
-    ):
+    def linear(x_h: T.handle, w: T.Buffer((P, K, NB), fmt.dtype), s: T.Buffer(S, "float32"), y_h: T.handle):
         T.func_attr(backend.attrs)
         n = T.int64()
         x = T.match_buffer(x_h, (n, K), "float32")

@@ -28,7 +28,8 @@ Rewrite rules, on ``main``, for a weight parameter ``W`` of ``main`` (float32, r
   weight whose matmul computes an MoE layer's router logits, through reshapes, adds and casts)
   and ``dense_format`` for the others. fp16 changes the packed weight's dtype. int8 replaces the
   parameter by two, ``{name}.int8`` (the packed INT8 values) and ``{name}.int8_scale``
-  (``[1, panels * panel]``, one float32 scale per output column). Either is recorded in
+  (``[1, panels * panel]``, one float32 scale per output column, or ``[1, in / group, panels *
+  panel]`` with ``int8_group`` where the group divides the weight's inputs). Either is recorded in
   ``moec.expert_formats`` (``{"source", "format", "group", "scale", "output_axis", "router"}``)
   and ``moec.packed_weights`` (int8 scales: ``{"scale": true}``) for ``SliceWeights``.
 
@@ -136,10 +137,12 @@ def _packings(
     schedule: CpuSchedule,
     formats: dict[bool, str],
     routers: set[relax.Var],
+    int8_group: int = 0,
 ) -> tuple[dict[relax.Var, _Packing], set[relax.Var]]:
     """The weights to pack (by parameter) and the transposes of them the rewrite drops, from the
     uses and bindings ``found`` in ``main``'s body; a weight in ``routers`` is stored as
-    ``formats[True]``, the others as ``formats[False]``."""
+    ``formats[True]``, the others as ``formats[False]`` (int8 with a scale per ``int8_group``
+    inputs where that divides the weight's inputs, else per output column)."""
     weights = set(main.params[int(main.attrs["num_input"]) :])
     transposes = {
         var: value.args[0]
@@ -178,8 +181,13 @@ def _packings(
         in_features, out_features = (cols, rows) if transposed else (rows, cols)
         panel = schedule.panel(out_features)
         fmt = formats[w in routers]
+        group = int8_group if fmt == "int8" and in_features % max(int8_group, 1) == 0 else 0
         config = LinearConfig(
-            in_features=in_features, out_features=out_features, panel=panel, weight_format=fmt
+            in_features=in_features,
+            out_features=out_features,
+            panel=panel,
+            weight_format=fmt,
+            int8_group=group,
         )
         packings[w] = _Packing(config, transposed)
     dropped = {t for t, source in transposes.items() if source in packings}
@@ -241,10 +249,15 @@ class DenseLinear:
     packed weights by name."""
 
     def __init__(
-        self, schedule: CpuSchedule, router_format: str = "fp32", dense_format: str = "fp32"
+        self,
+        schedule: CpuSchedule,
+        router_format: str = "fp32",
+        dense_format: str = "fp32",
+        int8_group: int = 0,
     ) -> None:
         self.schedule = schedule
         self.formats = {True: router_format, False: dense_format}
+        self.int8_group = int8_group
         self.changed: list[str] = []
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
@@ -252,7 +265,7 @@ class DenseLinear:
         found = _Uses()
         found.visit_expr(main.body)
         routers = _router_weights(mod, main, found)
-        packings, dropped = _packings(main, found, self.schedule, self.formats, routers)
+        packings, dropped = _packings(main, found, self.schedule, self.formats, routers, self.int8_group)
         self.changed = sorted(w.name for w in packings)
         if not packings:
             return mod
@@ -267,7 +280,8 @@ class DenseLinear:
             if p.config.weight_format != "fp32":
                 for var, scale in zip(packed[w], (False, True)[: len(packed[w])], strict=True):
                     parts[var.name] = {
-                        "source": w.name, "format": p.config.weight_format, "group": 0, "scale": scale,
+                        "source": w.name, "format": p.config.weight_format, "scale": scale,
+                        "group": p.config.int8_group,
                         "output_axis": 0 if p.transposed else 1, "router": w in routers,
                     }  # fmt: skip
         params = [new for param in rewritten.params for new in packed.get(param, [param])]

@@ -82,4 +82,3 @@ class MaskExperts:
             return mod
         self.changed = sorted(layers)
         return updated
-

@@ -78,7 +78,7 @@ def moe_pipeline(
         layers.append(stored)
     dense: list[tvm.transform.Pass] = []
     if isinstance(schedule, CpuSchedule):
-        linear = DenseLinear(schedule, options.router_precision, options.dense_precision)
+        linear = DenseLinear(schedule, options.router_precision, options.dense_precision, options.int8_group)
         dense = [linear, PackExpertWeights(schedule)]
     identifiers = [CIdentifiers()] if c_identifiers else []
     phases: list[tuple[str, tvm.transform.Pass]] = [

@@ -90,4 +90,3 @@ class PruneChannels:
             return mod
         self.changed = sorted(layers)
         return updated
-

@@ -23,7 +23,6 @@ ParamTypes = dict[int, relax.TensorType]
 """New types of a function's parameters, by parameter position."""
 
 
-
 @mutator
 class _Substitute(PyExprMutator):
     """Substitutes variables and callees (used to retype parameters and retarget calls); a

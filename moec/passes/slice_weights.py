@@ -14,7 +14,7 @@ Rewrite rules, on ``main``:
   "transposed"[, "experts"][, "scale"]}``, from ``DenseLinear`` and ``PackExpertWeights``) are
   removed: once the weights are sliced and packed they say nothing more about the module;
 - the dense weights stored narrower (parts with an ``output_axis``) are summarised in
-  ``moec.dense_weights`` (source name → ``{"precision", "output_axis", "router"}``), which the
+  ``moec.dense_weights`` (source name → ``{"precision", "group", "output_axis", "router"}``), which the
   manifest and the reference read;
 - the module is otherwise unchanged.
 
@@ -86,6 +86,7 @@ class SliceWeights:
         dense = {
             part["source"]: {
                 "precision": part["format"],
+                "group": part["group"],
                 "output_axis": part["output_axis"],
                 "router": part["router"],
             }

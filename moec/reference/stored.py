@@ -106,15 +106,16 @@ def stored_layer(layer: MoELayer, plan: LayerPlan) -> MoELayer:
     return dataclasses.replace(layer, **changes)
 
 
-DenseStorage = dict[str, tuple[str, int]]
-"""Dense weights stored narrower, by initializer name: (precision, the axis of its outputs)."""
+DenseStorage = dict[str, tuple[str, int, int]]
+"""Dense weights stored narrower, by initializer name: (precision, the axis of its outputs, int8
+scale group along its inputs)."""
 
 
 def _round_dense(model: onnx.ModelProto, dense: DenseStorage) -> None:
     """Round ``model``'s dense weight initializers in place as ``dense`` says (each output
     channel of an int8 weight gets its own step)."""
     found = {tensor.name: i for i, tensor in enumerate(model.graph.initializer)}
-    for name, (precision, output_axis) in dense.items():
+    for name, (precision, output_axis, group) in dense.items():
         if name not in found:
             raise MoecError(
                 f"the artifact stores weight '{name}' as {precision}, but the model has no such initializer"
@@ -122,7 +123,7 @@ def _round_dense(model: onnx.ModelProto, dense: DenseStorage) -> None:
         tensor = model.graph.initializer[found[name]]
         value = numpy_helper.to_array(tensor).astype(np.float32)
         by_output = value if output_axis == 0 else value.T
-        rounded = _rounded(by_output, precision, 0)
+        rounded = _rounded(by_output, precision, group)
         model.graph.initializer[found[name]].CopyFrom(
             numpy_helper.from_array(rounded if output_axis == 0 else rounded.T.copy(), name)
         )

@@ -70,3 +70,15 @@ def test_dense_precision_on_a_cuda_target_is_refused(tmp_path: Path) -> None:
     result = invoke("compile", EXAMPLE_MODEL, "-o", out, "--target", "orin", "--router-precision", "int8")
     assert_user_error(result, "--router-precision", "orin")
     assert_nothing_written(out)
+
+
+def test_int8_groups_apply_to_dense_weights_too(tmp_path: Path) -> None:
+    """``--int8-group 32`` with ``--dense-precision int8``: the dense weights (64 inputs) get a
+    scale per 32 inputs of each output column, recorded in the manifest, and the artifact matches
+    the reference that rounds them so."""
+    model = onnx.load(EXAMPLE_MODEL)
+    options = CompileOptions(dense_precision="int8", router_precision="int8", int8_group=32)
+    session = ArtifactSession(compile_model(EXAMPLE_MODEL, tmp_path / "out", options))
+    assert {entry["group"] for entry in session.manifest["dense_weights"].values()} == {32}
+    feeds = {"x": np.random.default_rng(3).standard_normal((9, 64)).astype(np.float32)}
+    assert_close(session.run(feeds)["y"], reference_outputs(model, session.manifest, feeds)["y"], FP32_ATOL)

@@ -24,8 +24,8 @@ from moec.passes.slice_weights import SliceWeights
 from moec.schedule import CpuSchedule
 
 SCHEDULE = CpuSchedule(lanes=4, panel_vectors=1)
-Q_CONFIG = '{"in_features": 4, "out_features": 6, "panel": 4, "weight_format": "fp32"}'
-HEAD_CONFIG = '{"in_features": 4, "out_features": 5, "panel": 4, "weight_format": "fp32"}'
+Q_CONFIG = '{"in_features": 4, "int8_group": 0, "out_features": 6, "panel": 4, "weight_format": "fp32"}'
+HEAD_CONFIG = '{"in_features": 4, "int8_group": 0, "out_features": 5, "panel": 4, "weight_format": "fp32"}'
 PACKED = '{"w_head": {"panel": 4, "transposed": true}, "w_q": {"panel": 4, "transposed": false}}'
 
 
@@ -161,8 +161,8 @@ def test_int8_weights_become_values_and_column_scales():
     assert sorted(kernels) == ["linear_4x5_int8", "linear_4x6_int8"]
     assert all('"weight_format": "int8"' in str(f.attrs["moec.config"]) for f in kernels.values())
     assert json.loads(str(main.attrs["moec.dense_weights"])) == {
-        "w_head": {"output_axis": 0, "precision": "int8", "router": False},
-        "w_q": {"output_axis": 1, "precision": "int8", "router": False},
+        "w_head": {"group": 0, "output_axis": 0, "precision": "int8", "router": False},
+        "w_q": {"group": 0, "output_axis": 1, "precision": "int8", "router": False},
     }
     for name, matrix in (("w_q", w_q), ("w_head", w_head.T)):  # matrix: [in, out]
         scale = np.abs(matrix).max(axis=0) / np.float32(127)
