@@ -138,7 +138,7 @@ from common import (
     git_revision,
     log,
     others_cores,
-    wait_quiet,
+    run_timing_children,
     write_markdown,
 )
 
@@ -1523,7 +1523,6 @@ def run_parent(args: argparse.Namespace, argv: Sequence[str]) -> None:
     model_facts = json.loads((model_dir / "model.json").read_text())
     log(f"model: {model_dir}; systems: {', '.join(chosen)}")
     thread_counts = [int(n) for n in args.threads.split(",")]
-    children: dict[int, list[dict[str, Any]]] = defaultdict(list)
     rss: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="moec-decoder-") as tmp:
         workdir = Path(tmp)
@@ -1540,24 +1539,20 @@ def run_parent(args: argparse.Namespace, argv: Sequence[str]) -> None:
         if "onnxruntime" in chosen:
             stored["onnxruntime"] = (model_dir / "model.onnx").stat().st_size
         before = busy_and_children_s()
-        for proc in range(args.procs):
-            for n in thread_counts:
-                json_out = workdir / f"threads{n}_proc{proc}.json"
-                env = dict(os.environ, TVM_NUM_THREADS=str(n), OMP_NUM_THREADS=str(n))
-                env.update(OPENBLAS_NUM_THREADS=str(n), MKL_NUM_THREADS=str(n))
-                cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--threads", str(n), *common]
-                cmd += ["--tokens", args.tokens, "--reps", str(args.reps), "--inner", str(args.inner)]
-                cmd += ["--evict-mb", str(args.evict_mb), "--json-out", str(json_out)]
-                cmd += ["--profile-calls", str(args.profile_calls), "--systems", args.systems]
-                if proc == 0 and n == min(thread_counts) and not args.no_profile:
-                    cmd.append("--profile")
-                wait_quiet(args.wait_quiet)
-                log(f"process {proc + 1}/{args.procs}, {n} thread(s)")
-                start = busy_and_children_s()
-                subprocess.run(cmd, env=env, check=True)
-                children[n].append(json.loads(json_out.read_text()))
-                children[n][-1]["others_cores"] = others_cores(start, busy_and_children_s())
-                log(f"other processes used {children[n][-1]['others_cores']:.2f} cores meanwhile")
+        timing = [*common, "--tokens", args.tokens, "--reps", str(args.reps), "--inner", str(args.inner)]
+        timing += ["--evict-mb", str(args.evict_mb)]
+        timing += ["--profile-calls", str(args.profile_calls), "--systems", args.systems]
+
+        def child_args(proc: int, threads: int) -> list[str]:
+            profile = proc == 0 and threads == min(thread_counts) and not args.no_profile
+            return [*timing, *(["--profile"] if profile else [])]
+
+        children, others = run_timing_children(
+            Path(__file__).resolve(), workdir, thread_counts, args.procs, args.wait_quiet, child_args
+        )
+        for n, results in children.items():
+            for result, busy in zip(results, others[n], strict=True):
+                result["others_cores"] = busy
         rss_tokens = max(int(t) for t in args.tokens.split(","))
         for system in chosen:
             env = dict(os.environ, TVM_NUM_THREADS="1", OMP_NUM_THREADS="1")

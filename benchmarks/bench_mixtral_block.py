@@ -66,7 +66,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -77,12 +76,10 @@ from common import (
     REPO,
     MoecModel,
     add_wait_quiet_option,
-    busy_and_children_s,
     cpu_model,
     git_revision,
     log,
-    others_cores,
-    wait_quiet,
+    run_timing_children,
     write_markdown,
 )
 
@@ -854,8 +851,6 @@ def run_parent(args: argparse.Namespace, argv: Sequence[str]) -> None:
     wall = time.perf_counter()
     thread_counts = [int(n) for n in args.threads.split(",")]
     reps_per_process = -(-args.reps // args.procs)
-    children: dict[int, list[dict[str, Any]]] = defaultdict(list)
-    others: dict[int, list[float]] = defaultdict(list)
     with tempfile.TemporaryDirectory(prefix="moec-bench-") as tmp:
         workdir = Path(tmp)
         log(f"building models in {workdir}")
@@ -872,47 +867,18 @@ def run_parent(args: argparse.Namespace, argv: Sequence[str]) -> None:
             CompileOptions(target="host", force=True),
             log=lambda m: log(f"moec: {m}"),
         )
-        for proc in range(args.procs):
-            for n in thread_counts:
-                json_out = workdir / f"threads{n}_proc{proc}.json"
-                env = dict(
-                    os.environ,
-                    TVM_NUM_THREADS=str(n),
-                    OMP_NUM_THREADS=str(n),
-                    OPENBLAS_NUM_THREADS=str(n),
-                    MKL_NUM_THREADS=str(n),
-                )
-                cmd = [
-                    sys.executable,
-                    str(Path(__file__).resolve()),
-                    "--child",
-                    "--workdir",
-                    str(workdir),
-                    "--threads",
-                    str(n),
-                    "--tokens",
-                    args.tokens,
-                    "--reps",
-                    str(reps_per_process),
-                    "--inner",
-                    str(args.inner),
-                    "--evict-mb",
-                    str(args.evict_mb),
-                    "--evict-threads",
-                    str(args.evict_threads),
-                    "--json-out",
-                    str(json_out),
-                ]
-                cmd += ["--quick"] if args.quick else []
-                cmd += ["--no-profile"] if args.no_profile or proc > 0 else []
-                cmd += ["--tvm-static"] if args.tvm_static else []
-                wait_quiet(args.wait_quiet)
-                log(f"process {proc + 1}/{args.procs}, {n} thread(s)")
-                start = busy_and_children_s()
-                subprocess.run(cmd, env=env, check=True)
-                children[n].append(json.loads(json_out.read_text()))
-                others[n].append(others_cores(start, busy_and_children_s()))
-                log(f"other processes used {others[n][-1]:.2f} cores meanwhile")
+        common = ["--workdir", str(workdir), "--tokens", args.tokens, "--reps", str(reps_per_process)]
+        common += ["--inner", str(args.inner), "--evict-mb", str(args.evict_mb)]
+        common += ["--evict-threads", str(args.evict_threads)]
+        common += ["--quick"] if args.quick else []
+        common += ["--tvm-static"] if args.tvm_static else []
+
+        def child_args(proc: int, _threads: int) -> list[str]:
+            return [*common, *(["--no-profile"] if args.no_profile or proc > 0 else [])]
+
+        children, others = run_timing_children(
+            Path(__file__).resolve(), workdir, thread_counts, args.procs, args.wait_quiet, child_args
+        )
     results = {n: merge(c) for n, c in children.items()}
     facts = {
         "command": " ".join(

@@ -70,11 +70,9 @@ import dataclasses
 import json
 import os
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -101,12 +99,10 @@ from common import (
     REPO,
     MoecModel,
     add_wait_quiet_option,
-    busy_and_children_s,
     cpu_model,
     git_revision,
     log,
-    others_cores,
-    wait_quiet,
+    run_timing_children,
     write_markdown,
 )
 
@@ -731,40 +727,21 @@ def run_parent(args: argparse.Namespace, argv: Sequence[str]) -> None:
     thread_counts = [int(n) for n in args.threads.split(",")]
     tokens = [int(t) for t in args.tokens.split(",")]
     reps_per_process = -(-args.reps // args.procs)
-    children: dict[int, list[dict[str, Any]]] = defaultdict(list)
-    others: dict[int, list[float]] = defaultdict(list)
     with tempfile.TemporaryDirectory(prefix="moec-bench-precision-") as tmp:
         workdir = Path(tmp)
         block = prepare_block(workdir, tokens, args.accuracy_budget)
         digits = digits_accuracy(workdir, args.accuracy_budget)
-        for proc in range(args.procs):
-            for n in thread_counts:
-                json_out = workdir / f"threads{n}_proc{proc}.json"
-                env = dict(
-                    os.environ,
-                    TVM_NUM_THREADS=str(n),
-                    OMP_NUM_THREADS=str(n),
-                    OPENBLAS_NUM_THREADS=str(n),
-                    MKL_NUM_THREADS=str(n),
-                )
-                cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--workdir", str(workdir)]
-                cmd += ["--threads", str(n), "--tokens", args.tokens, "--reps", str(reps_per_process)]
-                cmd += [
-                    "--inner",
-                    str(args.inner),
-                    "--evict-mb",
-                    str(args.evict_mb),
-                    "--json-out",
-                    str(json_out),
-                ]
-                cmd += ["--quick"] if args.quick else []
-                wait_quiet(args.wait_quiet)
-                log(f"process {proc + 1}/{args.procs}, {n} thread(s)")
-                start = busy_and_children_s()
-                subprocess.run(cmd, env=env, check=True)
-                children[n].append(json.loads(json_out.read_text()))
-                others[n].append(others_cores(start, busy_and_children_s()))
-                log(f"other processes used {others[n][-1]:.2f} cores meanwhile")
+        child_args = ["--workdir", str(workdir), "--tokens", args.tokens, "--reps", str(reps_per_process)]
+        child_args += ["--inner", str(args.inner), "--evict-mb", str(args.evict_mb)]
+        child_args += ["--quick"] if args.quick else []
+        children, others = run_timing_children(
+            Path(__file__).resolve(),
+            workdir,
+            thread_counts,
+            args.procs,
+            args.wait_quiet,
+            lambda _p, _n: child_args,
+        )
     results = {n: merge(c) for n, c in children.items()}
     facts = {
         "command": " ".join([".venv/bin/python", "benchmarks/bench_precision.py", *map(shlex.quote, argv)]),

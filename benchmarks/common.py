@@ -5,12 +5,13 @@ build their models with the tests' synthetic builders, ``tests.zoo``)."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +130,39 @@ def wait_quiet(limit_s: float, threshold: float = 0.25) -> None:
             return
         log(f"waiting for a quiet machine: other processes use {busy:.2f} cores")
         time.sleep(8.0)
+
+
+THREAD_VARIABLES = ("TVM_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+"""Each runtime's thread-count variable; a timing child gets its thread count in all of them."""
+
+
+def run_timing_children(
+    script: str | Path,
+    workdir: Path,
+    thread_counts: Sequence[int],
+    procs: int,
+    wait_limit_s: float,
+    child_args: Callable[[int, int], list[str]],
+) -> tuple[dict[int, list[dict[str, Any]]], dict[int, list[float]]]:
+    """Run ``script --child --threads N --json-out FILE`` plus ``child_args(proc, N)``, ``procs``
+    times per thread count (``TVM_NUM_THREADS`` is read once per process), each after waiting for
+    a quiet machine (:func:`wait_quiet`); return per thread count the children's JSON and the cores
+    other processes used while each ran."""
+    children: dict[int, list[dict[str, Any]]] = {n: [] for n in thread_counts}
+    others: dict[int, list[float]] = {n: [] for n in thread_counts}
+    for proc in range(procs):
+        for n in thread_counts:
+            json_out = workdir / f"threads{n}_proc{proc}.json"
+            env = dict(os.environ, **dict.fromkeys(THREAD_VARIABLES, str(n)))
+            cmd = [sys.executable, str(script), "--child", "--threads", str(n), "--json-out", str(json_out)]
+            wait_quiet(wait_limit_s)
+            log(f"process {proc + 1}/{procs}, {n} thread(s)")
+            start = busy_and_children_s()
+            subprocess.run([*cmd, *child_args(proc, n)], env=env, check=True)
+            children[n].append(json.loads(json_out.read_text()))
+            others[n].append(others_cores(start, busy_and_children_s()))
+            log(f"other processes used {others[n][-1]:.2f} cores meanwhile")
+    return children, others
 
 
 def add_wait_quiet_option(parser: argparse.ArgumentParser) -> None:
