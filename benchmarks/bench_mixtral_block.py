@@ -73,13 +73,13 @@ from typing import Any
 
 import numpy as np
 from common import (
-    REPO,
     MoecModel,
-    add_wait_quiet_option,
+    add_timing_options,
     cpu_model,
     git_revision,
     log,
     run_timing_children,
+    timing_defaults,
     write_markdown,
 )
 
@@ -913,70 +913,21 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="few repetitions, one process per thread "
-        "count (smoke check); does not write BENCHMARKS.md unless --markdown is given",
-    )
-    parser.add_argument(
-        "--reps",
-        type=int,
-        default=None,
-        help="repetitions per case, split over --procs (default 20, --quick 3)",
-    )
-    parser.add_argument(
-        "--procs", type=int, default=None, help="processes per thread count (default 2, --quick 1)"
-    )
-    parser.add_argument(
-        "--inner",
-        type=int,
-        default=None,
-        help="warm timed calls per system per repetition (default 5, --quick 2)",
-    )
-    parser.add_argument(
-        "--evict-mb",
-        type=int,
-        default=default_evict_mb(),
-        help="cache-flush buffer, MiB (default max(2 x LLC, 64), capped at 1024: %(default)s here)",
-    )
+    add_timing_options(parser, default_evict_mb())
     parser.add_argument(
         "--evict-threads",
         type=int,
         default=0,
         help="threads that flush the cache (default 0: as many as the benchmark uses)",
     )
-    parser.add_argument("--tokens", default="1,16", help="comma-separated token counts (default 1,16)")
-    parser.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
-    parser.add_argument(
-        "--markdown",
-        default=None,
-        help="write the report section to this file (default: BENCHMARKS.md at the "
-        "repo root for a full run, nothing with --quick)",
-    )
-    parser.add_argument("--no-markdown", action="store_true", help="do not write any Markdown file")
     parser.add_argument("--no-profile", action="store_true", help="skip moec's per-function breakdown")
-    add_wait_quiet_option(parser)
     parser.add_argument(
         "--tvm-static", action="store_true", help="build plain TVM with a fixed token count per case"
     )
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--workdir", help=argparse.SUPPRESS)
-    parser.add_argument("--json-out", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.reps is None:
-        args.reps = 3 if args.quick else 20
-    if args.procs is None:
-        args.procs = 1 if args.quick else 2
-    if args.inner is None:
-        args.inner = 2 if args.quick else 5
+    args = timing_defaults(parser, parser.parse_args(argv))
     args.profile = not args.no_profile
-    if args.no_markdown:
-        args.markdown = None
-    elif args.markdown is None and not args.quick:
-        args.markdown = str(REPO / "BENCHMARKS.md")
-    if min(args.reps, args.procs, args.inner, args.evict_mb) < 1 or args.evict_threads < 0:
-        parser.error("--reps, --procs, --inner and --evict-mb must be positive, --evict-threads >= 0")
+    if args.evict_threads < 0:
+        parser.error("--evict-threads must be >= 0")
     return args
 
 

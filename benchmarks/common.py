@@ -165,6 +165,71 @@ def run_timing_children(
     return children, others
 
 
+def add_timing_options(parser: argparse.ArgumentParser, evict_mb: int) -> None:
+    """The options of an interleaved timing benchmark run in child processes: ``--quick``,
+    ``--reps``, ``--procs``, ``--inner``, ``--evict-mb`` (default ``evict_mb``), ``--tokens``,
+    ``--threads``, ``--markdown``, ``--no-markdown``, ``--wait-quiet`` and the children's hidden
+    ``--child``, ``--workdir``, ``--json-out``; :func:`timing_defaults` completes them."""
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="few repetitions, one process per thread count (smoke check); does not write "
+        "BENCHMARKS.md unless --markdown is given",
+    )
+    parser.add_argument(
+        "--reps",
+        type=int,
+        default=None,
+        help="repetitions per case, split over --procs (default 20, --quick 3)",
+    )
+    parser.add_argument(
+        "--procs", type=int, default=None, help="processes per thread count (default 2, --quick 1)"
+    )
+    parser.add_argument(
+        "--inner",
+        type=int,
+        default=None,
+        help="warm timed calls per system per repetition (default 5, --quick 2)",
+    )
+    parser.add_argument(
+        "--evict-mb",
+        type=int,
+        default=evict_mb,
+        help="cache-flush buffer, MiB (default max(2 x LLC, 64), capped at 1024: %(default)s here)",
+    )
+    parser.add_argument("--tokens", default="1,16", help="comma-separated token counts (default 1,16)")
+    parser.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
+    parser.add_argument(
+        "--markdown",
+        default=None,
+        help="write the report section to this file (default: BENCHMARKS.md at the repo root for a "
+        "full run, nothing with --quick)",
+    )
+    parser.add_argument("--no-markdown", action="store_true", help="do not write any Markdown file")
+    add_wait_quiet_option(parser)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    parser.add_argument("--json-out", help=argparse.SUPPRESS)
+
+
+def timing_defaults(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` of :func:`add_timing_options` with ``--quick``'s lower repetition defaults and the
+    Markdown file (BENCHMARKS.md for a full run); a non-positive count is a usage error."""
+    if args.reps is None:
+        args.reps = 3 if args.quick else 20
+    if args.procs is None:
+        args.procs = 1 if args.quick else 2
+    if args.inner is None:
+        args.inner = 2 if args.quick else 5
+    if args.no_markdown:
+        args.markdown = None
+    elif args.markdown is None and not args.quick:
+        args.markdown = str(REPO / "BENCHMARKS.md")
+    if min(args.reps, args.procs, args.inner, args.evict_mb) < 1:
+        parser.error("--reps, --procs, --inner and --evict-mb must be positive")
+    return args
+
+
 def add_wait_quiet_option(parser: argparse.ArgumentParser) -> None:
     """``--wait-quiet SECONDS``, the limit :func:`wait_quiet` gets before each timing process."""
     parser.add_argument(
