@@ -88,6 +88,13 @@ class _CountVarUses(PyExprVisitor):
         self.uses[var] += 1
 
 
+def var_uses(func: relax.Function) -> Counter:
+    """How often each variable is used in ``func``'s body."""
+    counter = _CountVarUses()
+    counter.visit_expr(func.body)
+    return counter.uses
+
+
 def is_layer(func: object) -> bool:
     """Whether ``func`` is an MoE layer function (attribute ``moec.layer``)."""
     return isinstance(func, relax.Function) and func.attrs is not None and "moec.layer" in func.attrs
@@ -155,8 +162,7 @@ def main_param_types(main: relax.Function, retyped: dict[str, ParamTypes]) -> Pa
     with another op, or computed at run time): the pass should then change nothing, as a
     kernel may be shared between layers.
     """
-    counter = _CountVarUses()
-    counter.visit_expr(main.body)
+    uses = var_uses(main)
     position = {p: i for i, p in enumerate(main.params)}
     types: ParamTypes = {}
     exclusive = True
@@ -167,7 +173,7 @@ def main_param_types(main: relax.Function, retyped: dict[str, ParamTypes]) -> Pa
             nonlocal exclusive
             for i, ty in retyped.get(getattr(call.op, "name_hint", ""), {}).items():
                 arg = call.args[i]
-                if arg in position and counter.uses[arg] == 1:
+                if arg in position and uses[arg] == 1:
                     types[position[arg]] = ty
                 else:
                     exclusive = False

@@ -29,7 +29,6 @@ expert numbering the plan follows); ``PackExpertWeights`` then packs each matrix
 from __future__ import annotations
 
 import json
-from collections import Counter
 
 import tvm
 from tvm import relax
@@ -39,7 +38,7 @@ from moec.canonical.layer import EXPERT_MATRICES
 from moec.kernels import kernel_config, kernel_spec
 from moec.kernels.config import replace
 from moec.kernels.formats import ExpertFormats, fp16_arithmetic
-from moec.passes.signature import call_outputs, called_kernels, is_layer, layer_weight_slots
+from moec.passes.signature import call_outputs, called_kernels, is_layer, layer_weight_slots, var_uses
 from moec.passes.slice_weights import EXPERT_FORMATS
 
 WEIGHT_KERNELS = ("expert_up", "expert_down")
@@ -84,18 +83,6 @@ def _expanded(func: relax.Function, expansion: Expansion, callees, mod) -> relax
     return relax.Function(params, body, func.ret_ty, func.is_pure, func.attrs, func.span)
 
 
-def _uses(func: relax.Function) -> Counter:
-    counter: Counter = Counter()
-
-    @visitor
-    class _Count(PyExprVisitor):
-        def visit_var_(self, var: relax.Var) -> None:
-            counter[var] += 1
-
-    _Count().visit_expr(func.body)
-    return counter
-
-
 def _layer_call_arguments(main: relax.Function, layer: str) -> list[list[relax.Expr]]:
     """The arguments of every call of ``layer`` in ``main``."""
     found: list[list[relax.Expr]] = []
@@ -130,7 +117,7 @@ class StoreExpertWeights:
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         self.changed = []
         main = mod["main"]
-        uses = _uses(main)
+        uses = var_uses(main)
         main_params = set(main.params)
         layer_expansions: dict[str, Expansion] = {}
         main_expansion: Expansion = {}

@@ -203,6 +203,30 @@ EXPERT_CASES = [
 ]
 
 
+def _routed_pairs(rng, tokens: int, E: int, K: int):
+    """Random routing of ``tokens`` tokens to ``K`` distinct of ``E`` experts with random gains,
+    and the pairs grouped by expert as the group kernel leaves them: ``(index [tokens, K], gains
+    [tokens, K], token per pair, gain per pair, offset [E + 1])``."""
+    index = np.stack([rng.choice(E, K, replace=False) for _ in range(tokens)])
+    gain_in = rng.random((tokens, K))
+    order = np.argsort(index.reshape(-1), kind="stable")
+    token = (order // K).astype(np.int32)
+    gain = gain_in.reshape(-1)[order].astype(np.float32)
+    offset = np.concatenate([[0], np.cumsum(np.bincount(index.ravel(), minlength=E))]).astype(np.int32)
+    return index, gain_in, token, gain, offset
+
+
+def _moe_reference(layer: MoELayer, x: np.ndarray, index: np.ndarray, gains: np.ndarray) -> np.ndarray:
+    """The layer's output for ``x`` routed as ``index`` with ``gains``, in float64 from the numpy
+    expert FFN."""
+    expected = np.zeros((x.shape[0], layer.hidden))
+    for t in range(x.shape[0]):
+        for slot in range(index.shape[1]):
+            row = x[t : t + 1].astype(np.float64)
+            expected[t] += gains[t, slot] * expert_ffn(layer, int(index[t, slot]), row)[0]
+    return expected
+
+
 def pack_expert_panels(weight: np.ndarray, panel: int) -> np.ndarray:
     """Expert matrices ``[E, out, in]`` in the panel kernels' layout, element by element from its
     definition: ``packed[e, p, c, v] = weight[e, p * panel + v, c]``, zero past row ``out``."""
@@ -231,12 +255,7 @@ def test_expert_kernels_match_numpy(schedule, activation, gated, extra, tokens, 
     E, H, F, K = layer.num_experts, layer.hidden, layer.ffn, layer.top_k
     rng = np.random.default_rng(tokens)
     x = rng.standard_normal((tokens, H)).astype(np.float32)
-    index = np.stack([rng.choice(E, K, replace=False) for _ in range(tokens)])
-    gain_in = rng.random((tokens, K))
-    order = np.argsort(index.reshape(-1), kind="stable")
-    token = (order // K).astype(np.int32)
-    gain = gain_in.reshape(-1)[order].astype(np.float32)
-    offset = np.concatenate([[0], np.cumsum(np.bincount(index.ravel(), minlength=E))]).astype(np.int32)
+    index, gain_in, token, gain, offset = _routed_pairs(rng, tokens, E, K)
     up_config = {
         "num_experts": E,
         "hidden": H,
@@ -267,12 +286,7 @@ def test_expert_kernels_match_numpy(schedule, activation, gated, extra, tokens, 
         gain,
         outputs=[((tokens, H), "float32")],
     )
-    expected = np.zeros((tokens, H))
-    for t in range(tokens):
-        for slot in range(K):
-            expected[t] += (
-                gain_in[t, slot] * expert_ffn(layer, int(index[t, slot]), x[t : t + 1].astype(np.float64))[0]
-            )
+    expected = _moe_reference(layer, x, index, gain_in)
     assert_close(y, expected.astype(np.float32), 1e-5)
 
 
@@ -323,12 +337,7 @@ def test_mixed_format_expert_kernels_match_numpy(schedule, panel, group, gated, 
         stored[role], held[role] = _stored_formats(getattr(layer, role), MIXED, group, rng)
     layer = dataclasses.replace(layer, **held)
     x = rng.standard_normal((tokens, H)).astype(np.float32)
-    index = np.stack([rng.choice(E, K, replace=False) for _ in range(tokens)])
-    gain_in = rng.random((tokens, K))
-    order = np.argsort(index.reshape(-1), kind="stable")
-    token = (order // K).astype(np.int32)
-    gain = gain_in.reshape(-1)[order].astype(np.float32)
-    offset = np.concatenate([[0], np.cumsum(np.bincount(index.ravel(), minlength=E))]).astype(np.int32)
+    index, gain_in, token, gain, offset = _routed_pairs(rng, tokens, E, K)
     pack = (lambda w: w) if panel is None else (lambda w: pack_expert_panels(w, panel))
 
     def buffers(role: str) -> list[np.ndarray]:
@@ -354,12 +363,7 @@ def test_mixed_format_expert_kernels_match_numpy(schedule, panel, group, gated, 
         "expert_down", common, schedule, inter, *buffers("w_down"), layer.b_down, offset, token, gain,
         outputs=[((tokens, H), "float32")],
     )  # fmt: skip
-    expected = np.zeros((tokens, H))
-    for t in range(tokens):
-        for slot in range(K):
-            expected[t] += (
-                gain_in[t, slot] * expert_ffn(layer, int(index[t, slot]), x[t : t + 1].astype(np.float64))[0]
-            )
+    expected = _moe_reference(layer, x, index, gain_in)
     assert_close(y, expected.astype(np.float32), 1e-5)
 
 
@@ -477,7 +481,7 @@ def test_expert_kernels_with_one_lane_fold_nothing():
 @pytest.mark.parametrize("tokens", [1, 7])
 def test_fp16_arithmetic_panel_kernels_stay_within_their_bound(gated, tokens):
     """fp16 experts multiplied in FP16 (chunked FP16 sums added in fp32) next to fp32 and int8
-    experts: within the documented bound (1e-2 of the largest output) of the FFN over the
+    experts: within the documented bound (1e-2 of the largest output) of the layer over the
     fp16-rounded weights, and not equal to the fp32-arithmetic result (FP16 really rounds)."""
     layer = _layer(experts=5, hidden=32, ffn=48, gated=gated, activation="silu" if gated else "relu")
     E, H, F, K = layer.num_experts, layer.hidden, layer.ffn, layer.top_k
@@ -488,10 +492,7 @@ def test_fp16_arithmetic_panel_kernels_stay_within_their_bound(gated, tokens):
         stored[role], held[role] = _stored_formats(getattr(layer, role), formats, 0, rng)
     layer = dataclasses.replace(layer, **held)
     x = rng.standard_normal((tokens, H)).astype(np.float32)
-    index = np.stack([rng.choice(E, K, replace=False) for _ in range(tokens)])
-    order = np.argsort(index.reshape(-1), kind="stable")
-    token, gain = (order // K).astype(np.int32), np.ones(tokens * K, np.float32)
-    offset = np.concatenate([[0], np.cumsum(np.bincount(index.ravel(), minlength=E))]).astype(np.int32)
+    index, gain_in, token, gain, offset = _routed_pairs(rng, tokens, E, K)
     panel = 16
 
     def buffers(role: str) -> list[np.ndarray]:
@@ -512,10 +513,7 @@ def test_fp16_arithmetic_panel_kernels_stay_within_their_bound(gated, tokens):
             "expert_down", common, SCHEDULES[0], inter, *buffers("w_down"), layer.b_down, offset, token, gain,
             outputs=[((tokens, H), "float32")],
         )  # fmt: skip
-    expected = np.zeros((tokens, H))
-    for t in range(tokens):
-        for slot in range(K):
-            expected[t] += expert_ffn(layer, int(index[t, slot]), x[t : t + 1].astype(np.float64))[0]
+    expected = _moe_reference(layer, x, index, gain_in)
     bound = 1e-2 * np.abs(expected).max()
     assert np.abs(results[True] - expected).max() <= bound
     assert_close(results[False], expected.astype(np.float32), FP32_ATOL)

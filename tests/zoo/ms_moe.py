@@ -112,7 +112,7 @@ def _moe_layer(
     return nodes, inits
 
 
-def _make_model(
+def make_model(
     name: str, hidden: int, nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto]
 ) -> onnx.ModelProto:
     """Wrap nodes into a checked model with input ``x`` and output ``y``, both ``[tokens, hidden]``."""
@@ -181,7 +181,7 @@ def build_ms_moe_model(
         fc3=fc3,
         use_sparse_mixer=use_sparse_mixer,
     )
-    return _make_model("ms_moe", hidden, nodes, inits)
+    return make_model("ms_moe", hidden, nodes, inits)
 
 
 def build_two_layer_ms_moe_model(
@@ -249,4 +249,4 @@ def build_two_layer_ms_moe_model(
     nodes += n2
     inits += i2
     nodes.append(helper.make_node("Add", ["res0", "moe1_out"], ["y"], name="res1_add"))
-    return _make_model("ms_moe_two_layer", hidden, nodes, inits)
+    return make_model("ms_moe_two_layer", hidden, nodes, inits)

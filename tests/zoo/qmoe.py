@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
-from tests.zoo.ms_moe import IR_VERSION, OPSET
+from tests.zoo.ms_moe import make_model
 
 __all__ = ["build_qmoe_model", "pack_codes", "quantize_projection"]
 
@@ -133,18 +133,4 @@ def build_qmoe_model(
         helper.make_node("MatMul", ["x", "router_w"], ["logits"], name="router"),
         helper.make_node("QMoE", node_inputs, ["y"], name="qmoe", domain=_MS_DOMAIN, **attrs),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "qmoe",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["tokens", hidden])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["tokens", hidden])],
-        inits,
-    )
-    model = helper.make_model(
-        graph,
-        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(_MS_DOMAIN, 1)],
-        ir_version=IR_VERSION,
-        producer_name="tests.zoo",
-    )
-    onnx.checker.check_model(model)
-    return model
+    return make_model("qmoe", hidden, nodes, inits)
