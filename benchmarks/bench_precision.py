@@ -10,6 +10,9 @@ plan, plus two onnxruntime systems on the same weights:
 ``fp16``       every expert fp16 (``--precision fp16``; widened to fp32 on load).
 ``int8``       every expert symmetric int8, one fp32 scale per output row (``--precision int8``).
 ``int8-g64``   int8 with one scale per 64 inputs of a row (``--precision int8 --int8-group 64``).
+``int8-dot``   the int8 plan's weights multiplied in INT8 (W8A8, ``--precision int8-dot``): each
+               kernel's input rows quantized per row at run time, VNNI ``vpdpbusd`` dot products;
+               only where the host computes int8 (``moec targets``).
 ``article``    the policy of the edge-MoE article: the most frequently routed half of each layer's
                experts int8, the rest fp32; frequencies from ``moec.analysis.profile.profile_model``
                on a few hundred random tokens (not the timed inputs).
@@ -150,6 +153,27 @@ def budget_api() -> Callable[..., Any] | None:
     return choose_precisions
 
 
+def host_int8_dot() -> bool:
+    """Whether this machine's CPU computes int8 (the int8-dot plan runs here); logs when not."""
+    from moec.targets import load_target
+
+    if load_target("host").int8_dot is None:
+        log("this CPU has no INT8 dot products (VNNI): no int8-dot plan")
+        return False
+    return True
+
+
+def allowed_error(key: str, expected: np.ndarray) -> float:
+    """How far a system may be from its oracle: 1e-4, or for INT8 arithmetic (int8-dot) the
+    documented relative bound (``REDUCED_ARITHMETIC_TOLERANCE`` of the largest output: an
+    intermediate activation may round to the neighbouring INT8 level)."""
+    from moec.kernels.formats import REDUCED_ARITHMETIC_TOLERANCE
+
+    if key.startswith("int8-dot"):
+        return max(TOLERANCE, REDUCED_ARITHMETIC_TOLERANCE * float(np.abs(expected).max()))
+    return TOLERANCE
+
+
 def precision_plans(
     model: Any, model_path: Path, samples: list[dict[str, np.ndarray]], budget: float
 ) -> tuple[list[Plan], dict[str, Any], dict[str, Any] | None]:
@@ -172,6 +196,11 @@ def precision_plans(
             "all int8, groups of 64",
             "`--precision int8 --int8-group 64`",
             {"precision": "int8", "int8_group": 64},
+        ),
+        *(
+            [Plan("int8-dot", "all int8-dot (W8A8)", "`--precision int8-dot`", {"precision": "int8-dot"})]
+            if host_int8_dot()
+            else []
         ),
         Plan(
             "article",
@@ -414,8 +443,9 @@ def digits_accuracy(workdir: Path, budget: float) -> dict[str, Any]:
         logits = artifact_logits(out, data["test.x"])
         expected = reference_outputs(model, manifest, feeds)["logits"]
         error = float(np.abs(logits.astype(np.float64) - expected).max())
-        if not error <= TOLERANCE:
-            raise SystemExit(f"digits {plan.key}: artifact vs numpy oracle {error:.2e} > {TOLERANCE}")
+        allowed = allowed_error(plan.key, expected)
+        if not error <= allowed:
+            raise SystemExit(f"digits {plan.key}: artifact vs numpy oracle {error:.2e} > {allowed:.2e}")
         baseline = logits if baseline is None else baseline
         stored = sum(sum(b) for b in expert_bytes(manifest).values())
         precision_plan = plan.key not in {"skip"} and not plan.key.startswith("keep")
@@ -499,15 +529,16 @@ def run_child(args: argparse.Namespace) -> None:
         y64, top = numpy_block(x, weights)
         hit = np.unique(top)
         made = {name: make(x) for name, make in systems.items()}
-        errors = {}
+        errors, allowed = {}, {}
         for name, (_, output) in made.items():
             oracle = "int8" if name == "ort-qmoe" else name
             expected = references[f"{oracle}.{t}"] if oracle in quantized else y64
             errors[name] = float(np.abs(output().astype(np.float64) - expected).max())
-        bad = {name: e for name, e in errors.items() if not e <= TOLERANCE}
+            allowed[name] = allowed_error(name, expected)
+        bad = {name: e for name, e in errors.items() if not e <= allowed[name]}
         if bad:
             raise SystemExit(
-                f"threads={threads} tokens={t}: outputs differ from their oracle beyond {TOLERANCE}: {bad}"
+                f"threads={threads} tokens={t}: outputs differ from their oracle beyond bounds: {bad}"
             )
         log(
             f"threads={threads} tokens={t}: every system matches its oracle "
@@ -625,7 +656,8 @@ def report(
         "Verified before timing, in every timing process: moec's fp32 plan and ORT's MoE against the float64 "
         "numpy block, every other moec plan against `run_stored_reference` with the artifact's layer plans, "
         f"ORT's QMoE against that reference of the int8 plan; all within {TOLERANCE:g} "
-        f"(largest seen {worst:.1e}).",
+        f"(int8-dot: within 1% of the largest output, the documented bound of INT8 arithmetic; "
+        f"largest error seen {worst:.1e}).",
         "",
         "Cells: median and p90 latency in ms; × floor = median ÷ the floor; vs fp32 = moec all-fp32's median "
         "÷ this system's (> 1: faster). Floor = the cold median of a numpy read of exactly the bytes this "
@@ -667,7 +699,7 @@ def report(
         f"budget and masking from a profile of `calib.x` ({digits['calib_images']} images; the budget "
         f"chooses on one half and checks on the other). Accuracy on `test.x` ({digits['test_images']} "
         f"images); every artifact matched its numpy oracle (`moec.verify.reference_outputs`) within "
-        f"{TOLERANCE:g} first."
+        f"{TOLERANCE:g} (int8-dot: 1% of the largest logit) first."
         + (
             f" Budget plan: relative RMS logit error {digits['budget']['error']:.2g} chosen on, "
             f"{digits['budget']['held_out_error']:.2g} held out."

@@ -146,7 +146,7 @@ def build_manifest(
     """
     import tvm  # already loaded by the compiler; imported here to keep it out of the readers' imports
 
-    from moec.kernels.formats import fp16_arithmetic
+    from moec.kernels.formats import INT8_FORMATS, fp16_arithmetic
 
     kept_experts = options.kept_experts or {}
     layers = []
@@ -158,7 +158,7 @@ def build_manifest(
         kept = kept_experts.get(layer.name, list(range(layer.num_experts)))
         precisions = options.layer_precisions(layer.name, layer.num_experts)
         stored = expert_bytes(weights, names, [precisions[e] for e in kept])
-        entry["int8_group"] = options.int8_group if "int8" in precisions else None
+        entry["int8_group"] = options.int8_group if set(INT8_FORMATS) & set(precisions) else None
         ffn = len((options.kept_channels or {}).get(layer.name, [range(layer.ffn)])[0])
         half = fp16_arithmetic(target.cpu_fp16, layer.hidden, ffn)
         entry["plan"] = [
@@ -166,7 +166,7 @@ def build_manifest(
                 expert=expert,
                 kept=expert in kept,
                 precision=precisions[expert],
-                compute="fp16" if half and precisions[expert] == "fp16" else "fp32",
+                compute=expert_compute(precisions[expert], half),
                 bytes=stored[kept.index(expert)] if expert in kept else 0,
             )
             for expert in range(layer.num_experts)
@@ -210,19 +210,28 @@ def build_manifest(
     return manifest
 
 
+def expert_compute(precision: str, fp16_arithmetic: bool) -> str:
+    """The arithmetic an expert stored as ``precision`` multiplies in: int8 for int8-dot, fp16 for
+    fp16 on a target with FP16 arithmetic (``fp16_arithmetic``), else fp32."""
+    if precision == "int8-dot":
+        return "int8"
+    return "fp16" if fp16_arithmetic and precision == "fp16" else "fp32"
+
+
 def expert_bytes(
     weights: dict[str, tvm.runtime.Tensor], names: list[str], precisions: list[str]
 ) -> list[int]:
     """Bytes each stored expert of a layer occupies in the weights file, for the layer's weights
     ``names`` (by role) stored with the experts' ``precisions``: a weight stored whole gives each
     expert an equal share; one stored per precision (``{name}.{precision}``, with int8's
-    ``{name}.int8_scale``) gives its share to the experts of that precision only."""
+    ``{name}.int8_scale``; int8-dot's ``{name}.int8_dot``) gives its share to the experts of that
+    precision only."""
     shares = [0] * len(precisions)
     for name in names:
         parts = {n: weights[n] for n in weights if n == name or n.startswith(f"{name}.")}
         for part, value in parts.items():
             precision = part.removeprefix(f"{name}.").removesuffix("_scale") if part != name else None
-            owners = [i for i, p in enumerate(precisions) if precision in (None, p)]
+            owners = [i for i, p in enumerate(precisions) if precision in (None, p.replace("-", "_"))]
             size = int(np.prod(value.shape)) * np.dtype(value.dtype).itemsize
             for i in owners:
                 shares[i] += size // len(owners)

@@ -13,7 +13,7 @@ import click
 import numpy as np
 
 from moec.errors import MoecError, first_line
-from moec.options import INT8_GROUPS, PRECISIONS, ROUTINGS, CompileOptions, OptionError
+from moec.options import DENSE_PRECISIONS, INT8_GROUPS, PRECISIONS, ROUTINGS, CompileOptions, OptionError
 
 OPTION_FLAGS = {
     "target": "--target",
@@ -202,7 +202,10 @@ def main() -> None:
     show_default=True,
     help="How every expert's weight matrices are stored. fp16 halves their memory and the bytes "
     "read per token, int8 (symmetric, float32 scales per output channel or --int8-group) quarters "
-    "them; the arithmetic stays fp32, so every target runs them (a Cortex-A72 too).",
+    "them; the arithmetic stays fp32, so every target runs them (a Cortex-A72 too). int8-dot stores "
+    "the same INT8 weights and multiplies them with each token's activations quantized to INT8 "
+    "(INT8 dot products: AVX-512 VNNI / AVX-VNNI, Cortex-A76 sdot, CUDA dp4a), on targets whose "
+    "'moec targets' line says they compute int8.",
 )
 @click.option(
     "--precision-plan",
@@ -220,7 +223,7 @@ def main() -> None:
 )
 @click.option(
     "--router-precision",
-    type=click.Choice(PRECISIONS),
+    type=click.Choice(DENSE_PRECISIONS),
     default="fp32",
     show_default=True,
     help="How the MoE routers' weights are stored (CPU targets): int8 quarters the router's bytes, "
@@ -228,7 +231,7 @@ def main() -> None:
 )
 @click.option(
     "--dense-precision",
-    type=click.Choice(PRECISIONS),
+    type=click.Choice(DENSE_PRECISIONS),
     default="fp32",
     show_default=True,
     help="How the other dense weights (attention, shared experts, LM head) are stored (CPU targets).",
@@ -561,14 +564,14 @@ def verify(
     similarity, top-1 agreement of logit-like outputs, and router agreement per MoE layer.
     """
     from moec.frontend.loader import load_model
-    from moec.kernels.formats import FP16_ARITHMETIC_TOLERANCE
+    from moec.kernels.formats import REDUCED_ARITHMETIC_TOLERANCE
     from moec.runtime.board import RunnerSession, open_session
     from moec.runtime.session import random_inputs
     from moec.verify import (
         accuracy_against_original,
         compare_outputs,
-        fp16_computed,
         layer_plans,
+        reduced_arithmetic,
         reference_outputs,
         router_agreement,
     )
@@ -598,11 +601,15 @@ def verify(
             f"layers {', '.join(changed)} were changed (masking, pruning, early exit, fixed routing, "
             "expert precisions): the reference makes the same changes"
         )
-    relative = FP16_ARITHMETIC_TOLERANCE if fp16_computed(session.manifest) else None
+    relative = REDUCED_ARITHMETIC_TOLERANCE if reduced_arithmetic(session.manifest) else None
     if relative is not None:
+        kinds = sorted(
+            {e["compute"] for layer in session.manifest["layers"] for e in layer["plan"]} - {"fp32"}
+        )
         click.echo(
-            f"experts multiply in FP16 on {session.manifest['target']['name']}: outputs are held to "
-            f"{relative:g} of their largest value (FP16 arithmetic's bound) or atol {atol:g}"
+            f"experts multiply in {'/'.join(k.upper() for k in kinds)} on "
+            f"{session.manifest['target']['name']}: outputs are held to {relative:g} of their largest "
+            f"value (reduced arithmetic's bound) or atol {atol:g}"
         )
     worst = 0.0
     failed = False
@@ -765,13 +772,16 @@ def _inspect_artifact(artifact: Path, as_json: bool) -> None:
         plan = layer["plan"]
         stored = sum(entry["bytes"] for entry in plan)
         group = layer.get("int8_group")
-        counts = {}
+        counts, computes = {}, {}
         for entry in plan:
             if entry["kept"]:
                 counts[entry["precision"]] = counts.get(entry["precision"], 0) + 1
+                computes[entry["compute"]] = computes.get(entry["compute"], 0) + 1
         summary = ", ".join(f"{count} {precision}" for precision, count in counts.items())
         if group is not None:
             summary += f" (int8 scales per {'output channel' if group == 0 else f'{group} inputs'})"
+        if set(computes) - {"fp32"}:
+            summary += "; multiplied in " + ", ".join(f"{kind}: {n}" for kind, n in sorted(computes.items()))
         click.echo(f"{layer['name']:<8} {stored / 1e6:>9.3f}  {summary}")
         cells = [entry["precision"] if entry["kept"] else "-" for entry in plan]
         click.echo(f"{'':<8} {'':>9}  " + " ".join(f"{e}:{cell}" for e, cell in enumerate(cells)))

@@ -18,8 +18,11 @@ from typing import Any
 
 from moec.errors import MoecError
 
-PRECISIONS = ("fp32", "fp16", "int8")
-"""How expert weights may be stored, per expert (``StoreExpertWeights``; :mod:`moec.kernels.formats`)."""
+PRECISIONS = ("fp32", "fp16", "int8", "int8-dot")
+"""How expert weights may be stored and multiplied, per expert (``StoreExpertWeights``;
+:mod:`moec.kernels.formats`): int8 is weight-only (W8A32), int8-dot multiplies in INT8 (W8A8)."""
+DENSE_PRECISIONS = ("fp32", "fp16", "int8")
+"""How dense weights (routers, attention, LM head) may be stored (``DenseLinear``)."""
 INT8_GROUPS = (0, 32, 64, 128)
 """INT8 scale groups along the input: 0 is one scale per output channel."""
 ROUTINGS = ("learned", "cycle", "tile")
@@ -46,7 +49,8 @@ class CompileOptions:
 
     ``target``: a bundled target name or the path of a target ``.toml`` file.
     ``precision``: how every expert's weight matrices are stored (``fp32``, ``fp16``, ``int8``:
-    symmetric INT8 with float32 scales); the arithmetic stays fp32. ``precision_plan``: per
+    symmetric INT8 with float32 scales, the arithmetic fp32; ``int8-dot``: the same INT8 weights
+    multiplied with INT8 activations, on targets that compute int8). ``precision_plan``: per
     layer name, one precision per expert (the model's expert numbering), overriding
     ``precision`` for the layers it names (a single precision: every expert of the layer).
     ``int8_group``: INT8 scale group along the input
@@ -96,8 +100,8 @@ class CompileOptions:
         if not isinstance(self.target, str) or not self.target:
             raise OptionError("target", f"{{option}} {self.target!r}: name a bundled target or a .toml file")
         _choice("precision", self.precision, PRECISIONS)
-        _choice("router_precision", self.router_precision, PRECISIONS)
-        _choice("dense_precision", self.dense_precision, PRECISIONS)
+        _choice("router_precision", self.router_precision, DENSE_PRECISIONS)
+        _choice("dense_precision", self.dense_precision, DENSE_PRECISIONS)
         if self.int8_group not in INT8_GROUPS:
             raise OptionError(
                 "int8_group",
@@ -132,6 +136,12 @@ class CompileOptions:
         """The precision of each of ``layer``'s ``experts`` experts (model numbering)."""
         planned = (self.precision_plan or {}).get(layer, self.precision)
         return (planned,) * experts if isinstance(planned, str) else tuple(planned)
+
+    @property
+    def uses_int8_dot(self) -> bool:
+        """Whether some expert is planned int8-dot (the target must compute int8)."""
+        planned = [self.precision, *(self.precision_plan or {}).values()]
+        return any(p == "int8-dot" if isinstance(p, str) else "int8-dot" in p for p in planned)
 
     @property
     def skips_experts(self) -> bool:

@@ -10,7 +10,7 @@
     moe1 = "int8"           # every expert of the layer
 
 Layer names are those ``moec inspect MODEL`` lists; experts are numbered as in the model.
-Precisions: ``fp32``, ``fp16``, ``int8`` (see :mod:`moec.kernels.formats`).
+Precisions: ``fp32``, ``fp16``, ``int8``, ``int8-dot`` (see :mod:`moec.kernels.formats`).
 """
 
 from __future__ import annotations

@@ -116,6 +116,16 @@ class TargetSpec:
         """Whether this is a CPU target with FP16 arithmetic (its fp16 experts multiply in FP16)."""
         return self.cuda is None and "fp16" in self.hardware.compute_precisions
 
+    @property
+    def int8_dot(self) -> str | None:
+        """The INT8 dot-product instructions int8-dot experts use on this target
+        (:data:`moec.kernels.int8_dot.INSTRUCTION_SETS`), None if it does not compute int8."""
+        if "int8" not in self.hardware.compute_precisions:
+            return None
+        if self.cuda is not None:
+            return "dp4a"
+        return {"x86_64": "vnni", "aarch64": "sdot"}.get(self.hardware.arch)
+
     def describe(self) -> dict[str, Any]:
         return {
             "name": self.name,

@@ -77,9 +77,13 @@ def layer_plans(manifest: dict[str, Any]) -> dict[str, LayerPlan]:
     return plans
 
 
-def fp16_computed(manifest: dict[str, Any]) -> bool:
-    """Whether some expert of the artifact multiplies in FP16 (held to a relative bound)."""
-    return any(entry["compute"] == "fp16" for layer in manifest.get("layers", []) for entry in layer["plan"])
+def reduced_arithmetic(manifest: dict[str, Any]) -> bool:
+    """Whether some expert of the artifact multiplies in FP16 or INT8 (held to a relative bound)."""
+    return any(
+        entry["compute"] in ("fp16", "int8")
+        for layer in manifest.get("layers", [])
+        for entry in layer["plan"]
+    )
 
 
 def dense_storage(manifest: dict[str, Any]) -> dict[str, tuple[str, int, int]]:

@@ -15,6 +15,22 @@ import numpy as np
 
 from moec.canonical.layer import MoELayer
 
+INT8_LEVELS = 127
+
+
+def round_int8(matrix: np.ndarray, group: int = 0) -> np.ndarray:
+    """``matrix`` ``[rows, columns]`` rounded to symmetric INT8 per row and group of ``group``
+    columns (the whole row when 0), as float32: ``step = float32(max |group|) / 127`` (1 for an
+    all-zero group), ``clip(rint(value / step), -127, 127) * step``, all in float32, ``rint``
+    rounding half to even. INT8 weights are stored this way (rows: output channels), and the
+    activations an int8-dot expert multiplies (rows: tokens, one group)."""
+    rows, columns = matrix.shape
+    groups = matrix.astype(np.float32).reshape(rows, columns // (group or columns), -1)
+    peak = np.abs(groups).max(axis=-1, keepdims=True)
+    step = np.where(peak > 0, peak / np.float32(INT8_LEVELS), np.float32(1)).astype(np.float32)
+    levels = np.clip(np.rint(groups / step), -INT8_LEVELS, INT8_LEVELS).astype(np.float32)
+    return (levels * step).reshape(rows, columns)
+
 
 def _sigmoid(v: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-v))
@@ -42,8 +58,10 @@ class LayerPlan:
     intermediate channels pruning kept (None: all). top1_above / below_fraction: early exit.
     pattern: fixed routing (``cycle``/``tile``) instead of the router. precisions: per expert
     (all of them, masked or not) how its matrices are stored (None: all fp32), with
-    ``int8_group`` the INT8 scale group (0: per output channel); applied by
-    :func:`moec.reference.stored.stored_layer`, not here.
+    ``int8_group`` the INT8 scale group (0: per output channel); the rounding of the weights is
+    applied by :func:`moec.reference.stored.stored_layer`, not here; an ``int8-dot`` expert's
+    input rows (each token's ``x``, each pair's intermediate activations) are rounded here, per
+    row (:func:`round_int8`), before they are multiplied.
     """
 
     kept: list[int] | None = None
@@ -193,11 +211,16 @@ def moe_forward(
         rows, slots = np.nonzero(index == expert)
         gain = weight[rows, slots, None]
         tokens = x64[rows] * gain if layer.gain_on_input else x64[rows]
+        int8_inputs = plan.precisions is not None and plan.precisions[expert] == "int8-dot"
+        if int8_inputs:
+            tokens = round_int8(tokens).astype(np.float64)
         hidden = expert_hidden(layer, int(expert), tokens)
         if plan.channels is not None:
             position = plan.kept.index(int(expert)) if plan.kept is not None else int(expert)
             pruned = np.setdiff1d(np.arange(layer.ffn), plan.channels[position])
             hidden[:, pruned] = 0.0
+        if int8_inputs:
+            hidden = round_int8(hidden).astype(np.float64)
         out = hidden @ layer.w_down[expert].astype(np.float64).T
         if layer.b_down is not None:
             out = out + layer.b_down[expert]

@@ -73,7 +73,12 @@ def lower_model(
     names = [var.name for var in main.params[int(main.attrs["num_input"]) :]]
     weights = SliceWeights(dict(zip(names, params.get("main", []), strict=True)))
     pipeline = moe_pipeline(
-        target.schedule, options, weights, c_identifiers=target.cuda is not None, cpu_fp16=target.cpu_fp16
+        target.schedule,
+        options,
+        weights,
+        c_identifiers=target.cuda is not None,
+        cpu_fp16=target.cpu_fp16,
+        int8_dot=target.int8_dot,
     )
     return pipeline(mod), weights.weights
 
@@ -144,6 +149,13 @@ def compile_model(
                 option,
                 f"{{option}}: dense weights are stored narrower on CPU targets only, not on {target.name}",
             )
+    if options.uses_int8_dot and target.int8_dot is None:
+        precisions = "/".join(target.hardware.compute_precisions)
+        raise OptionError(
+            "precision_plan" if options.precision_plan else "precision",
+            f"{{option}}: int8-dot multiplies in INT8, which {target.name} does not compute (it computes "
+            f"{precisions}); use int8 (weight-only INT8) or a target with INT8 dot products",
+        )
     check_replaceable(out_dir, options.force)
     log(f"loading {model_path}")
     imported = import_model(load_model(model_path))

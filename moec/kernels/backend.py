@@ -24,7 +24,8 @@ import dataclasses
 
 from tvm.script import tirx as T
 
-from moec.kernels.formats import WeightFormat
+from moec.kernels.formats import DOT_DEPTH, WeightFormat
+from moec.kernels.int8_dot import DotInstruction, activation_word
 from moec.schedule import CpuSchedule, GpuSchedule
 
 WARP_SIZE = 32
@@ -249,6 +250,10 @@ class CpuBackend:
         wide, so FMA latency is hidden; the partial sums are then folded by halving (log2 steps,
         not a serial chain).
         """
+        if fmt.dot:
+            raise ValueError(
+                "int8-dot experts run in the panel kernels on CPU targets (a config with a panel)"
+            )
         row = source_row(indirect)
         L = _largest_pow2_divisor_at_most(length, self.schedule.lanes)
         A = _largest_pow2_divisor_at_most(length // L, self.schedule.accumulators)
@@ -318,7 +323,10 @@ class CudaBackend:
         """``(dot, 1)``: the TIR macro of :meth:`CpuBackend.dot` for one lane of a row: lane
         ``lane`` reads elements ``lane, lane + TPR, ...`` (a warp's reads of a row are
         contiguous), loads each weight once into a register for all ``count`` tokens, and the
-        lanes' sums are folded with warp shuffles so lane 0 holds them in ``acc[m][pi, 0]``."""
+        lanes' sums are folded with warp shuffles so lane 0 holds them in ``acc[m][pi, 0]``.
+        An int8-dot row (:meth:`_int8_dot`) is read a 4-byte word at a time instead."""
+        if fmt.dot:
+            return self._int8_dot(length, indirect, fmt), 1
         row = source_row(indirect)
         TPR = self.schedule.threads_per_row
         STEPS = (length + TPR - 1) // TPR
@@ -347,6 +355,64 @@ class CudaBackend:
                     fold(acc, m, pi)
 
         return dot, 1
+
+    def _int8_dot(self, length: int, indirect: bool, fmt: WeightFormat):
+        """The dot macro for an int8-dot row, its ``src`` the quantized rows ``(xq, xs, xsum)``:
+        lane ``lane`` reads words ``lane, lane + TPR, ...`` of 4 weights, each multiplied with
+        the source's word by ``__dp4a`` (exact in INT32) and added in float32 with its group's
+        weight scale; after the warp fold, times the source row's scale."""
+        row = source_row(indirect)
+        TPR = self.schedule.threads_per_row
+        words = length // DOT_DEPTH
+        STEPS = (words + TPR - 1) // TPR
+        exact = words % TPR == 0
+        dp4a = DotInstruction("dp4a", 1)
+
+        def group_scaled(value, s, e, j, column):
+            return value * s[e, column // fmt.group, j] if fmt.group else value
+
+        @T.macro
+        def shuffle_down(acc, m, pi, delta):
+            acc[m][pi, 0] = acc[m][pi, 0] + T.tvm_warp_shuffle_down(
+                T.uint32(_FULL_MASK), acc[m][pi, 0], delta, TPR, WARP_SIZE
+            )
+
+        fold = halving_ladder(shuffle_down, TPR)
+
+        @T.macro
+        def dot(acc, m, w, s, e, j, src, token, p0, count, lane):
+            wv = T.alloc_buffer((1,), "int32", scope=self.scratch_scope)
+            for pi in range(count):
+                acc[m][pi, 0] = T.float32(0)
+            for step in range(STEPS):
+                if exact or step * TPR + lane < words:
+                    wv[0] = T.reinterpret(
+                        "int32", w[e, j, T.Ramp((step * TPR + lane) * DOT_DEPTH, 1, DOT_DEPTH)]
+                    )
+                    for pi in T.unroll(count):
+                        acc[m][pi, 0] = acc[m][pi, 0] + group_scaled(
+                            T.Cast(
+                                "float32",
+                                dp4a(
+                                    T.int32(0),
+                                    wv[0],
+                                    activation_word(
+                                        src[0], row(token, p0 + pi), (step * TPR + lane) * DOT_DEPTH
+                                    ),
+                                ),
+                            ),
+                            s,
+                            e,
+                            j,
+                            (step * TPR + lane) * DOT_DEPTH,
+                        )
+            if fold is not None:
+                for pi in T.unroll(count):
+                    fold(acc, m, pi)
+            for pi in T.unroll(count):
+                acc[m][pi, 0] = acc[m][pi, 0] * src[1][row(token, p0 + pi)]
+
+        return dot
 
 
 Backend = CpuBackend | CudaBackend

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 from tvm.ir import Expr as PrimExpr
 
-from moec.kernels.formats import ExpertFormats, uniform
+from moec.kernels.formats import DOT_DEPTH, ExpertFormats, WeightFormat, uniform
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +153,9 @@ class ExpertConfig(MoEKernelConfig):
     """INT8 scale group along the input (0: one scale per output channel)."""
     fp16_arithmetic: bool = dataclasses.field(default=False, kw_only=True)
     """fp16 experts multiply in FP16 (CPU targets with FP16 arithmetic; panel kernels)."""
+    int8_dot: str | None = dataclasses.field(default=None, kw_only=True)
+    """The target's INT8 dot-product instructions (:data:`moec.kernels.int8_dot.INSTRUCTION_SETS`)
+    with which int8-dot experts multiply; None when no expert is int8-dot."""
     panel: int | None = dataclasses.field(default=None, kw_only=True)
     """None: matrices ``[E, out, in]``, one output row's dot at a time; an int: matrices packed in
     panels of ``panel`` output rows (see :meth:`matrix_shape`) for the output-stationary kernels
@@ -162,18 +165,40 @@ class ExpertConfig(MoEKernelConfig):
         if self.formats is not None and len(self.formats) != self.num_experts:
             raise ValueError(f"formats names {len(self.formats)} experts, the layer has {self.num_experts}")
         ExpertFormats(uniform(self.formats, self.num_experts), self.int8_group)  # validates
+        if self.formats is not None and "int8-dot" in self.formats:
+            if self.int8_dot is None:
+                raise ValueError(
+                    "int8-dot experts need the target's INT8 dot-product instructions (int8_dot)"
+                )
+            if self.hidden % DOT_DEPTH or self.ffn % DOT_DEPTH:
+                raise ValueError(
+                    f"int8-dot experts need hidden and ffn sizes that are multiples of {DOT_DEPTH}, "
+                    f"got {self.hidden} and {self.ffn}"
+                )
 
     @property
     def expert_formats(self) -> ExpertFormats:
         return ExpertFormats(uniform(self.formats, self.num_experts), self.int8_group, self.fp16_arithmetic)
 
-    def matrix_shape(self, rows: int, columns: int, experts: int | None = None) -> tuple[int, ...]:
+    @property
+    def has_dot(self) -> bool:
+        """Whether some expert is int8-dot (the kernels then quantize their input rows)."""
+        return self.formats is not None and "int8-dot" in self.formats
+
+    def matrix_shape(
+        self, rows: int, columns: int, experts: int | None = None, fmt: WeightFormat | None = None
+    ) -> tuple[int, ...]:
         """``experts`` (default: all) expert matrices of ``rows`` outputs by ``columns`` inputs:
         ``[experts, rows, columns]``, or packed ``[experts, ceil(rows / panel), columns, panel]``
-        (``packed[e, p, c, v] = W[e, p * panel + v, c]``, zeros past the last row)."""
+        (``packed[e, p, c, v] = W[e, p * panel + v, c]``, zeros past the last row). int8-dot
+        panels (``fmt``) hold ``DOT_DEPTH`` consecutive inputs of each row together,
+        ``[experts, ceil(rows / panel), columns / 4, panel * 4]`` (``packed[e, p, k, 4 v + d] =
+        W[e, p * panel + v, 4 k + d]``), so one dot instruction reads 4 inputs of several rows."""
         experts = self.num_experts if experts is None else experts
         if self.panel is None:
             return (experts, rows, columns)
+        if fmt is not None and fmt.dot:
+            return (experts, -(-rows // self.panel), columns // DOT_DEPTH, self.panel * DOT_DEPTH)
         return (experts, -(-rows // self.panel), columns, self.panel)
 
     def matrix_buffers(self, role: str, rows: int, columns: int) -> list[BufferSpec]:
@@ -185,7 +210,7 @@ class ExpertConfig(MoEKernelConfig):
                 role,
                 rows,
                 columns,
-                lambda count: self.matrix_shape(rows, columns, count),
+                lambda count, fmt: self.matrix_shape(rows, columns, count, fmt),
                 self.scale_rows(rows),
             )
         ]
@@ -272,7 +297,7 @@ class LinearConfig(KernelConfig):
     def signature(self, rows: TokenDims) -> tuple[BufferSpec, ...]:
         n, K, N = _tokens(rows), self.in_features, self.out_features
         weight = ExpertFormats((self.weight_format,), self.int8_group).buffers(
-            "w", N, K, lambda _count: (self.panels, K, self.panel), self.panels * self.panel
+            "w", N, K, lambda _count, _fmt: (self.panels, K, self.panel), self.panels * self.panel
         )
         return (
             BufferSpec("x", (n, K), "float32"),

@@ -74,11 +74,11 @@ def activation_epilogue(name: str, gated: bool, alpha: float, beta: float, limit
 def expert_rows_macro(
     backend: Backend, count: int, config: ExpertConfig, matrices: int, width: int, step_for, zero=None
 ):
-    """The loop nest both expert kernels share, as a TIR macro ``nest(buffers, offset, n)``.
+    """The loop nest both expert kernels share, as a TIR macro ``nest(buffers, quantized, offset, n)``.
 
     The backend tiles the ``count`` output rows over threads; each thread walks the expert
     groups (``offset``) in order and, for each expert with tokens and each of its rows, calls
-    ``step(acc, buffers, e, slot, j, p0, count, lane, owner)`` of the expert's format
+    ``step(acc, (buffers, quantized), e, slot, j, p0, count, lane, owner)`` of the expert's format
     (``step_for(fmt)``; ``slot``: the expert's entry in its format's buffers) on the group's
     tokens ``token_block`` at a time, then one by one for the tail. ``acc`` is the thread's
     accumulators, one ``[token_block, width]`` buffer per matrix; ``owner`` says whether this
@@ -110,7 +110,7 @@ def expert_rows_macro(
     run = config.expert_formats.dispatch(body_for)
 
     @T.macro
-    def nest(buffers, offset, n):
+    def nest(buffers, quantized, offset, n):
         for task in rows.tasks():
             for thread in rows.threads():
                 for lane in rows.lanes():
@@ -124,7 +124,7 @@ def expert_rows_macro(
                                 zero(buffers, n, rows.row(task, thread, r))
                     for e in range(config.num_experts):
                         if offset[e + 1] > offset[e]:
-                            run((acc, buffers, offset, task, thread, lane), e)
+                            run((acc, (buffers, quantized), offset, task, thread, lane), e)
 
     return nest
 
@@ -147,14 +147,14 @@ def make_expert_up_kernel(config: ExpertUpConfig, backend: Backend) -> tirx.Prim
         dot = backend.dot(H, indirect=True, fmt=fmt)[0]
 
         @T.macro
-        def step(acc, buffers, e, slot, j, p0, count, lane, owner):
+        def step(acc, inputs, e, slot, j, p0, count, lane, owner):
             """Row ``j`` of expert ``e`` for the ``count`` pairs from ``p0``: up (and gate) dots,
             then the activation."""
-            x, b_up, b_gate, token, inter, by_format = buffers
+            (x, b_up, b_gate, token, inter, by_format), quantized = inputs
             w_up, s_up, w_gate, s_gate = fmt.of(by_format)
-            dot(acc, 0, w_up, s_up, slot, j, x, token, p0, count, lane)
+            dot(acc, 0, w_up, s_up, slot, j, quantized if fmt.dot else x, token, p0, count, lane)
             if gated:
-                dot(acc, 1, w_gate, s_gate, slot, j, x, token, p0, count, lane)
+                dot(acc, 1, w_gate, s_gate, slot, j, quantized if fmt.dot else x, token, p0, count, lane)
             if owner:
                 for pi in range(count):
                     if gated:
@@ -197,11 +197,11 @@ def make_expert_down_kernel(config: ExpertDownConfig, backend: Backend) -> tirx.
         dot = backend.dot(F, indirect=False, fmt=fmt)[0]
 
         @T.macro
-        def step(acc, buffers, e, slot, j, p0, count, lane, owner):
+        def step(acc, inputs, e, slot, j, p0, count, lane, owner):
             """Row ``j`` of expert ``e`` for the ``count`` pairs from ``p0``, added into ``y``."""
-            inter, b_down, token, gain, y, by_format = buffers
+            (inter, b_down, token, gain, y, by_format), quantized = inputs
             w_down, s_down = fmt.of(by_format)
-            dot(acc, 0, w_down, s_down, slot, j, inter, token, p0, count, lane)
+            dot(acc, 0, w_down, s_down, slot, j, quantized if fmt.dot else inter, token, p0, count, lane)
             if owner:
                 for pi in range(count):
                     y[token[p0 + pi], j] = y[token[p0 + pi], j] + gain[p0 + pi] * (

@@ -23,7 +23,8 @@ from tvm.script import tirx as T
 from moec.kernels.backend import Backend, CpuBackend, token_blocks
 from moec.kernels.config import ExpertConfig, ExpertDownConfig, ExpertUpConfig
 from moec.kernels.expert_funcs import expert_down_func, expert_up_func
-from moec.kernels.formats import FP16_CHUNK, WeightFormat
+from moec.kernels.formats import DOT_DEPTH, FP16_CHUNK, WeightFormat
+from moec.kernels.int8_dot import activation_word, panel_instruction
 
 
 def _check(config: ExpertConfig, backend: Backend) -> int:
@@ -36,6 +37,14 @@ def _check(config: ExpertConfig, backend: Backend) -> int:
     return config.panel
 
 
+def _dot_instruction(config: ExpertConfig, backend: CpuBackend, panel: int):
+    """The INT8 dot instruction int8-dot experts use in panels of ``panel`` rows (None without
+    int8-dot experts)."""
+    if not config.has_dot:
+        return None
+    return panel_instruction(config.int8_dot, panel, backend.schedule.lanes)
+
+
 def _panels_per_task(backend: CpuBackend, panel: int, panels: int) -> int:
     """Panels one parallel task streams from each expert: the schedule's ``rows_per_task``
     output rows (whole panels, at least one), so a task reads that many rows of an expert's
@@ -44,31 +53,31 @@ def _panels_per_task(backend: CpuBackend, panel: int, panels: int) -> int:
 
 
 def _groups_macro(config: ExpertConfig, token_block: int, panels: int, per_task: int, block_for):
-    """A TIR macro ``groups(buffers, acc, offset, task)``: for every expert with tokens, each of
-    the task's ``per_task`` panels (of ``panels``) and the expert group's pairs through
-    ``block((buffers, acc, e, slot, p), p0, count)`` of the expert's format (``block_for(fmt)``;
-    ``slot``: the expert's entry in its format's buffers), ``token_block`` pairs at a time, then
-    the remainder."""
+    """A TIR macro ``groups(buffers, quantized, acc, offset, task)``: for every expert with tokens,
+    each of the task's ``per_task`` panels (of ``panels``) and the expert group's pairs through
+    ``block((buffers, quantized, acc, e, slot, p), p0, count)`` of the expert's format
+    (``block_for(fmt)``; ``slot``: the expert's entry in its format's buffers), ``token_block``
+    pairs at a time, then the remainder."""
 
     def body_for(fmt: WeightFormat, _index: int):
         blocks = token_blocks(block_for(fmt), token_block)
 
         @T.macro
         def body(ctx, e, slot):
-            buffers, acc, offset, p = ctx
-            blocks((buffers, acc, e, slot, p), offset[e], offset[e + 1] - offset[e])
+            buffers, quantized, acc, offset, p = ctx
+            blocks((buffers, quantized, acc, e, slot, p), offset[e], offset[e + 1] - offset[e])
 
         return body
 
     run = config.expert_formats.dispatch(body_for)
 
     @T.macro
-    def groups(buffers, acc, offset, task):
+    def groups(buffers, quantized, acc, offset, task):
         for e in range(config.num_experts):
             for q in range(per_task):
                 if panels % per_task == 0 or task * per_task + q < panels:
                     if offset[e + 1] > offset[e]:
-                        run((buffers, acc, offset, task * per_task + q), e)
+                        run((buffers, quantized, acc, offset, task * per_task + q), e)
 
     return groups
 
@@ -85,12 +94,15 @@ def make_expert_up_panels(config: ExpertUpConfig, backend: Backend, act) -> tirx
     P, TB = -(-F // NB), backend.token_block
     tail = F - (P - 1) * NB  # rows in the last panel
 
+    dot = _dot_instruction(c, backend, NB)
+
     def block_for(fmt: WeightFormat):
+        DL, GS = (dot.lanes if dot else 1), (fmt.group or H)  # dot lanes, inputs per INT32 sum
+
         @T.macro
         def block(ctx, p0, count):
-            (x, b_up, b_gate, token, inter, by_format), (acc_up, acc_gate, half_up, half_gate), e, slot, p = (
-                ctx
-            )
+            (x, b_up, b_gate, token, inter, by_format), quantized, accs, e, slot, p = ctx
+            acc_up, acc_gate, half_up, half_gate, int_up, int_gate = accs
             w_up, s_up, w_gate, s_gate = fmt.of(by_format)
             for t in T.unroll(count):
                 for v in T.vectorized(NB):
@@ -123,6 +135,46 @@ def make_expert_up_panels(config: ExpertUpConfig, backend: Backend, act) -> tirx
                             acc_up[t, v] = acc_up[t, v] + T.Cast("float32", half_up[t, v])
                             if gated:
                                 acc_gate[t, v] = acc_gate[t, v] + T.Cast("float32", half_gate[t, v])
+            elif fmt.dot:  # INT8 products, INT32 sums per input group, groups added in float32
+                for g in range(H // GS):
+                    for t in T.unroll(count):
+                        for v in T.vectorized(NB):
+                            int_up[t, v] = 0
+                            if gated:
+                                int_gate[t, v] = 0
+                    for k in range(GS // DOT_DEPTH):
+                        for t in T.unroll(count):
+                            for d in T.unroll(NB // DL):
+                                int_up[t, T.Ramp(d * DL, 1, DL)] = dot(
+                                    int_up[t, T.Ramp(d * DL, 1, DL)],
+                                    w_up[
+                                        slot,
+                                        p,
+                                        g * (GS // DOT_DEPTH) + k,
+                                        T.Ramp(d * DL * DOT_DEPTH, 1, DL * DOT_DEPTH),
+                                    ],
+                                    activation_word(quantized[0], token[p0 + t], g * GS + k * DOT_DEPTH),
+                                )
+                                if gated:
+                                    int_gate[t, T.Ramp(d * DL, 1, DL)] = dot(
+                                        int_gate[t, T.Ramp(d * DL, 1, DL)],
+                                        w_gate[
+                                            slot,
+                                            p,
+                                            g * (GS // DOT_DEPTH) + k,
+                                            T.Ramp(d * DL * DOT_DEPTH, 1, DL * DOT_DEPTH),
+                                        ],
+                                        activation_word(quantized[0], token[p0 + t], g * GS + k * DOT_DEPTH),
+                                    )
+                    for t in T.unroll(count):
+                        for v in T.vectorized(NB):
+                            acc_up[t, v] = acc_up[t, v] + dot.group_value(
+                                int_up[t, v], fmt, s_up, slot, g, p * NB + v, quantized, token[p0 + t]
+                            )
+                            if gated:
+                                acc_gate[t, v] = acc_gate[t, v] + dot.group_value(
+                                    int_gate[t, v], fmt, s_gate, slot, g, p * NB + v, quantized, token[p0 + t]
+                                )
             else:
                 for h in range(H):
                     for t in T.unroll(count):
@@ -157,16 +209,21 @@ def make_expert_up_panels(config: ExpertUpConfig, backend: Backend, act) -> tirx
     second = (TB, NB) if gated else (1, 1)
     half = (TB, NB) if c.fp16_arithmetic else (1, 1)  # FP16 chunk sums, for fp16 experts
     half_second = (TB, NB) if c.fp16_arithmetic and gated else (1, 1)
+    whole = (TB, NB) if dot else (1, 1)  # INT32 sums, for int8-dot experts
+    whole_second = (TB, NB) if dot and gated else (1, 1)
 
     @T.macro
-    def body(buffers, offset, n):
+    def body(buffers, quantized, offset, n):
         for task in T.parallel(-(-P // PT)):
             # one buffer per matrix: each stays under the 1 KiB that a CPU keeps on the stack
             acc_up = T.alloc_buffer((TB, NB), "float32", scope=backend.scratch_scope)
             acc_gate = T.alloc_buffer(second, "float32", scope=backend.scratch_scope)
             half_up = T.alloc_buffer(half, "float16", scope=backend.scratch_scope)
             half_gate = T.alloc_buffer(half_second, "float16", scope=backend.scratch_scope)
-            groups(buffers, (acc_up, acc_gate, half_up, half_gate), offset, task)
+            int_up = T.alloc_buffer(whole, "int32", scope=backend.scratch_scope)
+            int_gate = T.alloc_buffer(whole_second, "int32", scope=backend.scratch_scope)
+            accs = (acc_up, acc_gate, half_up, half_gate, int_up, int_gate)
+            groups(buffers, quantized, accs, offset, task)
 
     return expert_up_func(c, backend, body)
 
@@ -183,10 +240,14 @@ def make_expert_down_panels(config: ExpertDownConfig, backend: Backend) -> tirx.
     P, TB = -(-H // NB), backend.token_block
     tail = H - (P - 1) * NB
 
+    dot = _dot_instruction(c, backend, NB)
+
     def block_for(fmt: WeightFormat):
+        DL, GS = (dot.lanes if dot else 1), (fmt.group or F)  # dot lanes, inputs per INT32 sum
+
         @T.macro
         def block(ctx, p0, count):
-            (inter, b_down, token, gain, y, by_format), (acc, half), e, slot, p = ctx
+            (inter, b_down, token, gain, y, by_format), quantized, (acc, half, whole), e, slot, p = ctx
             w_down, s_down = fmt.of(by_format)
             for t in T.unroll(count):
                 for v in T.vectorized(NB):
@@ -207,6 +268,29 @@ def make_expert_down_panels(config: ExpertDownConfig, backend: Backend) -> tirx.
                     for t in T.unroll(count):
                         for v in T.vectorized(NB):
                             acc[t, v] = acc[t, v] + T.Cast("float32", half[t, v])
+            elif fmt.dot:  # INT8 products, INT32 sums per input group, groups added in float32
+                for g in range(F // GS):
+                    for t in T.unroll(count):
+                        for v in T.vectorized(NB):
+                            whole[t, v] = 0
+                    for k in range(GS // DOT_DEPTH):
+                        for t in T.unroll(count):
+                            for d in T.unroll(NB // DL):
+                                whole[t, T.Ramp(d * DL, 1, DL)] = dot(
+                                    whole[t, T.Ramp(d * DL, 1, DL)],
+                                    w_down[
+                                        slot,
+                                        p,
+                                        g * (GS // DOT_DEPTH) + k,
+                                        T.Ramp(d * DL * DOT_DEPTH, 1, DL * DOT_DEPTH),
+                                    ],
+                                    activation_word(quantized[0], p0 + t, g * GS + k * DOT_DEPTH),
+                                )
+                    for t in T.unroll(count):
+                        for v in T.vectorized(NB):
+                            acc[t, v] = acc[t, v] + dot.group_value(
+                                whole[t, v], fmt, s_down, slot, g, p * NB + v, quantized, p0 + t
+                            )
             else:
                 for f in range(F):
                     for t in T.unroll(count):
@@ -226,17 +310,19 @@ def make_expert_down_panels(config: ExpertDownConfig, backend: Backend) -> tirx.
     PT = _panels_per_task(backend, NB, P)
     groups = _groups_macro(c, TB, P, PT, block_for)
     half_shape = (TB, NB) if c.fp16_arithmetic else (1, 1)  # FP16 chunk sums, for fp16 experts
+    whole_shape = (TB, NB) if dot else (1, 1)  # INT32 sums, for int8-dot experts
 
     @T.macro
-    def body(buffers, offset, n):
+    def body(buffers, quantized, offset, n):
         y = buffers[4]
         for task in T.parallel(-(-P // PT)):
             acc = T.alloc_buffer((TB, NB), "float32", scope=backend.scratch_scope)
             half = T.alloc_buffer(half_shape, "float16", scope=backend.scratch_scope)
+            whole = T.alloc_buffer(whole_shape, "int32", scope=backend.scratch_scope)
             for t in range(n):
                 for v in range(min(PT * NB, H)):
                     if task * PT * NB + v < H:
                         y[t, task * PT * NB + v] = T.float32(0)
-            groups(buffers, (acc, half), offset, task)
+            groups(buffers, quantized, (acc, half, whole), offset, task)
 
     return expert_down_func(c, backend, body)

@@ -12,6 +12,9 @@ An MoE layer's experts need not share one format: each expert is stored as
   Per output channel (``group == 0``): ``W[o, i] ≈ q[o, i] * s[o]``, and the kernels apply
   ``s[o]`` once to each finished dot (``acc * s[o]``). In groups of ``group`` inputs:
   ``W[o, i] ≈ q[o, i] * s[i // group, o]``, applied to each weight as it is loaded.
+- ``int8-dot``: the same INT8 weights multiplied in INT8 (W8A8): each input row of the kernel
+  is quantized per row at run time and the dot products run on the target's INT8 dot-product
+  instruction with INT32 sums (:mod:`moec.kernels.int8_dot`); needs a target that computes int8.
 
 A layer's kernels take, per expert matrix role (``w_up``, ``w_gate``, ``w_down``), one buffer per
 format its experts use, holding those experts in expert order: ``w_up`` (fp32), ``w_up_fp16``,
@@ -32,9 +35,11 @@ import numpy as np
 from tvm import tirx
 from tvm.script import tirx as T
 
-FORMATS = ("fp32", "fp16", "int8")
+FORMATS = ("fp32", "fp16", "int8", "int8-dot")
 """Every storage format, in the order a layer's buffers list them."""
-FORMAT_DTYPES = {"fp32": "float32", "fp16": "float16", "int8": "int8"}
+FORMAT_DTYPES = {"fp32": "float32", "fp16": "float16", "int8": "int8", "int8-dot": "int8"}
+INT8_FORMATS = ("int8", "int8-dot")
+"""The formats stored as symmetric INT8 with float32 scales (:func:`quantize_int8`)."""
 INT8_GROUPS = (0, 32, 64, 128)
 """INT8 scale groups along the input a plan may ask for: 0 is one scale per output channel
 (the kernels take any group that divides the input size)."""
@@ -44,6 +49,9 @@ arithmetic). Each product and partial sum rounds to float16 (relative step 2^-11
 sum is within about ``FP16_CHUNK`` x 2^-11 of its magnitude, and the chunks add in float32: the
 tests hold FP16-arithmetic outputs to 1e-2 of the largest output against the fp16-rounded
 reference (measured ~1e-3)."""
+DOT_DEPTH = 4
+"""Inputs one INT8 dot-product instruction sums into each INT32 lane (``vpdpbusd``, ``sdot``,
+``dp4a``): int8-dot matrices are read (and, in panels, packed) ``DOT_DEPTH`` inputs at a time."""
 INT8_LIMIT = 127
 """Symmetric INT8: quantized values lie in ``[-127, 127]`` (-128 unused, so negation is exact)."""
 
@@ -63,11 +71,22 @@ class WeightFormat:
 
     @property
     def scaled(self) -> bool:
-        return self.name == "int8"
+        return self.name in INT8_FORMATS
+
+    @property
+    def dot(self) -> bool:
+        """Multiplied in INT8 (W8A8): the kernels' integer dot-product path, not :meth:`load`."""
+        return self.name == "int8-dot"
+
+    @property
+    def suffix(self) -> str:
+        """The format in buffer and parameter names: ``fp16``, ``int8``, ``int8_dot``."""
+        return self.name.replace("-", "_")
 
     def matrix_name(self, role: str) -> str:
-        """This format's buffer of ``role``'s matrices: ``w_up``, ``w_up_fp16``, ``w_up_int8``."""
-        return role if self.name == "fp32" else f"{role}_{self.name}"
+        """This format's buffer of ``role``'s matrices: ``w_up``, ``w_up_fp16``, ``w_up_int8``,
+        ``w_up_int8_dot``."""
+        return role if self.name == "fp32" else f"{role}_{self.suffix}"
 
     def scale_name(self, role: str) -> str:
         return f"{self.matrix_name(role)}_scale"
@@ -144,30 +163,30 @@ class ExpertFormats:
         role: str,
         rows: int,
         columns: int,
-        shape: Callable[[int], tuple[int, ...]],
+        shape: Callable[[int, WeightFormat], tuple[int, ...]],
         scale_rows: int | None = None,
     ):
         """``(name, shape, dtype)`` of ``role``'s buffers: per present format its matrices
-        (``shape(count)``) and, for int8, their scales (over ``scale_rows`` outputs, default
+        (``shape(count, fmt)``) and, for int8, their scales (over ``scale_rows`` outputs, default
         ``rows``: the panel kernels pad them to whole panels)."""
         found = []
         for fmt in self.present:
             count = self.count(fmt.name)
-            found.append((fmt.matrix_name(role), shape(count), fmt.dtype))
+            found.append((fmt.matrix_name(role), shape(count, fmt), fmt.dtype))
             if fmt.scaled:
                 scales = fmt.scale_shape(count, scale_rows or rows, columns)
                 found.append((fmt.scale_name(role), scales, "float32"))
         return found
 
     @staticmethod
-    def part_of(name: str, roles: Sequence[str]) -> tuple[str, bool] | None:
-        """``(role, is_scale)`` of a buffer named as :meth:`buffers` names them, or None."""
+    def part_of(name: str, roles: Sequence[str]) -> tuple[str, str, bool] | None:
+        """``(role, format, is_scale)`` of a buffer named as :meth:`buffers` names them, or None."""
         for role in roles:
             for fmt in map(WeightFormat, FORMATS):
                 if name == fmt.matrix_name(role):
-                    return role, False
+                    return role, fmt.name, False
                 if fmt.scaled and name == fmt.scale_name(role):
-                    return role, True
+                    return role, fmt.name, True
         return None
 
     def dispatch(self, body_for: Callable[[WeightFormat, int], object]):
@@ -243,9 +262,13 @@ def fp16_arithmetic(cpu_fp16: bool, hidden: int, ffn: int) -> bool:
     return cpu_fp16 and hidden % FP16_CHUNK == 0 and ffn % FP16_CHUNK == 0
 
 
-FP16_ARITHMETIC_TOLERANCE = 1e-2
-"""What an artifact whose experts multiply in FP16 is held to against the reference (with the
-weights rounded to fp16, computed in fp64): max abs error over the output's largest value."""
+REDUCED_ARITHMETIC_TOLERANCE = 1e-2
+"""What an artifact whose experts multiply in FP16 or INT8 is held to against the reference (with
+the weights rounded as stored, int8-dot experts' input rows rounded to INT8, computed in fp64):
+max abs error over the output's largest value. FP16: the chunk sums' rounding (measured ~1e-3).
+INT8: the INT32 sums are exact, but an activation the artifact computes a float32 rounding away
+from the reference's can land on the other side of an INT8 rounding boundary, one step
+(``max |row| / 127``) apart."""
 
 
 def uniform(formats: Sequence[str] | None, experts: int) -> tuple[str, ...]:

@@ -6,15 +6,17 @@ Rewrite rules, for every Relax function with attribute ``moec.layer``, for a CPU
   found by role; and each format's part of them, ``w_up_fp16``, ``w_up_int8``, …, from
   ``StoreExpertWeights``) become their packed form ``[E, ceil(out / panel), in, panel]``
   (:meth:`moec.kernels.config.ExpertConfig.matrix_shape`; ``panel`` = the schedule's ``lanes ×
-  panel_vectors``, or the matrix's output size when smaller), their dtype kept; int8 scales
+  panel_vectors``, or the matrix's output size when smaller; int8-dot parts ``[E, ceil(out /
+  panel), in / 4, panel * 4]``, 4 inputs of a row together), their dtype kept; int8 scales
   (``w_up_int8_scale``, outputs last) get their output axis padded to whole panels;
 - the ``expert_up`` / ``expert_down`` kernel specs it calls are remade with that ``panel``, so
   the schedule phase builds the output-stationary kernels of :mod:`moec.kernels.expert_panels`;
 - ``main``'s parameters passed to those slots are retyped the same way and recorded in
   ``main``'s attribute ``moec.packed_weights`` (name → ``{"panel", "transposed": true,
-  "experts": true}``: each expert's ``[out, in]`` matrix is packed like a dense weight
-  ``[in, out]``), from which ``SliceWeights`` packs the stored arrays — after slicing away masked
-  experts and pruned channels, which the layer passes recorded on the unpacked layout.
+  "experts": true[, "dot": true]}``: each expert's ``[out, in]`` matrix is packed like a dense
+  weight ``[in, out]``, int8-dot parts with 4 inputs together), from which ``SliceWeights``
+  packs the stored arrays — after slicing away masked experts and pruned channels, which the
+  layer passes recorded on the unpacked layout.
   If a slot is fed by anything but a parameter used only there, nothing is rewritten.
 
 Runs in the schedule phase, after the layer passes and before ``ApplyKernelSchedule``.
@@ -29,7 +31,8 @@ from tvm import relax
 
 from moec.canonical.layer import EXPERT_MATRICES
 from moec.kernels import kernel_config
-from moec.kernels.formats import ExpertFormats
+from moec.kernels.config import replace
+from moec.kernels.formats import ExpertFormats, WeightFormat
 from moec.passes.signature import (
     called_kernels,
     is_layer,
@@ -55,7 +58,7 @@ class PackExpertWeights:
         self.changed = []
         layers = {}
         kernels: dict[str, tvm.tirx.PrimFunc] = {}
-        panels: dict[str, dict[int, tuple[int, bool]]] = {}
+        panels: dict[str, dict[int, tuple[int, bool, bool]]] = {}
         for gvar, func in mod.functions_items():
             if not is_layer(func):
                 continue
@@ -71,16 +74,17 @@ class PackExpertWeights:
                 part = ExpertFormats.part_of(param.name, EXPERT_MATRICES)
                 if part is None:
                     continue
-                role, scale = part
+                role, fmt, scale = part
                 width = widths["expert_down" if role == "w_down" else "expert_up"]
                 *outer, rows = (int(d) for d in param.ty.shape)
                 if scale:
                     shape = [*outer, -(-rows // width) * width]
                 else:
                     experts, rows, columns = (int(d) for d in param.ty.shape)
-                    shape = [experts, -(-rows // width), columns, width]
+                    packed = replace(configs[0], panel=width)
+                    shape = list(packed.matrix_shape(rows, columns, experts, WeightFormat(fmt)))
                 types[i] = relax.TensorType(shape, param.ty.dtype)
-                slots[i] = (width, scale)
+                slots[i] = (width, scale, WeightFormat(fmt).dot)
             names = {}
             for kernel, config in zip(found, configs, strict=True):
                 kernels[kernel.name_hint] = reconfigured(mod[kernel], {"panel": widths[config.kind]})
@@ -92,9 +96,11 @@ class PackExpertWeights:
         main = mod["main"]
         record = json.loads(str(main.attrs[PACKED_WEIGHTS])) if PACKED_WEIGHTS in main.attrs else {}
         for var, (layer, slot) in layer_arguments(main, panels).items():
-            width, scale = panels[layer][slot]
-            record[var.name] = {"experts": True, "panel": width, "transposed": True} | (
-                {"scale": True} if scale else {}
+            width, scale, dot = panels[layer][slot]
+            record[var.name] = (
+                {"experts": True, "panel": width, "transposed": True}
+                | ({"scale": True} if scale else {})
+                | ({"dot": True} if dot else {})
             )
         attrs = {PACKED_WEIGHTS: json.dumps(record, sort_keys=True)}
         updated = rebuild(mod, kernels, layers, attrs)

@@ -55,6 +55,7 @@ def moe_pipeline(
     weights: SliceWeights,
     c_identifiers: bool = False,
     cpu_fp16: bool = False,
+    int8_dot: str | None = None,
 ) -> tvm.transform.Pass:
     """The phases moec runs before handing the module to ``tvm.compile``.
 
@@ -63,6 +64,7 @@ def moe_pipeline(
     the pipeline has run, its ``weights`` follow ``main``'s signature. ``c_identifiers``: rename
     ``main``'s parameters to C identifiers (CUDA targets, whose kernel parameters TVM names
     after them). ``cpu_fp16``: a CPU target with FP16 arithmetic (fp16 experts multiply in FP16).
+    ``int8_dot``: the target's INT8 dot-product instructions (for int8-dot experts), if any.
     """
     layers: list[tvm.transform.Pass] = []
     if options.kept_experts:
@@ -74,7 +76,9 @@ def moe_pipeline(
     if options.routing != "learned":
         layers.append(FixedRouting(options.routing))
     if options.precision != "fp32" or options.precision_plan:
-        stored = StoreExpertWeights(_stored_plan(options), options.precision, options.int8_group, cpu_fp16)
+        stored = StoreExpertWeights(
+            _stored_plan(options), options.precision, options.int8_group, cpu_fp16, int8_dot
+        )
         layers.append(stored)
     dense: list[tvm.transform.Pass] = []
     if isinstance(schedule, CpuSchedule):

@@ -25,8 +25,9 @@ attributes list sliced away; for a part, its experts in its format (float16, or 
 or scales as :func:`moec.kernels.formats.quantize_int8` makes them); converted to its
 parameter's dtype; and packed in panels where ``DenseLinear`` or ``PackExpertWeights`` asked
 (``packed[p, k, v] = W[k, p * panel + v]``, ``W`` transposed first if stored ``[N, K]``, zeros
-past the last column; with ``experts``, each expert's matrix so; with ``scale``, only the last
-axis padded with zeros to whole panels). A weight nothing changed is passed through, not copied.
+past the last column; with ``experts``, each expert's matrix so; with ``dot`` (int8-dot), 4
+inputs of a row together, ``packed[p, k, 4 v + d] = W[4 k + d, p * panel + v]``; with ``scale``,
+only the last axis padded with zeros to whole panels). A weight nothing changed is passed through, not copied.
 
 Runs in the export phase, after every pass that retypes ``main``'s weights and before
 ``CIdentifiers`` renames them.
@@ -41,7 +42,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from moec.kernels.formats import quantize_int8
+from moec.kernels.formats import DOT_DEPTH, INT8_FORMATS, quantize_int8
 
 EXPERT_SLICES = "moec.expert_slices"
 CHANNEL_SLICES = "moec.channel_slices"
@@ -135,7 +136,8 @@ def _follow(
             padded[..., : array.shape[-1]] = array
             array = padded
         elif packing.get("experts"):  # one [out, in] matrix per expert, each packed
-            array = np.stack([_panels(matrix.T if transposed else matrix, panel) for matrix in array])
+            pack = _dot_panels if packing.get("dot") else _panels
+            array = np.stack([pack(matrix.T if transposed else matrix, panel) for matrix in array])
         else:
             array = _panels(array.T if transposed else array, panel)
     return tvm.runtime.tensor(np.ascontiguousarray(array.astype(dtype, copy=False)))
@@ -155,7 +157,7 @@ def _stored_part(matrices: np.ndarray, part: dict) -> np.ndarray:
     chosen = matrices[part["experts"]]
     if part["format"] == "fp16":
         return chosen.astype(np.float16)
-    if part["format"] == "int8":
+    if part["format"] in INT8_FORMATS:
         q, scale = quantize_int8(chosen, int(part["group"]))
         return scale if part["scale"] else q
     return chosen
@@ -168,3 +170,12 @@ def _panels(weight: np.ndarray, panel: int) -> np.ndarray:
     padded = np.zeros((in_features, panels * panel), weight.dtype)
     padded[:, :out_features] = weight
     return padded.reshape(in_features, panels, panel).transpose(1, 0, 2)
+
+
+def _dot_panels(weight: np.ndarray, panel: int) -> np.ndarray:
+    """``weight`` ``[K, N]`` as int8-dot panels ``[ceil(N / panel), K / 4, panel * 4]``: each
+    panel's rows 4 inputs at a time, the 4 inputs of one column together."""
+    panels = _panels(weight, panel)  # [P, K, panel]
+    count, in_features, _ = panels.shape
+    grouped = panels.reshape(count, in_features // DOT_DEPTH, DOT_DEPTH, panel).transpose(0, 1, 3, 2)
+    return grouped.reshape(count, in_features // DOT_DEPTH, panel * DOT_DEPTH)

@@ -8,18 +8,21 @@ for every expert of a layer it does not name) is not all ``fp32``:
   found by role) is replaced, in place, by one parameter per format the layer's experts use,
   holding those experts in order: ``w_up`` ``[E32, out, in]`` float32, ``w_up_fp16`` float16,
   ``w_up_int8`` int8 and its scales ``w_up_int8_scale`` (``[E8, out]``, or ``[E8, in / group,
-  out]`` with an ``int8_group``); the biases stay float32;
+  out]`` with an ``int8_group``), ``w_up_int8_dot`` and ``w_up_int8_dot_scale`` alike; the
+  biases stay float32;
 - the ``expert_up`` / ``expert_down`` kernels it calls are remade with the plan's ``formats``,
-  ``int8_group`` and, on a CPU target with FP16 arithmetic (``cpu_fp16``), ``fp16_arithmetic``
-  for fp16 experts (:func:`moec.kernels.formats.fp16_arithmetic`), as
+  ``int8_group``, on a CPU target with FP16 arithmetic (``cpu_fp16``) ``fp16_arithmetic`` for
+  fp16 experts (:func:`moec.kernels.formats.fp16_arithmetic`), and for int8-dot experts the
+  target's INT8 dot instructions ``int8_dot`` (:data:`moec.kernels.int8_dot.INSTRUCTION_SETS`), as
   ``{layer}_{kind}_stored`` (layers with the same plan share them, as the frontend's layers
   shared the kernels before): their signatures list the same buffers in the same place, so
   each call takes the new parameters where it took the old one;
 - ``main``'s parameter passed to each replaced slot is replaced the same way by parameters named
-  ``{name}.{format}`` (and ``{name}.int8_scale``), recorded in ``main``'s attribute
-  ``moec.expert_formats`` (new name → ``{"source", "experts", "format", "group", "scale"}``),
-  from which ``SliceWeights`` makes the stored arrays: the source weight after masking and
-  pruning, those experts, converted (int8: :func:`moec.kernels.formats.quantize_int8`).
+  ``{name}.{format}`` (and ``{name}.int8_scale``; ``int8-dot`` written ``int8_dot``), recorded in
+  ``main``'s attribute ``moec.expert_formats`` (new name → ``{"source", "experts", "format",
+  "group", "scale"}``), from which ``SliceWeights`` makes the stored arrays: the source weight
+  after masking and pruning, those experts, converted (int8, int8-dot:
+  :func:`moec.kernels.formats.quantize_int8`).
 
 If a slot is fed by anything but a parameter of ``main`` used only there, or is not float32,
 the layer is left as it is. Runs last in the layers phase (after masking and pruning, whose
@@ -108,9 +111,10 @@ class StoreExpertWeights:
         default: str = "fp32",
         int8_group: int = 0,
         cpu_fp16: bool = False,
+        int8_dot: str | None = None,
     ) -> None:
         self.plan = dict(formats or {})
-        self.default, self.group, self.cpu_fp16 = default, int8_group, cpu_fp16
+        self.default, self.group, self.cpu_fp16, self.int8_dot = default, int8_group, cpu_fp16, int8_dot
         self.formats: dict[str, ExpertFormats] = {}
         self.changed: list[str] = []
 
@@ -166,22 +170,21 @@ class StoreExpertWeights:
             if str(param.ty.dtype) != "float32" or source not in main_params or uses[source] != 1:
                 return None
             _, rows, columns = (int(d) for d in param.ty.shape)
-            parts = formats.buffers(role, rows, columns, lambda count, r=rows, c=columns: (count, r, c))
+            parts = formats.buffers(role, rows, columns, lambda count, _fmt, r=rows, c=columns: (count, r, c))
             layer_expansion[param] = [
                 relax.Var(name, relax.TensorType(shape, dtype)) for name, shape, dtype in parts
             ]
             main_expansion[source] = []
             for name, shape, dtype in parts:
-                fmt_part = name[len(role) + 1 :] if name != role else "fp32"
-                stored = f"{source.name}.{fmt_part}"
+                _, fmt, scale = ExpertFormats.part_of(name, [role])
+                stored = f"{source.name}.{name[len(role) + 1 :] if name != role else 'fp32'}"
                 main_expansion[source].append(relax.Var(stored, relax.TensorType(shape, dtype)))
-                fmt = fmt_part.removesuffix("_scale")
                 records[stored] = {
                     "source": source.name,
                     "experts": formats.experts(fmt),
                     "format": fmt,
                     "group": formats.group,
-                    "scale": fmt_part.endswith("_scale"),
+                    "scale": scale,
                 }
         return layer_expansion, main_expansion, records
 
@@ -199,6 +202,7 @@ class StoreExpertWeights:
                     formats=formats.formats,
                     int8_group=formats.group,
                     fp16_arithmetic=formats.fp16_arithmetic and "fp16" in formats.formats,
+                    int8_dot=self.int8_dot if "int8-dot" in formats.formats else None,
                 )
                 key = f"{config.kind}:{config.to_json()}"
                 if key not in made:

@@ -14,9 +14,11 @@ channel. The rounding, per expert matrix ``W`` ``[out, in]`` (as pruning left it
 channels), or dense weight by output channel:
 
 - ``fp16``: ``float32(float16(W))``;
-- ``int8``: symmetric, per output row and group of ``int8_group`` inputs (the whole row when
-  0): ``step = float32(max |W|) / 127`` (1 for an all-zero group), ``W' = clip(rint(W / step),
-  -127, 127) * step``, all in float32, ``rint`` rounding half to even.
+- ``int8`` and ``int8-dot``: symmetric, per output row and group of ``int8_group`` inputs (the
+  whole row when 0): ``step = float32(max |W|) / 127`` (1 for an all-zero group), ``W' =
+  clip(rint(W / step), -127, 127) * step``, all in float32, ``rint`` rounding half to even
+  (:func:`moec.canonical.semantics.round_int8`). An int8-dot expert's input rows are rounded
+  the same way, per row, by the layer semantics (:func:`moec.canonical.semantics.moe_forward`).
 """
 
 from __future__ import annotations
@@ -32,14 +34,13 @@ from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 
 from moec.canonical.layer import MoELayer
-from moec.canonical.semantics import LayerPlan, moe_forward, route
+from moec.canonical.semantics import LayerPlan, moe_forward, round_int8, route
 from moec.errors import MoecError
 from moec.frontend.importer import find_blocks
 from moec.frontend.rewrite import LAYER_DOMAIN, LAYER_OP, replace_blocks
 from moec.onnx_fixes import FIXED_OPS
 
 MATRIX_ROLES = ("w_up", "w_gate", "w_down")
-INT8_LEVELS = 127
 
 
 RouteHook = Callable[[int, MoELayer, np.ndarray, np.ndarray, np.ndarray], None]
@@ -76,14 +77,9 @@ def _rounded(matrix: np.ndarray, precision: str, group: int) -> np.ndarray:
     """One expert matrix ``[out, in]`` as the artifact stores it (see the module docstring)."""
     if precision == "fp16":
         return matrix.astype(np.float16).astype(np.float32)
-    if precision != "int8":
-        return matrix
-    rows, columns = matrix.shape
-    groups = matrix.astype(np.float32).reshape(rows, columns // (group or columns), -1)
-    peak = np.abs(groups).max(axis=-1, keepdims=True)
-    step = np.where(peak > 0, peak / np.float32(INT8_LEVELS), np.float32(1)).astype(np.float32)
-    levels = np.clip(np.rint(groups / step), -INT8_LEVELS, INT8_LEVELS).astype(np.float32)
-    return (levels * step).reshape(rows, columns)
+    if precision in ("int8", "int8-dot"):
+        return round_int8(matrix, group)
+    return matrix
 
 
 def stored_layer(layer: MoELayer, plan: LayerPlan) -> MoELayer:

@@ -11,6 +11,7 @@ import pytest
 
 from moec.errors import MoecError
 from moec.precision_plan import load_precision_plan
+from moec.targets import load_target
 from tests.helpers import assert_nothing_written, assert_user_error, invoke, profile_model
 
 
@@ -38,12 +39,19 @@ def test_plan_file_compiles_inspects_and_verifies(block: Path, tmp_path: Path) -
     assert "expert precisions" in verified.output
 
 
-def test_precision_flag_and_group_flag(block: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("precision", ["int8", "int8-dot"])
+def test_precision_flag_and_group_flag(block: Path, tmp_path: Path, precision: str) -> None:
+    if precision == "int8-dot" and load_target("host").int8_dot is None:
+        pytest.skip("this CPU does not compute int8")
     out = tmp_path / "out"
-    result = invoke("compile", block, "-o", out, "--precision", "int8", "--int8-group", "64")
+    result = invoke("compile", block, "-o", out, "--precision", precision, "--int8-group", "64")
     assert result.exit_code == 0, result.output
     layer = json.loads((out / "manifest.json").read_text())["layers"][0]
-    assert {e["precision"] for e in layer["plan"]} == {"int8"} and layer["int8_group"] == 64
+    assert {e["precision"] for e in layer["plan"]} == {precision} and layer["int8_group"] == 64
+    shown = invoke("inspect", out)
+    assert shown.exit_code == 0 and f"4 {precision} (int8 scales per 64 inputs)" in shown.output, shown.output
+    verified = invoke("verify", block, out, "-n", "1", "-n", "9")
+    assert verified.exit_code == 0, verified.output
 
 
 @pytest.mark.parametrize(
@@ -72,6 +80,29 @@ def test_bad_plan_is_one_line_naming_it(block: Path, tmp_path: Path, text: str, 
     plan.write_text(text)
     out = tmp_path / "out"
     assert_user_error(invoke("compile", block, "-o", out, "--precision-plan", plan), *culprits)
+    assert_nothing_written(out)
+
+
+def test_int8_dot_is_refused_where_the_target_has_no_int8_arithmetic(block: Path, tmp_path: Path) -> None:
+    """The Cortex-A72 has no dot-product instructions: int8-dot, for all experts or in a plan, is
+    one line naming the option and the target, before anything is compiled; weight-only int8 and
+    dense int8-dot (not a dense format) are told apart."""
+    out = tmp_path / "out"
+    line = assert_user_error(
+        invoke("compile", block, "-o", out, "--target", "cortex-a72", "--precision", "int8-dot"),
+        "--precision",
+        "cortex-a72",
+    )
+    assert "int8" in line and "fp32" in line  # what to use instead, what the board computes
+    plan = tmp_path / "plan.toml"
+    plan.write_text('[layers]\nmoe0 = ["int8-dot", "fp32", "fp32", "int8"]\n')
+    assert_user_error(
+        invoke("compile", block, "-o", out, "--target", "cortex-a72", "--precision-plan", plan),
+        "--precision-plan",
+        "cortex-a72",
+    )
+    result = invoke("compile", block, "-o", out, "--dense-precision", "int8-dot")
+    assert result.exit_code == 2 and "int8-dot" in result.output  # click: not one of the choices
     assert_nothing_written(out)
 
 

@@ -16,8 +16,8 @@ from tvm.script import tirx as T
 LAYER = '{"name": "moe0", "experts": 3, "top_k": 1, "hidden": 2, "ffn": 4, "activation": "relu"}'
 ROUTE_CONFIG = '{"groups": 1, "jitter_eps": 0.0, "kept": null, "normalize": false, "num_experts": 3, "pattern": null, "scale": 1.0, "scoring": "softmax", "selection_bias": null, "skip_below_fraction": null, "skip_top1_above": null, "tie_break": "low", "top_groups": 1, "top_k": 1}'
 GROUP_CONFIG = '{"num_experts": 3, "top_k": 1}'
-UP_CONFIG = '{"activation": "relu", "alpha": 1.0, "beta": 0.0, "ffn": 4, "formats": null, "fp16_arithmetic": false, "gated": false, "hidden": 2, "int8_group": 0, "limit": Infinity, "num_experts": 3, "panel": null, "top_k": 1}'
-DOWN_CONFIG = '{"ffn": 4, "formats": null, "fp16_arithmetic": false, "hidden": 2, "int8_group": 0, "num_experts": 3, "panel": null, "top_k": 1}'
+UP_CONFIG = '{"activation": "relu", "alpha": 1.0, "beta": 0.0, "ffn": 4, "formats": null, "fp16_arithmetic": false, "gated": false, "hidden": 2, "int8_dot": null, "int8_group": 0, "limit": Infinity, "num_experts": 3, "panel": null, "top_k": 1}'
+DOWN_CONFIG = '{"ffn": 4, "formats": null, "fp16_arithmetic": false, "hidden": 2, "int8_dot": null, "int8_group": 0, "num_experts": 3, "panel": null, "top_k": 1}'
 
 
 def lifted_layer(route_config: str = ROUTE_CONFIG) -> tvm.IRModule:

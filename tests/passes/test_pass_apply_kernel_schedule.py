@@ -10,7 +10,7 @@ from moec.passes.apply_kernel_schedule import ApplyKernelSchedule
 from moec.schedule import CpuSchedule
 
 SCHEDULE = CpuSchedule(lanes=4, rows_per_task=2, token_block=1, accumulators=1)
-DOWN_CONFIG = '{"ffn": 4, "formats": null, "fp16_arithmetic": false, "hidden": 2, "int8_group": 0, "num_experts": 2, "panel": null, "top_k": 1}'
+DOWN_CONFIG = '{"ffn": 4, "formats": null, "fp16_arithmetic": false, "hidden": 2, "int8_dot": null, "int8_group": 0, "num_experts": 2, "panel": null, "top_k": 1}'
 GROUP_CONFIG = '{"num_experts": 2, "top_k": 1}'
 BUILT_FOR = '{"accumulators": 1, "kind": "cpu", "lanes": 4, "panel_vectors": 2, "rows_per_task": 2, "token_block": 1}'
 

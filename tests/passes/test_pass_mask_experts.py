@@ -22,8 +22,8 @@ from tests.passes.lifted_layer import DOWN_CONFIG, GROUP_CONFIG, LAYER, ROUTE_CO
 # Experts [0, 2] kept: the router over all 3 with "kept"; the others for 2 experts.
 MASKED_ROUTE_CONFIG = '{"groups": 1, "jitter_eps": 0.0, "kept": [0, 2], "normalize": false, "num_experts": 3, "pattern": null, "scale": 1.0, "scoring": "softmax", "selection_bias": null, "skip_below_fraction": null, "skip_top1_above": null, "tie_break": "low", "top_groups": 1, "top_k": 1}'
 MASKED_GROUP_CONFIG = '{"num_experts": 2, "top_k": 1}'
-MASKED_UP_CONFIG = '{"activation": "relu", "alpha": 1.0, "beta": 0.0, "ffn": 4, "formats": null, "fp16_arithmetic": false, "gated": false, "hidden": 2, "int8_group": 0, "limit": Infinity, "num_experts": 2, "panel": null, "top_k": 1}'
-MASKED_DOWN_CONFIG = '{"ffn": 4, "formats": null, "fp16_arithmetic": false, "hidden": 2, "int8_group": 0, "num_experts": 2, "panel": null, "top_k": 1}'
+MASKED_UP_CONFIG = '{"activation": "relu", "alpha": 1.0, "beta": 0.0, "ffn": 4, "formats": null, "fp16_arithmetic": false, "gated": false, "hidden": 2, "int8_dot": null, "int8_group": 0, "limit": Infinity, "num_experts": 2, "panel": null, "top_k": 1}'
+MASKED_DOWN_CONFIG = '{"ffn": 4, "formats": null, "fp16_arithmetic": false, "hidden": 2, "int8_dot": null, "int8_group": 0, "num_experts": 2, "panel": null, "top_k": 1}'
 EXPERT_SLICES = '{"moe0_w_up": [0, 2], "moe0_b_up": [0, 2], "moe0_w_down": [0, 2], "moe0_b_down": [0, 2]}'
 
 

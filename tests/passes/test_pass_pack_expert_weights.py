@@ -21,10 +21,10 @@ from moec.schedule import CpuSchedule
 
 SCHEDULE = CpuSchedule(lanes=4, panel_vectors=1)
 LAYER = '{"name": "moe0", "experts": 3, "top_k": 1, "hidden": 2, "ffn": 4, "activation": "relu"}'
-UP_CONFIG = '{"activation": "relu", "alpha": 1.0, "beta": 0.0, "ffn": 4, "formats": null, "fp16_arithmetic": false, "gated": false, "hidden": 2, "int8_group": 0, "limit": Infinity, "num_experts": 3, "panel": null, "top_k": 1}'
-DOWN_CONFIG = '{"ffn": 4, "formats": null, "fp16_arithmetic": false, "hidden": 2, "int8_group": 0, "num_experts": 3, "panel": null, "top_k": 1}'
-PACKED_UP_CONFIG = '{"activation": "relu", "alpha": 1.0, "beta": 0.0, "ffn": 4, "formats": null, "fp16_arithmetic": false, "gated": false, "hidden": 2, "int8_group": 0, "limit": Infinity, "num_experts": 3, "panel": 4, "top_k": 1}'
-PACKED_DOWN_CONFIG = '{"ffn": 4, "formats": null, "fp16_arithmetic": false, "hidden": 2, "int8_group": 0, "num_experts": 3, "panel": 2, "top_k": 1}'
+UP_CONFIG = '{"activation": "relu", "alpha": 1.0, "beta": 0.0, "ffn": 4, "formats": null, "fp16_arithmetic": false, "gated": false, "hidden": 2, "int8_dot": null, "int8_group": 0, "limit": Infinity, "num_experts": 3, "panel": null, "top_k": 1}'
+DOWN_CONFIG = '{"ffn": 4, "formats": null, "fp16_arithmetic": false, "hidden": 2, "int8_dot": null, "int8_group": 0, "num_experts": 3, "panel": null, "top_k": 1}'
+PACKED_UP_CONFIG = '{"activation": "relu", "alpha": 1.0, "beta": 0.0, "ffn": 4, "formats": null, "fp16_arithmetic": false, "gated": false, "hidden": 2, "int8_dot": null, "int8_group": 0, "limit": Infinity, "num_experts": 3, "panel": 4, "top_k": 1}'
+PACKED_DOWN_CONFIG = '{"ffn": 4, "formats": null, "fp16_arithmetic": false, "hidden": 2, "int8_dot": null, "int8_group": 0, "num_experts": 3, "panel": 2, "top_k": 1}'
 PACKED = '{"moe0_w_down": {"experts": true, "panel": 2, "transposed": true}, "moe0_w_up": {"experts": true, "panel": 4, "transposed": true}}'
 
 

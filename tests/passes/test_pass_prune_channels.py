@@ -20,8 +20,8 @@ from moec.passes.prune_channels import PruneChannels
 from tests.passes.lifted_layer import GROUP_CONFIG, LAYER, ROUTE_CONFIG, lifted_layer
 
 KEPT = [[0, 1, 3], [0, 2, 3], [1, 2, 3]]  # per expert, 3 of the 4 channels
-PRUNED_UP_CONFIG = '{"activation": "relu", "alpha": 1.0, "beta": 0.0, "ffn": 3, "formats": null, "fp16_arithmetic": false, "gated": false, "hidden": 2, "int8_group": 0, "limit": Infinity, "num_experts": 3, "panel": null, "top_k": 1}'
-PRUNED_DOWN_CONFIG = '{"ffn": 3, "formats": null, "fp16_arithmetic": false, "hidden": 2, "int8_group": 0, "num_experts": 3, "panel": null, "top_k": 1}'
+PRUNED_UP_CONFIG = '{"activation": "relu", "alpha": 1.0, "beta": 0.0, "ffn": 3, "formats": null, "fp16_arithmetic": false, "gated": false, "hidden": 2, "int8_dot": null, "int8_group": 0, "limit": Infinity, "num_experts": 3, "panel": null, "top_k": 1}'
+PRUNED_DOWN_CONFIG = '{"ffn": 3, "formats": null, "fp16_arithmetic": false, "hidden": 2, "int8_dot": null, "int8_group": 0, "num_experts": 3, "panel": null, "top_k": 1}'
 CHANNEL_SLICES = '{"moe0_w_up": [1, [[0, 1, 3], [0, 2, 3], [1, 2, 3]]], "moe0_b_up": [1, [[0, 1, 3], [0, 2, 3], [1, 2, 3]]], "moe0_w_down": [2, [[0, 1, 3], [0, 2, 3], [1, 2, 3]]]}'
 
 

@@ -15,12 +15,14 @@ from moec.artifact import WEIGHTS
 from moec.compiler.compile import compile_model
 from moec.kernels import kernel_spec
 from moec.kernels.config import ExpertDownConfig, ExpertUpConfig, replace
+from moec.kernels.formats import REDUCED_ARITHMETIC_TOLERANCE
 from moec.options import CompileOptions
 from moec.passes.store_expert_weights import StoreExpertWeights
 from moec.reference.evaluator import run_reference
 from moec.reference.stored import run_stored_reference
 from moec.runtime.session import ArtifactSession
-from moec.verify import layer_plans
+from moec.targets import load_target
+from moec.verify import layer_plans, reduced_arithmetic
 from moec.weights_file import read_weights
 from tests.helpers import FP32_ATOL, assert_close, tokens_input
 from tests.zoo.standard import build_dense_onehot_moe
@@ -140,14 +142,22 @@ def test_modules_really_differ() -> None:
 
 
 def _check_artifact(model: onnx.ModelProto, artifact: Path, bound: float) -> None:
-    """The artifact matches the model with its experts rounded as stored (1e-4), and differs
-    from the fp32 model by some rounding, at most ``bound``."""
+    """The artifact matches the model with its experts rounded as stored (1e-4; with INT8
+    arithmetic, the documented relative bound, and most outputs still within 1e-4: an
+    intermediate activation rounded to the other INT8 level than the reference's moves only its
+    token), and differs from the fp32 model by some rounding, at most ``bound``."""
     session = ArtifactSession(artifact)
     plans = layer_plans(session.manifest)
     for tokens in (1, 13):
         feeds = {"x": tokens_input(tokens, 32)}
         actual = session.run(feeds)["y"]
-        assert_close(actual, run_stored_reference(model, feeds, plans)["y"], FP32_ATOL, f"{tokens} tokens")
+        expected = run_stored_reference(model, feeds, plans)["y"]
+        if reduced_arithmetic(session.manifest):
+            error = np.abs(actual - expected)
+            assert error.max() <= REDUCED_ARITHMETIC_TOLERANCE * np.abs(expected).max(), f"{tokens} tokens"
+            assert np.median(error) <= FP32_ATOL, f"{tokens} tokens: median error {np.median(error)}"
+        else:
+            assert_close(actual, expected, FP32_ATOL, f"{tokens} tokens")
         rounding = np.abs(actual - run_reference(model, feeds)["y"]).max()
         assert 0 < rounding < bound, f"rounding error vs the fp32 model: {rounding}"
 
@@ -168,24 +178,36 @@ def test_fp16_artifact_matches_rounded_reference_and_halves_weights(tmp_path: Pa
 
 @pytest.mark.parametrize(
     ("plan", "group"),
-    [(("int8",) * 6, 0), (("int8",) * 6, 32), (("int8", "fp32", "fp16", "int8", "fp16", "fp32"), 0)],
-    ids=["int8", "int8-groups-of-32", "mixed"],
+    [
+        (("int8",) * 6, 0),
+        (("int8",) * 6, 32),
+        (("int8", "fp32", "fp16", "int8", "fp16", "fp32"), 0),
+        (("int8-dot",) * 6, 0),
+        (("int8-dot",) * 6, 32),
+        (("int8-dot", "fp32", "fp16", "int8", "int8-dot", "fp16"), 0),
+    ],
+    ids=["int8", "int8-groups-of-32", "mixed", "int8-dot", "int8-dot-groups-of-32", "mixed-int8-dot"],
 )
 def test_int8_and_mixed_artifacts_match_rounded_reference(tmp_path: Path, plan, group) -> None:
     """Each expert is read in its own format in one dispatch; the manifest's plan and the weight
-    bytes are the plan's: per expert its matrices at 4, 2 or 1 byte a weight, int8 with one
-    float32 scale per output row (or per 32 inputs of it), and its biases."""
+    bytes are the plan's: per expert its matrices at 4, 2 or 1 byte a weight, int8 and int8-dot
+    with one float32 scale per output row (or per 32 inputs of it), and its biases. int8-dot
+    experts multiply in INT8 on this CPU (the test needs one with VNNI)."""
+    if "int8-dot" in plan and load_target("host").int8_dot is None:
+        pytest.skip("this CPU does not compute int8")
     model = build_dense_onehot_moe(hidden=32, inter=64, experts=6, k=2, activation="swiglu")
     onnx.save(model, tmp_path / "model.onnx")
     options = CompileOptions(precision_plan={"moe0": plan}, int8_group=group)
     compile_model(tmp_path / "model.onnx", tmp_path / "out", options)
     layer = json.loads((tmp_path / "out" / "manifest.json").read_text())["layers"][0]
     assert [entry["precision"] for entry in layer["plan"]] == list(plan)
+    assert [entry["compute"] for entry in layer["plan"]] == ["int8" if p == "int8-dot" else "fp32" for p in plan]
     weights = 3 * 64 * 32  # w_up, w_gate [64, 32] and w_down [32, 64] per expert
     groups = {inputs: inputs // group if group else 1 for inputs in (32, 64)}  # scales per output row
     scales = 4 * (2 * 64 * groups[32] + 32 * groups[64])
     biases = 4 * (64 + 64 + 32)
     per_format = {"fp32": 4 * weights + biases, "fp16": 2 * weights + biases, "int8": weights + scales + biases}
+    per_format["int8-dot"] = per_format["int8"]
     assert [entry["bytes"] for entry in layer["plan"]] == [per_format[p] for p in plan]
     stored = read_weights(tmp_path / "out" / WEIGHTS)
     layer_bytes = sum(value.nbytes for name, value in stored.items() if name.startswith("moe0."))

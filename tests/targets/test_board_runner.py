@@ -23,13 +23,13 @@ import pytest
 
 from moec.artifact import MANIFEST
 from moec.compiler.compile import compile_model
-from moec.kernels.formats import FP16_ARITHMETIC_TOLERANCE
+from moec.kernels.formats import REDUCED_ARITHMETIC_TOLERANCE
 from moec.options import CompileOptions
 from moec.reference.evaluator import run_reference
 from moec.reference.stored import run_stored_reference
 from moec.runtime.board import ArtifactTarget, RunnerSession, runtime_library_dirs
 from moec.targets import bundled_target_file
-from moec.verify import fp16_computed, layer_plans
+from moec.verify import layer_plans, reduced_arithmetic
 from tests.helpers import (
     EXAMPLE_MODEL,
     FP32_ATOL,
@@ -42,6 +42,7 @@ from tests.helpers import (
 
 HIDDEN = 64
 MIXED = ["int8", "fp16", "fp32", "int8", "int8", "fp16", "int8", "fp32"]
+MIXED_DOT = ["int8-dot", "fp16", "fp32", "int8", "int8-dot", "fp16", "int8-dot", "fp32"]
 """One precision per expert of the example's first layer: every format in one layer."""
 EM_AARCH64 = 183
 LATENCY = re.compile(r"latency over \d+ runs: mean [\d.]+ ms, p50 [\d.]+ ms, p99 [\d.]+ ms")
@@ -103,19 +104,21 @@ def test_a72_artifact_matches_numpy_under_qemu(session: RunnerSession, model, to
         ("cortex-a72", {"precision": "fp16"}),
         ("cortex-a72", {"precision_plan": {"moe0": MIXED, "moe1": "int8"}}),
         ("cortex-a76", {"precision_plan": {"moe0": MIXED, "moe1": "int8"}, "int8_group": 32}),
+        ("cortex-a76", {"precision_plan": {"moe0": MIXED_DOT, "moe1": "int8-dot"}}),
     ],
-    ids=["a72-fp16", "a72-mixed", "a76-mixed-int8-groups"],
+    ids=["a72-fp16", "a72-mixed", "a76-mixed-int8-groups", "a76-mixed-int8-dot"],
 )
 def test_stored_precisions_match_rounded_reference_under_qemu(
     model, tmp_path: Path, target: str, precisions: dict
 ) -> None:
     """Expert weights stored narrower on the boards: fp16 widened on load (A72) or multiplied in
-    FP16 (A76, +fullfp16), int8 widened and scaled, and a layer mixing int8, fp16 and fp32
-    experts in one dispatch; the outputs match the model with each expert rounded as stored."""
+    FP16 (A76, +fullfp16), int8 widened and scaled, int8-dot multiplied with ``sdot`` (A76,
+    +dotprod), and a layer mixing them with fp32 experts in one dispatch; the outputs match the
+    model with each expert rounded as stored (int8-dot experts' input rows too)."""
     artifact = compile_model(EXAMPLE_MODEL, tmp_path / "out", CompileOptions(target=target, **precisions))
     session = RunnerSession(artifact)
     plans = layer_plans(session.manifest)
-    half = fp16_computed(session.manifest)
+    half = reduced_arithmetic(session.manifest)
     assert half == (target == "cortex-a76"), "fp16 experts multiply in FP16 exactly where the core has it"
     for tokens in (1, 7):
         feeds = {"x": tokens_input(tokens, HIDDEN)}
@@ -125,7 +128,7 @@ def test_stored_precisions_match_rounded_reference_under_qemu(
             what = f"{name} ({tokens} tokens, {target}, qemu)"
             if half:  # FP16 products: the documented relative bound, and not fp32-exact
                 error = np.abs(actual[name] - value).max()
-                assert 1e-6 < error <= FP16_ARITHMETIC_TOLERANCE * np.abs(value).max(), f"{what}: {error}"
+                assert 1e-6 < error <= REDUCED_ARITHMETIC_TOLERANCE * np.abs(value).max(), f"{what}: {error}"
             else:
                 assert_close(actual[name], value, FP32_ATOL, what)
 

@@ -173,7 +173,9 @@ UP = {
 }
 DOWN = {"num_experts": 6, "hidden": 64, "ffn": 96, "top_k": 2}
 MIXED = ["int8", "fp16", "fp32", "int8", "fp32", "fp16"]
-"""Every expert weight format in one layer."""
+"""Every weight-only expert format in one layer."""
+MIXED_DOT = ["int8-dot", "fp16", "fp32", "int8", "int8-dot", "fp16"]
+"""int8-dot experts (INT8 arithmetic, dp4a) beside the others."""
 CAPACITY = {"num_experts": 6, "top_k": 2, "capacity": 3}
 CASES = {"route": ROUTE, "capacity": CAPACITY, "group": GROUP, "expert_up": UP, "expert_down": DOWN}
 
@@ -217,6 +219,20 @@ def test_gpu_kernel_compiles_for_sm87_with_thread_binding(kind, orin):
 
 
 @needs_nvcc
+@pytest.mark.parametrize("group", [0, 32], ids=["per-channel", "groups-of-32"])
+@pytest.mark.parametrize("kind", ["expert_up", "expert_down"])
+def test_gpu_int8_dot_kernels_use_dp4a_on_sm87(kind, group, orin):
+    """int8-dot experts on the GPU: a first kernel quantizes the input rows (one thread each), the
+    expert kernel multiplies 4 bytes at a time with ``__dp4a``; both are in the sm_87 cubin."""
+    config = {**CASES[kind], "formats": MIXED_DOT, "int8_group": group, "int8_dot": orin.int8_dot}
+    source, cubins = _build(kind, config, GpuSchedule(), orin)
+    assert orin.int8_dot == "dp4a" and "__dp4a(" in source
+    assert "nearbyintf" in source  # the row quantization rounds half to even, as the reference
+    kernels = [f for f in cubins[0].functions if f.startswith(f"moe0_{kind}_kernel")]
+    assert len(kernels) == 2, cubins[0].functions
+
+
+@needs_nvcc
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "schedule", [GpuSchedule(16, 4, 1), GpuSchedule(8, 3, 3), GpuSchedule(1, 32, 2)], ids=str
@@ -230,8 +246,19 @@ def test_gpu_kernel_compiles_for_sm87_with_thread_binding(kind, orin):
         {**DOWN, "formats": ["fp16"] * 6},
         {**UP, "formats": MIXED},
         {**DOWN, "formats": MIXED, "int8_group": 32},
+        {**UP, "formats": MIXED_DOT, "int8_dot": "dp4a"},
+        {**DOWN, "formats": MIXED_DOT, "int8_group": 32, "int8_dot": "dp4a"},
     ],
-    ids=["up-ragged", "up-fp16-clamped", "down-ragged", "down-fp16", "up-mixed", "down-mixed-int8-groups"],
+    ids=[
+        "up-ragged",
+        "up-fp16-clamped",
+        "down-ragged",
+        "down-fp16",
+        "up-mixed",
+        "down-mixed-int8-groups",
+        "up-mixed-int8-dot",
+        "down-mixed-int8-dot-groups",
+    ],
 )
 def test_gpu_expert_kernels_compile_across_schedules_and_tails(schedule, config, orin):
     kind = "expert_up" if "activation" in config else "expert_down"

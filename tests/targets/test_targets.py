@@ -122,6 +122,49 @@ def test_fp16_experts_multiply_in_fp16_on_the_a76_only() -> None:
     assert len(re.findall(r"\bfcvtl2?\s+v\d+\.4s, v\d+\.[48]h", a72)) >= 4
 
 
+def _int8_dot_expert_assembly(target_name: str, plan: str = "int8-dot") -> str:
+    """Assembly of the example's expert kernels compiled for ``target_name`` with every expert
+    stored as ``plan``."""
+    target = load_target(target_name)
+    mod, _ = lower_model(import_model(load_model(EXAMPLE_MODEL)), target, CompileOptions(precision=plan))
+    experts = ("expert_up", "expert_down")
+    kernels = {gv.name_hint: f for gv, f in mod.functions_items() if kernel_kind(f) in experts}
+    assert len(kernels) == 2, sorted(kernels)
+    module = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in kernels.items()})
+    return tvm.compile(module, target=target.tvm_target).mod.inspect_source("s")
+
+
+def test_int8_dot_experts_multiply_with_sdot_on_the_a76_only() -> None:
+    """W8A8 where the core has INT8 dot products: the A76 (+dotprod) build of int8-dot experts
+    runs ``sdot v.4s, v.16b, v.16b``; the weight-only int8 builds, on the A76 as on the A72, have
+    no ``sdot`` at all (they widen and multiply in fp32), and the A72 refuses int8-dot (its test
+    is in the CLI tests)."""
+    a76 = _int8_dot_expert_assembly("cortex-a76")
+    assert len(re.findall(r"\bsdot\s+v\d+\.4s, v\d+\.16b, v\d+\.16b", a76)) >= 16
+    for board in ("cortex-a76", "cortex-a72"):
+        assert not re.search(r"\bsdot\b", _int8_dot_expert_assembly(board, "int8")), board
+
+
+@pytest.mark.parametrize(
+    ("mcpu", "bits", "register"),
+    [("cascadelake", 512, "zmm"), ("alderlake", 256, "ymm"), ("cascadelake", 128, "xmm")],
+)
+def test_int8_dot_kernels_use_vnni_on_x86(tmp_path: Path, mcpu: str, bits: int, register: str) -> None:
+    """x86 int8-dot kernels use ``vpdpbusd`` at the board's SIMD width: AVX-512 VNNI's zmm form
+    (Cascade Lake), AVX-VNNI's ymm form (Alder Lake, no AVX-512), the xmm form for 128-bit lanes."""
+    path = _board_with(tmp_path, "x86_64", f'mcpu = "{mcpu}"', '"detect"')
+    path.write_text(path.read_text().replace("simd_bits = 128", f"simd_bits = {bits}"))
+    target = load_target(str(path))
+    assert target.int8_dot == "vnni"
+    config = {"num_experts": 4, "hidden": 64, "ffn": 64, "top_k": 2, "formats": ["int8-dot"] * 4}
+    config |= {"panel": target.schedule.panel(64), "int8_dot": "vnni", "activation": "silu", "gated": True}
+    kernel = make_kernel(config_from_dict("expert_up", config), target.schedule).with_attr(
+        "global_symbol", "k"
+    )
+    asm = tvm.compile(tvm.IRModule({"k": kernel}), target=target.tvm_target).mod.inspect_source("s")
+    assert len(re.findall(rf"\bvpdpbusd\s+%{register}\d+, %{register}\d+, %{register}\d+", asm)) >= 16
+
+
 def _user_target(tmp_path: Path) -> Path:
     """A board file written the way the cortex-a76 example tells a user to, for this machine."""
     (tmp_path / "narrow.toml").write_text(

@@ -11,7 +11,7 @@ import pytest
 import tvm
 
 from moec.canonical.layer import MoELayer
-from moec.canonical.semantics import LayerPlan, drop_past_capacity, expert_ffn, route
+from moec.canonical.semantics import LayerPlan, drop_past_capacity, expert_ffn, expert_hidden, route
 from moec.kernels import kernel_spec, make_kernel
 from moec.kernels.config import (
     CapacityConfig,
@@ -365,6 +365,109 @@ def test_mixed_format_expert_kernels_match_numpy(schedule, panel, group, gated, 
     )  # fmt: skip
     expected = _moe_reference(layer, x, index, gain_in)
     assert_close(y, expected.astype(np.float32), 1e-5)
+
+
+HOST_INT8_DOT = "vnni" if tvm.target.codegen.llvm_cpu_has_features(["avx512vnni"], TARGET) else None
+"""This machine's INT8 dot instructions, for the int8-dot kernel tests (AVX-512 VNNI)."""
+DOT_MIXED = ("int8-dot", "fp32", "int8", "int8-dot", "fp16")
+"""A layer with int8-dot experts beside the other formats."""
+
+
+def pack_dot_panels(weight: np.ndarray, panel: int) -> np.ndarray:
+    """int8-dot expert matrices ``[E, out, in]`` in the panel kernels' layout, element by element
+    from its definition: ``packed[e, p, k, 4 v + d] = weight[e, p * panel + v, 4 k + d]``, zero
+    past row ``out``."""
+    experts, rows, columns = weight.shape
+    packed = np.zeros((experts, -(-rows // panel), columns // 4, panel * 4), weight.dtype)
+    for e, p, k, v, d in np.ndindex(experts, packed.shape[1], columns // 4, panel, 4):
+        if p * panel + v < rows:
+            packed[e, p, k, 4 * v + d] = weight[e, p * panel + v, 4 * k + d]
+    return packed
+
+
+def _int8_rows(rows: np.ndarray) -> np.ndarray:
+    """``rows`` as W8A8 multiplies them: each row rounded to 255 levels of its own step
+    ``max |row| / 127`` (float32 arithmetic, half to even), as exact float64 values."""
+    rows = rows.astype(np.float32)
+    step = np.abs(rows).max(axis=1, keepdims=True) / np.float32(127)
+    step = np.where(step > 0, step, np.float32(1)).astype(np.float32)
+    return np.clip(np.rint(rows / step), -127, 127).astype(np.float64) * step.astype(np.float64)
+
+
+@pytest.mark.skipif(HOST_INT8_DOT is None, reason="this CPU has no AVX-512 VNNI")
+@pytest.mark.parametrize(
+    ("schedule", "panel"),
+    [(CpuSchedule(), 16), (CpuSchedule(lanes=8, rows_per_task=8, token_block=3), 8), (SCHEDULES[1], 8)],
+    ids=["vnni512", "vnni256", "vnni128"],
+)
+@pytest.mark.parametrize("group", [0, 4], ids=["per-channel", "groups-of-4"])
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "ungated"])
+@pytest.mark.parametrize("tokens", [1, 7])
+def test_int8_dot_expert_kernels_match_numpy(schedule, panel, group, gated, tokens):
+    """int8-dot experts beside fp32, int8 and fp16 ones in one call: each kernel's input rows are
+    quantized per row and multiplied in INT8, so each kernel matches the FFN over the weights the
+    formats hold with those experts' input rows rounded to INT8 (each kernel is given its input,
+    so the INT32 sums are exact and only float32 rounding differs)."""
+    layer = _layer(gated=gated, activation="silu" if gated else "relu")
+    E, H, F, K = layer.num_experts, layer.hidden, layer.ffn, layer.top_k
+    rng = np.random.default_rng(tokens + 10 * group + panel)
+    formats = tuple("int8" if f == "int8-dot" else f for f in DOT_MIXED)  # what _stored_formats makes
+    stored, held = {}, {}
+    for role in ("w_up", "w_gate", "w_down") if gated else ("w_up", "w_down"):
+        stored[role], held[role] = _stored_formats(getattr(layer, role), formats, group, rng)
+    layer = dataclasses.replace(layer, **held)
+    dot_experts = [e for e, f in enumerate(DOT_MIXED) if f == "int8-dot"]
+    plain_int8 = [e for e, f in enumerate(DOT_MIXED) if f == "int8"]
+
+    def buffers(role: str) -> list[np.ndarray]:
+        """fp32, fp16, int8 (+ scales), int8-dot (+ scales): packed, scales over whole panels."""
+        parts = stored[role]
+        position = {e: i for i, e in enumerate(sorted(plain_int8 + dot_experts))}
+        scale = parts["scale"]
+        rows = -(-scale.shape[-1] // panel) * panel
+        scale = np.concatenate([scale, np.zeros((*scale.shape[:-1], rows - scale.shape[-1]), np.float32)], -1)
+
+        def take(array, experts):
+            return array[[position[e] for e in experts]]
+
+        return [
+            pack_expert_panels(parts["fp32"], panel),
+            pack_expert_panels(parts["fp16"], panel),
+            pack_expert_panels(take(parts["int8"], plain_int8), panel),
+            take(scale, plain_int8),
+            pack_dot_panels(take(parts["int8"], dot_experts), panel),
+            take(scale, dot_experts),
+        ]
+
+    common = {"num_experts": E, "hidden": H, "ffn": F, "top_k": K, "panel": panel, "formats": DOT_MIXED}
+    common |= {"int8_group": group, "int8_dot": HOST_INT8_DOT}
+    x = rng.standard_normal((tokens, H)).astype(np.float32)
+    index, gain_in, token, gain, offset = _routed_pairs(rng, tokens, E, K)
+    expert_of = np.repeat(np.arange(E), np.diff(offset))
+    gate = [*buffers("w_gate"), layer.b_gate] if gated else []
+    (inter,) = _run(
+        "expert_up", {**common, "activation": layer.activation, "gated": gated}, schedule,
+        x, *buffers("w_up"), layer.b_up, *gate, offset, token, outputs=[((tokens * K, F), "float32")],
+    )  # fmt: skip
+    expected_inter = np.stack(
+        [
+            expert_hidden(
+                layer, int(e), (_int8_rows(x[[t]]) if e in dot_experts else x[[t]].astype(np.float64))
+            )[0]
+            for t, e in zip(token, expert_of, strict=True)
+        ]
+    )
+    assert_close(inter, expected_inter.astype(np.float32), 1e-5, "expert_up")
+    source = rng.standard_normal((tokens * K, F)).astype(np.float32)
+    (y,) = _run(
+        "expert_down", common, schedule, source, *buffers("w_down"), layer.b_down, offset, token, gain,
+        outputs=[((tokens, H), "float32")],
+    )  # fmt: skip
+    expected = np.zeros((tokens, H))
+    for p, (t, e) in enumerate(zip(token, expert_of, strict=True)):
+        row = _int8_rows(source[[p]]) if e in dot_experts else source[[p]].astype(np.float64)
+        expected[t] += gain[p] * (row @ layer.w_down[e].astype(np.float64).T + layer.b_down[e])[0]
+    assert_close(y, expected.astype(np.float32), 1e-5, "expert_down")
 
 
 SIGNATURE_CASES: list[KernelConfig] = [
