@@ -9,10 +9,12 @@ contiguous stretch of each matrix; for each panel and expert group it takes ``to
 pairs at a time (then the remainder as one block) and keeps their ``token_block × panel``
 partial outputs in vector registers (two sets for gated experts) while it streams the panel
 once: for each input element one broadcast per pair, one vector load per weight row chunk,
-FMAs, no horizontal reduction. The
-row kernels fold one dot per pair and weight row horizontally. Each output element is written
-by the task owning its panel, experts in order, so results are deterministic and need no
-atomics. CPU targets (the CUDA kernels stay row kernels).
+FMAs, no horizontal reduction. int8-dot experts (:mod:`moec.kernels.int8_dot`) do the same 4
+inputs at a time: per pair one broadcast of its 4 quantized activations, per weight vector (4
+inputs of several rows) one INT8 dot instruction into INT32 accumulators, converted to float32
+once per input group. The row kernels fold one dot per pair and weight row horizontally. Each
+output element is written by the task owning its panel, experts in order, so results are
+deterministic and need no atomics. CPU targets (the CUDA kernels stay row kernels).
 """
 
 from __future__ import annotations
