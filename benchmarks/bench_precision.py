@@ -23,6 +23,11 @@ plan, plus two onnxruntime systems on the same weights:
                int8 plan's very weights: ``moec.kernels.formats.quantize_int8`` codes ``q`` stored as
                ``q + 128`` (QMoE's default zero point is 128), its scales; fc1 gate/up rows
                interleaved (``swiglu_fusion=1``) as in ``bench_mixtral_block``'s MoE model.
+``qmoe4``      moec on a 4-bit ``QMoE`` model of the same weights (``qmoe4.onnx``: per output channel,
+               ``q = clip(rint(W / s), -8, 7)``, ``s = max |W| / 7``, codes ``q + 8`` two per byte),
+               compiled with the defaults: the model's own integers unpacked to one byte each and
+               its scales (``int8_source: model``), nothing requantized.
+``ort-qmoe4``  onnxruntime's ``QMoE`` on that 4-bit model: the packed codes, half the bytes again.
 ``ort-moe``    onnxruntime's fp32 ``com.microsoft::MoE`` (``bench_mixtral_block``'s model), baseline.
 
 What, part 2 (accuracy): the trained digits classifier (``fixtures/models/digits-moe.onnx``, 2 MoE
@@ -122,7 +127,9 @@ DIGITS = REPO / "fixtures" / "models" / "digits-moe.onnx"
 DIGITS_KEEP = (6, 4)
 DIGITS_SKIP = 0.6
 MODES = ("cold", "warm")
-ORT_SYSTEMS = {"ort-qmoe": "ORT QMoE (int8)", "ort-moe": "ORT MoE (fp32)"}
+ORT_SYSTEMS = {"ort-qmoe": "ORT QMoE (int8)", "ort-qmoe4": "ORT QMoE (4-bit)", "ort-moe": "ORT MoE (fp32)"}
+ORT_ORACLES = {"ort-qmoe": "int8", "ort-qmoe4": "qmoe4"}
+"""The moec plan whose numpy oracle each QMoE system is checked against (the same weights)."""
 MD_NAME = "bench_precision"
 
 Make = Callable[[np.ndarray], tuple[Callable[[], object], Callable[[], np.ndarray]]]
@@ -142,6 +149,8 @@ class Plan:
     label: str
     flags: str
     options: dict[str, Any]
+    model: str = "standard.onnx"
+    """The model compiled, in the work folder."""
 
 
 def budget_api() -> Callable[..., Any] | None:
@@ -279,24 +288,35 @@ def expected_bytes(profile: dict[str, Any], manifest: dict[str, Any]) -> float:
 # ---------------------------------------------------------------------------
 
 
-def build_qmoe(workdir: Path, weights: dict[str, np.ndarray]) -> None:
-    """Write ``qmoe.onnx``: the router MatMul and ``com.microsoft::QMoE`` on the int8 plan's weights."""
+def build_qmoe(workdir: Path, weights: dict[str, np.ndarray], bits: int = 8) -> None:
+    """Write ``qmoe.onnx`` (8 bits: the int8 plan's weights) or ``qmoe4.onnx`` (4 bits per
+    channel, see the module docstring): the router MatMul and ``com.microsoft::QMoE``."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     from moec.kernels.formats import quantize_int8
 
     def codes_and_scales(matrices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``[E, in, out]`` matrices (``x @ W``) as QMoE's uint8 ``[E, out, in]`` codes and
-        ``[E, out]`` scales."""
-        q, scale = quantize_int8(np.ascontiguousarray(matrices.transpose(0, 2, 1)), 0)
-        return (q.astype(np.int16) + 128).astype(np.uint8), scale
+        """``[E, in, out]`` matrices (``x @ W``) as QMoE's uint8 ``[E, out, in]`` codes (4 bits:
+        unpacked, ``[E, out, in]`` values 0..15) and ``[E, out]`` scales."""
+        w = np.ascontiguousarray(matrices.transpose(0, 2, 1)).astype(np.float32)
+        if bits == 8:
+            q, scale = quantize_int8(w, 0)
+            return (q.astype(np.int16) + 128).astype(np.uint8), scale
+        scale = (np.abs(w).max(axis=2) / np.float32(7)).astype(np.float32)
+        q = np.clip(np.rint(w / scale[..., None]), -8, 7)
+        return (q + 8).astype(np.uint8), scale
+
+    def packed(codes: np.ndarray) -> np.ndarray:
+        """Codes as QMoE stores them: 8 bits as they are, 4 bits two per byte, low nibble first."""
+        return codes if bits == 8 else (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
 
     gate, gate_s = codes_and_scales(weights["gate"])
     up, up_s = codes_and_scales(weights["up"])
     fc2, fc2_s = codes_and_scales(weights["down"])
     fc1 = np.empty((EXPERTS, 2 * FFN, HIDDEN), np.uint8)  # row 2i: gate channel i, row 2i+1: up channel i
     fc1[:, 0::2], fc1[:, 1::2] = gate, up
+    fc1, fc2 = packed(fc1), packed(fc2)
     fc1_s = np.empty((EXPERTS, 2 * FFN), np.float32)
     fc1_s[:, 0::2], fc1_s[:, 1::2] = gate_s, up_s
     nodes = [
@@ -313,7 +333,7 @@ def build_qmoe(workdir: Path, weights: dict[str, np.ndarray]) -> None:
             normalize_routing_weights=1,
             activation_alpha=1.0,
             activation_beta=0.0,
-            expert_weight_bits=8,
+            expert_weight_bits=bits,
         ),
     ]
     initializers = {"router_w": weights["router_w"], "fc1": fc1, "fc1_scales": fc1_s, "fc2": fc2}
@@ -332,14 +352,16 @@ def build_qmoe(workdir: Path, weights: dict[str, np.ndarray]) -> None:
         opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
     )
     onnx.checker.check_model(model)
-    onnx.save(model, workdir / "qmoe.onnx")
+    onnx.save(model, workdir / ("qmoe.onnx" if bits == 8 else "qmoe4.onnx"))
 
 
 ORT_EXPERT_BYTES = {
     "ort-moe": 3 * HIDDEN * FFN * 4,
     "ort-qmoe": 3 * HIDDEN * FFN + (2 * FFN + HIDDEN) * 4,
+    "ort-qmoe4": 3 * HIDDEN * FFN // 2 + (2 * FFN + HIDDEN) * 4,
 }
-"""Bytes of one expert in ORT's ops: fp32 fc1 + fc2; uint8 codes + fp32 per-row scales."""
+"""Bytes of one expert in ORT's ops: fp32 fc1 + fc2; uint8 codes (4 bits: two per byte) + fp32
+per-row scales."""
 
 
 def prepare_block(workdir: Path, tokens: Sequence[int], budget: float) -> dict[str, Any]:
@@ -351,6 +373,7 @@ def prepare_block(workdir: Path, tokens: Sequence[int], budget: float) -> dict[s
 
     weights = build_models(workdir)
     build_qmoe(workdir, weights)
+    build_qmoe(workdir, weights, bits=4)
     model = load_model(workdir / "standard.onnx")
     rng = np.random.default_rng(PROFILE_SEED)
     samples = [
@@ -359,17 +382,19 @@ def prepare_block(workdir: Path, tokens: Sequence[int], budget: float) -> dict[s
     ]
     log(f"block: profiling on {PROFILE_SAMPLES} x {PROFILE_TOKENS} random tokens, choosing plans")
     plans, profile, budget_record = precision_plans(model, workdir / "standard.onnx", samples, budget)
+    plans.append(Plan("qmoe4", "4-bit QMoE model, its own int8", "– (on `qmoe4.onnx`)", {}, "qmoe4.onnx"))
+    models = {name: load_model(workdir / name) for name in {plan.model for plan in plans}}
     references: dict[str, np.ndarray] = {}
     rows = []
     fp32_y = {t: numpy_block(bench_input(t), weights)[0] for t in tokens}
     for plan in plans:
         log(f"block: compiling plan {plan.key}")
-        manifest = compile_plan(workdir / "standard.onnx", workdir / plan.key, plan.options)
+        manifest = compile_plan(workdir / plan.model, workdir / plan.key, plan.options)
         layer_plan = layer_plans(manifest)
         errors = {}
         for t in tokens:
             if layer_plan:
-                y = run_stored_reference(model, {"x": bench_input(t)}, layer_plan)["y"]
+                y = run_stored_reference(models[plan.model], {"x": bench_input(t)}, layer_plan)["y"]
                 references[f"{plan.key}.{t}"] = y
             else:
                 y = fp32_y[t]
@@ -499,6 +524,7 @@ def load_systems(workdir: Path, plans: list[dict[str, Any]], threads: int) -> di
         return make
 
     systems["ort-qmoe"] = ort_make(workdir / "qmoe.onnx")
+    systems["ort-qmoe4"] = ort_make(workdir / "qmoe4.onnx")
     systems["ort-moe"] = ort_make(workdir / "ms_moe.onnx")
     return systems
 
@@ -531,7 +557,7 @@ def run_child(args: argparse.Namespace) -> None:
         made = {name: make(x) for name, make in systems.items()}
         errors, allowed = {}, {}
         for name, (_, output) in made.items():
-            oracle = "int8" if name == "ort-qmoe" else name
+            oracle = ORT_ORACLES.get(name, name)
             expected = references[f"{oracle}.{t}"] if oracle in quantized else y64
             errors[name] = float(np.abs(output().astype(np.float64) - expected).max())
             allowed[name] = allowed_error(name, expected)

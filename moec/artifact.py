@@ -92,7 +92,8 @@ class _ManifestKeys(TypedDict):
 class Manifest(_ManifestKeys, total=False):
     """``manifest.json``. ``layers`` holds each MoE layer's ``MoELayer.describe()`` plus
     ``weights`` (role → parameter name), ``plan`` (one :class:`ExpertPlan` per expert) and
-    ``int8_group`` (the INT8 scale group when an expert is int8, else None);
+    ``int8_group`` (the INT8 scale group when an expert is int8, else None), ``int8_source``
+    ``"model"`` where those are the model's own INT8 integers and steps (QMoE);
     ``early_exit`` holds ``top1_above`` / ``below_fraction`` (empty when off); ``pruning`` the
     pruned layers; ``max_tokens`` the token bound (None: none). ``cuda_build``, for CUDA targets
     only, names the toolchain that made the cubins. ``precision_budget``, when the experts'
@@ -158,7 +159,10 @@ def build_manifest(
         kept = kept_experts.get(layer.name, list(range(layer.num_experts)))
         precisions = options.layer_precisions(layer.name, layer.num_experts)
         stored = expert_bytes(weights, names, [precisions[e] for e in kept])
-        entry["int8_group"] = options.int8_group if set(INT8_FORMATS) & set(precisions) else None
+        int8 = set(INT8_FORMATS) & set(precisions)
+        entry["int8_group"] = options.layer_int8_group(layer.name) if int8 else None
+        if int8 and layer.name in (options.int8_exact or {}):
+            entry["int8_source"] = "model"  # the model's own integers and steps, not requantized
         ffn = len((options.kept_channels or {}).get(layer.name, [range(layer.ffn)])[0])
         half = fp16_arithmetic(target.cpu_fp16, layer.hidden, ffn)
         entry["plan"] = [

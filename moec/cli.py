@@ -13,7 +13,15 @@ import click
 import numpy as np
 
 from moec.errors import MoecError, first_line
-from moec.options import DENSE_PRECISIONS, INT8_GROUPS, PRECISIONS, ROUTINGS, CompileOptions, OptionError
+from moec.options import (
+    AUTO,
+    DENSE_PRECISIONS,
+    INT8_GROUPS,
+    PRECISIONS,
+    ROUTINGS,
+    CompileOptions,
+    OptionError,
+)
 
 OPTION_FLAGS = {
     "target": "--target",
@@ -22,6 +30,7 @@ OPTION_FLAGS = {
     "precision": "--precision",
     "precision_plan": "--precision-plan",
     "int8_group": "--int8-group",
+    "int8_exact": "--precision",  # derived: the layers --precision auto keeps in the model's own INT8
     "precision_budget": "--accuracy-budget",
     "router_precision": "--router-precision",
     "dense_precision": "--dense-precision",
@@ -197,14 +206,17 @@ def main() -> None:
 )
 @click.option(
     "--precision",
-    type=click.Choice(PRECISIONS),
-    default="fp32",
+    type=click.Choice((AUTO, *PRECISIONS)),
+    default=AUTO,
     show_default=True,
-    help="How every expert's weight matrices are stored. fp16 halves their memory and the bytes "
-    "read per token, int8 (symmetric, float32 scales per output channel or --int8-group) quarters "
-    "them; the arithmetic stays fp32, so every target runs them (a Cortex-A72 too). int8-dot stores "
-    "the same INT8 weights and multiplies them with each token's activations quantized to INT8 "
-    "(INT8 dot products: AVX-512 VNNI / AVX-VNNI, Cortex-A76 sdot, CUDA dp4a), on targets whose "
+    help="How every expert's weight matrices are stored. auto: fp32, except layers the model "
+    "already stores as INT8 (onnxruntime QMoE, 8- or 4-bit), whose experts stay int8 with the "
+    "model's own integers and scales (4-bit ones unpacked to a byte each). fp16 halves their "
+    "memory and the bytes read per token, int8 (symmetric, float32 scales per output channel "
+    "or --int8-group) quarters them; the arithmetic stays fp32, so every target runs them (a "
+    "Cortex-A72 too). int8-dot stores the same INT8 weights and multiplies them with each "
+    "token's activations quantized to INT8 (INT8 dot products: AVX-512 VNNI / AVX-VNNI, "
+    "Cortex-A76 sdot, CUDA dp4a), on targets whose "
     "'moec targets' line says they compute int8.",
 )
 @click.option(
@@ -405,7 +417,7 @@ def _budget_options(
 
     if profile_path is None or calib is None:
         _fail("--accuracy-budget needs --profile PROFILE.json (from 'moec profile') and --calib DATA.npz")
-    if options.precision != "fp32" or options.precision_plan:
+    if options.precision != AUTO or options.precision_plan:
         _fail("--accuracy-budget chooses the precisions itself: leave out --precision and --precision-plan")
     if not budget > 0:
         _fail(f"--accuracy-budget {budget}: must be a positive relative error, e.g. 0.01")
@@ -779,7 +791,8 @@ def _inspect_artifact(artifact: Path, as_json: bool) -> None:
                 computes[entry["compute"]] = computes.get(entry["compute"], 0) + 1
         summary = ", ".join(f"{count} {precision}" for precision, count in counts.items())
         if group is not None:
-            summary += f" (int8 scales per {'output channel' if group == 0 else f'{group} inputs'})"
+            summary += f" (int8 scales per {'output channel' if group == 0 else f'{group} inputs'}"
+            summary += ", the model's own INT8)" if layer.get("int8_source") == "model" else ")"
         if set(computes) - {"fp32"}:
             summary += "; multiplied in " + ", ".join(f"{kind}: {n}" for kind, n in sorted(computes.items()))
         click.echo(f"{layer['name']:<8} {stored / 1e6:>9.3f}  {summary}")

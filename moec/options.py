@@ -21,6 +21,9 @@ from moec.errors import MoecError
 PRECISIONS = ("fp32", "fp16", "int8", "int8-dot")
 """How expert weights may be stored and multiplied, per expert (``StoreExpertWeights``;
 :mod:`moec.kernels.formats`): int8 is weight-only (W8A32), int8-dot multiplies in INT8 (W8A8)."""
+AUTO = "auto"
+"""``--precision``'s default: fp32, except for the layers the model itself stores as INT8
+(onnxruntime's QMoE), whose experts stay int8, the model's own integers and steps."""
 DENSE_PRECISIONS = ("fp32", "fp16", "int8")
 """How dense weights (routers, attention, LM head) may be stored (``DenseLinear``)."""
 INT8_GROUPS = (0, 32, 64, 128)
@@ -50,11 +53,15 @@ class CompileOptions:
     ``target``: a bundled target name or the path of a target ``.toml`` file.
     ``precision``: how every expert's weight matrices are stored (``fp32``, ``fp16``, ``int8``:
     symmetric INT8 with float32 scales, the arithmetic fp32; ``int8-dot``: the same INT8 weights
-    multiplied with INT8 activations, on targets that compute int8). ``precision_plan``: per
+    multiplied with INT8 activations, on targets that compute int8), or ``auto`` (the default):
+    fp32, but int8 for a layer the model stores as INT8 itself. ``precision_plan``: per
     layer name, one precision per expert (the model's expert numbering), overriding
     ``precision`` for the layers it names (a single precision: every expert of the layer).
     ``int8_group``: INT8 scale group along the input
-    (0: one scale per output channel; else 32, 64 or 128 inputs per scale). ``precision_budget``:
+    (0: one scale per output channel; else 32, 64 or 128 inputs per scale). ``int8_exact``: per
+    layer the model stores as INT8 itself (``MoELayer.int8_steps``), its block size: stored int8
+    or int8-dot, its experts keep the model's integers and steps (not requantized), whatever
+    ``int8_group`` says; :func:`resolve_stored_int8` fills it (and ``auto``). ``precision_budget``:
     when the plan was chosen under an accuracy budget, that choice's record (budget, metric,
     measured errors: :meth:`moec.analysis.precision_budget.BudgetResult.describe`), for the
     manifest. ``router_precision`` / ``dense_precision``: how the MoE routers' weights / the
@@ -79,9 +86,10 @@ class CompileOptions:
     """
 
     target: str = "host"
-    precision: str = "fp32"
+    precision: str = AUTO
     precision_plan: Mapping[str, str | Sequence[str]] | None = None
     int8_group: int = 0
+    int8_exact: Mapping[str, int] | None = None
     precision_budget: Mapping[str, Any] | None = None
     router_precision: str = "fp32"
     dense_precision: str = "fp32"
@@ -99,7 +107,7 @@ class CompileOptions:
         raise :class:`OptionError` on the first bad one."""
         if not isinstance(self.target, str) or not self.target:
             raise OptionError("target", f"{{option}} {self.target!r}: name a bundled target or a .toml file")
-        _choice("precision", self.precision, PRECISIONS)
+        _choice("precision", self.precision, (AUTO, *PRECISIONS))
         _choice("router_precision", self.router_precision, DENSE_PRECISIONS)
         _choice("dense_precision", self.dense_precision, DENSE_PRECISIONS)
         if self.int8_group not in INT8_GROUPS:
@@ -109,6 +117,8 @@ class CompileOptions:
             )
         if self.precision_plan is not None:
             object.__setattr__(self, "precision_plan", _precision_plan(self.precision_plan))
+        if self.int8_exact is not None:
+            object.__setattr__(self, "int8_exact", {str(k): int(v) for k, v in self.int8_exact.items()})
         _choice("routing", self.routing, ROUTINGS)
         if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
             raise OptionError(
@@ -133,9 +143,25 @@ class CompileOptions:
         object.__setattr__(self, "force", bool(self.force))
 
     def layer_precisions(self, layer: str, experts: int) -> tuple[str, ...]:
-        """The precision of each of ``layer``'s ``experts`` experts (model numbering)."""
-        planned = (self.precision_plan or {}).get(layer, self.precision)
+        """The precision of each of ``layer``'s ``experts`` experts (model numbering; ``auto``
+        reads as fp32: :func:`resolve_stored_int8` plans the layers it makes int8)."""
+        planned = (self.precision_plan or {}).get(layer, self.default_precision)
         return (planned,) * experts if isinstance(planned, str) else tuple(planned)
+
+    @property
+    def default_precision(self) -> str:
+        """The precision of the experts of layers the plan does not name (``auto``: fp32)."""
+        return "fp32" if self.precision == AUTO else self.precision
+
+    def layer_int8_group(self, layer: str) -> int:
+        """The INT8 scale group of ``layer``'s int8 experts: the model's block for a layer it
+        stores as INT8 itself, else ``int8_group``."""
+        return (self.int8_exact or {}).get(layer, self.int8_group)
+
+    @property
+    def stores_experts(self) -> bool:
+        """Whether some expert is stored other than fp32 (``StoreExpertWeights`` runs)."""
+        return self.precision not in (AUTO, "fp32") or bool(self.precision_plan)
 
     @property
     def uses_int8_dot(self) -> bool:
@@ -147,6 +173,30 @@ class CompileOptions:
     def skips_experts(self) -> bool:
         """Whether early exit is on (either threshold given)."""
         return self.skip_top1_above is not None or self.skip_below_fraction is not None
+
+
+def resolve_stored_int8(
+    options: CompileOptions, quantized: Mapping[str, int], pruned: Sequence[str] = ()
+) -> CompileOptions:
+    """``options`` for a model whose layers ``quantized`` (name → INT8 block size) it stores as
+    INT8 itself: ``auto`` becomes fp32 with those layers planned int8 (unless the plan names
+    them); each such layer stored int8 or int8-dot, and not pruned (``pruned``: pruning
+    changes its rows and blocks), keeps the model's integers (``int8_exact``)."""
+    plan = dict(options.precision_plan or {})
+    if options.precision == AUTO:
+        plan |= {name: "int8" for name in quantized if name not in plan}
+    resolved = dataclasses.replace(
+        options,
+        precision="fp32" if options.precision == AUTO else options.precision,
+        precision_plan=plan or None,
+    )
+    exact = {}
+    for name, block in quantized.items():
+        planned = plan.get(name, resolved.precision)
+        kinds = {planned} if isinstance(planned, str) else set(planned)
+        if name not in pruned and kinds & {"int8", "int8-dot"}:
+            exact[name] = block
+    return dataclasses.replace(resolved, int8_exact=exact or None)
 
 
 def _is_int(value: object) -> bool:

@@ -71,6 +71,7 @@ def layer_plans(manifest: dict[str, Any]) -> dict[str, LayerPlan]:
             pattern=None if manifest.get("routing", "learned") == "learned" else manifest["routing"],
             precisions=None if set(precisions) == {"fp32"} else precisions,
             int8_group=layer.get("int8_group") or 0,
+            int8_from_model=layer.get("int8_source") == "model",
         )
         if plan != LayerPlan():
             plans[layer["name"]] = plan

@@ -57,6 +57,12 @@ class MoELayer:
       ``w_up`` ``[E, F, H]`` (the only first-layer matrix for ungated experts),
       ``w_gate`` ``[E, F, H]`` (present exactly when the experts are gated), ``w_down`` ``[E, H, F]``,
       optional biases ``b_up``/``b_gate`` ``[E, F]`` and ``b_down`` ``[E, H]``.
+
+    ``int8_steps``: when the model itself stores the expert matrices as integers (onnxruntime's
+    ``QMoE``, symmetric once its zero points are subtracted), per matrix role the step of each
+    output channel ``[E, out]`` (``int8_block`` 0) or of each block of ``int8_block`` inputs
+    ``[E, in / int8_block, out]``: every weight above is ``float32(q × step)`` with ``q`` an
+    integer in ``[-128, 127]``, so the weights can be stored as INT8 exactly. None otherwise.
     """
 
     name: str
@@ -86,6 +92,8 @@ class MoELayer:
     capacity: int | None = None
     source: str = ""
     caveats: tuple[str, ...] = ()
+    int8_steps: dict[str, np.ndarray] | None = None
+    int8_block: int = 0
 
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATIONS:
@@ -127,6 +135,28 @@ class MoELayer:
             raise ValueError(f"{self.name}: expert capacity {self.capacity} is not positive")
         if self.gain_on_input and self.top_k != 1:
             raise ValueError(f"{self.name}: routing weights scale the expert input only for top-1 routing")
+        if self.int8_steps is not None:
+            self._check_int8_steps()
+
+    def _check_int8_steps(self) -> None:
+        """``int8_steps`` has one float32 step array per matrix, of the shape ``int8_block`` says."""
+        matrices = [r for r in EXPERT_MATRICES if getattr(self, r) is not None]
+        if sorted(self.int8_steps) != sorted(matrices):
+            raise ValueError(
+                f"{self.name}: int8_steps names {sorted(self.int8_steps)}, the layer has {matrices}"
+            )
+        for role in matrices:
+            experts, rows, columns = getattr(self, role).shape
+            block = self.int8_block
+            if block and columns % block:
+                raise ValueError(f"{self.name}: int8 block {block} does not divide {role}'s {columns} inputs")
+            shape = (experts, columns // block, rows) if block else (experts, rows)
+            steps = np.ascontiguousarray(self.int8_steps[role], dtype=np.float32)
+            if steps.shape != shape:
+                raise ValueError(
+                    f"{self.name}: int8 steps of {role} have shape {steps.shape}, expected {shape}"
+                )
+            self.int8_steps[role] = steps
 
     @property
     def gated(self) -> bool:
@@ -179,18 +209,22 @@ class MoELayer:
 
     def describe(self) -> dict[str, Any]:
         """A JSON-ready summary, used by ``moec inspect`` and the manifest."""
-        return {
-            "name": self.name,
-            "source": self.source,
-            "experts": self.num_experts,
-            "top_k": self.top_k,
-            "hidden": self.hidden,
-            "ffn": self.ffn,
-            "activation": self.ffn_kind,
-            "router": self.router(),
-            "shared_expert": False,
-            "expert_bias": self.b_up is not None or self.b_down is not None,
-            "parameter_bytes": sum(w.nbytes for w in self.weights().values()),
-            "bytes_per_token_dense": self.expert_bytes() * self.num_experts,
-            "bytes_per_token_sparse": self.expert_bytes() * self.top_k,
-        } | ({"caveats": list(self.caveats)} if self.caveats else {})
+        return (
+            {
+                "name": self.name,
+                "source": self.source,
+                "experts": self.num_experts,
+                "top_k": self.top_k,
+                "hidden": self.hidden,
+                "ffn": self.ffn,
+                "activation": self.ffn_kind,
+                "router": self.router(),
+                "shared_expert": False,
+                "expert_bias": self.b_up is not None or self.b_down is not None,
+                "parameter_bytes": sum(w.nbytes for w in self.weights().values()),
+                "bytes_per_token_dense": self.expert_bytes() * self.num_experts,
+                "bytes_per_token_sparse": self.expert_bytes() * self.top_k,
+            }
+            | ({"caveats": list(self.caveats)} if self.caveats else {})
+            | ({"stored_int8": {"block": self.int8_block}} if self.int8_steps is not None else {})
+        )

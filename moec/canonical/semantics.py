@@ -18,6 +18,16 @@ from moec.canonical.layer import MoELayer
 INT8_LEVELS = 127
 
 
+def round_to_steps(matrix: np.ndarray, steps: np.ndarray) -> np.ndarray:
+    """``matrix`` ``[rows, columns]`` rounded to INT8 with given steps, ``[rows]`` per row or
+    ``[columns / group, rows]`` per group of columns: ``clip(rint(W / step), -128, 127) * step``
+    in float32 (a model's own INT8 weights, already on their steps, come back unchanged)."""
+    rows, columns = matrix.shape
+    per_weight = steps[:, None] if steps.ndim == 1 else np.repeat(steps.T, columns // steps.shape[0], axis=1)
+    levels = np.clip(np.rint(matrix.astype(np.float32) / per_weight), -128, 127).astype(np.float32)
+    return levels * per_weight
+
+
 def round_int8(matrix: np.ndarray, group: int = 0) -> np.ndarray:
     """``matrix`` ``[rows, columns]`` rounded to symmetric INT8 per row and group of ``group``
     columns (the whole row when 0), as float32: ``step = float32(max |group|) / 127`` (1 for an
@@ -61,7 +71,9 @@ class LayerPlan:
     ``int8_group`` the INT8 scale group (0: per output channel); the rounding of the weights is
     applied by :func:`moec.reference.stored.stored_layer`, not here; an ``int8-dot`` expert's
     input rows (each token's ``x``, each pair's intermediate activations) are rounded here, per
-    row (:func:`round_int8`), before they are multiplied.
+    row (:func:`round_int8`), before they are multiplied. int8_from_model: the int8 experts
+    keep the integers and steps the model stores (``MoELayer.int8_steps``) instead of being
+    rounded afresh.
     """
 
     kept: list[int] | None = None
@@ -71,6 +83,7 @@ class LayerPlan:
     pattern: str | None = None
     precisions: tuple[str, ...] | None = None
     int8_group: int = 0
+    int8_from_model: bool = False
 
 
 def route(

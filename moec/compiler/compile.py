@@ -13,6 +13,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import tvm
 from tvm import relax
 
@@ -28,7 +29,8 @@ from moec.compiler.cuda import cuda_build, verify_cuda_library
 from moec.errors import MoecError
 from moec.frontend.importer import ImportedModel, import_model
 from moec.frontend.loader import load_model
-from moec.options import CompileOptions, OptionError
+from moec.frontend.rewrite import layer_weight_names
+from moec.options import CompileOptions, OptionError, resolve_stored_int8
 from moec.passes.bound_tokens import input_symbols
 from moec.passes.one_token_entry import ONE_TOKEN_ENTRY
 from moec.passes.pipeline import lowering_pipeline, moe_pipeline
@@ -67,11 +69,13 @@ def lower_model(
     weights are by parameter name (the ONNX names), in ``main``'s parameter order, as
     ``SliceWeights`` made them follow ``main``'s signature.
     """
-    options = options or CompileOptions()
+    options = stored_int8_options(imported, options or CompileOptions())
     mod, params = relax.frontend.detach_params(imported.to_relax())
     main = mod["main"]
     names = [var.name for var in main.params[int(main.attrs["num_input"]) :]]
-    weights = SliceWeights(dict(zip(names, params.get("main", []), strict=True)))
+    weights = SliceWeights(
+        dict(zip(names, params.get("main", []), strict=True)), model_int8_steps(imported, options)
+    )
     pipeline = moe_pipeline(
         target.schedule,
         options,
@@ -81,6 +85,27 @@ def lower_model(
         int8_dot=target.int8_dot,
     )
     return pipeline(mod), weights.weights
+
+
+def stored_int8_options(imported: ImportedModel, options: CompileOptions) -> CompileOptions:
+    """``options`` with ``auto`` and the layers the model stores as INT8 itself resolved
+    (:func:`moec.options.resolve_stored_int8`); idempotent."""
+    quantized = {b.layer.name: b.layer.int8_block for b in imported.blocks if b.layer.int8_steps is not None}
+    return resolve_stored_int8(options, quantized, list(options.kept_channels or {}))
+
+
+def model_int8_steps(imported: ImportedModel, options: CompileOptions) -> dict[str, np.ndarray]:
+    """The model's own INT8 steps of the expert matrices ``options`` stores exactly, by the weight
+    parameter each belongs to (``SliceWeights`` stores ``rint(W / step)`` with those steps)."""
+    found = {}
+    for block in imported.blocks:
+        if block.layer.name not in (options.int8_exact or {}):
+            continue
+        for name in layer_weight_names(block):
+            role = name.rsplit(".", 1)[1]
+            if role in block.layer.int8_steps:
+                found[name] = block.layer.int8_steps[role]
+    return found
 
 
 def check_model_options(imported: ImportedModel, model_path: Path, options: CompileOptions) -> None:
@@ -99,6 +124,8 @@ def check_model_options(imported: ImportedModel, model_path: Path, options: Comp
             )
     for name, layer in layers.items():
         ffn = len((options.kept_channels or {}).get(name, [range(layer.ffn)])[0])
+        if name in (options.int8_exact or {}):
+            continue  # the model's own blocks
         if options.int8_group and (layer.hidden % options.int8_group or ffn % options.int8_group):
             raise OptionError(
                 "int8_group",
@@ -160,6 +187,7 @@ def compile_model(
     log(f"loading {model_path}")
     imported = import_model(load_model(model_path))
     log(f"found {len(imported.blocks)} MoE layer(s); lifting to Relax")
+    options = stored_int8_options(imported, options)
     check_model_options(imported, model_path, options)
     mod, weights = lower_model(imported, target, options)
     if options.max_tokens is not None:

@@ -18,7 +18,10 @@ Rules (onnxruntime 1.32 semantics, see :mod:`moec.reference.ms_moe` and :mod:`mo
   4; codes packed low bits first; one scale per output channel, or per ``block_size`` inputs;
   zero points default to 2^(bits-1)), and the rest of the node reads as ``MoE``, including
   ``normalize_routing_weights`` (onnxruntime 1.32's CPU QMoE kernel ignores it and always
-  renormalises). The canonical layer does not remember that its weights were quantized;
+  renormalises). When every ``code - zero_point`` lies in ``[-128, 127]`` (4-bit weights always;
+  8-bit ones with the default zero points), the layer also keeps the scales as its
+  ``int8_steps`` (``int8_block`` = ``block_size``), so the compiler can store those integers
+  as INT8 exactly, 4-bit ones unpacked to a byte each;
 - ``swiglu_limit_after_activation=1`` (CUDA only in onnxruntime) is refused.
 """
 
@@ -45,6 +48,9 @@ QMOE_BITS = (4, 8)
 #: nothing here implements (router_weights, then the FP4/FP8 scales).
 QMOE_INPUTS = {"fc1": (2, 3, 4, 11), "fc2": (5, 6, 7, 12), "fc3": (8, 9, 10, 13)}
 QMOE_UNSUPPORTED_FROM = 14
+
+INT8_LEVELS_BELOW, INT8_LEVELS_ABOVE = 128, 127
+"""The integers an INT8 weight holds: a QMoE's ``code - zero_point`` in this range is stored exactly."""
 
 POINTWISE = {"relu": "relu", "gelu": "gelu_tanh", "silu": "silu", "identity": "identity"}
 FUSED_GATED = {"swiglu": "silu", "geglu": "gelu_tanh"}
@@ -176,17 +182,18 @@ def _block_zero_points(
 
 def _quantized_projection(
     index: GraphIndex, node: onnx.NodeProto, fc: str, bits: int, block_size: int
-) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """(float32 ``[E, N, K]`` weights, bias) of one QMoE projection; weights None when absent.
+) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """(float32 ``[E, N, K]`` weights, bias, steps) of one QMoE projection; weights None when absent.
 
     ``W = (code - zero_point) * scale``, with one scale and zero point per output channel
-    (``block_size`` 0) or per ``block_size`` consecutive input features.
+    (``block_size`` 0) or per ``block_size`` consecutive input features. ``steps``: the scales
+    ``[E, N, blocks]`` when every ``code - zero_point`` fits INT8, else None.
     """
     w_at, s_at, b_at, z_at = QMOE_INPUTS[fc]
     packed, scales, zeros = (_constant(index, node, i) for i in (w_at, s_at, z_at))
     bias = _weight(index, node, b_at)
     if packed is None:
-        return None, bias
+        return None, bias, None
     label = node_label(node)
     if packed.dtype != np.uint8 or packed.ndim != 3:
         raise MoecError(f"{label}: {fc} weights must be 3-D uint8, got {packed.dtype} {list(packed.shape)}")
@@ -199,19 +206,39 @@ def _quantized_projection(
     shape = (experts, rows, in_features // block_size if block_size else 1)
     scale = _block_scales(node, fc, scales, shape)
     zero = _block_zero_points(node, fc, zeros, bits, shape, blocked=block_size > 0)
-    blocks = codes.reshape(*shape, -1).astype(np.float32)
-    return ((blocks - zero) * scale).reshape(experts, rows, in_features), bias
+    levels = codes.reshape(*shape, -1).astype(np.float32) - zero
+    exact = -INT8_LEVELS_BELOW <= levels.min(initial=0) and levels.max(initial=0) <= INT8_LEVELS_ABOVE
+    steps = scale[..., 0] if exact else None
+    return (levels * scale).reshape(experts, rows, in_features), bias, steps
 
 
-def _expert_tensors(index: GraphIndex, node: onnx.NodeProto) -> list[np.ndarray | None]:
-    """fc1, fc1 bias, fc2, fc2 bias, fc3, fc3 bias as float32 ``[E, out, in]`` / ``[E, out]``."""
+def _expert_tensors(
+    index: GraphIndex, node: onnx.NodeProto
+) -> tuple[list[np.ndarray | None], list[np.ndarray | None] | None, int]:
+    """fc1, fc1 bias, fc2, fc2 bias, fc3, fc3 bias as float32 ``[E, out, in]`` / ``[E, out]``; for a
+    QMoE whose levels fit INT8, the steps of fc1, fc2, fc3 (``[E, out, blocks]``, None where
+    absent), else None; and the block size."""
     if node.op_type == "MoE":
-        return [_weight(index, node, i) for i in range(2, 8)]
+        return [_weight(index, node, i) for i in range(2, 8)], None, 0
     bits, block_size = _quant_layout(node)
     tensors: list[np.ndarray | None] = []
+    steps: list[np.ndarray | None] = []
+    exact = True
     for fc in QMOE_INPUTS:
-        tensors.extend(_quantized_projection(index, node, fc, bits, block_size))
-    return tensors
+        weight, bias, step = _quantized_projection(index, node, fc, bits, block_size)
+        tensors += [weight, bias]
+        steps.append(step)
+        exact = exact and (weight is None or step is not None)
+    return tensors, steps if exact else None, block_size
+
+
+def _layer_steps(roles: dict[str, np.ndarray | None], block_size: int) -> dict[str, np.ndarray]:
+    """The layer's ``int8_steps`` from each matrix role's ``[E, out, blocks]`` steps."""
+    return {
+        role: steps[..., 0] if block_size == 0 else steps.transpose(0, 2, 1)
+        for role, steps in roles.items()
+        if steps is not None
+    }
 
 
 def _block_from_node(index: GraphIndex, node: onnx.NodeProto, name: str) -> MoEBlock:
@@ -224,24 +251,27 @@ def _block_from_node(index: GraphIndex, node: onnx.NodeProto, name: str) -> MoEB
         )
     if int(attribute(node, "swiglu_limit_after_activation", 0)) == 1:
         raise MoecError(f"{node_label(node)}: swiglu_limit_after_activation=1 is not supported")
-    fc1, fc1_b, fc2, fc2_b, fc3, fc3_b = _expert_tensors(index, node)
+    (fc1, fc1_b, fc2, fc2_b, fc3, fc3_b), steps, block_size = _expert_tensors(index, node)
+    fc1_s, fc2_s, fc3_s = steps or (None, None, None)
     if fc1 is None or fc2 is None:
         raise MoecError(f"{node_label(node)}: fc1 and fc2 expert weights are required")
     if fc1.ndim != 3 or fc2.ndim != 3:
         raise MoecError(f"{node_label(node)}: expert weights must be 3-D [experts, out, in]")
     num_experts, hidden, ffn = fc2.shape
-    gate = gate_b = None
+    gate = gate_b = gate_s = None
     if act in POINTWISE:
         activation = POINTWISE[act]
-        up, up_b = fc1, fc1_b
+        up, up_b, up_s = fc1, fc1_b, fc1_s
         if fc3 is not None:
-            gate, gate_b, up, up_b = fc1, fc1_b, fc3, fc3_b
+            gate, gate_b, gate_s, up, up_b, up_s = fc1, fc1_b, fc1_s, fc3, fc3_b, fc3_s
     elif act in FUSED_GATED:
         activation = FUSED_GATED[act]
         if fusion == 0 and fc3 is not None:
-            gate, gate_b, up, up_b = fc1, fc1_b, fc3, fc3_b
+            gate, gate_b, gate_s, up, up_b, up_s = fc1, fc1_b, fc1_s, fc3, fc3_b, fc3_s
         else:
             gate, gate_b, up, up_b = _split_fused(node, fc1, fc1_b, ffn, fusion or 1)
+            if fc1_s is not None:
+                gate_s, _, up_s, _ = _split_fused(node, fc1_s, None, ffn, fusion or 1)
     else:
         raise MoecError(
             f"{node_label(node)}: activation_type '{act}' is not supported "
@@ -270,6 +300,10 @@ def _block_from_node(index: GraphIndex, node: onnx.NodeProto, name: str) -> MoEB
             alpha=float(attribute(node, "activation_alpha", 1.0)) if gated else 1.0,
             beta=float(attribute(node, "activation_beta", 0.0)) if gated else 0.0,
             limit=float(attribute(node, "swiglu_limit", math.inf)) if gated else math.inf,
+            int8_steps=(
+                _layer_steps({"w_up": up_s, "w_gate": gate_s, "w_down": fc2_s}, block_size) if steps else None
+            ),
+            int8_block=block_size if steps else 0,
         )
     except ValueError as err:
         raise MoecError(f"{node_label(node)}: {err}") from err

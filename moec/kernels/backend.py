@@ -321,98 +321,67 @@ class CudaBackend:
 
     def dot(self, length: int, indirect: bool, fmt: WeightFormat):
         """``(dot, 1)``: the TIR macro of :meth:`CpuBackend.dot` for one lane of a row: lane
-        ``lane`` reads elements ``lane, lane + TPR, ...`` (a warp's reads of a row are
-        contiguous), loads each weight once into a register for all ``count`` tokens, and the
-        lanes' sums are folded with warp shuffles so lane 0 holds them in ``acc[m][pi, 0]``.
-        An int8-dot row (:meth:`_int8_dot`) is read a 4-byte word at a time instead."""
-        if fmt.dot:
-            return self._int8_dot(length, indirect, fmt), 1
+        ``lane`` reads units ``lane, lane + TPR, ...`` of the row (a warp's reads of a row are
+        contiguous), loads each once into a register for all ``count`` tokens, and the lanes'
+        sums are folded with warp shuffles so lane 0 holds them in ``acc[m][pi, 0]``.
+
+        A unit is one weight, or for an int8-dot row (``src`` the quantized rows ``(xq, xs,
+        xsum)``) a 4-byte word of weights, multiplied with the source's word by ``__dp4a``
+        (exact in INT32) and added in float32 with its group's weight scale; the folded sum is
+        then scaled by the source row's scale."""
         row = source_row(indirect)
         TPR = self.schedule.threads_per_row
-        STEPS = (length + TPR - 1) // TPR
-        exact = length % TPR == 0
-
-        @T.macro
-        def shuffle_down(acc, m, pi, delta):
-            acc[m][pi, 0] = acc[m][pi, 0] + T.tvm_warp_shuffle_down(
-                T.uint32(_FULL_MASK), acc[m][pi, 0], delta, TPR, WARP_SIZE
-            )
-
-        fold = halving_ladder(shuffle_down, TPR)
-
-        @T.macro
-        def dot(acc, m, w, s, e, j, src, token, p0, count, lane):
-            wv = T.alloc_buffer((1,), "float32", scope=self.scratch_scope)
-            for pi in range(count):
-                acc[m][pi, 0] = T.float32(0)
-            for step in range(STEPS):
-                if exact or step * TPR + lane < length:
-                    wv[0] = fmt.load(w, s, (e, j, step * TPR + lane), j, step * TPR + lane)
-                    for pi in T.unroll(count):
-                        acc[m][pi, 0] = acc[m][pi, 0] + wv[0] * src[row(token, p0 + pi), step * TPR + lane]
-            if fold is not None:
-                for pi in T.unroll(count):
-                    fold(acc, m, pi)
-
-        return dot, 1
-
-    def _int8_dot(self, length: int, indirect: bool, fmt: WeightFormat):
-        """The dot macro for an int8-dot row, its ``src`` the quantized rows ``(xq, xs, xsum)``:
-        lane ``lane`` reads words ``lane, lane + TPR, ...`` of 4 weights, each multiplied with
-        the source's word by ``__dp4a`` (exact in INT32) and added in float32 with its group's
-        weight scale; after the warp fold, times the source row's scale."""
-        row = source_row(indirect)
-        TPR = self.schedule.threads_per_row
-        words = length // DOT_DEPTH
-        STEPS = (words + TPR - 1) // TPR
-        exact = words % TPR == 0
+        unit = DOT_DEPTH if fmt.dot else 1
+        units = length // unit
+        STEPS = (units + TPR - 1) // TPR
+        exact = units % TPR == 0
+        fold = self._warp_fold()
         dp4a = DotInstruction("dp4a", 1)
 
-        def group_scaled(value, s, e, j, column):
+        def load(w, s, e, j, column):
+            if fmt.dot:  # the word's 4 weights as one int32
+                return T.reinterpret("int32", w[e, j, T.Ramp(column, 1, DOT_DEPTH)])
+            return fmt.load(w, s, (e, j, column), j, column)
+
+        def product(weight, s, e, j, src, r, column):
+            if not fmt.dot:
+                return weight * src[r, column]
+            value = T.Cast("float32", dp4a(T.int32(0), weight, activation_word(src[0], r, column)))
             return value * s[e, column // fmt.group, j] if fmt.group else value
 
         @T.macro
-        def shuffle_down(acc, m, pi, delta):
-            acc[m][pi, 0] = acc[m][pi, 0] + T.tvm_warp_shuffle_down(
-                T.uint32(_FULL_MASK), acc[m][pi, 0], delta, TPR, WARP_SIZE
-            )
-
-        fold = halving_ladder(shuffle_down, TPR)
-
-        @T.macro
         def dot(acc, m, w, s, e, j, src, token, p0, count, lane):
-            wv = T.alloc_buffer((1,), "int32", scope=self.scratch_scope)
+            wv = T.alloc_buffer((1,), "int32" if fmt.dot else "float32", scope=self.scratch_scope)
             for pi in range(count):
                 acc[m][pi, 0] = T.float32(0)
             for step in range(STEPS):
-                if exact or step * TPR + lane < words:
-                    wv[0] = T.reinterpret(
-                        "int32", w[e, j, T.Ramp((step * TPR + lane) * DOT_DEPTH, 1, DOT_DEPTH)]
-                    )
+                if exact or step * TPR + lane < units:
+                    wv[0] = load(w, s, e, j, (step * TPR + lane) * unit)
                     for pi in T.unroll(count):
-                        acc[m][pi, 0] = acc[m][pi, 0] + group_scaled(
-                            T.Cast(
-                                "float32",
-                                dp4a(
-                                    T.int32(0),
-                                    wv[0],
-                                    activation_word(
-                                        src[0], row(token, p0 + pi), (step * TPR + lane) * DOT_DEPTH
-                                    ),
-                                ),
-                            ),
-                            s,
-                            e,
-                            j,
-                            (step * TPR + lane) * DOT_DEPTH,
+                        acc[m][pi, 0] = acc[m][pi, 0] + product(
+                            wv[0], s, e, j, src, row(token, p0 + pi), (step * TPR + lane) * unit
                         )
             if fold is not None:
                 for pi in T.unroll(count):
                     fold(acc, m, pi)
-            for pi in T.unroll(count):
-                acc[m][pi, 0] = acc[m][pi, 0] * src[1][row(token, p0 + pi)]
+            if fmt.dot:
+                for pi in T.unroll(count):
+                    acc[m][pi, 0] = acc[m][pi, 0] * src[1][row(token, p0 + pi)]
 
-        return dot
+        return dot, 1
+
+    def _warp_fold(self):
+        """``fold(acc, m, pi)``: the lanes' partial sums of ``acc[m][pi, 0]`` added with warp
+        shuffles, lane 0 holding the row's sum (None with one lane per row)."""
+        TPR = self.schedule.threads_per_row
+
+        @T.macro
+        def shuffle_down(acc, m, pi, delta):
+            acc[m][pi, 0] = acc[m][pi, 0] + T.tvm_warp_shuffle_down(
+                T.uint32(_FULL_MASK), acc[m][pi, 0], delta, TPR, WARP_SIZE
+            )
+
+        return halving_ladder(shuffle_down, TPR)
 
 
 Backend = CpuBackend | CudaBackend

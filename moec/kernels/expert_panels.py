@@ -22,11 +22,11 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
-from moec.kernels.backend import Backend, CpuBackend, token_blocks
+from moec.kernels.backend import Backend, CpuBackend, source_row, token_blocks
 from moec.kernels.config import ExpertConfig, ExpertDownConfig, ExpertUpConfig
 from moec.kernels.expert_funcs import expert_down_func, expert_up_func
 from moec.kernels.formats import DOT_DEPTH, FP16_CHUNK, WeightFormat
-from moec.kernels.int8_dot import activation_word, panel_instruction
+from moec.kernels.int8_dot import DotInstruction, activation_word, panel_instruction
 
 
 def _check(config: ExpertConfig, backend: Backend) -> int:
@@ -45,6 +45,65 @@ def _dot_instruction(config: ExpertConfig, backend: CpuBackend, panel: int):
     if not config.has_dot:
         return None
     return panel_instruction(config.int8_dot, panel, backend.schedule.lanes)
+
+
+def _dot_panel_macro(
+    dot: DotInstruction, fmt: WeightFormat, panel: int, length: int, matrices: int, indirect: bool
+):
+    """A TIR macro ``accumulate(accs, sums, weights, scales, slot, p, quantized, token, p0,
+    count)``: for panel ``p`` of the first ``matrices`` (1 or 2) int8-dot ``weights`` (their
+    ``scales``) and the ``count`` pairs from ``p0`` (source row ``token[p0 + t]`` when
+    ``indirect``, else ``p0 + t``, of the ``quantized`` rows), per input group the INT32 sums
+    ``sums[m]`` ``[token_block, panel]`` over ``length / 4`` dot instructions (one activation
+    broadcast per pair and 4 inputs, shared by both matrices), then their float32 values added
+    into ``accs[m]``."""
+    row = source_row(indirect)
+    lanes, size, two = dot.lanes, fmt.group or length, matrices == 2
+    steps = size // DOT_DEPTH  # dot instructions per lane chunk and group
+
+    def weights_at(w, slot, p, g, k, d):
+        return w[slot, p, g * steps + k, T.Ramp(d * lanes * DOT_DEPTH, 1, lanes * DOT_DEPTH)]
+
+    @T.macro
+    def accumulate(accs, sums, weights, scales, slot, p, quantized, token, p0, count):
+        for g in range(length // size):
+            for t in T.unroll(count):
+                for v in T.vectorized(panel):
+                    sums[0][t, v] = 0
+                    if two:
+                        sums[1][t, v] = 0
+            for k in range(steps):
+                for t in T.unroll(count):
+                    for d in T.unroll(panel // lanes):
+                        sums[0][t, T.Ramp(d * lanes, 1, lanes)] = dot(
+                            sums[0][t, T.Ramp(d * lanes, 1, lanes)],
+                            weights_at(weights[0], slot, p, g, k, d),
+                            activation_word(quantized[0], row(token, p0 + t), g * size + k * DOT_DEPTH),
+                        )
+                        if two:
+                            sums[1][t, T.Ramp(d * lanes, 1, lanes)] = dot(
+                                sums[1][t, T.Ramp(d * lanes, 1, lanes)],
+                                weights_at(weights[1], slot, p, g, k, d),
+                                activation_word(quantized[0], row(token, p0 + t), g * size + k * DOT_DEPTH),
+                            )
+            for t in T.unroll(count):
+                for v in T.vectorized(panel):
+                    accs[0][t, v] = accs[0][t, v] + dot.group_value(
+                        sums[0][t, v], fmt, scales[0], slot, g, p * panel + v, quantized, row(token, p0 + t)
+                    )
+                    if two:
+                        accs[1][t, v] = accs[1][t, v] + dot.group_value(
+                            sums[1][t, v],
+                            fmt,
+                            scales[1],
+                            slot,
+                            g,
+                            p * panel + v,
+                            quantized,
+                            row(token, p0 + t),
+                        )
+
+    return accumulate
 
 
 def _panels_per_task(backend: CpuBackend, panel: int, panels: int) -> int:
@@ -99,7 +158,7 @@ def make_expert_up_panels(config: ExpertUpConfig, backend: Backend, act) -> tirx
     dot = _dot_instruction(c, backend, NB)
 
     def block_for(fmt: WeightFormat):
-        DL, GS = (dot.lanes if dot else 1), (fmt.group or H)  # dot lanes, inputs per INT32 sum
+        dot_panel = _dot_panel_macro(dot, fmt, NB, H, 2 if gated else 1, indirect=True) if fmt.dot else None
 
         @T.macro
         def block(ctx, p0, count):
@@ -138,45 +197,10 @@ def make_expert_up_panels(config: ExpertUpConfig, backend: Backend, act) -> tirx
                             if gated:
                                 acc_gate[t, v] = acc_gate[t, v] + T.Cast("float32", half_gate[t, v])
             elif fmt.dot:  # INT8 products, INT32 sums per input group, groups added in float32
-                for g in range(H // GS):
-                    for t in T.unroll(count):
-                        for v in T.vectorized(NB):
-                            int_up[t, v] = 0
-                            if gated:
-                                int_gate[t, v] = 0
-                    for k in range(GS // DOT_DEPTH):
-                        for t in T.unroll(count):
-                            for d in T.unroll(NB // DL):
-                                int_up[t, T.Ramp(d * DL, 1, DL)] = dot(
-                                    int_up[t, T.Ramp(d * DL, 1, DL)],
-                                    w_up[
-                                        slot,
-                                        p,
-                                        g * (GS // DOT_DEPTH) + k,
-                                        T.Ramp(d * DL * DOT_DEPTH, 1, DL * DOT_DEPTH),
-                                    ],
-                                    activation_word(quantized[0], token[p0 + t], g * GS + k * DOT_DEPTH),
-                                )
-                                if gated:
-                                    int_gate[t, T.Ramp(d * DL, 1, DL)] = dot(
-                                        int_gate[t, T.Ramp(d * DL, 1, DL)],
-                                        w_gate[
-                                            slot,
-                                            p,
-                                            g * (GS // DOT_DEPTH) + k,
-                                            T.Ramp(d * DL * DOT_DEPTH, 1, DL * DOT_DEPTH),
-                                        ],
-                                        activation_word(quantized[0], token[p0 + t], g * GS + k * DOT_DEPTH),
-                                    )
-                    for t in T.unroll(count):
-                        for v in T.vectorized(NB):
-                            acc_up[t, v] = acc_up[t, v] + dot.group_value(
-                                int_up[t, v], fmt, s_up, slot, g, p * NB + v, quantized, token[p0 + t]
-                            )
-                            if gated:
-                                acc_gate[t, v] = acc_gate[t, v] + dot.group_value(
-                                    int_gate[t, v], fmt, s_gate, slot, g, p * NB + v, quantized, token[p0 + t]
-                                )
+                dot_panel(
+                    (acc_up, acc_gate), (int_up, int_gate), (w_up, w_gate), (s_up, s_gate), slot, p,
+                    quantized, token, p0, count,
+                )  # fmt: skip
             else:
                 for h in range(H):
                     for t in T.unroll(count):
@@ -245,7 +269,7 @@ def make_expert_down_panels(config: ExpertDownConfig, backend: Backend) -> tirx.
     dot = _dot_instruction(c, backend, NB)
 
     def block_for(fmt: WeightFormat):
-        DL, GS = (dot.lanes if dot else 1), (fmt.group or F)  # dot lanes, inputs per INT32 sum
+        dot_panel = _dot_panel_macro(dot, fmt, NB, F, 1, indirect=False) if fmt.dot else None
 
         @T.macro
         def block(ctx, p0, count):
@@ -271,28 +295,18 @@ def make_expert_down_panels(config: ExpertDownConfig, backend: Backend) -> tirx.
                         for v in T.vectorized(NB):
                             acc[t, v] = acc[t, v] + T.Cast("float32", half[t, v])
             elif fmt.dot:  # INT8 products, INT32 sums per input group, groups added in float32
-                for g in range(F // GS):
-                    for t in T.unroll(count):
-                        for v in T.vectorized(NB):
-                            whole[t, v] = 0
-                    for k in range(GS // DOT_DEPTH):
-                        for t in T.unroll(count):
-                            for d in T.unroll(NB // DL):
-                                whole[t, T.Ramp(d * DL, 1, DL)] = dot(
-                                    whole[t, T.Ramp(d * DL, 1, DL)],
-                                    w_down[
-                                        slot,
-                                        p,
-                                        g * (GS // DOT_DEPTH) + k,
-                                        T.Ramp(d * DL * DOT_DEPTH, 1, DL * DOT_DEPTH),
-                                    ],
-                                    activation_word(quantized[0], p0 + t, g * GS + k * DOT_DEPTH),
-                                )
-                    for t in T.unroll(count):
-                        for v in T.vectorized(NB):
-                            acc[t, v] = acc[t, v] + dot.group_value(
-                                whole[t, v], fmt, s_down, slot, g, p * NB + v, quantized, p0 + t
-                            )
+                dot_panel(
+                    (acc, acc),
+                    (whole, whole),
+                    (w_down, w_down),
+                    (s_down, s_down),
+                    slot,
+                    p,
+                    quantized,
+                    token,
+                    p0,
+                    count,
+                )
             else:
                 for f in range(F):
                     for t in T.unroll(count):

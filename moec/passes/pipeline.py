@@ -75,9 +75,14 @@ def moe_pipeline(
         layers.append(SkipExperts(options.skip_top1_above, options.skip_below_fraction))
     if options.routing != "learned":
         layers.append(FixedRouting(options.routing))
-    if options.precision != "fp32" or options.precision_plan:
+    if options.stores_experts:
         stored = StoreExpertWeights(
-            _stored_plan(options), options.precision, options.int8_group, cpu_fp16, int8_dot
+            _stored_plan(options),
+            options.default_precision,
+            options.int8_group,
+            cpu_fp16,
+            int8_dot,
+            groups=dict(options.int8_exact or {}),
         )
         layers.append(stored)
     dense: list[tvm.transform.Pass] = []

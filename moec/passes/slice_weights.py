@@ -57,8 +57,11 @@ class SliceWeights:
     the pipeline ran) to ``main``'s signature; ``weights`` holds the result by parameter name
     once the pass has run."""
 
-    def __init__(self, params: Mapping[str, tvm.runtime.Tensor]) -> None:
+    def __init__(
+        self, params: Mapping[str, tvm.runtime.Tensor], int8_steps: Mapping[str, np.ndarray] | None = None
+    ) -> None:
         self.params = dict(params)
+        self.int8_steps = dict(int8_steps or {})
         self.weights: dict[str, tvm.runtime.Tensor] = {}
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
@@ -80,7 +83,10 @@ class SliceWeights:
             if source not in sliced:
                 value = self.params[source]
                 sliced[source] = _follow(value, "float32", slices.get(source), channels.get(source)).numpy()
-            stored = _stored_part(sliced[source], part)
+            steps = self.int8_steps.get(source)
+            if steps is not None and slices.get(source) is not None:
+                steps = steps[slices[source]]
+            stored = _stored_part(sliced[source], part, steps)
             return _follow(tvm.runtime.tensor(stored), dtype, None, None, packing.get(name))
 
         self.weights = {var.name: follow(var.name, str(var.ty.dtype)) for var in main.params[num_inputs:]}
@@ -143,11 +149,12 @@ def _follow(
     return tvm.runtime.tensor(np.ascontiguousarray(array.astype(dtype, copy=False)))
 
 
-def _stored_part(matrices: np.ndarray, part: dict) -> np.ndarray:
+def _stored_part(matrices: np.ndarray, part: dict, steps: np.ndarray | None = None) -> np.ndarray:
     """One part of expert matrices ``[E, out, in]`` stored per format: the ``experts`` of the
-    part's ``format`` (int8: their quantized values, or their scales). A dense weight (a part
-    with an ``output_axis``) is one matrix: its int8 values in its own orientation, or its scales
-    ``[1, out]``."""
+    part's ``format`` (int8: their quantized values, or their scales; with the model's own
+    ``steps``, ``[E, out]`` or ``[E, in / group, out]``, those steps and ``rint(W / step)``:
+    the model's integers, exactly). A dense weight (a part with an ``output_axis``) is one
+    matrix: its int8 values in its own orientation, or its scales ``[1, out]``."""
     if "output_axis" in part:
         if part["format"] == "fp16":
             return matrices.astype(np.float16)
@@ -157,6 +164,14 @@ def _stored_part(matrices: np.ndarray, part: dict) -> np.ndarray:
     chosen = matrices[part["experts"]]
     if part["format"] == "fp16":
         return chosen.astype(np.float16)
+    if part["format"] in INT8_FORMATS and steps is not None:
+        scale = steps[part["experts"]]
+        if part["scale"]:
+            return scale
+        group = int(part["group"])
+        # per weight: [E, out, 1] per channel; [E, in / group, out] → [E, out, in] per group
+        per_weight = np.repeat(scale.transpose(0, 2, 1), group, axis=2) if group else scale[:, :, None]
+        return np.clip(np.rint(chosen / per_weight), -128, 127).astype(np.int8)
     if part["format"] in INT8_FORMATS:
         q, scale = quantize_int8(chosen, int(part["group"]))
         return scale if part["scale"] else q

@@ -11,7 +11,8 @@ for every expert of a layer it does not name) is not all ``fp32``:
   out]`` with an ``int8_group``), ``w_up_int8_dot`` and ``w_up_int8_dot_scale`` alike; the
   biases stay float32;
 - the ``expert_up`` / ``expert_down`` kernels it calls are remade with the plan's ``formats``,
-  ``int8_group``, on a CPU target with FP16 arithmetic (``cpu_fp16``) ``fp16_arithmetic`` for
+  ``int8_group`` (``groups`` names it per layer where it differs: a layer the model stores as
+  INT8 keeps its own block), on a CPU target with FP16 arithmetic (``cpu_fp16``) ``fp16_arithmetic`` for
   fp16 experts (:func:`moec.kernels.formats.fp16_arithmetic`), and for int8-dot experts the
   target's INT8 dot instructions ``int8_dot`` (:data:`moec.kernels.int8_dot.INSTRUCTION_SETS`), as
   ``{layer}_{kind}_stored`` (layers with the same plan share them, as the frontend's layers
@@ -112,9 +113,11 @@ class StoreExpertWeights:
         int8_group: int = 0,
         cpu_fp16: bool = False,
         int8_dot: str | None = None,
+        groups: dict[str, int] | None = None,
     ) -> None:
         self.plan = dict(formats or {})
         self.default, self.group, self.cpu_fp16, self.int8_dot = default, int8_group, cpu_fp16, int8_dot
+        self.groups = dict(groups or {})
         self.formats: dict[str, ExpertFormats] = {}
         self.changed: list[str] = []
 
@@ -141,7 +144,8 @@ class StoreExpertWeights:
             w_up = func.params[layer_weight_slots(func)["w_up"]]
             _, ffn, hidden = (int(d) for d in w_up.ty.shape)
             arithmetic = fp16_arithmetic(self.cpu_fp16, hidden, ffn)
-            formats = self.formats[gvar.name_hint] = ExpertFormats(plan, self.group, arithmetic)
+            group = self.groups.get(gvar.name_hint, self.group)
+            formats = self.formats[gvar.name_hint] = ExpertFormats(plan, group, arithmetic)
             planned = self._plan_layer(
                 func, formats, _layer_call_arguments(main, gvar.name_hint), uses, main_params
             )

@@ -17,8 +17,10 @@ channels), or dense weight by output channel:
 - ``int8`` and ``int8-dot``: symmetric, per output row and group of ``int8_group`` inputs (the
   whole row when 0): ``step = float32(max |W|) / 127`` (1 for an all-zero group), ``W' =
   clip(rint(W / step), -127, 127) * step``, all in float32, ``rint`` rounding half to even
-  (:func:`moec.canonical.semantics.round_int8`). An int8-dot expert's input rows are rounded
-  the same way, per row, by the layer semantics (:func:`moec.canonical.semantics.moe_forward`).
+  (:func:`moec.canonical.semantics.round_int8`); where the model stores the layer as INT8
+  itself (QMoE) and the artifact keeps those integers, to the model's own steps instead
+  (:func:`moec.canonical.semantics.round_to_steps`). An int8-dot expert's input rows are rounded
+  per row, like weights, by the layer semantics (:func:`moec.canonical.semantics.moe_forward`).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 
 from moec.canonical.layer import MoELayer
-from moec.canonical.semantics import LayerPlan, moe_forward, round_int8, route
+from moec.canonical.semantics import LayerPlan, moe_forward, round_int8, round_to_steps, route
 from moec.errors import MoecError
 from moec.frontend.importer import find_blocks
 from moec.frontend.rewrite import LAYER_DOMAIN, LAYER_OP, replace_blocks
@@ -84,7 +86,10 @@ def _rounded(matrix: np.ndarray, precision: str, group: int) -> np.ndarray:
 
 def stored_layer(layer: MoELayer, plan: LayerPlan) -> MoELayer:
     """``layer`` with each expert's matrices rounded to its precision in ``plan`` (after pruning:
-    a pruned expert's matrices are rounded over its kept channels only)."""
+    a pruned expert's matrices are rounded over its kept channels only; with
+    ``plan.int8_from_model``, an int8 expert is rounded to the model's own INT8 steps)."""
+    if plan.int8_from_model and layer.int8_steps is None:
+        raise MoecError(f"{layer.name}: the artifact keeps the model's INT8 weights, but the model has none")
     kept = plan.kept if plan.kept is not None else list(range(layer.num_experts))
     changes = {}
     for role in MATRIX_ROLES:
@@ -97,7 +102,10 @@ def stored_layer(layer: MoELayer, plan: LayerPlan) -> MoELayer:
             # the intermediate channels are w_up's / w_gate's rows and w_down's columns
             index = (channels, slice(None)) if role != "w_down" else (slice(None), channels)
             part = matrices[expert][index]
-            matrices[expert][index] = _rounded(part, plan.precisions[expert], plan.int8_group)
+            if plan.int8_from_model and plan.precisions[expert] in ("int8", "int8-dot"):
+                matrices[expert][index] = round_to_steps(part, layer.int8_steps[role][expert])
+            else:
+                matrices[expert][index] = _rounded(part, plan.precisions[expert], plan.int8_group)
         changes[role] = matrices
     return dataclasses.replace(layer, **changes)
 

@@ -14,8 +14,13 @@ from onnx.reference import ReferenceEvaluator
 from moec.compiler.compile import compile_model
 from moec.errors import MoecError
 from moec.frontend.importer import find_blocks
+from moec.kernels.formats import REDUCED_ARITHMETIC_TOLERANCE
 from moec.options import CompileOptions
 from moec.reference.evaluator import QMoE
+from moec.reference.stored import run_stored_reference
+from moec.runtime.session import ArtifactSession
+from moec.targets import load_target
+from moec.verify import layer_plans
 from tests.helpers import (
     FP32_ATOL,
     REPO_ROOT,
@@ -41,9 +46,19 @@ def onnxruntime_output(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
 
 def check_compiled(model: onnx.ModelProto, directory: Path, hidden: int, ort_exact: bool) -> None:
     """Compile ``model`` (input ``x``, output ``y``) into one MoE layer; at every token count its
-    output matches the numpy oracle and, where ``ort_exact``, onnxruntime (max abs error 1e-4)."""
+    output matches the numpy oracle and, where ``ort_exact``, onnxruntime (max abs error 1e-4).
+    By default (``--precision auto``) the experts are stored as the model's own INT8 integers
+    and steps whenever they fit INT8 (always at 4 bits), else fp32."""
     session = compile_to(model, directory)
     assert len(session.manifest["layers"]) == 1
+    layer = session.manifest["layers"][0]
+    (qmoe,) = [n for n in model.graph.node if n.op_type == "QMoE"]
+    bits = next((a.i for a in qmoe.attribute if a.name == "expert_weight_bits"), 4)
+    block = next((a.i for a in qmoe.attribute if a.name == "block_size"), 0)
+    if bits == 4:
+        assert {e["precision"] for e in layer["plan"]} == {"int8"}, layer["plan"]
+    if layer["plan"][0]["precision"] == "int8":
+        assert layer["int8_source"] == "model" and layer["int8_group"] == block
     oracle = ReferenceEvaluator(model, new_ops=[QMoE])
     for tokens in TOKENS:
         x = tokens_input(tokens, hidden)
@@ -106,6 +121,70 @@ VARIANTS = [
 def test_qmoe_variant(tmp_path, options, ort_exact):
     model = build_qmoe_model(hidden=HIDDEN, inter=128, experts=4, k=options.pop("k", 2), seed=11, **options)
     check_compiled(model, tmp_path, HIDDEN, ort_exact)
+
+
+STORED = dict(hidden=HIDDEN, inter=128, experts=4, k=2, seed=11)
+
+
+@pytest.mark.parametrize(
+    ("options", "per_weight"),
+    [
+        (dict(bits=4, block_size=32, zero_points=True, activation="swiglu"), 1 + 4 / 32),
+        pytest.param(dict(bits=8, activation="swiglu"), 1 + 4 / HIDDEN, marks=SLOW),
+    ],
+    ids=["4bit-block32-zp", "8bit-channel"],
+)
+def test_qmoe_is_stored_as_its_own_int8_exactly(tmp_path, options, per_weight):
+    """A QMoE layer is stored int8 by default, its weights the model's integers (4-bit ones a
+    byte each) with its steps: about a quarter of the fp32 bytes, the same outputs as
+    onnxruntime to 1e-4 (no requantization). ``--precision fp32`` stores the dequantized
+    weights; ``--precision int8 --int8-group 64`` still keeps the model's own blocks."""
+    model = build_qmoe_model(**STORED, **options)
+    onnx.save(model, tmp_path / "model.onnx")
+    sizes = {}
+    for name, extra in (
+        ("auto", {}),
+        ("fp32", {"precision": "fp32"}),
+        ("int8", {"precision": "int8", "int8_group": 64}),
+    ):
+        out = tmp_path / name
+        compile_model(tmp_path / "model.onnx", out, CompileOptions(**extra))
+        layer = ArtifactSession(out).manifest["layers"][0]
+        sizes[name] = sum(entry["bytes"] for entry in layer["plan"])
+        expected = "fp32" if name == "fp32" else "int8"
+        assert {entry["precision"] for entry in layer["plan"]} == {expected}
+        assert layer.get("int8_source") == (None if name == "fp32" else "model")
+        assert layer["int8_group"] == (None if name == "fp32" else options.get("block_size", 0))
+        session = ArtifactSession(out)
+        for tokens in (1, 6):
+            x = tokens_input(tokens, HIDDEN)
+            assert_close(
+                session.run({"x": x})["y"], onnxruntime_output(model, x), FP32_ATOL, f"{name}: {tokens}"
+            )
+    matrices = 4 * 3 * 128 * HIDDEN  # experts × (gate, up, down) × [128, 128]
+    biases = 4 * 4 * (128 + 128 + HIDDEN)
+    assert sizes["fp32"] == 4 * matrices + biases
+    assert sizes["auto"] == sizes["int8"] == round(per_weight * matrices) + biases
+
+
+@pytest.mark.skipif(load_target("host").int8_dot is None, reason="this CPU does not compute int8")
+def test_qmoe_weights_multiplied_in_int8(tmp_path):
+    """int8-dot on a QMoE layer: the model's integers multiplied with INT8 activations, checked
+    against the oracle that rounds the activations the same way (the documented relative bound,
+    most outputs within 1e-4) and near onnxruntime's float result."""
+    model = build_qmoe_model(**STORED, bits=4, block_size=64, activation="swiglu")
+    onnx.save(model, tmp_path / "model.onnx")
+    compile_model(tmp_path / "model.onnx", tmp_path / "out", CompileOptions(precision="int8-dot"))
+    session = ArtifactSession(tmp_path / "out")
+    assert session.manifest["layers"][0]["int8_source"] == "model"
+    for tokens in (1, 6):
+        x = tokens_input(tokens, HIDDEN)
+        actual = session.run({"x": x})["y"]
+        expected = run_stored_reference(model, {"x": x}, layer_plans(session.manifest))["y"]
+        error = np.abs(actual - expected)
+        assert error.max() <= REDUCED_ARITHMETIC_TOLERANCE * np.abs(expected).max()
+        assert np.median(error) <= FP32_ATOL
+        assert 0 < np.abs(actual - onnxruntime_output(model, x)).max() < 0.05 * np.abs(expected).max()
 
 
 def test_bundled_example(tmp_path):

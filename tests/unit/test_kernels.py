@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 
 import numpy as np
@@ -394,15 +395,30 @@ def _int8_rows(rows: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(rows / step), -127, 127).astype(np.float64) * step.astype(np.float64)
 
 
+def _int8_dot_cases() -> list:
+    """(schedule, panel, group, gated, tokens): every combination of the three VNNI widths, both
+    scale layouts, gated or not and 1 or 7 tokens; CI runs the 512-bit form's and one case of
+    each narrower form, the rest are slow."""
+    widths = [
+        ("vnni512", CpuSchedule(), 16),
+        ("vnni256", CpuSchedule(lanes=8, rows_per_task=8, token_block=3), 8),
+        ("vnni128", SCHEDULES[1], 8),
+    ]
+    cases = []
+    for (name, schedule, panel), group, gated, tokens in itertools.product(
+        widths, (0, 4), (True, False), (1, 7)
+    ):
+        in_ci = name == "vnni512" and tokens == 7 or (group, gated, tokens) == (4, True, 7)
+        ident = (
+            f"{name}-{'groups-of-4' if group else 'per-channel'}-{'gated' if gated else 'ungated'}-{tokens}"
+        )
+        marks = () if in_ci else pytest.mark.slow
+        cases.append(pytest.param(schedule, panel, group, gated, tokens, id=ident, marks=marks))
+    return cases
+
+
 @pytest.mark.skipif(HOST_INT8_DOT is None, reason="this CPU has no AVX-512 VNNI")
-@pytest.mark.parametrize(
-    ("schedule", "panel"),
-    [(CpuSchedule(), 16), (CpuSchedule(lanes=8, rows_per_task=8, token_block=3), 8), (SCHEDULES[1], 8)],
-    ids=["vnni512", "vnni256", "vnni128"],
-)
-@pytest.mark.parametrize("group", [0, 4], ids=["per-channel", "groups-of-4"])
-@pytest.mark.parametrize("gated", [True, False], ids=["gated", "ungated"])
-@pytest.mark.parametrize("tokens", [1, 7])
+@pytest.mark.parametrize(("schedule", "panel", "group", "gated", "tokens"), _int8_dot_cases())
 def test_int8_dot_expert_kernels_match_numpy(schedule, panel, group, gated, tokens):
     """int8-dot experts beside fp32, int8 and fp16 ones in one call: each kernel's input rows are
     quantized per row and multiplied in INT8, so each kernel matches the FFN over the weights the

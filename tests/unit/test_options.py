@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 
 from moec.kernels import formats
-from moec.options import INT8_GROUPS, PRECISIONS, ROUTINGS, CompileOptions, OptionError
+from moec.options import INT8_GROUPS, PRECISIONS, ROUTINGS, CompileOptions, OptionError, resolve_stored_int8
 from moec.passes.fixed_routing import PATTERNS
 
 
 def test_defaults_compile_for_host_unchanged() -> None:
     options = CompileOptions()
-    assert (options.target, options.precision, options.routing) == ("host", "fp32", "learned")
+    assert (options.target, options.precision, options.routing) == ("host", "auto", "learned")
+    assert options.default_precision == "fp32" and not options.stores_experts
     assert options.precision_plan is None and options.int8_group == 0
     assert options.kept_experts is None and options.max_tokens is None and not options.skips_experts
 
@@ -25,7 +26,7 @@ def test_defaults_compile_for_host_unchanged() -> None:
     ("field", "value", "words"),
     [
         ("target", "", "name a bundled target"),
-        ("precision", "fp8", "must be one of fp32, fp16, int8"),
+        ("precision", "fp8", "must be one of auto, fp32, fp16, int8, int8-dot"),
         ("precision_plan", {"moe0": ["int8", "int4"]}, "has precision 'int4'"),
         ("precision_plan", {"moe0": []}, "needs a precision"),
         ("int8_group", 16, "must be one of 0, 32, 64, 128"),
@@ -97,3 +98,33 @@ def test_layer_precisions_follow_the_plan_then_the_default() -> None:
     assert options.layer_precisions("moe0", 2) == ("int8", "fp32")
     assert options.layer_precisions("moe1", 3) == ("int8",) * 3
     assert options.layer_precisions("moe2", 2) == ("fp16", "fp16")
+
+
+def test_auto_keeps_the_models_own_int8_layers_int8() -> None:
+    """``auto``: the layers the model stores as INT8 (name → block) become int8 with the model's
+    blocks, the others fp32; a plan naming such a layer wins; an explicit precision applies to all
+    layers (int8 ones keep the model's integers); a pruned layer is requantized."""
+    quantized = {"moe0": 32, "moe1": 0}
+    auto = resolve_stored_int8(CompileOptions(int8_group=64), quantized)
+    assert auto.precision == "fp32" and auto.stores_experts
+    assert auto.layer_precisions("moe0", 2) == ("int8", "int8") and auto.layer_precisions("moe2", 1) == (
+        "fp32",
+    )
+    assert auto.int8_exact == {"moe0": 32, "moe1": 0}
+    assert (auto.layer_int8_group("moe0"), auto.layer_int8_group("moe1"), auto.layer_int8_group("moe2")) == (
+        32,
+        0,
+        64,
+    )
+    assert resolve_stored_int8(auto, quantized) == auto  # idempotent
+    planned = resolve_stored_int8(CompileOptions(precision_plan={"moe0": ["fp16", "int8-dot"]}), quantized)
+    assert planned.layer_precisions("moe0", 2) == ("fp16", "int8-dot") and planned.int8_exact == {
+        "moe0": 32,
+        "moe1": 0,
+    }
+    fp32 = resolve_stored_int8(CompileOptions(precision="fp32"), quantized)
+    assert (
+        fp32.layer_precisions("moe0", 1) == ("fp32",) and fp32.int8_exact is None and not fp32.stores_experts
+    )
+    pruned = resolve_stored_int8(CompileOptions(), quantized, pruned=["moe1"])
+    assert pruned.int8_exact == {"moe0": 32} and pruned.layer_precisions("moe1", 1) == ("int8",)
