@@ -16,6 +16,7 @@ backend)`` in :data:`KERNEL_MAKERS`. Adding a target kind: a backend.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from collections.abc import Callable
 
@@ -48,7 +49,16 @@ def schedule_json(schedule: CpuSchedule | GpuSchedule) -> str:
 
 
 def make_kernel(config: KernelConfig, schedule: CpuSchedule | GpuSchedule) -> tirx.PrimFunc:
-    """The kernel of ``config`` built for ``schedule`` (its target kind's backend and tiling)."""
+    """The kernel of ``config`` built for ``schedule`` (its target kind's backend and tiling).
+
+    Built once per process for each (config, schedule): TVMScript parses a kernel's source each
+    time it is built (about half a second for an expert kernel), a PrimFunc is immutable, and
+    the layers of a model, and the compiles of one process, ask for the same kernels again."""
+    return _built_kernel(config, schedule)
+
+
+@functools.lru_cache(maxsize=512)
+def _built_kernel(config: KernelConfig, schedule: CpuSchedule | GpuSchedule) -> tirx.PrimFunc:
     func = KERNEL_MAKERS[config.kind](config, backend_for(schedule))
     # No global_symbol: the build names each kernel after its function in the module (unique per
     # layer), where TVMScript would name every kernel of a kind alike.

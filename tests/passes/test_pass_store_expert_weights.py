@@ -182,8 +182,8 @@ def test_fp16_artifact_matches_rounded_reference_and_halves_weights(tmp_path: Pa
         (("int8",) * 6, 0),
         (("int8",) * 6, 32),
         (("int8", "fp32", "fp16", "int8", "fp16", "fp32"), 0),
-        (("int8-dot",) * 6, 0),
-        (("int8-dot",) * 6, 32),
+        pytest.param(("int8-dot",) * 6, 0, marks=pytest.mark.slow),
+        pytest.param(("int8-dot",) * 6, 32, marks=pytest.mark.slow),
         (("int8-dot", "fp32", "fp16", "int8", "int8-dot", "fp16"), 0),
     ],
     ids=["int8", "int8-groups-of-32", "mixed", "int8-dot", "int8-dot-groups-of-32", "mixed-int8-dot"],
@@ -201,12 +201,18 @@ def test_int8_and_mixed_artifacts_match_rounded_reference(tmp_path: Path, plan, 
     compile_model(tmp_path / "model.onnx", tmp_path / "out", options)
     layer = json.loads((tmp_path / "out" / "manifest.json").read_text())["layers"][0]
     assert [entry["precision"] for entry in layer["plan"]] == list(plan)
-    assert [entry["compute"] for entry in layer["plan"]] == ["int8" if p == "int8-dot" else "fp32" for p in plan]
+    assert [entry["compute"] for entry in layer["plan"]] == [
+        "int8" if p == "int8-dot" else "fp32" for p in plan
+    ]
     weights = 3 * 64 * 32  # w_up, w_gate [64, 32] and w_down [32, 64] per expert
     groups = {inputs: inputs // group if group else 1 for inputs in (32, 64)}  # scales per output row
     scales = 4 * (2 * 64 * groups[32] + 32 * groups[64])
     biases = 4 * (64 + 64 + 32)
-    per_format = {"fp32": 4 * weights + biases, "fp16": 2 * weights + biases, "int8": weights + scales + biases}
+    per_format = {
+        "fp32": 4 * weights + biases,
+        "fp16": 2 * weights + biases,
+        "int8": weights + scales + biases,
+    }
     per_format["int8-dot"] = per_format["int8"]
     assert [entry["bytes"] for entry in layer["plan"]] == [per_format[p] for p in plan]
     stored = read_weights(tmp_path / "out" / WEIGHTS)

@@ -147,7 +147,11 @@ def test_int8_dot_experts_multiply_with_sdot_on_the_a76_only() -> None:
 
 @pytest.mark.parametrize(
     ("mcpu", "bits", "register"),
-    [("cascadelake", 512, "zmm"), ("alderlake", 256, "ymm"), ("cascadelake", 128, "xmm")],
+    [
+        ("cascadelake", 512, "zmm"),
+        ("alderlake", 256, "ymm"),
+        pytest.param("cascadelake", 128, "xmm", marks=pytest.mark.slow),
+    ],
 )
 def test_int8_dot_kernels_use_vnni_on_x86(tmp_path: Path, mcpu: str, bits: int, register: str) -> None:
     """x86 int8-dot kernels use ``vpdpbusd`` at the board's SIMD width: AVX-512 VNNI's zmm form
