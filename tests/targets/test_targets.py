@@ -100,10 +100,11 @@ def test_a72_int8_weights_are_widened_and_scaled_with_neon(kind: str) -> None:
     assert not re.search(r"\b(scvtf|fmadd)\s+s\d+", asm), "scalar int8 conversion or FMA"
 
 
-def _fp16_expert_assembly(target_name: str) -> str:
-    """Assembly of the example's expert kernels compiled for ``target_name`` with every expert fp16."""
+def _expert_assembly(target_name: str, precision: str) -> str:
+    """Assembly of the example's expert kernels compiled for ``target_name`` with every expert
+    stored as ``precision``."""
     target = load_target(target_name)
-    options = CompileOptions(target=target_name, precision="fp16")
+    options = CompileOptions(target=target_name, precision=precision)
     mod, _ = lower_model(import_model(load_model(EXAMPLE_MODEL)), target, options)
     experts = ("expert_up", "expert_down")
     kernels = {gv.name_hint: f for gv, f in mod.functions_items() if kernel_kind(f) in experts}
@@ -116,22 +117,10 @@ def test_fp16_experts_multiply_in_fp16_on_the_a76_only() -> None:
     """FP16 arithmetic where the core has it: the A76 (+fullfp16) build multiplies fp16 experts
     with FP16 vector FMAs (``fmla v.8h``: 8 lanes); the A72 build widens them (``fcvtl``) and
     multiplies in fp32, with no FP16 arithmetic at all."""
-    a76, a72 = _fp16_expert_assembly("cortex-a76"), _fp16_expert_assembly("cortex-a72")
+    a76, a72 = _expert_assembly("cortex-a76", "fp16"), _expert_assembly("cortex-a72", "fp16")
     assert len(re.findall(r"\bfmla\s+v\d+\.8h", a76)) >= 16
     assert not re.search(r"\bfmla\s+v\d+\.[48]h", a72)
     assert len(re.findall(r"\bfcvtl2?\s+v\d+\.4s, v\d+\.[48]h", a72)) >= 4
-
-
-def _int8_dot_expert_assembly(target_name: str, plan: str = "int8-dot") -> str:
-    """Assembly of the example's expert kernels compiled for ``target_name`` with every expert
-    stored as ``plan``."""
-    target = load_target(target_name)
-    mod, _ = lower_model(import_model(load_model(EXAMPLE_MODEL)), target, CompileOptions(precision=plan))
-    experts = ("expert_up", "expert_down")
-    kernels = {gv.name_hint: f for gv, f in mod.functions_items() if kernel_kind(f) in experts}
-    assert len(kernels) == 2, sorted(kernels)
-    module = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in kernels.items()})
-    return tvm.compile(module, target=target.tvm_target).mod.inspect_source("s")
 
 
 def test_int8_dot_experts_multiply_with_sdot_on_the_a76_only() -> None:
@@ -139,10 +128,10 @@ def test_int8_dot_experts_multiply_with_sdot_on_the_a76_only() -> None:
     runs ``sdot v.4s, v.16b, v.16b``; the weight-only int8 builds, on the A76 as on the A72, have
     no ``sdot`` at all (they widen and multiply in fp32), and the A72 refuses int8-dot (its test
     is in the CLI tests)."""
-    a76 = _int8_dot_expert_assembly("cortex-a76")
+    a76 = _expert_assembly("cortex-a76", "int8-dot")
     assert len(re.findall(r"\bsdot\s+v\d+\.4s, v\d+\.16b, v\d+\.16b", a76)) >= 16
     for board in ("cortex-a76", "cortex-a72"):
-        assert not re.search(r"\bsdot\b", _int8_dot_expert_assembly(board, "int8")), board
+        assert not re.search(r"\bsdot\b", _expert_assembly(board, "int8")), board
 
 
 @pytest.mark.parametrize(
