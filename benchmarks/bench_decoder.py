@@ -142,6 +142,7 @@ from common import (
     git_revision,
     log,
     others_cores,
+    repetition_defaults,
     run_timing_children,
     write_markdown,
 )
@@ -1698,12 +1699,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--llama-site", help=argparse.SUPPRESS)
     parser.add_argument("--json-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.reps is None:
-        args.reps = 3 if args.quick else 20
-    if args.procs is None:
-        args.procs = 1 if args.quick else 2
-    if args.inner is None:
-        args.inner = 2 if args.quick else 5
+    repetition_defaults(args)
     if args.profile_calls is None:
         args.profile_calls = 3 if args.quick else 10
     args.markdown = not (args.quick or args.no_markdown)

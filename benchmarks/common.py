@@ -212,15 +212,21 @@ def add_timing_options(parser: argparse.ArgumentParser, evict_mb: int) -> None:
     parser.add_argument("--json-out", help=argparse.SUPPRESS)
 
 
-def timing_defaults(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
-    """``args`` of :func:`add_timing_options` with ``--quick``'s lower repetition defaults and the
-    Markdown file (BENCHMARKS.md for a full run); a non-positive count is a usage error."""
+def repetition_defaults(args: argparse.Namespace) -> None:
+    """Fill ``--reps``, ``--procs`` and ``--inner`` left unset: 20, 2 and 5, or 3, 1 and 2 with
+    ``--quick``."""
     if args.reps is None:
         args.reps = 3 if args.quick else 20
     if args.procs is None:
         args.procs = 1 if args.quick else 2
     if args.inner is None:
         args.inner = 2 if args.quick else 5
+
+
+def timing_defaults(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` of :func:`add_timing_options` with ``--quick``'s lower repetition defaults and the
+    Markdown file (BENCHMARKS.md for a full run); a non-positive count is a usage error."""
+    repetition_defaults(args)
     if args.no_markdown:
         args.markdown = None
     elif args.markdown is None and not args.quick:

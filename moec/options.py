@@ -190,12 +190,11 @@ def resolve_stored_int8(
         precision="fp32" if options.precision == AUTO else options.precision,
         precision_plan=plan or None,
     )
-    exact = {}
-    for name, block in quantized.items():
-        planned = plan.get(name, resolved.precision)
-        kinds = {planned} if isinstance(planned, str) else set(planned)
-        if name not in pruned and kinds & {"int8", "int8-dot"}:
-            exact[name] = block
+    exact = {
+        name: block
+        for name, block in quantized.items()
+        if name not in pruned and {"int8", "int8-dot"} & set(resolved.layer_precisions(name, 1))
+    }
     return dataclasses.replace(resolved, int8_exact=exact or None)
 
 

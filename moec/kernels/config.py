@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 from tvm.ir import Expr as PrimExpr
 
 from moec.kernels.formats import DOT_DEPTH, ExpertFormats, WeightFormat, uniform
+from moec.kernels.int8_dot import INSTRUCTION_SETS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,10 +166,11 @@ class ExpertConfig(MoEKernelConfig):
         if self.formats is not None and len(self.formats) != self.num_experts:
             raise ValueError(f"formats names {len(self.formats)} experts, the layer has {self.num_experts}")
         ExpertFormats(uniform(self.formats, self.num_experts), self.int8_group)  # validates
-        if self.formats is not None and "int8-dot" in self.formats:
-            if self.int8_dot is None:
+        if self.has_dot:
+            if self.int8_dot not in INSTRUCTION_SETS:
                 raise ValueError(
-                    "int8-dot experts need the target's INT8 dot-product instructions (int8_dot)"
+                    "int8-dot experts need the target's INT8 dot-product instructions (int8_dot: "
+                    f"one of {', '.join(INSTRUCTION_SETS)}), got {self.int8_dot!r}"
                 )
             if self.hidden % DOT_DEPTH or self.ffn % DOT_DEPTH:
                 raise ValueError(
