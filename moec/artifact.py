@@ -100,12 +100,12 @@ class Manifest(_ManifestKeys, total=False):
     precisions were chosen under an accuracy budget, records that choice (budget, metric,
     measured errors). ``dense_weights`` names the dense weights (routers, attention, LM head)
     stored narrower: precision, the axis of their outputs, whether a router. ``entries`` names
-    extra entry points of the library by use: ``one_token`` is ``main`` with every symbolic
-    input dimension fixed to 1 (static shapes and memory), for calls whose symbolic dimensions
-    are all 1."""
+    extra entry points of the library by use: ``one_token`` is ``main`` with the symbolic input
+    dimensions ``one_token_dims`` fixed to 1 (static shapes and memory; a KV cache's length stays
+    symbolic), for calls where those dimensions are all 1."""
 
     cuda_build: dict[str, Any]
-    entries: dict[str, str]
+    entries: dict[str, Any]
     precision_budget: dict[str, Any]
     dense_weights: dict[str, dict[str, Any]]
 
@@ -134,7 +134,7 @@ def build_manifest(
     weights: dict[str, tvm.runtime.Tensor],
     options: CompileOptions,
     cuda_build: dict[str, Any] | None = None,
-    entries: dict[str, str] | None = None,
+    entries: dict[str, Any] | None = None,
     dense: dict[str, dict[str, Any]] | None = None,
 ) -> Manifest:
     """The manifest of ``imported`` compiled for ``target`` with ``options``.

@@ -520,6 +520,60 @@ def run(
         _print_profile(session, feeds)
 
 
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option(
+    "--prompt",
+    required=True,
+    help="The prompt's token ids, comma-separated (e.g. 5,17,42).",
+)
+@click.option(
+    "--new-tokens",
+    default=8,
+    show_default=True,
+    type=click.IntRange(min=1, max=4096),
+    help="Tokens to generate after the prompt.",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    help="CPU threads the kernels use (default: TVM's, one per core); sets TVM_NUM_THREADS.",
+)
+@user_errors
+def generate(artifact: Path, prompt: str, new_tokens: int, threads: int | None) -> None:
+    """Greedily generate tokens with a decoder ARTIFACT that has a KV cache.
+
+    The decoder must have been exported with use_cache=True (past keys and values in, present
+    ones out) and compiled with its sequence and cache lengths dynamic. The prompt runs once on
+    an empty cache, then each new token is one call with the cache the previous call returned:
+    no token is computed twice. Prints the tokens and the time of the prompt call and of each
+    further token.
+    """
+    from moec.runtime.board import open_session
+    from moec.runtime.generate import greedy_generate
+    from moec.runtime.session import ArtifactSession
+
+    try:
+        ids = np.array([[int(t) for t in prompt.replace(" ", "").split(",") if t]], dtype=np.int64)
+    except ValueError as err:
+        raise MoecError(f"--prompt: token ids must be integers separated by commas, got {prompt!r}") from err
+    if threads is not None:
+        os.environ["TVM_NUM_THREADS"] = str(threads)
+    session = open_session(artifact)
+    if not isinstance(session, ArtifactSession):
+        raise MoecError(f"{artifact}: generate runs artifacts for this machine (a host target artifact)")
+    result = greedy_generate(session, ids, new_tokens)
+    click.echo(f"prompt: {' '.join(str(t) for t in ids[0])}")
+    click.echo(f"generated: {' '.join(str(t) for t in result.tokens[0, ids.shape[1] :])}")
+    decode = result.seconds[1:]
+    line = f"prompt ({ids.shape[1]} tokens): {result.seconds[0] * 1e3:.3f} ms"
+    if decode:
+        line += (
+            f"; per further token: median {np.median(decode) * 1e3:.3f} ms, max {max(decode) * 1e3:.3f} ms"
+        )
+    click.echo(line)
+
+
 def _print_profile(session, feeds: dict[str, np.ndarray]) -> None:
     """The time per function of ``session``'s ``main`` on ``feeds``, largest first."""
     from moec.runtime.profile import profile_functions

@@ -105,13 +105,22 @@ def swiglu_expert(x: np.ndarray, w: dict, e: int) -> np.ndarray:
 
 def fixture_cases(name: str) -> dict[str, tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
     """An exported fixture's npz (keys ``CASE.in.NAME`` / ``CASE.out.NAME``) as
-    {case: (inputs, PyTorch outputs)}."""
+    {case: (inputs, PyTorch outputs)}; a cache fixture's ``generate.*`` arrays are not cases."""
     cases: dict = {}
     with np.load(FIXTURES / "models" / f"{name}.npz") as data:
         for key in data.files:
+            if key.startswith("generate."):
+                continue
             case, kind, tensor = key.split(".", 2)
             cases.setdefault(case, ({}, {}))[0 if kind == "in" else 1][tensor] = data[key]
     return cases
+
+
+def fixture_generation(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """A cache fixture's greedy-generation check: the prompt ``[1, P]`` and PyTorch's ``generate``
+    tokens ``[1, P + new]`` (prompt included)."""
+    with np.load(FIXTURES / "models" / f"{name}.npz") as data:
+        return data["generate.prompt"], data["generate.tokens"]
 
 
 def invoke(*args: str | Path) -> Result:

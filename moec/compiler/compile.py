@@ -12,6 +12,7 @@ import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tvm
@@ -22,6 +23,7 @@ from moec.artifact import (
     WEIGHTS,
     build_manifest,
     check_replaceable,
+    graph_inputs,
     staged_directory,
     write_manifest,
 )
@@ -32,9 +34,10 @@ from moec.frontend.loader import load_model
 from moec.frontend.rewrite import layer_weight_names
 from moec.options import CompileOptions, OptionError, resolve_stored_int8
 from moec.passes.bound_tokens import input_symbols
-from moec.passes.one_token_entry import ONE_TOKEN_ENTRY
+from moec.passes.one_token_entry import ONE_TOKEN_ENTRY, one_token_symbols
 from moec.passes.pipeline import lowering_pipeline, moe_pipeline
 from moec.passes.slice_weights import DENSE_WEIGHTS, SliceWeights
+from moec.runtime.generate import cache_length_inputs
 from moec.targets import TargetSpec, load_target
 from moec.weights_file import write_weights
 
@@ -83,8 +86,15 @@ def lower_model(
         c_identifiers=target.cuda is not None,
         cpu_fp16=target.cpu_fp16,
         int8_dot=target.int8_dot,
+        free_inputs=free_inputs(imported),
     )
     return pipeline(mod), weights.weights
+
+
+def free_inputs(imported: ImportedModel) -> frozenset[int]:
+    """Positions of the model's inputs whose own dimensions the one-token entry keeps symbolic: a
+    KV-cache decoder's cache tensors and mask (:func:`moec.runtime.generate.cache_length_inputs`)."""
+    return frozenset(cache_length_inputs([i.name for i in graph_inputs(imported.canonical)]))
 
 
 def stored_int8_options(imported: ImportedModel, options: CompileOptions) -> CompileOptions:
@@ -211,7 +221,10 @@ def compile_model(
         verify_cuda_library(staging / LIBRARY, target, mod)  # CUDA targets: cubins, not source
         write_weights(staging / WEIGHTS, weights, lambda tensor: tensor.numpy())
         has_one_token = any(g.name_hint == ONE_TOKEN_ENTRY for g in mod.get_global_vars())
-        entries = {"one_token": ONE_TOKEN_ENTRY} if has_one_token else {}
+        entries: dict[str, Any] = {}
+        if has_one_token:
+            bound = one_token_symbols(mod["main"], free_inputs(imported))
+            entries = {"one_token": ONE_TOKEN_ENTRY, "one_token_dims": [str(v.name) for v in bound]}
         dense = (
             json.loads(str(mod["main"].attrs[DENSE_WEIGHTS])) if DENSE_WEIGHTS in mod["main"].attrs else {}
         )

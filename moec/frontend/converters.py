@@ -13,15 +13,21 @@ None to fall back to TVM's own converter (:class:`moec.frontend.lift.MoEGraphImp
 * ``Reshape`` of a scalar of shape arithmetic: see :func:`reshape`.
 * ``Expand`` of symbolic-shape data to a constant shape: see :func:`expand`.
 * ``Squeeze`` of a shape scalar: see :func:`squeeze`.
+* ``Max`` / ``Min`` of shape arithmetic: see :func:`_extremum`.
+* ``Equal`` and ``CumSum`` of booleans: see :func:`equal`, :func:`cumsum`.
+* ``ScatterND`` of a contiguous block of rows (torch's slice assignment): see :func:`scatter_nd`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import tvm
 from tvm import relax
 from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
+
+Converter = Callable[[relax.BlockBuilder, list, dict], "relax.Expr | None"]
 
 
 def _scalar(x: relax.Expr | None):
@@ -90,7 +96,76 @@ def squeeze(bb: relax.BlockBuilder, inputs: list, attrs: dict) -> relax.Expr | N
     return data if data is not None and tvm.ir.is_prim_expr(data) else None
 
 
-Converter = Callable[[relax.BlockBuilder, list, dict], "relax.Expr | None"]
+def _extremum(combine: Callable) -> Converter:
+    def convert(bb: relax.BlockBuilder, inputs: list, attrs: dict) -> relax.Expr | None:
+        """``Max``/``Min`` of shape arithmetic and integer constants (a sliding window's first
+        position, ``max(0, total - window)``) is shape arithmetic too; TVM's converter wants tensors."""
+        scalars = [_scalar(x) for x in inputs]
+        if any(v is None for v in scalars) or not any(tvm.ir.is_prim_expr(x) for x in inputs):
+            return None
+        result = scalars[0]
+        for value in scalars[1:]:
+            result = combine(result, value)
+        return result
+
+    return convert
+
+
+def equal(bb: relax.BlockBuilder, inputs: list, attrs: dict) -> relax.Expr | None:
+    """``Equal`` of booleans (Llama 4's attention masks) compared as integers: TVM's legalisation
+    emits a floating-point compare of the 1-bit values, which LLVM rejects (``fcmp oeq i1``)."""
+    if not all(isinstance(x, relax.Expr) and getattr(x.ty, "dtype", None) == "bool" for x in inputs[:2]):
+        return None
+    return relax.op.equal(relax.op.astype(inputs[0], "int8"), relax.op.astype(inputs[1], "int8"))
+
+
+def cumsum(bb: relax.BlockBuilder, inputs: list, attrs: dict) -> relax.Expr | None:
+    """``CumSum`` of booleans, which the TorchScript exporter writes for torch's ``cumsum`` of a
+    mask (not valid ONNX: onnxruntime refuses the graph) and which TVM cannot compute: the
+    running count as int64, as PyTorch computes it."""
+    data = inputs[0]
+    if not isinstance(data, relax.Expr) or getattr(data.ty, "dtype", None) != "bool":
+        return None
+    converter = _get_convert_map()["CumSum"].get_converter(14)
+    return converter(bb, [bb.normalize(relax.op.astype(data, "int64")), *inputs[1:]], attrs, [{}, {}])
+
+
+def scatter_nd(bb: relax.BlockBuilder, inputs: list, attrs: dict) -> relax.Expr | None:
+    """``ScatterND`` of a contiguous block of leading-axis rows: the rest of the data around them.
+
+    torch's slice assignment (``k[..., :d] = k_nope``, DeepSeek-V3's attention) exports as
+    ``ScatterND`` into the transposed tensor at constant indices ``[[a], [a+1], ...]``. With the
+    sequence dim symbolic (``past + seq``), TVM's scatter legalisation asserts the data's and the
+    updates' dims equal with ``==`` on two equal but distinct expressions, and fails. Rows
+    ``a..b`` replaced are ``concat(data[:a], updates, data[b:])``: exact, and shape-safe.
+    """
+    data, indices, updates = inputs[:3]
+    if attrs.get("reduction", "none") not in ("none", b"none") or not isinstance(
+        indices, tvm.ir.GenericConst
+    ):
+        return None
+    rows = indices.value.numpy()
+    if (
+        rows.ndim != 2
+        or rows.shape[1] != 1
+        or rows.shape[0] == 0
+        or not isinstance(data.ty, relax.TensorType)
+    ):
+        return None
+    first, count = int(rows[0, 0]), rows.shape[0]
+    if first < 0 or not np.array_equal(rows[:, 0], np.arange(first, first + count)):
+        return None
+    extent = data.ty.shape[0] if data.ty.shape is not None else None
+    if not isinstance(extent, tvm.tirx.IntImm) or first + count > int(extent):
+        return None
+    parts = []
+    if first > 0:
+        parts.append(relax.op.strided_slice(data, [0], [0], [first]))
+    parts.append(updates)
+    if first + count < int(extent):
+        parts.append(relax.op.strided_slice(data, [0], [first + count], [int(extent)]))
+    return bb.normalize(relax.op.concat(parts, axis=0)) if len(parts) > 1 else updates
+
 
 #: ONNX op type → converter that runs before TVM's (and may decline with None).
 CONVERTERS: dict[str, Converter] = {
@@ -98,6 +173,11 @@ CONVERTERS: dict[str, Converter] = {
     "Reshape": reshape,
     "Expand": expand,
     "Squeeze": squeeze,
+    "ScatterND": scatter_nd,
+    "Equal": equal,
+    "CumSum": cumsum,
+    "Max": _extremum(tvm.tirx.max),
+    "Min": _extremum(tvm.tirx.min),
 }
 
 __all__ = ["CONVERTERS"]

@@ -54,15 +54,17 @@ UNFOLDABLE = {
     "OptionalHasElement",
 }
 
-#: (domain, op) whose output 0 has input 0's shape and element type (for shape inference).
-SHAPE_PRESERVING = {
-    ("moec", "MoELayer"),
-    ("", "SimplifiedLayerNormalization"),
-    ("com.microsoft", "SimplifiedLayerNormalization"),
-    ("com.microsoft", "SkipSimplifiedLayerNormalization"),
-    ("com.microsoft", "SkipLayerNormalization"),
-    ("com.microsoft", "RotaryEmbedding"),
-    ("com.microsoft", "MoE"),
+#: (domain, op) → (the inputs that have the output's shape and element type, the outputs that
+#: have it), for shape inference through ops onnx does not know. The skip layer norms' inputs 0
+#: (the sublayer output) and 1 (the skip) have one shape; their output 3 is the sum of the two.
+SHAPE_PRESERVING: dict[tuple[str, str], tuple[tuple[int, ...], tuple[int, ...]]] = {
+    ("moec", "MoELayer"): ((0,), (0,)),
+    ("", "SimplifiedLayerNormalization"): ((0,), (0,)),
+    ("com.microsoft", "SimplifiedLayerNormalization"): ((0,), (0,)),
+    ("com.microsoft", "SkipSimplifiedLayerNormalization"): ((0, 1), (0, 3)),
+    ("com.microsoft", "SkipLayerNormalization"): ((0, 1), (0, 3)),
+    ("com.microsoft", "RotaryEmbedding"): ((0,), (0,)),
+    ("com.microsoft", "MoE"): ((0,), (0,)),
 }
 
 #: Folded float values with more elements than this become initializers (weights), not constants.
@@ -78,12 +80,21 @@ FLOAT_TYPES = {
 }
 
 
-def _infer_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
+def infer_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
     """Every value's inferred type, taking shape-preserving custom ops into account."""
     work = _without_weights(model)
     known: dict[str, onnx.TypeProto] = {}
     for _ in range(1 + sum(1 for n in model.graph.node if (n.domain, n.op_type) in SHAPE_PRESERVING)):
-        inferred = onnx.shape_inference.infer_shapes(work, strict_mode=False, data_prop=True)
+        try:
+            inferred = onnx.shape_inference.infer_shapes(work, strict_mode=False, data_prop=True)
+        except onnx.shape_inference.InferenceError:
+            # The exporter's own value_info can contradict what onnx infers (onnxruntime's CPU
+            # fusions type a scalar as [1]): infer without it (keeping what this loop added).
+            exported = {v.name for v in model.graph.value_info}
+            added = [v for v in work.graph.value_info if v.name not in exported]
+            del work.graph.value_info[:]
+            work.graph.value_info.extend(added)
+            inferred = onnx.shape_inference.infer_shapes(work, strict_mode=False, data_prop=True)
         known = {v.name: v.type for v in inferred.graph.value_info}
         known.update({v.name: v.type for v in inferred.graph.input})
         known.update({v.name: v.type for v in inferred.graph.output if v.type.tensor_type.HasField("shape")})
@@ -91,13 +102,14 @@ def _infer_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
             known[t.name] = helper.make_tensor_type_proto(t.data_type, list(t.dims))
         added = False
         for node in model.graph.node:
-            if (node.domain, node.op_type) not in SHAPE_PRESERVING or not node.input:
+            if (node.domain, node.op_type) not in SHAPE_PRESERVING:
                 continue
-            source = known.get(node.input[0])
-            if source is None or node.output[0] in known:
-                continue
-            work.graph.value_info.append(helper.make_value_info(node.output[0], source))
-            added = True
+            sources, outputs = SHAPE_PRESERVING[node.domain, node.op_type]
+            typed = [known[node.input[i]] for i in sources if i < len(node.input) and node.input[i] in known]
+            for i in outputs:
+                if typed and i < len(node.output) and node.output[i] and node.output[i] not in known:
+                    work.graph.value_info.append(helper.make_value_info(node.output[i], typed[0]))
+                    added = True
         if not added:
             break
     return known
@@ -226,7 +238,7 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     graph = model.graph
     opsets = {o.domain: o.version for o in model.opset_import if o.domain in ("", "ai.onnx")}
     opsets.setdefault("", 18)
-    types = _infer_types(model)
+    types = infer_types(model)
     graph_inputs = {i.name for i in graph.input}
     values: dict[str, np.ndarray] = {}
     float_initializers: list[onnx.TensorProto] = []

@@ -45,7 +45,8 @@ class ImportedModel:
 
 def find_blocks(model: onnx.ModelProto) -> list[MoEBlock]:
     """All MoE blocks, fused ``com.microsoft::MoE`` nodes and standard-op subgraphs alike."""
-    index = GraphIndex(model.graph)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 18)
+    index = GraphIndex(model.graph, opset)
     blocks = find_ms_moe_blocks(index) + find_standard_blocks(index, model.opset_import)
     for i, block in enumerate(blocks):
         block.layer.name = f"moe{i}"

@@ -15,6 +15,7 @@ import json
 import numpy as np
 import onnx
 import tvm
+import tvm_ffi
 from tvm import relax
 from tvm.relax.frontend.onnx.onnx_frontend import ONNXGraphImporter
 
@@ -151,6 +152,38 @@ def _tag_contrib_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
     return tagged
 
 
+#: ONNX ops whose two operands broadcast (see :meth:`MoEGraphImporter._broadcast`).
+BROADCASTING_OPS = {
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "And",
+    "Or",
+    "Equal",
+    "Less",
+    "Greater",
+    "LessOrEqual",
+    "GreaterOrEqual",
+}
+
+
+def _known_shape(x: object) -> list | None:
+    """The dims of a Relax tensor expression with a known shape, else None."""
+    ty = getattr(x, "ty", None)
+    if (
+        isinstance(x, relax.Expr)
+        and isinstance(ty, relax.TensorType)
+        and isinstance(ty.shape, relax.ShapeExpr)
+    ):
+        return list(ty.shape.values)
+    return None
+
+
+def _is_one(dim: object) -> bool:
+    return isinstance(dim, tvm.tirx.IntImm) and int(dim) == 1
+
+
 class MoEGraphImporter(ONNXGraphImporter):
     """TVM's ONNX importer, taught the ``moec::MoELayer`` node and onnxruntime's contrib ops, and
     ``Pow`` by a constant 2 as a product."""
@@ -177,6 +210,24 @@ class MoEGraphImporter(ONNXGraphImporter):
                 return np.asarray(array.numpy() if hasattr(array, "numpy") else array)
         return None
 
+    def _broadcast(self, op_name: str, inputs: list, attrs: dict, opset: int) -> relax.Expr:
+        """A broadcasting binary op whose operands' dims TVM cannot prove equal (one symbolic
+        expression against another, e.g. a sliding-window attention's key length
+        ``s + max(0, p - max(0, p - 127))`` against its mask's ``p + s``), with the second
+        operand cast to the first's dims: a run-time check that they are equal, as the exporter
+        traced them, instead of a result of unknown shape that later ops cannot reshape."""
+        out = super()._convert_operator(op_name, inputs, attrs, opset)
+        shapes = [_known_shape(x) for x in inputs]
+        if _known_shape(out) is not None or None in shapes or len(shapes[0]) != len(shapes[1]):
+            return out
+        first, second = shapes
+        unify = [
+            a if not _is_one(a) and not _is_one(b) and not tvm_ffi.structural_equal(a, b) else b
+            for a, b in zip(first, second, strict=True)
+        ]
+        cast = self.bb.match_cast(inputs[1], relax.TensorType(unify, inputs[1].ty.dtype))
+        return super()._convert_operator(op_name, [inputs[0], cast], attrs, opset)
+
     def _convert_operator(self, op_name, inputs, attrs, opset):
         if op_name == "Pow" and len(inputs) == 2:
             # x ** 2 (RMSNorm's mean of squares): a product, where TVM's power is a powf call per
@@ -192,6 +243,8 @@ class MoEGraphImporter(ONNXGraphImporter):
             result = OWN_CONVERTERS[op_name](self.bb, list(inputs), attrs)
             if result is not None:
                 return self.bb.normalize(result)
+        if op_name in BROADCASTING_OPS and len(inputs) == 2:
+            return self._broadcast(op_name, list(inputs), attrs, opset)
         if op_name != LAYER_OP:
             return super()._convert_operator(op_name, inputs, attrs, opset)
         layer = self._layers[attrs["layer"]]

@@ -26,6 +26,7 @@ def load_model(path: str | Path) -> onnx.ModelProto:
     if not model.graph.node and not model.graph.output:
         raise MoecError(f"{path}: not an ONNX model (no graph found); is this the right file?")
     _import_missing_domains(model)
+    _number_dims_as_numbers(model)
     try:
         onnx.checker.check_model(_checkable(model))
     except onnx.checker.ValidationError as err:
@@ -48,6 +49,17 @@ transformers' ONNX exporter with onnxruntime fusions writes ``com.microsoft::MoE
 attention fusions) but no ``com.microsoft`` opset import, which onnx's checker rejects although
 onnxruntime's contrib ops have only ever had version 1.
 """
+
+
+def _number_dims_as_numbers(model: onnx.ModelProto) -> None:
+    """Dimensions named by a number (transformers' exporter writes a KV cache's heads and head
+    size as ``dim_param: "8"``) are that number: fixed, as the exporter meant, not a symbol."""
+    graph = model.graph
+    for info in [*graph.input, *graph.output, *graph.value_info]:
+        if info.type.HasField("tensor_type") and info.type.tensor_type.HasField("shape"):
+            for dim in info.type.tensor_type.shape.dim:
+                if dim.HasField("dim_param") and dim.dim_param.isdigit():
+                    dim.dim_value = int(dim.dim_param)
 
 
 def _import_missing_domains(model: onnx.ModelProto) -> None:

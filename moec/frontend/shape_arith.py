@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from moec.frontend.fold import _infer_types, _static_dims
+from moec.frontend.fold import _static_dims, infer_types
 
 ARITHMETIC = {"Add", "Sub", "Mul", "Div"}
 #: Ops whose output TVM keeps as a ShapeExpr when their data input is one.
@@ -47,7 +47,7 @@ def scalarize_shape_arithmetic(model: onnx.ModelProto) -> onnx.ModelProto:
     ]
     if not candidates:
         return model
-    types = _infer_types(model)
+    types = infer_types(model)
     constants = {t.name for t in graph.initializer}
     constants |= {n.output[0] for n in graph.node if n.op_type == "Constant"}
 

@@ -48,11 +48,12 @@ def token_check(limit: int) -> tvm.tirx.PrimFunc:
     return check
 
 
-def input_symbols(func: relax.Function) -> list[tvm.tirx.Var]:
-    """The symbolic dimensions of ``func``'s inputs (the first ``num_input`` parameters), in order."""
+def input_symbols(func: relax.Function, params: list[relax.Var] | None = None) -> list[tvm.tirx.Var]:
+    """The symbolic dimensions of ``func``'s inputs (the first ``num_input`` parameters; or of
+    ``params``, some of them), in order."""
     count = int(func.attrs["num_input"]) if func.attrs is not None and "num_input" in func.attrs else None
     found: list[tvm.tirx.Var] = []
-    for param in list(func.params)[:count]:
+    for param in list(func.params)[:count] if params is None else params:
         ty = param.ty
         if not isinstance(ty, relax.TensorType) or ty.shape is None:
             continue

@@ -38,6 +38,7 @@ from moec.passes.c_identifiers import CIdentifiers
 from moec.passes.dense_linear import DenseLinear
 from moec.passes.dump_ir import DumpIR
 from moec.passes.fixed_routing import FixedRouting
+from moec.passes.fuse_tir_guarded import FuseTIRGuarded
 from moec.passes.inline_layers import InlineLayers
 from moec.passes.mask_experts import MaskExperts
 from moec.passes.one_token_entry import OneTokenEntry
@@ -56,6 +57,7 @@ def moe_pipeline(
     c_identifiers: bool = False,
     cpu_fp16: bool = False,
     int8_dot: str | None = None,
+    free_inputs: frozenset[int] = frozenset(),
 ) -> tvm.transform.Pass:
     """The phases moec runs before handing the module to ``tvm.compile``.
 
@@ -65,6 +67,8 @@ def moe_pipeline(
     ``main``'s parameters to C identifiers (CUDA targets, whose kernel parameters TVM names
     after them). ``cpu_fp16``: a CPU target with FP16 arithmetic (fp16 experts multiply in FP16).
     ``int8_dot``: the target's INT8 dot-product instructions (for int8-dot experts), if any.
+    ``free_inputs``: positions of the inputs whose own symbolic dimensions (a KV cache's length)
+    ``main_one_token`` keeps symbolic (:class:`~moec.passes.one_token_entry.OneTokenEntry`).
     """
     layers: list[tvm.transform.Pass] = []
     if options.kept_experts:
@@ -98,7 +102,7 @@ def moe_pipeline(
         ("schedule", tvm.transform.Sequential([*dense, ApplyKernelSchedule(schedule)])),
         # Phase 3: the weights follow main's signature; names the generated code can use; the
         # static one-token entry point.
-        ("export", tvm.transform.Sequential([weights, *identifiers, OneTokenEntry()])),
+        ("export", tvm.transform.Sequential([weights, *identifiers, OneTokenEntry(free_inputs)])),
     ]
     dump_dir = options.dump_ir
     passes: list[tvm.transform.Pass] = [DumpIR(dump_dir, "00-frontend")] if dump_dir else []
@@ -130,7 +134,8 @@ def lowering_pipeline(target: tvm.target.Target, max_tokens: int | None = None) 
     targets, after TVM's legalisation and fusion, dlight schedules the functions that are not
     moec kernels with :func:`moec.kernels.ordinary_ops.ordinary_op_rules` (TVM's CPU pipeline
     leaves them as scalar loops on one thread; its CUDA legalisation applies dlight's GPU rules
-    itself). The others run after TVM's dataflow lowering: by then the kernels' ``call_tir``s are plain calls
+    itself); TVM's ``FuseTIR`` is :class:`~moec.passes.fuse_tir_guarded.FuseTIRGuarded`. The others run
+    after TVM's dataflow lowering: by then the kernels' ``call_tir``s are plain calls
     outside any dataflow block, where TVM's dataflow passes (which expect schedulable TIR, not
     our hand-written kernels) no longer look, and before ``StaticPlanBlockMemory``:
     ``InlineLayers``; ``CanonicalizeBindings`` and ``DeadCodeElimination`` (the kernels' output
@@ -157,7 +162,10 @@ def lowering_pipeline(target: tvm.target.Target, max_tokens: int | None = None) 
             return tvm.transform.Sequential(
                 [relax.transform.RemoveRedundantReshape()]
                 + backend.library_dispatch_passes(target)
-                + backend.legalize_passes(target)
+                + [
+                    FuseTIRGuarded() if p.info.name == "FuseTIR" else p
+                    for p in backend.legalize_passes(target)
+                ]
                 + ordinary_ops
                 + backend.dataflow_lower_passes(target)
                 + ours

@@ -157,7 +157,7 @@ def run_native(
         command = [*emulator, str(runner), str(artifact_dir)]
         for index, (name, value) in enumerate(feeds.items()):
             path = work / f"input{index}.npy"
-            np.save(path, np.ascontiguousarray(value))
+            np.save(path, np.asarray(value, order="C"))
             command += ["--input", f"{name}={path}"]
         command += ["--output-dir", str(work / "out")]
         if repeat > 0:

@@ -67,17 +67,19 @@ class ArtifactSession:
 
     def input_tensors(self, feeds: dict[str, np.ndarray]) -> list[tvm.runtime.Tensor]:
         """``main``'s input arguments: ``feeds`` in the manifest's input order, on the device."""
-        return [tvm.runtime.tensor(np.ascontiguousarray(feeds[s["name"]]), self.device) for s in self.inputs]
+        return [tvm.runtime.tensor(np.asarray(feeds[s["name"]], order="C"), self.device) for s in self.inputs]
 
     def entry_for(self, feeds: dict[str, np.ndarray]) -> str:
-        """The library function a call on ``feeds`` runs: the static one-token entry point (the
-        manifest's ``entries``) when every symbolic input dimension is 1, else ``main``."""
-        one_token = self.manifest.get("entries", {}).get("one_token")
+        """The library function a call on ``feeds`` runs: the one-token entry point (the
+        manifest's ``entries``) when every symbolic input dimension it fixed (``one_token_dims``;
+        older manifests: all of them) is 1, else ``main``."""
+        entries = self.manifest.get("entries", {})
+        one_token, fixed = entries.get("one_token"), entries.get("one_token_dims")
         symbolic = [
             feeds[spec["name"]].shape[axis]
             for spec in self.inputs
             for axis, dim in enumerate(spec["shape"])
-            if isinstance(dim, str)
+            if isinstance(dim, str) and (fixed is None or dim in fixed)
         ]
         return one_token if one_token and all(size == 1 for size in symbolic) else "main"
 

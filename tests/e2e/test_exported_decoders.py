@@ -37,10 +37,11 @@ STATIC = [
         "hf-onnx-ort-cuda-batched_mm",  # MultiHeadAttention, RotaryEmbedding, (Skip)SimplifiedLayerNorm, MoE
     )
 ] + ["mixtral-decoder-torchscript-eager"]  # (qwen3_moe's eager trace is refused: test_exported_fixtures)
-# Every other family's decoder from each exporter (Llama 4's complex-valued RoPE exports with none).
+# Every other family's decoder from each exporter (Llama 4's with its rotary embedding made real-valued
+# at export time: its complex one exports with none).
 STATIC += [
-    f"{family}-decoder-{exporter}-batched_mm"
-    for family in ("qwen2_moe", "olmoe", "phimoe", "gpt_oss", "deepseek_v3")
+    f"{family}-decoder-{exporter}-{'na' if family == 'llama4' else 'batched_mm'}"
+    for family in ("qwen2_moe", "olmoe", "phimoe", "gpt_oss", "deepseek_v3", "llama4")
     for exporter in ("dynamo", "torchscript", "hf-onnx", "hf-onnx-ort-cuda")
 ]
 DYNAMIC = [
@@ -54,6 +55,7 @@ IN_CI = {
     "qwen3_moe-decoder-dynamic-hf-onnx-ort-cuda-batched_mm",
     "gpt_oss-decoder-hf-onnx-ort-cuda-batched_mm",  # FusedMatMul in the attention (with sinks)
     "phimoe-decoder-hf-onnx-ort-cuda-batched_mm",  # SkipLayerNormalization, sparsemixer routing
+    "llama4-decoder-dynamo-na",  # real-valued RoPE patch, routing weight on the expert input
 }
 
 

@@ -208,3 +208,76 @@ def _calls(func) -> list:
 
     _Calls().visit_expr(func.body)
     return found
+
+
+def test_slice_assignment_scatter_with_a_symbolic_length(tmp_path: Path) -> None:
+    """torch's ``k[..., :2] = a`` with a symbolic sequence (DeepSeek-V3's keys against its cache):
+    ``ScatterND`` of a contiguous block of rows into the transposed tensor. TVM's legalisation
+    compared the data's and the updates' symbolic dims by identity and failed."""
+    nodes = [
+        helper.make_node("Concat", ["past", "x"], ["keys"], axis=0),  # [p + s, 4]
+        helper.make_node("Transpose", ["keys"], ["columns"], perm=[1, 0]),  # [4, p + s]
+        helper.make_node("Concat", ["past", "x"], ["new_rows"], axis=0),
+        helper.make_node("Mul", ["new_rows", "two"], ["doubled"]),
+        helper.make_node("Transpose", ["doubled"], ["doubled_t"], perm=[1, 0]),
+        helper.make_node("Slice", ["doubled_t", "start", "end", "axes"], ["updates"]),  # [2, p + s]
+        helper.make_node("ScatterND", ["columns", "rows", "updates"], ["y"]),
+    ]
+    inits = [
+        numpy_helper.from_array(np.array(2.0, np.float32), "two"),
+        numpy_helper.from_array(np.array([[1], [2]], np.int64), "rows"),
+        _ints("start", [1]),
+        _ints("end", [3]),
+        _ints("axes", [0]),
+    ]
+    past = helper.make_tensor_value_info("past", TensorProto.FLOAT, ["p", 4])
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["s", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, "t"])
+    model = _model(nodes, [past, x], [y], inits)
+    session = compile_to(model, tmp_path)
+    rng = np.random.default_rng(0)
+    for p, s in ((0, 3), (5, 1)):
+        feeds = {
+            "past": rng.standard_normal((p, 4)).astype(np.float32),
+            "x": rng.standard_normal((s, 4)).astype(np.float32),
+        }
+        check_artifact(session, model, feeds)
+
+
+def test_max_of_shape_arithmetic_and_unprovable_broadcast(tmp_path: Path) -> None:
+    """A sliding window of 3 over a cache: its start ``max(0, p - 3)`` is shape arithmetic (TVM's
+    ``Max`` wanted tensors); the window's keys (``p - max(0, p - 3) + s`` rows) added to a mask of
+    ``t`` rows broadcast two symbolic lengths TVM cannot prove equal: a run-time check keeps the
+    result's shape, which the Reshape after it needs."""
+    nodes = [
+        helper.make_node("Shape", ["past"], ["p1"], start=0, end=1),
+        helper.make_node("Squeeze", ["p1"], ["p"]),
+        helper.make_node("Sub", ["p", "window"], ["over"]),
+        helper.make_node("Max", ["zero", "over"], ["start"]),
+        helper.make_node("Reshape", ["start", "minus_one"], ["start1"]),
+        helper.make_node("Slice", ["past", "start1", "p1", "axes"], ["kept"]),
+        helper.make_node("Concat", ["kept", "x"], ["keys"], axis=0),
+        helper.make_node("Add", ["keys", "mask"], ["masked"]),
+        helper.make_node("Reshape", ["masked", "minus_one"], ["y"]),
+    ]
+    inits = [
+        numpy_helper.from_array(np.array(3, np.int64), "window"),
+        numpy_helper.from_array(np.array(0, np.int64), "zero"),
+        _ints("minus_one", [-1]),
+        _ints("axes", [0]),
+    ]
+    past = helper.make_tensor_value_info("past", TensorProto.FLOAT, ["p", 2])
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["s", 2])
+    mask = helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["t", 2])
+    model = _model(
+        nodes, [past, x, mask], [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["k"])], inits
+    )
+    session = compile_to(model, tmp_path)
+    rng = np.random.default_rng(1)
+    for p, s in ((0, 2), (2, 1), (3, 3)):
+        feeds = {
+            "past": rng.standard_normal((p, 2)).astype(np.float32),
+            "x": rng.standard_normal((s, 2)).astype(np.float32),
+            "mask": rng.standard_normal((p + s, 2)).astype(np.float32),
+        }
+        check_artifact(session, model, feeds)

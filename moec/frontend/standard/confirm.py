@@ -24,6 +24,10 @@ from moec.onnx_fixes import FIXED_OPS
 #: Largest expert capacity whose token drops the confirmation sample exercises (one more token
 #: than the capacity goes to one expert); a larger one is confirmed on the structure alone.
 MAX_SAMPLED_CAPACITY = 1024
+#: The sample's size of a symbolic dimension that neither the tokens nor the logits have (a KV
+#: cache's length, read off its shape for the batch size): not 1, so that a region that did depend
+#: on it would compute something else and fail to confirm.
+UNRELATED_DIM = 3
 
 
 def _sample_shape(walk: GraphWalk, tensor: str, last: int, tokens: int) -> list[int]:
@@ -32,6 +36,63 @@ def _sample_shape(walk: GraphWalk, tensor: str, last: int, tokens: int) -> list[
     dims = walk.shapes.get(tensor, [None, last])
     leading = [d if d is not None else tokens if i == len(dims) - 2 else 1 for i, d in enumerate(dims[:-1])]
     return [*leading, last]
+
+
+def _local_equivalents(
+    walk: GraphWalk, sources: set[str], region: list[onnx.NodeProto], inputs: tuple[str, ...]
+) -> dict[str, str]:
+    """For each of ``sources`` (tensors whose shapes the region reads, computed outside it), the
+    region's own tensor (or one of its ``inputs``: tokens, logits) with the same
+    :meth:`~GraphWalk.signature`, where there is one."""
+    by_signature: dict[int, str] = {}
+    for tensor in [*inputs, *(t for node in region for t in node.output)]:
+        by_signature.setdefault(walk.signature(tensor), tensor)
+    return {
+        source: by_signature[walk.signature(source)]
+        for source in sources
+        if walk.signature(source) in by_signature
+    }
+
+
+def _topological(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+    """``nodes`` in an order where each comes after the nodes computing its inputs (stable)."""
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output}
+    placed: list[onnx.NodeProto] = []
+    done: set[int] = set()
+
+    def place(i: int) -> None:
+        if i in done:
+            return
+        done.add(i)
+        for tensor in nodes[i].input:
+            if tensor in producer:
+                place(producer[tensor])
+        placed.append(nodes[i])
+
+    for i in range(len(nodes)):
+        place(i)
+    return placed
+
+
+def _reading(node: onnx.NodeProto, renamed: dict[str, str]) -> onnx.NodeProto:
+    """``node``, or a copy of it reading ``renamed[t]`` in place of each renamed input ``t``."""
+    if not any(i in renamed for i in node.input):
+        return node
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    del copy.input[:]
+    copy.input.extend(renamed.get(i, i) for i in node.input)
+    return copy
+
+
+def _sampled_dims(walk: GraphWalk, feeds: dict[str, np.ndarray]) -> dict[str, int]:
+    """The sample's size of each symbolic dimension (by name) that the fed tensors have."""
+    sizes: dict[str, int] = {}
+    for name, value in feeds.items():
+        for dim_name, size in zip(walk.dim_names.get(name, []), value.shape, strict=False):
+            if dim_name is not None:
+                sizes.setdefault(dim_name, size)
+    return sizes
 
 
 def confirms(
@@ -46,12 +107,20 @@ def confirms(
     """Run the region (after the ``prelude`` computed from ``x``) alone; compare with the layer."""
     region = list(prelude) + list(region)
     produced = {o for n in region for o in n.output}
-    constant_nodes: dict[int, onnx.NodeProto] = {}
+    outside_nodes: dict[int, onnx.NodeProto] = {}
+    shape_sources: set[str] = set()
     for node in region:
         for tensor in node.input:
             if tensor and tensor not in produced and tensor not in (x, logits):
-                constant_nodes |= {id(n): n for n in walk.constant_producers(tensor) or []}
-    computed = walk.in_graph_order(list(constant_nodes.values())) + region
+                nodes, sources = walk.shape_producers(tensor) or ([], set())
+                outside_nodes |= {id(n): n for n in nodes}
+                shape_sources |= sources - {x, logits} - produced
+    # A shape read off another layer's tensor (merged by onnxruntime's fusions) is read off this
+    # layer's tensor computed the same way.
+    local = _local_equivalents(walk, shape_sources, region, (x, logits))
+    shape_sources -= set(local)
+    outside = [_reading(node, local) for node in walk.in_graph_order(list(outside_nodes.values()))]
+    computed = _topological(outside + region)
     initializers = walk.index.initializers
     read = dict.fromkeys(i for n in computed for i in n.input)
     consts = [initializers[t] for t in read if t in initializers]
@@ -72,19 +141,29 @@ def confirms(
     boosted = np.arange(min(experts, len(flat)))
     flat[len(flat) - len(boosted) + boosted, boosted] += 4.0
     logit_value = flat.reshape(logit_value.shape).astype(np.float32)
+    feeds = {x: x_value, logits: logit_value}
+    sampled_dims = _sampled_dims(walk, feeds)
+    for source in sorted(shape_sources):  # read for their shapes only: zeros of the sampled shape
+        if source not in walk.shapes:
+            return False
+        dims = [
+            size if size is not None else sampled_dims.get(name, UNRELATED_DIM)
+            for size, name in zip(walk.shapes[source], walk.dim_names[source], strict=True)
+        ]
+        feeds[source] = np.zeros(dims, dtype=np.float32)
     graph = helper.make_graph(
         computed,
         "moe_region",
         [
-            helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, x_value.shape),
-            helper.make_tensor_value_info(logits, onnx.TensorProto.FLOAT, logit_value.shape),
+            helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, value.shape)
+            for name, value in feeds.items()
         ],
         [helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None)],
         {t.name: t for t in consts}.values(),
     )
     model = helper.make_model(graph, opset_imports=walk.opsets)
     try:
-        (actual,) = ReferenceEvaluator(model, new_ops=FIXED_OPS).run(None, {x: x_value, logits: logit_value})
+        (actual,) = ReferenceEvaluator(model, new_ops=FIXED_OPS).run(None, feeds)
     except Exception:  # the candidate is not a runnable block on its own
         return False
     expected = moe_forward(

@@ -132,8 +132,10 @@ def _expert_fields(
         ops_between[id(first)] = ({n.op_type for n in region if id(n) in path and id(n) in ids}, down)
     alpha, beta, limit = _activation_constants(index, region)
 
-    def bias(node: onnx.NodeProto, count: int, width: int) -> np.ndarray | None:
+    def bias(node: onnx.NodeProto, count: int, width: int, expert: int) -> np.ndarray | None:
         value = bias_after(index, node)
+        if value is not None and count == 1 and value.ndim == 2 and value.shape == (experts, width):
+            value = value[expert]  # one expert's row of a per-expert bias stack (grouped_mm)
         return None if value is None else np.broadcast_to(value.reshape(count, -1), (count, width))
 
     batched = weight_of(index, matmuls[0]).ndim == 3
@@ -143,6 +145,14 @@ def _expert_fields(
         if len(downs) != 1 or len(firsts) not in (1, 2):
             return None
         groups = [(firsts, downs[0])]
+    elif all(upstream(d) >= {id(f) for f in firsts} for d in downs) and len(downs) > 1:
+        # Every expert's rows are concatenated, activated together and split again (transformers'
+        # ``grouped_mm``): each down projection reads every first-layer matmul. Experts are in
+        # stack order, so the i-th down goes with the i-th first of each stack.
+        if len(downs) != experts or len(firsts) % experts:
+            return None
+        per_stack = [firsts[i : i + experts] for i in range(0, len(firsts), experts)]
+        groups = [([stack[e] for stack in per_stack], down) for e, down in enumerate(downs)]
     else:
         groups = []
         for down in downs:
@@ -152,7 +162,7 @@ def _expert_fields(
             return None
     roles: dict[str, list] = {"up": [], "gate": [], "down": [], "b_up": [], "b_gate": [], "b_down": []}
     activation = None
-    for group_firsts, down in groups:
+    for expert, (group_firsts, down) in enumerate(groups):
         if len(group_firsts) == 1:
             up, gate = group_firsts[0], None
             act = _activation_of(ops_between[id(up)][0])
@@ -172,7 +182,7 @@ def _expert_fields(
             weight = weight_of(index, node)
             roles[role].append(weight if batched else weight[None])
             width = weight.shape[-2]
-            roles[f"b_{role}"].append(bias(node, experts if batched else 1, width))
+            roles[f"b_{role}"].append(bias(node, experts if batched else 1, width, expert))
     stacked = {}
     for role, values in roles.items():
         if not values or any(v is None for v in values):

@@ -87,10 +87,13 @@ def weight_of(index: GraphIndex, node: onnx.NodeProto) -> np.ndarray | None:
 
 def bias_after(index: GraphIndex, node: onnx.NodeProto) -> np.ndarray | None:
     """The constant added to a matmul's output (through reshapes), or the per-expert bias
-    ``[E, out]`` that a ``Gather`` picks per routed token; None if there is none."""
+    ``[E, out]`` that a ``Gather`` picks per routed token (or per row of the concatenated experts'
+    rows); None if there is none."""
     tensor = node.output[0]
     consumers = index.consumers.get(tensor, [])
-    while len(consumers) == 1 and consumers[0].op_type in VIEW_OPS:
+    # Through reshapes, and through the Concat of every expert's rows (transformers' grouped_mm,
+    # which adds the biases that a GatherND picks per sorted row after it).
+    while len(consumers) == 1 and (consumers[0].op_type in VIEW_OPS or consumers[0].op_type == "Concat"):
         tensor = consumers[0].output[0]
         consumers = index.consumers.get(tensor, [])
     if len(consumers) == 1 and consumers[0].op_type == "Add":
