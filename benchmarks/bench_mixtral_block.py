@@ -74,13 +74,13 @@ from typing import Any
 import numpy as np
 from common import (
     MoecModel,
-    add_timing_options,
     cpu_model,
     git_revision,
     log,
+    publish,
     run_timing_children,
     timing_defaults,
-    write_markdown,
+    timing_parser,
 )
 
 HIDDEN = 512
@@ -901,19 +901,12 @@ def run_parent(args: argparse.Namespace, argv: Sequence[str]) -> None:
         "inner": args.inner,
         "wall_s": time.perf_counter() - wall,
     }
-    section = report(results, facts)
-    print(section)
-    if args.markdown is not None:
-        write_markdown(Path(args.markdown), MD_NAME, section)
-        log(f"updated {args.markdown}")
+    publish(report(results, facts), args.markdown, MD_NAME)
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """Command-line options; ``--quick`` lowers the repetition defaults."""
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_timing_options(parser, default_evict_mb())
+    parser = timing_parser(__doc__, default_evict_mb())
     parser.add_argument(
         "--evict-threads",
         type=int,

@@ -106,13 +106,13 @@ from bench_mixtral_block import (
 from common import (
     REPO,
     MoecModel,
-    add_timing_options,
     cpu_model,
     git_revision,
     log,
+    publish,
     run_timing_children,
     timing_defaults,
-    write_markdown,
+    timing_parser,
 )
 
 TOLERANCE = 1e-4
@@ -818,19 +818,12 @@ def run_parent(args: argparse.Namespace, argv: Sequence[str]) -> None:
         "inner": args.inner,
         "wall_s": time.perf_counter() - wall,
     }
-    section = report(block, results, digits, facts)
-    print(section)
-    if args.markdown is not None:
-        write_markdown(Path(args.markdown), MD_NAME, section)
-        log(f"updated {args.markdown}")
+    publish(report(block, results, digits, facts), args.markdown, MD_NAME)
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """Command-line options; ``--quick`` lowers the repetition defaults."""
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_timing_options(parser, default_evict_mb())
+    parser = timing_parser(__doc__, default_evict_mb())
     parser.add_argument(
         "--accuracy-budget",
         type=float,

@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import REPO, cpu_model, git_revision, log, write_markdown
+from common import REPO, cpu_model, git_revision, log, publish
 
 HIDDEN = 512
 FFN = 1024
@@ -443,11 +443,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> None:
         "reps": args.reps,
         "wall_s": time.perf_counter() - wall,
     }
-    section = report(variants, facts)
-    print(section)
-    if args.markdown is not None:
-        write_markdown(Path(args.markdown), MD_NAME, section)
-        log(f"updated {args.markdown}")
+    publish(report(variants, facts), args.markdown, MD_NAME)
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:

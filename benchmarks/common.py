@@ -51,6 +51,15 @@ def git_revision() -> str:
         return "unknown"
 
 
+def publish(section: str, markdown: str | Path | None, name: str) -> None:
+    """Print a benchmark's report ``section`` and, with a ``markdown`` file, put it there as
+    benchmark ``name``'s section (:func:`write_markdown`)."""
+    print(section)
+    if markdown is not None:
+        write_markdown(Path(markdown), name, section)
+        log(f"updated {markdown}")
+
+
 def write_markdown(path: Path, name: str, section: str) -> None:
     """Put ``section`` between benchmark ``name``'s markers in ``path`` (appended if absent,
     the file created if missing); the other benchmarks' sections stay as they are."""
@@ -163,6 +172,16 @@ def run_timing_children(
             others[n].append(others_cores(start, busy_and_children_s()))
             log(f"other processes used {others[n][-1]:.2f} cores meanwhile")
     return children, others
+
+
+def timing_parser(doc: str, evict_mb: int) -> argparse.ArgumentParser:
+    """The command line of an interleaved timing benchmark whose module docstring is ``doc``:
+    described by its first paragraph, with :func:`add_timing_options`."""
+    parser = argparse.ArgumentParser(
+        description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_timing_options(parser, evict_mb)
+    return parser
 
 
 def add_timing_options(parser: argparse.ArgumentParser, evict_mb: int) -> None:

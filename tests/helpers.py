@@ -13,6 +13,8 @@ from click.testing import CliRunner, Result
 
 from moec.cli import main
 from moec.compiler.compile import compile_model
+from moec.frontend.importer import find_blocks
+from moec.frontend.loader import load_model
 from moec.options import CompileOptions
 from moec.reference.evaluator import run_reference
 from moec.runtime.session import ArtifactSession
@@ -114,6 +116,25 @@ def fixture_cases(name: str) -> dict[str, tuple[dict[str, np.ndarray], dict[str,
             case, kind, tensor = key.split(".", 2)
             cases.setdefault(case, ({}, {}))[0 if kind == "in" else 1][tensor] = data[key]
     return cases
+
+
+def check_exported_fixture(name: str, tmp_path: Path, cases: set[str], blocks: int = 2) -> ArtifactSession:
+    """An exported fixture with its ``blocks`` MoE blocks recognised, compiled, and every output of
+    every case (exactly ``cases``) within FP32_ATOL of PyTorch's and of the numpy reference's."""
+    path = FIXTURES / "models" / f"{name}.onnx"
+    model = load_model(path)
+    assert len(find_blocks(model)) == blocks, f"{name}: every MoE block is recognised"
+    session = ArtifactSession(compile_model(path, tmp_path / "artifact"))
+    found = fixture_cases(name)
+    assert set(found) == cases, f"{name}: cases {sorted(found)}"
+    for case, (feeds, torch_outputs) in found.items():
+        actual = session.run(feeds)
+        assert set(actual) == set(torch_outputs)
+        for output, expected in torch_outputs.items():
+            assert_close(actual[output], expected, FP32_ATOL, f"{name} {case} {output} vs PyTorch")
+        for output, expected in run_reference(model, feeds).items():
+            assert_close(actual[output], expected, FP32_ATOL, f"{name} {case} {output} vs numpy")
+    return session
 
 
 def fixture_generation(name: str) -> tuple[np.ndarray, np.ndarray]:

@@ -12,6 +12,7 @@ from tvm.runtime.vm import VirtualMachine
 
 from moec.artifact import read_manifest
 from moec.errors import MoecError, first_line
+from moec.runtime.generate import cache_length_inputs
 from moec.weights_file import read_weights
 
 
@@ -125,7 +126,9 @@ def check_feeds(inputs: list[dict[str, Any]], feeds: dict[str, np.ndarray], sour
 
 
 def random_inputs(inputs: list[dict[str, Any]], tokens: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random feeds; symbolic dimensions become ``tokens`` (other symbols become 1)."""
+    """Random feeds; symbolic dimensions become ``tokens`` (other symbols become 1). A KV-cache
+    decoder's step gets ``tokens`` new tokens after a cache of ``tokens`` positions, its mask and
+    positions consistent with them."""
     rng = np.random.default_rng(seed)
     feeds = {}
     for spec in inputs:
@@ -141,4 +144,14 @@ def random_inputs(inputs: list[dict[str, Any]], tokens: int, seed: int = 0) -> d
             feeds[spec["name"]] = rng.standard_normal(shape).astype(dtype)
         else:
             feeds[spec["name"]] = rng.integers(0, 2, size=shape).astype(dtype)
+    names = [spec["name"] for spec in inputs]
+    if cache_length_inputs(names) and "input_ids" in feeds:
+        # A step of a KV-cache decoder: ``tokens`` new tokens after ``tokens`` cached ones, the mask
+        # over both (all attended) and the new tokens' positions after the cache.
+        batch, new = feeds["input_ids"].shape
+        if "attention_mask" in feeds:
+            feeds["attention_mask"] = np.ones((batch, tokens + new), feeds["attention_mask"].dtype)
+        if "position_ids" in feeds:
+            positions = np.arange(tokens, tokens + new, dtype=feeds["position_ids"].dtype)
+            feeds["position_ids"] = np.broadcast_to(positions, (batch, new)).copy()
     return feeds

@@ -18,14 +18,12 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprVisitor, visitor
 
-from moec.compiler.compile import compile_model, lower_model
-from moec.frontend.importer import find_blocks, import_model
+from moec.compiler.compile import lower_model
+from moec.frontend.importer import import_model
 from moec.frontend.loader import load_model
 from moec.kernels import kernel_kind
-from moec.reference.evaluator import run_reference
-from moec.runtime.session import ArtifactSession
 from moec.targets import load_target
-from tests.helpers import FIXTURES, FP32_ATOL, assert_close, fixture_cases, invoke
+from tests.helpers import FIXTURES, check_exported_fixture, invoke
 
 STATIC = [
     f"{family}-decoder-{exporter}"
@@ -65,18 +63,7 @@ def _params(names: list[str]) -> list:
 
 @pytest.mark.parametrize("name", _params(STATIC + DYNAMIC))
 def test_exported_decoder_compiles_and_matches_pytorch(name: str, tmp_path: Path) -> None:
-    path = FIXTURES / "models" / f"{name}.onnx"
-    model = load_model(path)
-    assert len(find_blocks(model)) == 2, f"{name}: both decoder layers' MoE blocks are recognised"
-    session = ArtifactSession(compile_model(path, tmp_path / "artifact"))
-    cases = fixture_cases(name)
-    assert set(cases) == ({"traced", "other", "one"} if name in DYNAMIC else {"traced"})
-    for case, (feeds, torch_outputs) in cases.items():
-        actual = session.run(feeds)
-        for output, expected in torch_outputs.items():
-            assert_close(actual[output], expected, FP32_ATOL, f"{name} {case} {output} vs PyTorch")
-        for output, expected in run_reference(model, feeds).items():
-            assert_close(actual[output], expected, FP32_ATOL, f"{name} {case} {output} vs numpy")
+    check_exported_fixture(name, tmp_path, {"traced", "other", "one"} if name in DYNAMIC else {"traced"})
 
 
 def test_fixture_index_lists_every_decoder() -> None:

@@ -32,12 +32,9 @@ import pytest
 
 from moec.compiler.compile import compile_model
 from moec.errors import MoecError
-from moec.frontend.importer import find_blocks
-from moec.frontend.loader import load_model
-from moec.reference.evaluator import run_reference
 from moec.runtime.generate import cache_interface, greedy_generate
 from moec.runtime.session import ArtifactSession
-from tests.helpers import FIXTURES, FP32_ATOL, assert_close, fixture_cases, fixture_generation, invoke
+from tests.helpers import FIXTURES, check_exported_fixture, fixture_generation, invoke
 
 INDEX = {entry["name"]: entry for entry in json.loads((FIXTURES / "index.json").read_text())["fixtures"]}
 GENERATION = sorted(
@@ -80,23 +77,9 @@ def test_fixtures_cover_every_exporter_and_both_cache_modes() -> None:
 
 @pytest.mark.parametrize("name", _params(GENERATION, IN_CI))
 def test_generation_decoder_compiles_and_matches_pytorch(name: str, tmp_path: Path) -> None:
-    path = FIXTURES / "models" / f"{name}.onnx"
-    model = load_model(path)
-    assert len(find_blocks(model)) == 2, f"{name}: both decoder layers' MoE blocks are recognised"
-    session = ArtifactSession(compile_model(path, tmp_path / "artifact"))
-    cases = fixture_cases(name)
     kind = INDEX[name]["kind"]
-    expected_cases = (
-        {"traced", "prefill", "other", "one"} if kind == "decoder-cache" else {"traced", "padded", "one"}
-    )
-    assert set(cases) == (expected_cases if not kind.endswith("-fixed") else {"traced"})
-    for case, (feeds, torch_outputs) in cases.items():
-        actual = session.run(feeds)
-        assert set(actual) == set(torch_outputs)
-        for output, expected in torch_outputs.items():
-            assert_close(actual[output], expected, FP32_ATOL, f"{name} {case} {output} vs PyTorch")
-        for output, expected in run_reference(model, feeds).items():
-            assert_close(actual[output], expected, FP32_ATOL, f"{name} {case} {output} vs numpy")
+    cases = {"traced", "prefill", "other", "one"} if kind == "decoder-cache" else {"traced", "padded", "one"}
+    check_exported_fixture(name, tmp_path, cases if not kind.endswith("-fixed") else {"traced"})
 
 
 @pytest.mark.parametrize("name", _params(GENERATABLE, GENERATE_IN_CI))
@@ -132,6 +115,10 @@ def test_cli_generate_prints_pytorchs_tokens(tmp_path: Path) -> None:
     assert "per further token: median" in result.output
     bad = invoke("generate", str(out), "--prompt", "1,x")
     assert bad.exit_code == 1 and "--prompt" in bad.output
+    # random inputs for a cache step: a cache, a mask over cache + new tokens, positions after it
+    verified = invoke("verify", str(FIXTURES / "models" / f"{name}.onnx"), str(out), "-n", "1", "-n", "3")
+    assert verified.exit_code == 0, verified.output
+    assert verified.output.count("logits: max abs") == 2
 
 
 def _spec(name: str, shape: list, dtype: str = "float32") -> dict:
