@@ -406,6 +406,8 @@ def compile_system(graphs: Path, workdir: Path, system: str) -> float:
 def report(results: dict[int, list[dict[str, Any]]], facts: dict[str, Any]) -> str:
     """The BENCHMARKS.md section: median ms per system, thread count and mode, ÷ floor, targets."""
     lines = [
+        "## Decoding with a KV cache: moec, onnxruntime, llama.cpp (`benchmarks/bench_decode_cache.py`)",
+        "",
         f"Decode of one token after a {PROMPT_TOKENS}-token prompt, with the KV cache, on the whole-decoder "
         "model of `bench_decoder` (4 layers, hidden 512, 8 experts top-2, 210 MiB fp32).",
         "",

@@ -792,15 +792,22 @@ def inspect(model: Path, as_json: bool) -> None:
     """List the MoE layers found in MODEL and what sparse execution saves; or, for an artifact
     directory, how each layer's experts are stored (precision plan, bytes, masking)."""
     from moec.frontend.importer import find_blocks
+    from moec.frontend.indexed_experts import rewrite_indexed_experts
     from moec.frontend.loader import load_model
 
     if model.is_dir():
         _inspect_artifact(model, as_json)
         return
-    layers = [b.layer.describe() for b in find_blocks(load_model(model))]
+    loaded = load_model(model)
+    layers = [b.layer.describe() for b in find_blocks(loaded)]
+    _, indexed = rewrite_indexed_experts(loaded)
     if as_json:
-        click.echo(json.dumps({"model": str(model), "moe_layers": layers}, indent=2))
+        click.echo(
+            json.dumps({"model": str(model), "moe_layers": layers, "indexed_experts": indexed}, indent=2)
+        )
         return
+    if indexed:
+        click.echo(f"{model}: {indexed} sum(s) of input-indexed experts, computed one expert per sample")
     if not layers:
         click.echo(f"{model}: no MoE layers found")
         return

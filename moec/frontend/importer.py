@@ -14,6 +14,7 @@ from moec.frontend.block import MoEBlock
 from moec.frontend.contrib_ops import converter as contrib_converter
 from moec.frontend.fold import fold_constants
 from moec.frontend.graph import GraphIndex, node_label
+from moec.frontend.indexed_experts import rewrite_indexed_experts
 from moec.frontend.lift import lift_to_relax
 from moec.frontend.ms_moe import find_ms_moe_blocks
 from moec.frontend.rewrite import LAYER_OP, replace_blocks
@@ -28,6 +29,7 @@ class ImportedModel:
     original: onnx.ModelProto
     canonical: onnx.ModelProto
     blocks: list[MoEBlock]
+    indexed_experts: int = 0  # sums of input-indexed experts computed one per sample
 
     @property
     def layers(self) -> list[MoELayer]:
@@ -54,9 +56,11 @@ def find_blocks(model: onnx.ModelProto) -> list[MoEBlock]:
 
 
 def import_model(model: onnx.ModelProto) -> ImportedModel:
-    """Locate MoE blocks, replace them, and check every remaining op can be converted."""
-    blocks = find_blocks(model)
-    canonical = replace_blocks(model, blocks) if blocks else model
+    """Compute input-indexed experts one per sample (:mod:`moec.frontend.indexed_experts`), locate
+    MoE blocks, replace them, and check every remaining op can be converted."""
+    rewritten, indexed = rewrite_indexed_experts(model)
+    blocks = find_blocks(rewritten)
+    canonical = replace_blocks(rewritten, blocks) if blocks else rewritten
     canonical = fold_constants(canonical)  # shapes known at compile time: see moec.frontend.fold
     canonical = scalarize_shape_arithmetic(canonical)
     supported = _get_convert_map()
@@ -70,4 +74,4 @@ def import_model(model: onnx.ModelProto) -> ImportedModel:
                 f"{node_label(node)}: operator not supported by moec or TVM's ONNX "
                 "frontend; re-export without it or open an issue with the model"
             )
-    return ImportedModel(original=model, canonical=canonical, blocks=blocks)
+    return ImportedModel(original=model, canonical=canonical, blocks=blocks, indexed_experts=indexed)

@@ -61,6 +61,15 @@ def _params(names: list[str]) -> list:
     return [pytest.param(name, marks=() if name in IN_CI else pytest.mark.slow) for name in names]
 
 
+def test_switch_encoder_decoder_compiles_and_matches_pytorch(tmp_path: Path) -> None:
+    """Switch Transformers' whole encoder-decoder (TorchScript; source and target lengths dynamic):
+    the encoder's and the decoder's sparse layers with their expert capacity, at the traced
+    lengths (16, 12), at (9, 5) — where onnxruntime fails on the trace's fixed split sizes — and
+    at one target token."""
+    cases = {"traced", "other", "one"}
+    check_exported_fixture("switch_transformers-seq2seq-torchscript-na", tmp_path, cases, traced_loop=True)
+
+
 @pytest.mark.parametrize("name", _params(STATIC + DYNAMIC))
 def test_exported_decoder_compiles_and_matches_pytorch(name: str, tmp_path: Path) -> None:
     check_exported_fixture(name, tmp_path, {"traced", "other", "one"} if name in DYNAMIC else {"traced"})

@@ -281,3 +281,57 @@ def test_max_of_shape_arithmetic_and_unprovable_broadcast(tmp_path: Path) -> Non
             "mask": rng.standard_normal((p + s, 2)).astype(np.float32),
         }
         check_artifact(session, model, feeds)
+
+
+def _indexed_experts_model(experts: int = 3) -> onnx.ModelProto:
+    """ViTPose+'s per-dataset experts as exported: sum over e of (h @ W_e + b_e) * (index == e)."""
+    rng = np.random.default_rng(7)
+    nodes = [
+        helper.make_node("Reshape", ["index", "per_sample"], ["index3"]),
+        helper.make_node("Shape", ["h"], ["h_shape"]),
+        helper.make_node("Slice", ["h_shape", "zero1", "two1"], ["lead"]),
+        helper.make_node("Concat", ["lead", "out_dim"], ["acc_shape"], axis=0),
+        helper.make_node("ConstantOfShape", ["acc_shape"], ["acc0"]),
+    ]
+    inits = [_ints("per_sample", [-1, 1, 1]), _ints("zero1", [0]), _ints("two1", [2]), _ints("out_dim", [2])]
+    acc = "acc0"
+    for e in range(experts):
+        inits += [
+            numpy_helper.from_array(rng.standard_normal((4, 2)).astype(np.float32), f"w{e}"),
+            numpy_helper.from_array(rng.standard_normal(2).astype(np.float32), f"b{e}"),
+            numpy_helper.from_array(np.array(e, np.int64), f"e{e}"),
+        ]
+        nodes += [
+            helper.make_node("Equal", ["index3", f"e{e}"], [f"is{e}"]),
+            helper.make_node("MatMul", ["h", f"w{e}"], [f"hw{e}"]),
+            helper.make_node("Add", [f"b{e}", f"hw{e}"], [f"lin{e}"]),
+            helper.make_node("Cast", [f"is{e}"], [f"mask{e}"], to=TensorProto.FLOAT),
+            helper.make_node("Mul", [f"lin{e}", f"mask{e}"], [f"term{e}"]),
+            helper.make_node("Add", [acc, f"term{e}"], [f"acc{e + 1}"]),
+        ]
+        acc = f"acc{e + 1}"
+    nodes.append(helper.make_node("Identity", [acc], ["y"]))
+    h = helper.make_tensor_value_info("h", TensorProto.FLOAT, ["b", 5, 4])
+    index = helper.make_tensor_value_info("index", TensorProto.INT64, ["b"])
+    return _model(
+        nodes, [h, index], [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 5, 2])], inits
+    )
+
+
+def test_input_indexed_experts_compute_one_expert_per_sample(tmp_path: Path) -> None:
+    """The masked sum over every expert becomes one gathered expert per sample, exactly: indices
+    outside 0..E-1 still give zeros."""
+    from moec.frontend.importer import import_model
+
+    model = _indexed_experts_model()
+    imported = import_model(model)
+    assert imported.indexed_experts == 1
+    assert not any(n.op_type == "Equal" for n in imported.canonical.graph.node), "the masked terms are gone"
+    session = compile_to(model, tmp_path)
+    rng = np.random.default_rng(3)
+    for index in ([0, 2, 1], [1], [2, -1, 5, 0]):
+        feeds = {
+            "h": rng.standard_normal((len(index), 5, 4)).astype(np.float32),
+            "index": np.array(index, np.int64),
+        }
+        check_artifact(session, model, feeds)
