@@ -32,9 +32,9 @@ import pytest
 
 from moec.compiler.compile import compile_model
 from moec.errors import MoecError
-from moec.runtime.generate import cache_interface, greedy_generate
+from moec.runtime.generate import cache_interface, cache_key, greedy_generate
 from moec.runtime.session import ArtifactSession
-from tests.helpers import FIXTURES, check_exported_fixture, fixture_generation, invoke
+from tests.helpers import FIXTURES, check_exported_fixture, fixture_cases, fixture_generation, invoke
 
 INDEX = {entry["name"]: entry for entry in json.loads((FIXTURES / "index.json").read_text())["fixtures"]}
 GENERATION = sorted(
@@ -87,6 +87,11 @@ def test_greedy_generation_gives_pytorchs_tokens(name: str, tmp_path: Path) -> N
     """Prompt once on an empty cache, then one call per token with the returned cache: the tokens
     are PyTorch's ``generate`` (greedy, with its KV cache)."""
     session = ArtifactSession(compile_model(FIXTURES / "models" / f"{name}.onnx", tmp_path / "artifact"))
+    # the decoding step (one token after 9 cached) runs the one-token entry: its cache length is free
+    one_token_step, _ = fixture_cases(name)["one"]
+    assert session.entry_for(one_token_step) == "main_one_token"
+    cache_lengths = {spec["shape"][2] for spec in session.inputs if cache_key(spec["name"]) is not None}
+    assert cache_lengths and not cache_lengths & set(session.manifest["entries"]["one_token_dims"])
     prompt, torch_tokens = fixture_generation(name)
     new = torch_tokens.shape[1] - prompt.shape[1]
     generated = greedy_generate(session, prompt, new)

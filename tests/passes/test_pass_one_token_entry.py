@@ -95,7 +95,8 @@ def test_one_token_calls_run_the_static_entry_with_mains_results(moe_block, tmp_
     path, _ = moe_block(hidden=16, ffn=24, experts=4, top_k=2)
     session = ArtifactSession(compile_model(path, tmp_path / "artifact"))
     assert json.loads((tmp_path / "artifact" / "manifest.json").read_text())["entries"] == {
-        "one_token": "main_one_token"
+        "one_token": "main_one_token",
+        "one_token_dims": ["tokens"],
     }
     model = onnx.load(str(path))
     for tokens, entry in ((1, "main_one_token"), (3, "main")):
