@@ -557,6 +557,8 @@ def generate(artifact: Path, prompt: str, new_tokens: int, threads: int | None) 
         ids = np.array([[int(t) for t in prompt.replace(" ", "").split(",") if t]], dtype=np.int64)
     except ValueError as err:
         raise MoecError(f"--prompt: token ids must be integers separated by commas, got {prompt!r}") from err
+    if ids.size == 0:
+        raise MoecError("--prompt: give at least one token id")
     if threads is not None:
         os.environ["TVM_NUM_THREADS"] = str(threads)
     session = open_session(artifact)
