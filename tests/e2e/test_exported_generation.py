@@ -12,7 +12,8 @@ are 2-layer ``ForCausalLM`` models:
   ``prefill`` (1, 0, 6) on an empty cache, ``other`` (3, 4, 2), ``one`` (1, 9, 1): one token
   after a longer cache than traced; and PyTorch's greedy ``generate`` of 6 tokens after a
   5-token prompt;
-* ``-fixed``: the same at the traced shape only.
+* ``-fixed``: the same at the traced shape only (every family, from dynamo, TorchScript and, without a
+  cache, transformers' exporter).
 
 Exporters at their defaults: transformers' ``OnnxExporter`` with the families' default
 ``grouped_mm`` experts (plain, and with ``ort_fusions="cpu"``; ``"cuda"`` switches to
