@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
 
@@ -265,21 +265,57 @@ def read_manifest(artifact_dir: Path) -> Manifest:
     return manifest
 
 
-def check_replaceable(out_dir: Path, force: bool) -> None:
-    """Raise :class:`OptionError` (option ``force``) if ``out_dir`` exists and ``force`` is off."""
-    if Path(out_dir).exists() and not force:
+def is_artifact(directory: Path) -> bool:
+    """Whether ``directory`` is a moec artifact: its manifest names moec's artifact format."""
+    try:
+        manifest = json.loads((Path(directory) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and str(manifest.get("format", "")).startswith("moec-artifact/")
+
+
+def check_replaceable(out_dir: Path, force: bool, protected: Sequence[Path] = ()) -> None:
+    """Raise :class:`OptionError` (option ``force``) unless ``out_dir`` may be written: it does not
+    exist, or ``force`` is on and it is moec's to replace — a moec artifact (:func:`is_artifact`)
+    or an empty directory — that is not the current directory or one of its parents and holds
+    none of ``protected`` (the input model). ``--force`` never deletes what moec did not write."""
+    out_dir = Path(out_dir)
+    if not out_dir.exists() and not out_dir.is_symlink():
+        return
+    if not force:
         raise OptionError("force", f"{out_dir}: output directory exists; pass {{option}} to replace it")
+    resolved, here = out_dir.resolve(), Path.cwd().resolve()
+    if resolved == here or resolved in here.parents:
+        raise OptionError(
+            "force",
+            f"{out_dir}: is the current directory or one of its parents, which {{option}} never "
+            "replaces; pass another -o",
+        )
+    for path in protected:
+        inside = Path(path).resolve()
+        if inside == resolved or resolved in inside.parents:
+            raise OptionError(
+                "force",
+                f"{out_dir}: holds the input {path}, which {{option}} never replaces; pass another -o",
+            )
+    if out_dir.is_symlink() or not out_dir.is_dir() or (any(out_dir.iterdir()) and not is_artifact(out_dir)):
+        raise OptionError(
+            "force",
+            f"{out_dir}: is not a moec artifact; {{option}} replaces only a moec artifact or an empty "
+            "directory: pass another -o",
+        )
 
 
 @contextlib.contextmanager
-def staged_directory(out_dir: Path, force: bool) -> Iterator[Path]:
+def staged_directory(out_dir: Path, force: bool, protected: Sequence[Path] = ()) -> Iterator[Path]:
     """Yield a temporary sibling of ``out_dir``; move it into place only if the block succeeds.
 
     A failed compile leaves nothing behind, and an existing ``out_dir`` is replaced only with
-    ``force`` and only once the new artifact is complete.
+    ``force``, only if it is moec's to replace (:func:`check_replaceable`, checked again just
+    before) and only once the new artifact is complete.
     """
     out_dir = Path(out_dir)
-    check_replaceable(out_dir, force)
+    check_replaceable(out_dir, force, protected)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     umask = os.umask(0)
@@ -287,6 +323,7 @@ def staged_directory(out_dir: Path, force: bool) -> Iterator[Path]:
     staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the artifact should not be
     try:
         yield staging
+        check_replaceable(out_dir, force, protected)  # what appeared meanwhile is not replaced either
         if out_dir.exists():
             if out_dir.is_dir():
                 shutil.rmtree(out_dir)

@@ -193,7 +193,7 @@ def compile_model(
             f"{{option}}: int8-dot multiplies in INT8, which {target.name} does not compute (it computes "
             f"{precisions}); use int8 (weight-only INT8) or a target with INT8 dot products",
         )
-    check_replaceable(out_dir, options.force)
+    check_replaceable(out_dir, options.force, [model_path])
     log(f"loading {model_path}")
     imported = import_model(load_model(model_path))
     log(f"found {len(imported.blocks)} MoE layer(s); lifting to Relax")
@@ -216,7 +216,7 @@ def compile_model(
             target=target.tvm_target,
             relax_pipeline=lowering_pipeline(target.tvm_target, options.max_tokens),
         )
-    with staged_directory(out_dir, options.force) as staging:
+    with staged_directory(out_dir, options.force, [model_path]) as staging:
         executable.export_library(str(staging / LIBRARY), fcompile=fcompile)
         verify_cuda_library(staging / LIBRARY, target, mod)  # CUDA targets: cubins, not source
         write_weights(staging / WEIGHTS, weights, lambda tensor: tensor.numpy())

@@ -365,12 +365,17 @@ def test_existing_output_needs_force(tmp_path: Path, compiled: Compiled) -> None
     assert (out / "keep.txt").read_text() == "precious"
     assert not list(tmp_path.glob(".out.*"))
 
+    # --force replaces only what moec wrote: not a folder of something else
+    assert_user_error(invoke("compile", compiled.model_path, "-o", out, "--force"), out, "--force")
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    (out / "keep.txt").unlink()  # an empty folder is moec's to fill
+
     # --force with a model that fails leaves the existing directory exactly as it was
     bad = save(
         tiny_graph_model([helper.make_node("Relu", ["nope"], ["y"])], [("", OPSET)]), tmp_path / "bad.onnx"
     )
     assert_user_error(invoke("compile", bad, "-o", out, "--force"), bad)
-    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert list(out.iterdir()) == []
     assert not list(tmp_path.glob(".out.*"))
 
     result = invoke("compile", compiled.model_path, "-o", out, "--force")
@@ -388,6 +393,27 @@ def test_existing_file_as_output_needs_force(tmp_path: Path, compiled: Compiled)
     out.write_text("not a directory")
     assert_user_error(invoke("compile", compiled.model_path, "-o", out), out)
     assert out.read_text() == "not a directory"
+    assert_user_error(invoke("compile", compiled.model_path, "-o", out, "--force"), out, "--force")
+    assert out.read_text() == "not a directory"
+
+
+def test_force_never_replaces_the_current_directory_or_the_input_model(
+    tmp_path: Path, compiled: Compiled, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``-o .`` (or a parent) and ``-o`` the model itself, or a folder holding it, are refused with
+    ``--force`` too, and nothing is touched: a sentinel beside every output stays."""
+    work = tmp_path / "work"
+    work.mkdir()
+    model = work / "model.onnx"
+    model.write_bytes(Path(compiled.model_path).read_bytes())
+    sentinel = work / "sentinel.txt"
+    sentinel.write_text("mine")
+    monkeypatch.chdir(work)
+    for out in (Path("."), Path(".."), model, work):
+        line = assert_user_error(invoke("compile", model, "-o", out, "--force"), out, "--force")
+        assert "never replaces" in line or "not a moec artifact" in line
+        assert sentinel.read_text() == "mine" and model.read_bytes() == Path(compiled.model_path).read_bytes()
+    assert sorted(p.name for p in work.iterdir()) == ["model.onnx", "sentinel.txt"]
 
 
 # --------------------------------------------------------------------------
