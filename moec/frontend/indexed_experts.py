@@ -128,20 +128,17 @@ def rewrite_indexed_experts(model: onnx.ModelProto) -> tuple[onnx.ModelProto, in
         if experts != list(range(len(chain))) or len(shapes) != 1 or len(chain) < 2:
             continue
         ordered = sorted(chain, key=lambda t: t.expert)
-        name = f"{last.output[0]}__indexed"
+        n = f"{last.output[0]}__indexed"  # the prefix of every tensor the rewrite adds
         initializers += [
-            numpy_helper.from_array(
-                np.stack([t.weight for t in ordered]).astype(np.float32), f"{name}.weight"
-            ),
-            numpy_helper.from_array(np.stack([t.bias for t in ordered]).astype(np.float32), f"{name}.bias"),
-            numpy_helper.from_array(np.array([-1], np.int64), f"{name}.flat"),
-            numpy_helper.from_array(np.array([-1, 1, 1], np.int64), f"{name}.per_sample"),
-            numpy_helper.from_array(np.array(0, np.int64), f"{name}.zero"),
-            numpy_helper.from_array(np.array(len(chain) - 1, np.int64), f"{name}.last"),
-            numpy_helper.from_array(np.array(len(chain), np.int64), f"{name}.count"),
-            numpy_helper.from_array(np.array([1], np.int64), f"{name}.axis1"),
+            numpy_helper.from_array(np.stack([t.weight for t in ordered]).astype(np.float32), f"{n}.weight"),
+            numpy_helper.from_array(np.stack([t.bias for t in ordered]).astype(np.float32), f"{n}.bias"),
+            numpy_helper.from_array(np.array([-1], np.int64), f"{n}.flat"),
+            numpy_helper.from_array(np.array([-1, 1, 1], np.int64), f"{n}.per_sample"),
+            numpy_helper.from_array(np.array(0, np.int64), f"{n}.zero"),
+            numpy_helper.from_array(np.array(len(chain) - 1, np.int64), f"{n}.last"),
+            numpy_helper.from_array(np.array(len(chain), np.int64), f"{n}.count"),
+            numpy_helper.from_array(np.array([1], np.int64), f"{n}.axis1"),
         ]
-        n = name
         replacements[id(last)] = [
             helper.make_node("Reshape", [term.index, f"{n}.flat"], [f"{n}.i"]),
             helper.make_node("Cast", [f"{n}.i"], [f"{n}.i64"], to=onnx.TensorProto.INT64),
