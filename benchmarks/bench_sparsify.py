@@ -173,7 +173,7 @@ def profile(model_path: Path, calib_path: Path, out: Path) -> dict[str, Any]:
 
     model = onnx.load(model_path)
     inputs = [{"name": "x", "shape": ["tokens", HIDDEN]}]
-    samples = list(calibration_samples(dict(np.load(calib_path)), inputs))
+    samples = calibration_samples(dict(np.load(calib_path)), inputs, str(calib_path))
     result = profile_model(model, model_path, samples)
     out.write_text(json.dumps(result))
     return result

@@ -25,8 +25,9 @@ import numpy as np
 import onnx
 
 import moec
-from moec.errors import MoecError
+from moec.errors import MoecError, first_line
 from moec.frontend.rewrite import layer_weight_names
+from moec.manifest_schema import check_manifest
 from moec.options import CompileOptions, OptionError
 
 if TYPE_CHECKING:
@@ -38,17 +39,26 @@ if TYPE_CHECKING:
 LIBRARY = "model.so"
 WEIGHTS = "weights.bin"
 MANIFEST = "manifest.json"
-FORMAT = "moec-artifact/2"
-"""Version 2: the weights are a :mod:`moec.weights_file` (version 1 had a TVM param dict)."""
+FORMAT = "moec-artifact/3"
+"""Version 3: the manifest records each file's size and SHA-256 (``files``); version 2 began the
+:mod:`moec.weights_file` weights (version 1 had a TVM param dict)."""
+HASH_CHUNK = 1 << 20
+"""Files are hashed in pieces of this many bytes, so hashing a large weights file holds no copy."""
 
 
-class ValueInfo(TypedDict):
-    """A graph input or output: ``shape`` holds ints for fixed dimensions and names (``"tokens"``,
-    ``"?"`` if unnamed) for symbolic ones."""
-
+class _ValueInfoKeys(TypedDict):
     name: str
     shape: list[int | str]
     dtype: str
+
+
+class ValueInfo(_ValueInfoKeys, total=False):
+    """A graph input or output: ``shape`` holds ints for fixed dimensions and names (``"tokens"``,
+    ``"?"`` if unnamed) for symbolic ones; ``range``, for an integer input that indexes the rows
+    of a weight (token ids into an embedding), ``[0, rows]``: it takes values from the first up
+    to, not including, the second."""
+
+    range: list[int]
 
 
 class ExpertPlan(TypedDict):
@@ -60,6 +70,13 @@ class ExpertPlan(TypedDict):
     precision: str
     compute: str
     bytes: int
+
+
+class FileRecord(TypedDict):
+    """What the manifest knows of one file of the artifact: its size and SHA-256 (hex)."""
+
+    bytes: int
+    sha256: str
 
 
 class Pruning(TypedDict):
@@ -82,6 +99,7 @@ class _ManifestKeys(TypedDict):
     params: list[str]
     library: str
     weights: str
+    files: dict[str, FileRecord]
     layers: list[dict[str, Any]]
     early_exit: dict[str, float | None]
     routing: str
@@ -93,7 +111,9 @@ class Manifest(_ManifestKeys, total=False):
     """``manifest.json``. ``layers`` holds each MoE layer's ``MoELayer.describe()`` plus
     ``weights`` (role → parameter name), ``plan`` (one :class:`ExpertPlan` per expert) and
     ``int8_group`` (the INT8 scale group when an expert is int8, else None), ``int8_source``
-    ``"model"`` where those are the model's own INT8 integers and steps (QMoE);
+    ``"model"`` where those are the model's own INT8 integers and steps (QMoE); ``files`` the
+    size and SHA-256 of ``library`` and ``weights`` (plain names inside the artifact directory),
+    checked before either is loaded (:func:`check_files`);
     ``early_exit`` holds ``top1_above`` / ``below_fraction`` (empty when off); ``pruning`` the
     pruned layers; ``max_tokens`` the token bound (None: none). ``cuda_build``, for CUDA targets
     only, names the toolchain that made the cubins. ``precision_budget``, when the experts'
@@ -121,6 +141,37 @@ def value_info(value: onnx.ValueInfoProto) -> ValueInfo:
     }
 
 
+def index_ranges(model: onnx.ModelProto) -> dict[str, int]:
+    """The graph inputs that index rows of a weight, by name, with the number of rows: an input
+    read as ``Gather``'s indices into an initializer (token ids into an embedding table) takes
+    values below that table's size along the gathered axis (the smallest, if several)."""
+    sizes = {t.name: list(t.dims) for t in model.graph.initializer}
+    inputs = {v.name for v in graph_inputs(model)}
+    rows: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type != "Gather" or len(node.input) < 2:
+            continue
+        table, indices = node.input[0], node.input[1]
+        if indices in inputs and table in sizes and sizes[table]:
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+            if -len(sizes[table]) <= axis < len(sizes[table]):
+                rows[indices] = min(rows.get(indices, sizes[table][axis]), sizes[table][axis])
+    return rows
+
+
+def input_infos(model: onnx.ModelProto) -> list[ValueInfo]:
+    """The manifest's ``inputs``: each real graph input's :func:`value_info`, with its ``range``
+    where it indexes a weight's rows (:func:`index_ranges`)."""
+    ranges = index_ranges(model)
+    infos = []
+    for value in graph_inputs(model):
+        info = value_info(value)
+        if value.name in ranges and np.dtype(info["dtype"]).kind in "iu":
+            info["range"] = [0, ranges[value.name]]
+        infos.append(info)
+    return infos
+
+
 def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     """Graph inputs that are real inputs (not initializers listed as inputs)."""
     initializers = {t.name for t in model.graph.initializer}
@@ -133,6 +184,7 @@ def build_manifest(
     model_path: Path,
     weights: dict[str, tvm.runtime.Tensor],
     options: CompileOptions,
+    files: dict[str, FileRecord],
     cuda_build: dict[str, Any] | None = None,
     entries: dict[str, Any] | None = None,
     dense: dict[str, dict[str, Any]] | None = None,
@@ -141,7 +193,8 @@ def build_manifest(
 
     ``weights`` are the stored weight tensors by name, in ``main``'s parameter order: each
     layer's plan reports the precision its expert matrices are stored in and the bytes one
-    expert occupies in the weights file. ``cuda_build``: what the CUDA build used (CUDA targets);
+    expert occupies in the weights file. ``files``: the library's and the weights file's
+    :func:`file_record` (:func:`record_files`). ``cuda_build``: what the CUDA build used (CUDA targets);
     ``entries``: the library's extra entry points by use; ``dense``: the dense weights stored
     narrower (name → precision, output axis, router or not).
     """
@@ -185,11 +238,12 @@ def build_manifest(
             "sha256": hashlib.sha256(Path(model_path).read_bytes()).hexdigest(),
         },
         target=target.describe(),
-        inputs=[value_info(v) for v in graph_inputs(imported.original)],
+        inputs=input_infos(imported.original),
         outputs=[value_info(v) for v in imported.original.graph.output],
         params=list(weights),
         library=LIBRARY,
         weights=WEIGHTS,
+        files=files,
         layers=layers,
         early_exit=(
             {"top1_above": options.skip_top1_above, "below_fraction": options.skip_below_fraction}
@@ -248,21 +302,78 @@ def write_manifest(artifact_dir: Path, manifest: Manifest) -> None:
 
 
 def read_manifest(artifact_dir: Path) -> Manifest:
-    """The manifest of an artifact directory, with a clear error if it is not one."""
+    """The manifest of an artifact directory, with a clear error if it is not one or if any field
+    a reader relies on is damaged (:func:`moec.manifest_schema.check_manifest`)."""
     artifact_dir = Path(artifact_dir)
     path = artifact_dir / MANIFEST
-    if not artifact_dir.is_dir() or not path.exists():
+    if not artifact_dir.is_dir() or not path.is_file():
         raise MoecError(
             f"{artifact_dir}: not a moec artifact directory (no {MANIFEST}); make one with 'moec compile'"
         )
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise MoecError(f"{path}: corrupt manifest ({err}); recompile the model") from err
+        manifest = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as err:
+        raise MoecError(f"{path}: corrupt manifest ({first_line(err)}); recompile the model") from err
+    except OSError as err:
+        raise MoecError(f"{path}: cannot read the manifest ({err.strerror or err})") from err
     found = manifest.get("format") if isinstance(manifest, dict) else None
     if found != FORMAT:
-        raise MoecError(f"{path}: unknown artifact format {found!r}; this moec reads {FORMAT}")
+        raise MoecError(
+            f"{path}: unknown artifact format {found!r}; this moec reads {FORMAT}: recompile the model"
+        )
+    check_manifest(manifest, str(path))
     return manifest
+
+
+def file_record(path: Path) -> FileRecord:
+    """The size and SHA-256 of the file at ``path``, read in :data:`HASH_CHUNK` pieces."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while chunk := stream.read(HASH_CHUNK):
+            digest.update(chunk)
+    return FileRecord(bytes=Path(path).stat().st_size, sha256=digest.hexdigest())
+
+
+def record_files(artifact_dir: Path, names: Sequence[str]) -> dict[str, FileRecord]:
+    """The manifest's ``files``: :func:`file_record` of each of ``names`` in ``artifact_dir``."""
+    return {name: file_record(Path(artifact_dir) / name) for name in names}
+
+
+def check_files(artifact_dir: Path, manifest: Manifest, hashes: bool = True) -> None:
+    """Raise a one-line :class:`MoecError` naming the first file of the artifact that is missing, or
+    whose size or (with ``hashes``) SHA-256 differs from what the manifest records.
+
+    A weights file cut short, a bit flipped or a file swapped for another model's would otherwise
+    run and give wrong numbers (TVM's loaders fill what is missing with zeros), and a truncated
+    library kills the process with SIGBUS when a page past its end is touched. Sizes cost one
+    ``stat``; hashing reads every byte once (about 1.8 GB/s here with SHA-NI), which
+    ``hashes=False`` (``--skip-hash-check``) skips for very large artifacts.
+    """
+    artifact_dir = Path(artifact_dir)
+    for key in ("library", "weights"):
+        name = manifest[key]
+        path = artifact_dir / name
+        recorded = manifest["files"].get(name)
+        if recorded is None:
+            raise MoecError(
+                f"{artifact_dir / MANIFEST}: damaged manifest: 'files' has no '{name}'; recompile the model"
+            )
+        if not path.is_file():
+            raise MoecError(
+                f"{path}: damaged artifact: the file is missing; recompile the model or copy the "
+                "artifact again"
+            )
+        size = path.stat().st_size
+        if size != recorded["bytes"]:
+            raise MoecError(
+                f"{path}: damaged artifact: {size} bytes, the manifest says {recorded['bytes']}; "
+                "recompile the model or copy the artifact again"
+            )
+        if hashes and file_record(path)["sha256"] != recorded["sha256"]:
+            raise MoecError(
+                f"{path}: damaged artifact: its SHA-256 differs from the manifest's; recompile the model "
+                "or copy the artifact again"
+            )
 
 
 def is_artifact(directory: Path) -> bool:
@@ -274,12 +385,34 @@ def is_artifact(directory: Path) -> bool:
     return isinstance(manifest, dict) and str(manifest.get("format", "")).startswith("moec-artifact/")
 
 
+def check_writable(path: Path, option: str = "-o") -> None:
+    """Raise a one-line :class:`MoecError` unless ``path`` can be created: its nearest existing
+    ancestor is a directory in which this process can create entries (tried, with a directory
+    made and removed at once: permissions alone do not tell, e.g. for root on a read-only file
+    system or under ``/proc``). Checked before the work that would write there, not after it."""
+    ancestor = Path(os.path.abspath(path)).parent
+    while not ancestor.exists() and not ancestor.is_symlink():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise MoecError(
+            f"{path}: cannot be created: {ancestor} is a file, not a directory; pass another {option}"
+        )
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".moec-probe-", dir=ancestor))
+    except OSError as err:
+        raise MoecError(
+            f"{path}: cannot be created: {ancestor} is not writable ({err.strerror}); pass another {option}"
+        ) from err
+
+
 def check_replaceable(out_dir: Path, force: bool, protected: Sequence[Path] = ()) -> None:
     """Raise :class:`OptionError` (option ``force``) unless ``out_dir`` may be written: it does not
     exist, or ``force`` is on and it is moec's to replace — a moec artifact (:func:`is_artifact`)
     or an empty directory — that is not the current directory or one of its parents and holds
-    none of ``protected`` (the input model). ``--force`` never deletes what moec did not write."""
+    none of ``protected`` (the input model). ``--force`` never deletes what moec did not write.
+    The location must be writable (:func:`check_writable`)."""
     out_dir = Path(out_dir)
+    check_writable(out_dir)
     if not out_dir.exists() and not out_dir.is_symlink():
         return
     if not force:
@@ -304,6 +437,38 @@ def check_replaceable(out_dir: Path, force: bool, protected: Sequence[Path] = ()
             f"{out_dir}: is not a moec artifact; {{option}} replaces only a moec artifact or an empty "
             "directory: pass another -o",
         )
+
+
+@contextlib.contextmanager
+def output_lock(out_path: Path) -> Iterator[None]:
+    """Hold, for the block, this user's lock on writing ``out_path``; if another moec process holds
+    it (two compiles to one output at once), raise a one-line :class:`MoecError` at once.
+
+    The lock is an ``flock`` on a file named by a hash of the resolved path, in a private folder
+    of the temporary directory, not beside the output: nothing is written there before the
+    output itself, and a killed process's lock goes with it. Lock files stay (a few bytes each);
+    removing one while another process waits on it would let a third take a second lock.
+    """
+    import fcntl
+
+    key = hashlib.sha256(str(Path(out_path).resolve()).encode()).hexdigest()[:24]
+    folder = Path(tempfile.gettempdir()) / f"moec-locks-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    with open(folder / f"{key}.lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "?"
+            raise MoecError(
+                f"{out_path}: another moec process (pid {holder}) is writing it now; wait for it to "
+                "finish or pass another output"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield
 
 
 @contextlib.contextmanager
@@ -340,6 +505,7 @@ def write_atomically(path: Path, text: str) -> None:
     path = Path(path)
     if path.is_dir():
         raise MoecError(f"{path}: is a directory; pass a file path")
+    check_writable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     temp = Path(temp_name)

@@ -7,7 +7,9 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
+from typing import Any
 
 import click
 import numpy as np
@@ -47,6 +49,15 @@ OPTION_FLAGS = {
 """The flag of each compile option (:class:`moec.options.CompileOptions` fields and the
 parameters of :mod:`moec.analysis.masking`): an :class:`OptionError` names the option by field,
 and ``compile`` restates it with the flag the user typed."""
+
+
+MAX_TOKENS = 1 << 20
+"""The largest token count an option takes (``--max-tokens``, ``--tokens``): a million tokens'
+activations at hidden size 4096 are 16 GiB per tensor, beyond any board moec targets."""
+MAX_CALLS = 1_000_000
+"""The most timed or warm-up calls ``moec run`` makes."""
+MAX_THREADS = 4 * (os.cpu_count() or 1)
+"""The most threads ``--threads`` asks for: a few per core of this machine."""
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -145,6 +156,36 @@ def _check_interface(onnx_model, session, model: Path, artifact: Path) -> None:
             )
 
 
+def _has_symbolic(inputs: list[dict]) -> bool:
+    """Whether any input has a symbolic dimension (a token count to choose)."""
+    return any(isinstance(d, str) for spec in inputs for d in spec["shape"])
+
+
+def _random_token_count(
+    inputs: list[dict], tokens: int | None, artifact: Path, flag: str = "--tokens"
+) -> int:
+    """The token count for random inputs: ``tokens`` (default 1), refused with a one-line error on
+    an artifact whose inputs have no symbolic dimension, where it would change nothing."""
+    if tokens is not None and not _has_symbolic(inputs):
+        shapes = ", ".join(f"{spec['name']} {spec['shape']}" for spec in inputs)
+        raise MoecError(
+            f"{flag} {tokens}: {artifact}'s inputs have fixed shapes ({shapes}), so there is no token "
+            f"count to set; drop {flag}"
+        )
+    return 1 if tokens is None else tokens
+
+
+def _shape_label(inputs: list[dict], feeds: dict[str, np.ndarray]) -> str:
+    """What a case ran, by the sizes its symbolic dimensions took (``tokens=7``; ``batch=1 seq=7``),
+    or ``fixed shapes`` for an artifact whose inputs have none."""
+    sizes: dict[str, int] = {}
+    for spec in inputs:
+        for axis, dim in enumerate(spec["shape"]):
+            if isinstance(dim, str):
+                sizes.setdefault(dim, int(feeds[spec["name"]].shape[axis]))
+    return " ".join(f"{name}={size}" for name, size in sizes.items()) or "fixed shapes"
+
+
 def _latency_line(times: np.ndarray) -> str:
     ms = times * 1e3
     return (
@@ -165,7 +206,49 @@ def _peak_rss_line() -> str:
     return f"peak RSS {round(kib / 1024)} MiB"
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def artifact_options(command):
+    """The options of every command that opens an artifact: how its files are checked, and the
+    target file of a board moec does not bundle."""
+    command = click.option(
+        "--skip-hash-check",
+        is_flag=True,
+        help="Check only the sizes of the artifact's files, not their SHA-256 against the manifest "
+        "(hashing reads every byte once, about 0.6 s per GB here; for very large artifacts).",
+    )(command)
+    return click.option(
+        "--target",
+        "target_file",
+        help="The target file the artifact was compiled with, for a board moec does not bundle: its "
+        "compiler and emulator are read from it (never from the artifact's manifest).",
+    )(command)
+
+
+class MoecGroup(click.Group):
+    """moec's command group: a mistyped option or value (click's usage errors) is one line too,
+    ``moec: error: ...`` naming the option and the ``--help`` to read, with exit code 2."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            result = super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as err:  # bare 'moec': the help, as asked
+            click.echo(err.ctx.get_help() if err.ctx is not None else err.format_message(), err=True)
+            sys.exit(err.exit_code)
+        except click.UsageError as err:
+            where = err.ctx.command_path if err.ctx is not None else "moec"
+            click.echo(f"moec: error: {err.format_message()} (see '{where} --help')", err=True)
+            sys.exit(err.exit_code)
+        except click.ClickException as err:
+            click.echo(f"moec: error: {err.format_message()}", err=True)
+            sys.exit(err.exit_code)
+        except click.Abort:
+            click.echo("moec: error: interrupted", err=True)
+            sys.exit(130)
+        sys.exit(result if isinstance(result, int) else 0)
+
+
+@click.group(cls=MoecGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="moec")
 def main() -> None:
     """moec compiles sparse Mixture-of-Experts ONNX models into deployable TVM libraries.
@@ -179,6 +262,10 @@ def main() -> None:
       moec package out/                   one .tar.gz to copy to the board and run there
       moec profile model.onnx --calib data.npz -o p.json   router statistics for masking/pruning
     """
+    from moec.compiler.tvm_log import TVM_MODULES, debugging
+
+    if not debugging():  # TVM's Python warnings are about TVM, not the model (moec.compiler.tvm_log)
+        warnings.filterwarnings("ignore", module=TVM_MODULES)
 
 
 @main.command()
@@ -263,7 +350,7 @@ def main() -> None:
 )
 @click.option(
     "--max-tokens",
-    type=click.IntRange(min=1),
+    type=click.IntRange(1, MAX_TOKENS),
     default=None,
     help="Upper bound on the token count: intermediates are then planned statically (less "
     "per-call work; memory sized for this many tokens) and a call with more tokens fails with "
@@ -423,7 +510,7 @@ def _budget_options(
         _fail(f"--accuracy-budget {budget}: must be a positive relative error, e.g. 0.01")
     onnx_model = load_model(model)
     inputs = [value_info(v) for v in graph_inputs(onnx_model)]
-    samples = list(calibration_samples(_read_npz(calib), inputs))
+    samples = calibration_samples(_read_npz(calib), inputs, str(calib))
     for sample in samples:
         check_feeds(inputs, sample, str(calib))
     _progress(f"choosing expert precisions within relative error {budget:g} on {len(samples)} sample(s)")
@@ -449,21 +536,25 @@ def _budget_options(
 @click.option("--output", type=click.Path(path_type=Path), help="Write outputs to this .npz.")
 @click.option(
     "--tokens",
-    default=1,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Token count for random inputs (the symbolic dimension).",
+    type=click.IntRange(1, MAX_TOKENS),
+    help="Token count for random inputs (the symbolic dimension; default 1). An artifact whose "
+    "inputs have fixed shapes refuses it.",
 )
 @click.option(
     "--repeats",
     default=50,
     show_default=True,
-    type=click.IntRange(min=1),
+    type=click.IntRange(1, MAX_CALLS),
     help="Timed runs for the latency figures.",
 )
 @click.option(
+    "--warmup",
+    type=click.IntRange(0, MAX_CALLS),
+    help="Untimed calls before the timed ones (default: 5, at most --repeats).",
+)
+@click.option(
     "--threads",
-    type=click.IntRange(min=1),
+    type=click.IntRange(1, MAX_THREADS),
     help="CPU threads the kernels use (default: TVM's, one per core); sets TVM_NUM_THREADS, "
     "which moec-runner also reads.",
 )
@@ -473,15 +564,19 @@ def _budget_options(
     help="Also print the time per function (kernels, TVM operators, VM built-ins) per call, "
     "measured with the VM's instrument hook (host artifacts only).",
 )
+@artifact_options
 @user_errors
 def run(
     artifact: Path,
     inputs: Path | None,
     output: Path | None,
-    tokens: int,
+    tokens: int | None,
     repeats: int,
+    warmup: int | None,
     threads: int | None,
     profile: bool,
+    skip_hash_check: bool,
+    target_file: str | None,
 ) -> None:
     """Run a compiled ARTIFACT directory and print its latency and peak memory (RSS).
 
@@ -493,14 +588,19 @@ def run(
 
     if threads is not None:  # read when TVM's thread pool starts: at the first kernel call
         os.environ["TVM_NUM_THREADS"] = str(threads)
-    session = open_session(artifact)
+    session = open_session(artifact, not skip_hash_check, target_file)
     if profile and isinstance(session, RunnerSession):
         raise MoecError(f"{artifact}: --profile needs an artifact that runs here (a host target artifact)")
     if isinstance(session, RunnerSession):
         click.echo(session.how)
+    if inputs and tokens is not None:
+        raise MoecError(f"--tokens {tokens}: sets the size of random inputs; drop it with --inputs {inputs}")
+    tokens = _random_token_count(session.inputs, tokens, artifact)
     feeds = _load_inputs(inputs, session) if inputs else random_inputs(session.inputs, tokens)
+    warmup = min(5, repeats) if warmup is None else warmup
+    click.echo(f"timing: {warmup} warm-up call(s), then {repeats} timed call(s)")
     if isinstance(session, RunnerSession):
-        outputs, latency, peak = session.run_timed(feeds, repeats)
+        outputs, latency, peak = session.run_timed(feeds, repeats, warmup)
         if session.emulator:
             latency += " (emulated: not the board's latency)"
             peak += " (emulated: includes the emulator)"
@@ -512,7 +612,7 @@ def run(
         np.savez(output, **outputs)
         click.echo(f"wrote {output}")
     if not isinstance(session, RunnerSession):
-        latency = _latency_line(session.time(feeds, repeats=repeats))
+        latency = _latency_line(session.time(feeds, repeats=repeats, warmup=warmup))
         peak = _peak_rss_line()
     click.echo(latency)
     click.echo(peak)
@@ -539,8 +639,16 @@ def run(
     type=click.IntRange(min=1),
     help="CPU threads the kernels use (default: TVM's, one per core); sets TVM_NUM_THREADS.",
 )
+@artifact_options
 @user_errors
-def generate(artifact: Path, prompt: str, new_tokens: int, threads: int | None) -> None:
+def generate(
+    artifact: Path,
+    prompt: str,
+    new_tokens: int,
+    threads: int | None,
+    skip_hash_check: bool,
+    target_file: str | None,
+) -> None:
     """Greedily generate tokens with a decoder ARTIFACT that has a KV cache.
 
     The decoder must have been exported with use_cache=True (past keys and values in, present
@@ -561,7 +669,7 @@ def generate(artifact: Path, prompt: str, new_tokens: int, threads: int | None) 
         raise MoecError("--prompt: give at least one token id")
     if threads is not None:
         os.environ["TVM_NUM_THREADS"] = str(threads)
-    session = open_session(artifact)
+    session = open_session(artifact, not skip_hash_check, target_file)
     if not isinstance(session, ArtifactSession):
         raise MoecError(f"{artifact}: generate runs artifacts for this machine (a host target artifact)")
     result = greedy_generate(session, ids, new_tokens)
@@ -597,8 +705,9 @@ def _print_profile(session, feeds: dict[str, np.ndarray]) -> None:
     "--tokens",
     "-n",
     multiple=True,
-    type=click.IntRange(min=1),
-    help="Token counts to check with random inputs (repeatable; default 1 and 7).",
+    type=click.IntRange(1, MAX_TOKENS),
+    help="Token counts to check with random inputs (repeatable; default 1 and 7; an artifact "
+    "whose inputs have fixed shapes runs once, at those shapes).",
 )
 @click.option(
     "--expected",
@@ -614,6 +723,7 @@ def _print_profile(session, feeds: dict[str, np.ndarray]) -> None:
     show_default=True,
     help="'original': also report the accuracy cost of the artifact's changes against the unchanged model.",
 )
+@artifact_options
 @user_errors
 def verify(
     model: Path,
@@ -623,6 +733,8 @@ def verify(
     expected: Path | None,
     atol: float,
     against: str,
+    skip_hash_check: bool,
+    target_file: str | None,
 ) -> None:
     """Check ARTIFACT against the numpy reference of MODEL; exit 1 above tolerance.
 
@@ -645,7 +757,7 @@ def verify(
     )
 
     onnx_model = load_model(model)
-    session = open_session(artifact)
+    session = open_session(artifact, not skip_hash_check, target_file)
     if isinstance(session, RunnerSession):
         click.echo(session.how)
     _check_interface(onnx_model, session, model, artifact)
@@ -657,11 +769,16 @@ def verify(
     unknown = sorted(set(known) - set(outputs))
     if unknown:
         _fail(f"{expected}: {unknown} are not outputs of {artifact}; its outputs are {outputs}")
+    if inputs and tokens:
+        _fail(f"--tokens: sets the size of random inputs; drop it with --inputs {inputs}")
     if inputs:
         feeds = _load_inputs(inputs, session)
         cases.append((feeds, None))
     else:
-        for count in tokens or (1, 7):
+        counts = tokens or (1, 7)
+        if not _has_symbolic(session.inputs):  # one case, at the fixed shapes (-n refused)
+            counts = (_random_token_count(session.inputs, tokens[0] if tokens else None, artifact, "-n"),)
+        for count in counts:
             cases.append((random_inputs(session.inputs, count, seed=count), count))
     changed = sorted(layer_plans(session.manifest))
     if changed:
@@ -680,9 +797,10 @@ def verify(
             f"value (reduced arithmetic's bound) or atol {atol:g}"
         )
     worst = 0.0
+    nan_mismatches = 0
     failed = False
     for feeds, count in cases:
-        label = f"{count} token(s)" if count else str(inputs)
+        label = _shape_label(session.inputs, feeds)
         actual = session.run(feeds)
         if against == "original":
             for cost in accuracy_against_original(actual, onnx_model, feeds):
@@ -699,18 +817,22 @@ def verify(
             checks.append((f" vs {expected.name}", known))
         for against_what, wanted in checks:
             for err in compare_outputs(actual, wanted, count or 0):
-                ok = err.within(atol) or (relative is not None and err.shape_ok and err.max_rel <= relative)
+                ok = err.within(atol) or (relative is not None and err.agrees and err.max_rel <= relative)
                 status = "ok" if ok else "FAIL"
                 failed |= not ok
                 worst = max(worst, err.max_abs)
-                shape_note = "" if err.shape_ok else " (shape or dtype differs)"
+                nan_mismatches += err.nan_mismatches
+                note = "" if err.shape_ok else " (shape or dtype differs)"
+                if err.nan_mismatches:
+                    note += f" ({err.nan_mismatches} value(s) NaN in one and not the other)"
                 click.echo(
                     f"{label:>14}  {err.name}{against_what}: max abs {err.max_abs:.3e}  "
-                    f"max rel {err.max_rel:.3e}  {status}{shape_note}"
+                    f"max rel {err.max_rel:.3e}  {status}{note}"
                 )
     if failed:
         what = f"the reference of {model}" + (f" or {expected}" if known else "")
-        _fail(f"{artifact} differs from {what} by {worst:.3e} > atol {atol:g}")
+        nans = f" and in {nan_mismatches} NaN value(s)" if nan_mismatches else ""
+        _fail(f"{artifact} differs from {what} by {worst:.3e}{nans} > atol {atol:g}")
     click.echo(f"verified: max abs error {worst:.3e} <= {atol:g}")
 
 
@@ -737,10 +859,15 @@ def profile(model: Path, calib: Path | None, synthetic: int | None, output: Path
     names the model by its sha256, so it is only used with that model.
     """
     from moec.analysis.profile import calibration_samples, profile_model
-    from moec.artifact import graph_inputs, value_info, write_atomically
+    from moec.artifact import check_writable, graph_inputs, value_info, write_atomically
     from moec.frontend.loader import load_model
     from moec.runtime.session import check_feeds, random_inputs
 
+    if output.is_dir():
+        raise MoecError(
+            f"{output}: is a directory; pass the profile's file name (e.g. {output}/profile.json)"
+        )
+    check_writable(output)  # before profiling, not after
     onnx_model = load_model(model)
     inputs = [value_info(v) for v in graph_inputs(onnx_model)]
     if calib is not None and synthetic is not None:
@@ -752,7 +879,7 @@ def profile(model: Path, calib: Path | None, synthetic: int | None, output: Path
             "for random tokens (a profile that says nothing about real routing)"
         )
     if calib is not None:
-        samples = list(calibration_samples(_read_npz(calib), inputs))
+        samples = calibration_samples(_read_npz(calib), inputs, str(calib))
         for sample in samples:
             check_feeds(inputs, sample, str(calib))
     else:
@@ -912,8 +1039,12 @@ def _router_summary(rule: dict) -> str:
     type=click.Path(path_type=Path),
     help="Tarball to write (default: ARTIFACT.tar.gz beside the artifact directory).",
 )
+@click.option("--force", is_flag=True, help="Replace the tarball if it exists (only one moec package wrote).")
+@artifact_options
 @user_errors
-def package(artifact: Path, output: Path | None) -> None:
+def package(
+    artifact: Path, output: Path | None, force: bool, skip_hash_check: bool, target_file: str | None
+) -> None:
     """Bundle ARTIFACT with the runner and TVM runtime for its board into one .tar.gz.
 
     Copy the tarball to the board, unpack it and run the command its README.md names.
@@ -921,7 +1052,12 @@ def package(artifact: Path, output: Path | None) -> None:
     from moec.runtime.package import bundle_name, package_artifact, run_command
 
     path = package_artifact(
-        artifact, output, warn=lambda line: click.echo(f"moec: warning: {line}", err=True)
+        artifact,
+        output,
+        warn=lambda line: click.echo(f"moec: warning: {line}", err=True),
+        force=force,
+        check_hashes=not skip_hash_check,
+        target_file=target_file,
     )
     click.echo(f"wrote {path}")
     click.echo(f"on the board: tar xzf {path.name} && cd {bundle_name(path)} && {run_command()}")

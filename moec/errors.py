@@ -1,4 +1,9 @@
-"""User-facing errors: each carries a one-line message that names the culprit and the fix."""
+"""User-facing errors and warnings: each a one-line message that names the culprit (and, for an
+error, the fix)."""
+
+from __future__ import annotations
+
+import sys
 
 
 class MoecError(Exception):
@@ -16,3 +21,10 @@ def first_line(error: BaseException | str, default: str = "no output") -> str:
     if text:
         return text.splitlines()[0]
     return type(error).__name__ if isinstance(error, BaseException) else default
+
+
+def warn(message: str) -> None:
+    """Print ``moec: warning: MESSAGE`` on stderr: something about the user's input that does not
+    stop moec but that they should know (the stream is looked up at each call, so the command
+    line's test runner and the fuzzer's worker capture it like the error lines)."""
+    print(f"moec: warning: {message}", file=sys.stderr, flush=True)

@@ -23,8 +23,6 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import tvm
-
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # Python 3.10: the same parser, from PyPI
@@ -36,6 +34,8 @@ from moec.schedule import SCHEDULE_KINDS, CpuSchedule, GpuSchedule
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
 
+    import tvm
+
 TARGETS_PACKAGE = "moec.bundled_targets"  # the repo's targets/
 SCHEDULES_PACKAGE = "moec.bundled_schedules"  # the repo's schedules/
 
@@ -45,6 +45,17 @@ DETECT = ("detect",)
 :func:`load_target` replaces it with what the target's CPU computes."""
 ARCHES = ("x86_64", "aarch64")
 POWER_OF_TWO_FIELDS = ("lanes", "accumulators", "threads_per_row")
+HARDWARE_BOUNDS = {
+    "cores": (1, 4096),
+    "simd_bits": (32, 4096),
+    "cache_line_bytes": (16, 4096),
+    "l1d_bytes": (0, 1 << 30),
+    "l2_bytes": (0, 1 << 34),
+    "memory_bandwidth_gbps": (0.0, 1e5),
+}
+"""What a ``[hardware]`` value may be: wide enough for any CPU or GPU there is (an H200 has 132
+SMs and 4.8 TB/s), narrow enough that a typo (``cores = 1e9``) is refused here rather than
+making the scheduler plan a billion threads."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +115,8 @@ class TargetSpec:
 
     @property
     def tvm_target(self) -> tvm.target.Target:
+        import tvm  # here, not at the top: reading a target's toolchain loads no compiler
+
         return tvm.target.Target(self.tvm_config, host=self.host_config)
 
     @property
@@ -230,6 +243,8 @@ def _read_tvm_table(table: _Table) -> dict[str, Any]:
     table.read.update(config)
     table.get("kind", str)
     if config.get("mcpu") == "detect":
+        import tvm
+
         config["mcpu"] = tvm.target.codegen.llvm_get_system_cpu()
     return config
 
@@ -255,6 +270,8 @@ def _natively_computes(target: tvm.target.Target, arch: str, precision: str) -> 
         major = int(str(target.attrs.get("arch", "sm_50"))[3:]) // 10
         needs = {"fp16": (5, "sm_53 or newer"), "int8": (6, "sm_61 or newer")}[precision]
         return major >= needs[0], needs[1]
+    import tvm
+
     features = NATIVE_FEATURES.get(arch, {}).get(precision, ())
     needs = f"an mcpu with, or one of {', '.join('+' + f for f in features)} in [tvm] mattr"
     has = any(tvm.target.codegen.llvm_cpu_has_features([feature], target) for feature in features)
@@ -266,8 +283,8 @@ def _detected_precisions(target: tvm.target.Target, arch: str) -> tuple[str, ...
     return tuple(p for p in PRECISIONS if _natively_computes(target, arch, p)[0])
 
 
-def load_target(name_or_path: str) -> TargetSpec:
-    """Resolve ``--target``: a bundled name or the path of a user's TOML file."""
+def _read_target_file(name_or_path: str) -> tuple[Traversable, dict[str, Any]]:
+    """The target file ``name_or_path`` names (a bundled name or a TOML path) and its contents."""
     if name_or_path.endswith(".toml") or os.sep in name_or_path:
         path: Traversable = Path(name_or_path)
         if not path.is_file():
@@ -275,11 +292,27 @@ def load_target(name_or_path: str) -> TargetSpec:
     else:
         path = bundled_target_file(name_or_path)
     try:
-        data = tomllib.loads(path.read_text())
+        return path, tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:
         raise MoecError(f"{path}: not valid TOML ({err})") from err
     except (OSError, UnicodeDecodeError) as err:
         raise MoecError(f"{path}: cannot read target file ({err})") from err
+
+
+def target_toolchain(name_or_path: str) -> tuple[str, Toolchain]:
+    """The target name and the toolchain (compiler, emulator) of a target file, read without
+    loading TVM: what running and packaging an artifact need, taken from the target file and
+    never from the artifact's manifest, so that nothing an artifact says is executed."""
+    path, data = _read_target_file(name_or_path)
+    root = _Table(data, str(path))
+    return root.get("name", str), _read_toolchain(root.table("toolchain", required=False), str(path))
+
+
+def load_target(name_or_path: str) -> TargetSpec:
+    """Resolve ``--target``: a bundled name or the path of a user's TOML file."""
+    import tvm
+
+    path, data = _read_target_file(name_or_path)
     root = _Table(data, str(path))
     name = root.get("name", str)
     description = root.get("description", str, "")
@@ -363,9 +396,10 @@ def _read_hardware(table: _Table) -> Hardware:
         compute_precisions=precisions,
     )
     table.check_no_unknown_keys()
-    for key in ("cores", "simd_bits", "cache_line_bytes"):
-        if getattr(hardware, key) <= 0:
-            raise MoecError(f"{table.where}: key '{key}' must be positive, got {getattr(hardware, key)}")
+    for key, (low, high) in HARDWARE_BOUNDS.items():
+        value = getattr(hardware, key)
+        if not low <= value <= high:
+            raise MoecError(f"{table.where}: key '{key}' must be between {low} and {high}, got {value}")
     return hardware
 
 

@@ -17,40 +17,51 @@ from moec.reference.stored import canonical_evaluator, run_stored_reference
 
 @dataclasses.dataclass(frozen=True)
 class OutputError:
-    """How far one output of the artifact is from the reference."""
+    """How far one output of the artifact is from the reference: the largest absolute and relative
+    differences where both are numbers, and how many values are NaN in one but not the other
+    (``nan_mismatches``: a NaN where the reference has a number is an error of unbounded size,
+    which ``max`` alone would drop)."""
 
     name: str
     tokens: int
     max_abs: float
     max_rel: float
     shape_ok: bool
+    nan_mismatches: int = 0
+
+    @property
+    def agrees(self) -> bool:
+        """Same shape and dtype, and NaN exactly where the reference has NaN."""
+        return self.shape_ok and self.nan_mismatches == 0
 
     def within(self, atol: float) -> bool:
-        return self.shape_ok and self.max_abs <= atol
+        return self.agrees and self.max_abs <= atol
 
 
 def compare_outputs(
     actual: dict[str, np.ndarray], expected: dict[str, np.ndarray], tokens: int
 ) -> list[OutputError]:
-    """Max absolute and relative error per output (relative to the reference's largest value)."""
+    """Per output, the largest absolute and relative (to the reference's largest finite magnitude)
+    differences and the NaN mismatches. Equal values (infinities of one sign, NaN against NaN)
+    differ by 0."""
     errors = []
     for name, ref in expected.items():
         got = actual[name]
         shape_ok = got.shape == ref.shape and got.dtype == ref.dtype
         if not shape_ok or ref.size == 0:
-            errors.append(
-                OutputError(
-                    name,
-                    tokens,
-                    float("inf") if not shape_ok else 0.0,
-                    float("inf") if not shape_ok else 0.0,
-                    shape_ok,
-                )
-            )
+            worst = float("inf") if not shape_ok else 0.0
+            errors.append(OutputError(name, tokens, worst, worst, shape_ok))
             continue
-        diff = np.abs(got.astype(np.float64) - ref.astype(np.float64))
-        scale = max(float(np.abs(ref).max()), np.finfo(np.float32).tiny)
-        errors.append(OutputError(name, tokens, float(diff.max()), float(diff.max() / scale), True))
+        got64, ref64 = got.astype(np.float64), ref.astype(np.float64)
+        nan_got, nan_ref = np.isnan(got64), np.isnan(ref64)
+        with np.errstate(invalid="ignore"):
+            diff = np.where((got64 == ref64) | (nan_got & nan_ref), 0.0, np.abs(got64 - ref64))
+        mismatches = int(np.count_nonzero(nan_got != nan_ref))
+        diff[nan_got != nan_ref] = 0.0  # counted apart; an infinity against a number stays inf
+        finite = np.abs(ref64[np.isfinite(ref64)])
+        scale = max(float(finite.max()) if finite.size else 0.0, np.finfo(np.float32).tiny)
+        worst = float(diff.max())
+        errors.append(OutputError(name, tokens, worst, worst / scale, True, mismatches))
     return errors
 
 

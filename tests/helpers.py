@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 from click.testing import CliRunner, Result
+from onnx import TensorProto, helper, numpy_helper
 
 from moec.cli import main
 from moec.compiler.compile import compile_model
@@ -71,6 +72,21 @@ def check_artifact(
         names = [o.name for o in ort_session.get_outputs()]
         for name, value in zip(names, ort_session.run(None, feeds), strict=True):
             assert_close(actual[name], value, atol, f"{name} vs onnxruntime")
+
+
+def embedding_model(path: Path, vocab: int = 1000, fixed: bool = False) -> Path:
+    """``y = emb[ids]`` with ``ids: int64[1, 8]`` (fixed) or ``[1, tokens]``."""
+    table = numpy_helper.from_array(np.arange(vocab * 4, dtype=np.float32).reshape(vocab, 4), "emb")
+    tokens = 8 if fixed else "tokens"
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["emb", "ids"], ["y"])],
+        "embedding",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, tokens])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, tokens, 4])],
+        [table],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
 
 
 def softmax_top_k(
@@ -198,6 +214,18 @@ def profile_model(model: Path, directory: Path, calib: dict[str, np.ndarray], *e
     result = invoke("profile", model, "--calib", directory / "calib.npz", "-o", profile, *extra)
     assert result.exit_code == 0, result.output
     return profile
+
+
+def rewrite_weights(artifact: Path, tensors: dict[str, np.ndarray]) -> None:
+    """Replace ``artifact``'s weights by ``tensors`` (e.g. poisoned with NaN) and record the new
+    file's size and hash in its manifest, as a compile writing those weights would."""
+    from moec.artifact import MANIFEST, WEIGHTS, record_files
+    from moec.weights_file import write_weights
+
+    write_weights(artifact / WEIGHTS, tensors)
+    manifest = json.loads((artifact / MANIFEST).read_text())
+    manifest["files"].update(record_files(artifact, [WEIGHTS]))
+    (artifact / MANIFEST).write_text(json.dumps(manifest))
 
 
 WEIGHTS_DAMAGE = {

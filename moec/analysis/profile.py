@@ -14,7 +14,7 @@ reference evaluator), so a profile needs no compiled artifact and no TVM.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -103,20 +103,40 @@ def model_fingerprint(path: Path) -> str:
 
 
 def calibration_samples(
-    data: dict[str, np.ndarray], inputs: list[dict[str, Any]]
-) -> Iterator[dict[str, np.ndarray]]:
-    """The feeds of a calibration file: each input's array as one sample, or, with one more leading
-    axis than the input has, one sample per entry of that axis."""
+    data: dict[str, np.ndarray], inputs: list[dict[str, Any]], source: str = "calibration data"
+) -> list[dict[str, np.ndarray]]:
+    """The feeds of a calibration file (``source``, for messages): each input's array as one sample,
+    or, with one more leading axis than the input has, one sample per entry of that axis.
+
+    Data a profile cannot be made from is refused with a one-line :class:`MoecError`: no
+    samples, an input with no values (no tokens), or NaN/Inf in a floating-point input (the
+    routers' statistics would be NaN, and masking chosen from them arbitrary).
+    """
     ranks = {spec["name"]: len(spec["shape"]) for spec in inputs}
     stacked = {name: data[name].ndim == ranks[name] + 1 for name in ranks if name in data}
     if any(stacked.values()):
         counts = {data[name].shape[0] for name, is_stacked in stacked.items() if is_stacked}
         if not all(stacked.values()) or len(counts) != 1:
-            raise MoecError("calibration data: stack every input along the same leading sample axis, or none")
-        for i in range(counts.pop()):
-            yield {name: data[name][i] for name in ranks}
+            raise MoecError(f"{source}: stack every input along the same leading sample axis, or none")
+        samples = [{name: data[name][i] for name in ranks} for i in range(counts.pop())]
     else:
-        yield {name: data[name] for name in ranks if name in data}
+        samples = [{name: data[name] for name in ranks if name in data}]
+    if not samples:
+        raise MoecError(f"{source}: holds no samples (a leading sample axis of 0)")
+    for number, sample in enumerate(samples):
+        of_sample = f" of sample {number}" if len(samples) > 1 else ""
+        for name, value in sample.items():
+            if value.size == 0:
+                raise MoecError(
+                    f"{source}: input '{name}'{of_sample} has no tokens (shape {list(value.shape)})"
+                )
+            if value.dtype.kind == "f" and not np.isfinite(value).all():
+                bad = int(np.count_nonzero(~np.isfinite(value)))
+                raise MoecError(
+                    f"{source}: input '{name}'{of_sample} holds {bad} NaN or Inf value(s); calibration data "
+                    "must be finite"
+                )
+    return samples
 
 
 def profile_model(

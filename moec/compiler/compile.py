@@ -23,11 +23,15 @@ from moec.artifact import (
     WEIGHTS,
     build_manifest,
     check_replaceable,
+    check_writable,
     graph_inputs,
+    output_lock,
+    record_files,
     staged_directory,
     write_manifest,
 )
 from moec.compiler.cuda import cuda_build, verify_cuda_library
+from moec.compiler.tvm_log import quiet_tvm
 from moec.errors import MoecError
 from moec.frontend.importer import ImportedModel, import_model
 from moec.frontend.loader import load_model
@@ -175,10 +179,19 @@ def compile_model(
     for ``host``, unchanged); return ``out_dir``. ``log`` receives a progress line per stage.
 
     Options that do not fit the model (a token bound on a model with several symbolic
-    dimensions, masking a layer it does not have) raise :class:`OptionError`.
+    dimensions, masking a layer it does not have) raise :class:`OptionError`. Two compiles to
+    one ``out_dir`` at once: the second fails at once (:func:`moec.artifact.output_lock`).
     """
     model_path, out_dir = Path(model_path), Path(out_dir)
     options = options or CompileOptions()
+    with output_lock(out_dir):
+        return _compile_locked(model_path, out_dir, options, log)
+
+
+def _compile_locked(
+    model_path: Path, out_dir: Path, options: CompileOptions, log: Callable[[str], None]
+) -> Path:
+    """:func:`compile_model` once it holds the output's lock."""
     target = load_target(options.target)
     for option in ("router_precision", "dense_precision"):
         if getattr(options, option) != "fp32" and target.cuda is not None:
@@ -194,12 +207,16 @@ def compile_model(
             f"{precisions}); use int8 (weight-only INT8) or a target with INT8 dot products",
         )
     check_replaceable(out_dir, options.force, [model_path])
+    if options.dump_ir is not None:
+        check_writable(options.dump_ir / "00-frontend.py", "--dump-ir")
     log(f"loading {model_path}")
-    imported = import_model(load_model(model_path))
+    with quiet_tvm():
+        imported = import_model(load_model(model_path), model_path)
     log(f"found {len(imported.blocks)} MoE layer(s); lifting to Relax")
     options = stored_int8_options(imported, options)
     check_model_options(imported, model_path, options)
-    mod, weights = lower_model(imported, target, options)
+    with quiet_tvm():
+        mod, weights = lower_model(imported, target, options)
     if options.max_tokens is not None:
         symbols = [v.name for v in input_symbols(mod["main"])]
         if len(symbols) != 1:
@@ -210,7 +227,7 @@ def compile_model(
             )
     fcompile = library_linker(target)
     log(f"compiling for {target.name} ({target.tvm_config.get('mcpu', target.tvm_config['kind'])})")
-    with target.tvm_target, cuda_build(target, log) as cuda_info:
+    with quiet_tvm(), target.tvm_target, cuda_build(target, log) as cuda_info:
         executable = tvm.compile(
             mod,
             target=target.tvm_target,
@@ -228,7 +245,10 @@ def compile_model(
         dense = (
             json.loads(str(mod["main"].attrs[DENSE_WEIGHTS])) if DENSE_WEIGHTS in mod["main"].attrs else {}
         )
-        manifest = build_manifest(imported, target, model_path, weights, options, cuda_info, entries, dense)
+        files = record_files(staging, (LIBRARY, WEIGHTS))
+        manifest = build_manifest(
+            imported, target, model_path, weights, options, files, cuda_info, entries, dense
+        )
         write_manifest(staging, manifest)
     log(f"wrote {out_dir}")
     return out_dir

@@ -233,6 +233,16 @@ def _partial(node: onnx.NodeProto, values: dict, partials: dict, types: dict) ->
     return None
 
 
+def _partial_or_none(node: onnx.NodeProto, values: dict, partials: dict, types: dict) -> np.ndarray | None:
+    """:func:`_partial`, or None where the node's shape data cannot be computed (an index past
+    the dims, a NaN or float slice bound, an attribute of the wrong type): like an op the
+    reference cannot run, such a node stays in the graph, for TVM to convert or refuse."""
+    try:
+        return _partial(node, values, partials, types)
+    except (IndexError, ValueError, TypeError, OverflowError):
+        return None
+
+
 def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` with every value the compile-time shapes determine folded."""
     graph = model.graph
@@ -289,9 +299,10 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
                     if node.op_type == "Size":
                         folded = [np.array(int(np.prod(dims)), dtype=np.int64)]
                     else:
-                        folded = [np.array(_partial(node, values, partials, types), dtype=np.int64)]
+                        shape = _partial_or_none(node, values, partials, types)
+                        folded = None if shape is None else [np.array(shape, dtype=np.int64)]
             if folded is None and len(node.output) == 1:
-                partial = _partial(node, values, partials, types)
+                partial = _partial_or_none(node, values, partials, types)
                 if partial is not None:
                     partial = np.asarray(partial, dtype=object)  # np.take of one index gives the item
                     if all(v is not None for v in partial.ravel()):

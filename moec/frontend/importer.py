@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import onnx
 import tvm
@@ -30,6 +31,7 @@ class ImportedModel:
     canonical: onnx.ModelProto
     blocks: list[MoEBlock]
     indexed_experts: int = 0  # sums of input-indexed experts computed one per sample
+    path: str = ""  # the file it was read from, for errors to name ("": not from a file)
 
     @property
     def layers(self) -> list[MoELayer]:
@@ -39,10 +41,16 @@ class ImportedModel:
         """The Relax module; ``main`` takes the graph inputs followed by every weight."""
         try:
             return lift_to_relax(self.canonical, self.layers)
-        except MoecError:
-            raise
+        except MoecError as err:
+            raise MoecError(_in_file(self.path, str(err))) from err
         except Exception as err:  # TVM's frontend raises many types; name the cause, once
-            raise MoecError(f"TVM's ONNX frontend could not convert the model: {first_line(err)}") from err
+            message = f"TVM's ONNX frontend could not convert the model: {first_line(err)}"
+            raise MoecError(_in_file(self.path, message)) from err
+
+
+def _in_file(path: str, message: str) -> str:
+    """``message`` about a model, led by the model's file when known."""
+    return f"{path}: {message}" if path else message
 
 
 def find_blocks(model: onnx.ModelProto) -> list[MoEBlock]:
@@ -55,9 +63,10 @@ def find_blocks(model: onnx.ModelProto) -> list[MoEBlock]:
     return blocks
 
 
-def import_model(model: onnx.ModelProto) -> ImportedModel:
+def import_model(model: onnx.ModelProto, path: str | Path = "") -> ImportedModel:
     """Compute input-indexed experts one per sample (:mod:`moec.frontend.indexed_experts`), locate
-    MoE blocks, replace them, and check every remaining op can be converted."""
+    MoE blocks, replace them, and check every remaining op can be converted. ``path``: the file
+    ``model`` was read from, which errors name."""
     rewritten, indexed = rewrite_indexed_experts(model)
     blocks = find_blocks(rewritten)
     canonical = replace_blocks(rewritten, blocks) if blocks else rewritten
@@ -71,7 +80,12 @@ def import_model(model: onnx.ModelProto) -> ImportedModel:
             continue
         if node.op_type not in supported or node.domain not in ("", "ai.onnx"):
             raise MoecError(
-                f"{node_label(node)}: operator not supported by moec or TVM's ONNX "
-                "frontend; re-export without it or open an issue with the model"
+                _in_file(
+                    str(path),
+                    f"{node_label(node)}: operator not supported by moec or TVM's ONNX "
+                    "frontend; re-export without it or open an issue with the model",
+                )
             )
-    return ImportedModel(original=model, canonical=canonical, blocks=blocks, indexed_experts=indexed)
+    return ImportedModel(
+        original=model, canonical=canonical, blocks=blocks, indexed_experts=indexed, path=str(path)
+    )

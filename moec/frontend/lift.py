@@ -10,7 +10,11 @@ stored outside the compiled library.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import re
+import sys
 
 import numpy as np
 import onnx
@@ -20,6 +24,7 @@ from tvm import relax
 from tvm.relax.frontend.onnx.onnx_frontend import ONNXGraphImporter
 
 from moec.canonical.layer import MoELayer
+from moec.errors import MoecError, first_line
 from moec.frontend.contrib_ops import converter as contrib_converter
 from moec.frontend.converters import CONVERTERS as OWN_CONVERTERS
 from moec.frontend.rewrite import LAYER_OP
@@ -152,6 +157,22 @@ def _tag_contrib_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
     return tagged
 
 
+AXIS_OPS = {
+    "ArgMax",
+    "ArgMin",
+    "Concat",
+    "Gather",
+    "GatherElements",
+    "Hardmax",
+    "LayerNormalization",
+    "LogSoftmax",
+    "ScatterElements",
+    "Softmax",
+    "Split",
+    "TopK",
+}
+"""ONNX ops whose ``axis`` attribute names an axis of their first input (-rank..rank-1)."""
+
 #: ONNX ops whose two operands broadcast (see :meth:`MoEGraphImporter._broadcast`).
 BROADCASTING_OPS = {
     "Add",
@@ -180,6 +201,11 @@ def _known_shape(x: object) -> list | None:
     return None
 
 
+def _dim_text(dim: object) -> int | str:
+    """A dimension as an error message shows it: a number, or its expression's text."""
+    return int(dim) if isinstance(dim, tvm.tirx.IntImm) else re.sub(r"T\.int64\((-?\d+)\)", r"\1", str(dim))
+
+
 def _is_one(dim: object) -> bool:
     return isinstance(dim, tvm.tirx.IntImm) and int(dim) == 1
 
@@ -191,6 +217,7 @@ class MoEGraphImporter(ONNXGraphImporter):
     def __init__(self, layers: list[MoELayer], **kwargs) -> None:
         super().__init__(**kwargs)
         self._layers = layers
+        self.converting: str | None = None  # the node being converted, for an error to name
 
     def _check_for_unsupported_ops(self, graph: onnx.GraphProto) -> None:
         ours = onnx.GraphProto()
@@ -229,6 +256,41 @@ class MoEGraphImporter(ONNXGraphImporter):
         return super()._convert_operator(op_name, [inputs[0], cast], attrs, opset)
 
     def _convert_operator(self, op_name, inputs, attrs, opset):
+        name = attrs.get("tvm_custom", {}).get("name")
+        self.converting = f"node '{name}' ({op_name})" if name else f"a {op_name} node"
+        if op_name in AXIS_OPS:
+            self._check_axis(attrs.get("axis"), inputs[0] if inputs else None)
+        result = self._convert(op_name, inputs, attrs, opset)
+        if op_name == "MatMul" and _known_shape(result) is None:
+            self._unknown_product(inputs)
+        self.converting = None
+        return result
+
+    def _check_axis(self, axis: object, data: object) -> None:
+        """Raise :class:`MoecError` for an ``axis`` attribute outside the rank of the input
+        ``data``: TVM's converters take it as it is and fail later, in its lowering."""
+        ty = getattr(data, "ty", None)
+        rank = ty.ndim if isinstance(ty, relax.TensorType) else -1
+        if isinstance(axis, int) and rank >= 0 and not -rank <= axis < rank:
+            raise MoecError(
+                f"{self.converting}: axis {axis} is outside -{rank}..{rank - 1}, the axes of its "
+                f"rank-{rank} input; check the node's attributes"
+            )
+
+    def _unknown_product(self, inputs: list) -> None:
+        """Raise :class:`MoecError` for a MatMul of known operand shapes whose product's shape
+        TVM cannot tell (batch dimensions it cannot prove broadcast): its lowering would fail
+        later, far from the node, on the missing shape."""
+        shapes = [_known_shape(x) for x in inputs]
+        if None in shapes:
+            return
+        raise MoecError(
+            f"{self.converting}: TVM cannot tell the shape of the product of operands of shapes "
+            f"{[_dim_text(d) for d in shapes[0]]} and {[_dim_text(d) for d in shapes[1]]}; check "
+            "the shapes it reads, and give dimensions that must be equal one name in the inputs"
+        )
+
+    def _convert(self, op_name, inputs, attrs, opset):
         if op_name == "Pow" and len(inputs) == 2:
             # x ** 2 (RMSNorm's mean of squares): a product, where TVM's power is a powf call per
             # element that its default lowering neither vectorises nor schedules
@@ -265,9 +327,43 @@ class MoEGraphImporter(ONNXGraphImporter):
 def lift_to_relax(
     model: onnx.ModelProto, layers: list[MoELayer], shape_dict: dict | None = None
 ) -> tvm.IRModule:
-    """The Relax module of ``model``; ``main`` takes the graph inputs, then every weight."""
+    """The Relax module of ``model``; ``main`` takes the graph inputs, then every weight.
+
+    A node TVM's frontend cannot convert raises :class:`MoecError` naming it, with nothing else
+    printed: TVM's frontend prints the failing converter's inputs (a page of TVMScript) on
+    stdout, and its block builder warns on stderr when it is destroyed with the blocks the
+    failed conversion left open.
+    """
     importer = MoEGraphImporter(
         layers, shape_dict=shape_dict, dtype_dict="float32", keep_params_in_input=True, sanitize=True
     )
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
-    return importer.from_onnx(_tag_contrib_nodes(model).graph, opset)
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            mod = importer.from_onnx(_tag_contrib_nodes(model).graph, opset)
+    except Exception as err:  # TVM's frontend raises many types; name the node and the cause, once
+        _end_open_blocks(importer.bb)
+        if isinstance(err, MoecError):
+            raise
+        if importer.converting is None:
+            raise MoecError(
+                f"TVM's ONNX frontend could not convert the graph: {first_line(err).rstrip('.')}; "
+                "re-export the model, or open an issue with it"
+            ) from err
+        raise MoecError(
+            f"{importer.converting}: TVM's ONNX frontend could not convert it: "
+            f"{first_line(err).rstrip('.')}; check the node's attributes and the shapes it reads, "
+            "re-export the model, or open an issue with it"
+        ) from err
+    sys.stdout.write(printed.getvalue())
+    return mod
+
+
+def _end_open_blocks(bb: relax.BlockBuilder) -> None:
+    """End the binding blocks a failed conversion left open in ``bb``."""
+    while True:
+        try:
+            bb._end_block()
+        except tvm.error.InternalError:  # "no block is being built"
+            return

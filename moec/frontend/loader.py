@@ -7,11 +7,14 @@ from pathlib import Path
 import onnx
 from google.protobuf.message import DecodeError
 
-from moec.errors import MoecError, first_line
+from moec.errors import MoecError, first_line, warn
+from moec.frontend.nonfinite import nonfinite_warnings
+from moec.frontend.validate import check_model_data
 
 
 def load_model(path: str | Path) -> onnx.ModelProto:
-    """Read and validate an ONNX model; raise :class:`MoecError` for anything a user can fix."""
+    """Read and validate an ONNX model; raise :class:`MoecError` for anything a user can fix, and
+    warn (once per weight, on stderr) of weights holding NaN or Inf."""
     path = Path(path)
     if not path.exists():
         raise MoecError(f"{path}: no such file; pass the path of an .onnx model")
@@ -19,6 +22,10 @@ def load_model(path: str | Path) -> onnx.ModelProto:
         raise MoecError(f"{path}: is a directory; pass the path of an .onnx model")
     try:
         model = onnx.load(str(path), load_external_data=True)
+    except onnx.checker.ValidationError as err:  # external data outside the model's folder
+        raise MoecError(
+            f"{path}: unsafe external data ({first_line(err)}); keep the model's data files in its folder"
+        ) from err
     except (DecodeError, RuntimeError, ValueError, OSError) as err:
         raise MoecError(
             f"{path}: not a readable ONNX model ({first_line(err)}); is the file complete?"
@@ -32,6 +39,11 @@ def load_model(path: str | Path) -> onnx.ModelProto:
     except onnx.checker.ValidationError as err:
         detail = " ".join(str(err).split())  # the checker names the node on a later line
         raise MoecError(f"{path}: invalid ONNX model: {detail}; re-export it or fix the graph") from err
+    except UnicodeDecodeError as err:  # a name or string field that is not text: a damaged file
+        raise MoecError(
+            f"{path}: invalid ONNX model: a name or string in it is not UTF-8 text ({err.reason} at "
+            f"byte {err.start}); is the file complete and undamaged?"
+        ) from err
     latest = onnx.defs.onnx_opset_version()
     for opset in model.opset_import:
         if opset.domain in ("", "ai.onnx") and not 1 <= opset.version <= latest:
@@ -39,6 +51,9 @@ def load_model(path: str | Path) -> onnx.ModelProto:
                 f"{path}: invalid ONNX model: default-domain opset {opset.version} is outside "
                 f"1..{latest} (what this onnx knows); re-export it with a supported opset"
             )
+    check_model_data(model, str(path))
+    for message in nonfinite_warnings(model, str(path)):
+        warn(message)
     return model
 
 

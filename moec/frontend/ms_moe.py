@@ -56,8 +56,21 @@ POINTWISE = {"relu": "relu", "gelu": "gelu_tanh", "silu": "silu", "identity": "i
 FUSED_GATED = {"swiglu": "silu", "geglu": "gelu_tanh"}
 
 
-def _as_str(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+def _text(node: onnx.NodeProto, name: str, default: str) -> str:
+    """A string attribute's value; MoecError for another type (bytes that are not UTF-8 are
+    shown, not decoded: the error that follows names them)."""
+    value = attribute(node, name, default)
+    if not isinstance(value, (bytes, str)):
+        raise MoecError(f"{node_label(node)}: attribute {name} must be a string, got {value!r}")
+    return value.decode(errors="backslashreplace") if isinstance(value, bytes) else value
+
+
+def _int(node: onnx.NodeProto, name: str, default: int) -> int:
+    """An integer attribute's value; MoecError for another type (a float, a string, a list)."""
+    value = attribute(node, name, default)
+    if not isinstance(value, int):
+        raise MoecError(f"{node_label(node)}: attribute {name} must be an integer, got {value!r}")
+    return value
 
 
 def find_ms_moe_blocks(index: GraphIndex) -> list[MoEBlock]:
@@ -117,22 +130,22 @@ def _unpack(packed: np.ndarray, bits: int) -> np.ndarray:
 def _quant_layout(node: onnx.NodeProto) -> tuple[int, int]:
     """``(bits, block_size)`` of a QMoE node; MoecError for what is not supported."""
     label = node_label(node)
-    bits = int(attribute(node, "expert_weight_bits", 4))
+    bits = _int(node, "expert_weight_bits", 4)
     if bits not in QMOE_BITS:
         raise MoecError(f"{label}: expert_weight_bits={bits} is not supported (supported: 4, 8)")
     for fc in QMOE_INPUTS:
-        if int(attribute(node, f"{fc}_expert_weight_bits", bits)) != bits:
+        if _int(node, f"{fc}_expert_weight_bits", bits) != bits:
             raise MoecError(
                 f"{label}: {fc}_expert_weight_bits differs from expert_weight_bits (mixed widths)"
             )
-    quant_type = _as_str(attribute(node, "quant_type", "int"))
+    quant_type = _text(node, "quant_type", "int")
     if quant_type != "int":
         raise MoecError(f"{label}: quant_type '{quant_type}' is not supported (only 'int')")
-    if int(attribute(node, "weights_prepacked", -1)) not in (-1, 0):
+    if _int(node, "weights_prepacked", -1) not in (-1, 0):
         raise MoecError(
             f"{label}: weights_prepacked=1 is not supported; export raw weights (weights_prepacked=0)"
         )
-    block_size = int(attribute(node, "block_size", 0))
+    block_size = _int(node, "block_size", 0)
     if block_size < 0:
         raise MoecError(f"{label}: block_size={block_size} must be 0 (per channel) or positive")
     unsupported = [name for name in node.input[QMOE_UNSUPPORTED_FROM:] if name]
@@ -241,15 +254,27 @@ def _layer_steps(roles: dict[str, np.ndarray | None], block_size: int) -> dict[s
     }
 
 
+def _number(node: onnx.NodeProto, name: str, default: float) -> float:
+    """A float attribute's value; MoecError for NaN (and for an infinite one but ``swiglu_limit``,
+    whose default is no limit)."""
+    value = attribute(node, name, default)
+    if not isinstance(value, (int, float)):
+        raise MoecError(f"{node_label(node)}: attribute {name} must be a number, got {value!r}")
+    value = float(value)
+    if math.isnan(value) or (math.isinf(value) and name != "swiglu_limit"):
+        raise MoecError(f"{node_label(node)}: attribute {name}={value} is not a number moec can compute with")
+    return value
+
+
 def _block_from_node(index: GraphIndex, node: onnx.NodeProto, name: str) -> MoEBlock:
-    act = _as_str(attribute(node, "activation_type", "relu"))
-    fusion = int(attribute(node, "swiglu_fusion", 0))
-    sparse_mixer = int(attribute(node, "use_sparse_mixer", 0)) == 1
-    if sparse_mixer and int(attribute(node, "k", 1)) != 2:
+    act = _text(node, "activation_type", "relu")
+    fusion = _int(node, "swiglu_fusion", 0)
+    sparse_mixer = _int(node, "use_sparse_mixer", 0) == 1
+    if sparse_mixer and _int(node, "k", 1) != 2:
         raise MoecError(
             f"{node_label(node)}: use_sparse_mixer=1 needs k=2 (onnxruntime's sparsemixer is top-2)"
         )
-    if int(attribute(node, "swiglu_limit_after_activation", 0)) == 1:
+    if _int(node, "swiglu_limit_after_activation", 0) == 1:
         raise MoecError(f"{node_label(node)}: swiglu_limit_after_activation=1 is not supported")
     (fc1, fc1_b, fc2, fc2_b, fc3, fc3_b), steps, block_size = _expert_tensors(index, node)
     fc1_s, fc2_s, fc3_s = steps or (None, None, None)
@@ -282,11 +307,11 @@ def _block_from_node(index: GraphIndex, node: onnx.NodeProto, name: str) -> MoEB
         layer = MoELayer(
             name=name,
             num_experts=num_experts,
-            top_k=int(attribute(node, "k", 1)),
+            top_k=_int(node, "k", 1),
             hidden=hidden,
             ffn=ffn,
             activation=activation,
-            normalize=int(attribute(node, "normalize_routing_weights", 0)) == 1 and not sparse_mixer,
+            normalize=_int(node, "normalize_routing_weights", 0) == 1 and not sparse_mixer,
             w_up=up,
             w_gate=gate,
             w_down=fc2,
@@ -297,9 +322,9 @@ def _block_from_node(index: GraphIndex, node: onnx.NodeProto, name: str) -> MoEB
             scoring="sparsemixer" if sparse_mixer else "softmax",
             jitter_eps=ORT_SPARSE_MIXER_JITTER_EPS if sparse_mixer else 0.0,
             source=f"com.microsoft::{node.op_type} '{node.name}'",
-            alpha=float(attribute(node, "activation_alpha", 1.0)) if gated else 1.0,
-            beta=float(attribute(node, "activation_beta", 0.0)) if gated else 0.0,
-            limit=float(attribute(node, "swiglu_limit", math.inf)) if gated else math.inf,
+            alpha=_number(node, "activation_alpha", 1.0) if gated else 1.0,
+            beta=_number(node, "activation_beta", 0.0) if gated else 0.0,
+            limit=_number(node, "swiglu_limit", math.inf) if gated else math.inf,
             int8_steps=(
                 _layer_steps({"w_up": up_s, "w_gate": gate_s, "w_down": fc2_s}, block_size) if steps else None
             ),

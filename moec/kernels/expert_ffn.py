@@ -37,14 +37,15 @@ def activation_epilogue(name: str, gated: bool, alpha: float, beta: float, limit
 
     Ungated: ``act(up)``; gated: ``act(min(gate, limit)) * (clip(up, -limit, limit) + beta)``
     (see :class:`moec.canonical.layer.MoELayer`); clamps are left out when ``limit`` is inf.
+    A NaN stays NaN through ``relu`` and the clamps, as in PyTorch and onnxruntime.
     """
 
     def sigmoid(v):
         return T.float32(1) / (T.float32(1) + T.exp(T.float32(0) - v))
 
     def act(v):
-        if name == "relu":
-            return T.max(v, T.float32(0))
+        if name == "relu":  # not max(v, 0), which TVM makes 0 for a NaN v (see nan_legalize)
+            return T.if_then_else(v < T.float32(0), T.float32(0), v)
         if name == "gelu":
             return T.float32(0.5) * v * (T.float32(1) + T.erf(v * T.float32(0.7071067811865476)))
         if name == "gelu_tanh":
@@ -63,9 +64,11 @@ def activation_epilogue(name: str, gated: bool, alpha: float, beta: float, limit
             return lambda g, u: act(g) * u
         return lambda g, u: act(g) * (u + T.float32(beta))
 
-    def clamped(g, u):
-        g = T.min(g, T.float32(limit))
-        u = T.max(T.min(u, T.float32(limit)), T.float32(-limit))
+    top, bottom = T.float32(limit), T.float32(-limit)
+
+    def clamped(g, u):  # selects that keep a NaN, as torch.clamp does (TVM's min/max drop it)
+        g = T.if_then_else(g > top, top, g)
+        u = T.if_then_else(u > top, top, T.if_then_else(u < bottom, bottom, u))
         return act(g) * (u + T.float32(beta))
 
     return clamped

@@ -111,12 +111,18 @@ def quantize_rows(backend, length: int, group: int, sums: bool):
         peak = T.alloc_buffer((lanes,), "float32", scope=backend.scratch_scope)
         for v in T.vectorized(lanes):
             peak[v] = T.float32(0)
+        # The row's largest magnitude, NaN if any value is NaN (T.max alone drops a NaN in its
+        # first operand): a NaN in the token then makes its scale, and so its outputs, NaN.
         for ho in range(length // lanes):
             for v in T.vectorized(lanes):
-                peak[v] = T.max(peak[v], T.abs(src[r, ho * lanes + v]))
+                peak[v] = T.Select(
+                    T.isnan(src[r, ho * lanes + v]),
+                    src[r, ho * lanes + v],
+                    T.max(T.abs(src[r, ho * lanes + v]), peak[v]),
+                )
         for v in range(1, lanes):
-            peak[0] = T.max(peak[0], peak[v])
-        xs[r] = T.Select(peak[0] > T.float32(0), peak[0] / T.float32(INT8_LIMIT), T.float32(1))
+            peak[0] = T.Select(T.isnan(peak[v]), peak[v], T.max(peak[v], peak[0]))
+        xs[r] = T.Select(peak[0] == T.float32(0), T.float32(1), peak[0] / T.float32(INT8_LIMIT))
         for ho in range(length // lanes):
             for v in T.vectorized(lanes):
                 xq[r, ho * lanes + v] = T.Cast(

@@ -242,12 +242,13 @@ class RowReduction(_CpuRule):
             spatial = info.dom_kind().count("S")
             _parallel_outermost(sch, loops[:spatial], _elements(sch, loops))
             length = _elements(sch, loops[spatial:])
-            if length is None or length % lanes != 0:
+            output_rank = len(sch.get(info.block_rv).writes[0].source.shape)
+            # a scalar result (a norm over a rank-1 tensor) has no axis to put the partials on
+            if length is None or length % lanes != 0 or output_rank == 0:
                 continue
             reduced = sch.fuse(*loops[spatial:]) if len(loops) - spatial > 1 else loops[spatial]
             _steps, partial = sch.split(reduced, factors=[None, lanes])
             # the partials innermost in their buffer: one contiguous vector per row
-            output_rank = len(sch.get(info.block_rv).writes[0].source.shape)
             factored = sch.rfactor(partial, factor_axis=output_rank)
             sch.vectorize(sch.get_loops(factored)[-1])
             sch.decompose_reduction(factored, sch.get_loops(factored)[spatial])

@@ -10,7 +10,8 @@ function ``main_one_token``: ``main`` with those dimensions bound to 1
 TVM plans its memory statically and the VM builds no shapes. ``main`` is unchanged; the runtimes
 call ``main_one_token`` when every dimension it bound is 1 in a call's inputs (the manifest's
 ``entries``: ``one_token`` and ``one_token_dims``). A module whose inputs are all static is
-returned as it is.
+returned as it is, and so is one whose shapes do not agree with those dimensions at 1 (an input
+declaring its hidden size symbolic): calls then all run ``main``.
 
 A decoder with a KV cache decodes one token against a cache of any length: the inputs at
 ``free_inputs`` (its cache tensors and mask, :func:`moec.runtime.generate.cache_length_inputs`)
@@ -50,10 +51,13 @@ class OneTokenEntry:
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         symbols = one_token_symbols(mod["main"], self.free_inputs)
-        self.bound = [s.name for s in symbols]
         if not symbols:
             return mod
-        one = relax.transform.BindSymbolicVars({s: 1 for s in symbols}, "main")(mod)["main"]
+        try:
+            one = relax.transform.BindSymbolicVars({s: 1 for s in symbols}, "main")(mod)["main"]
+        except ValueError:  # shapes that do not hold at 1 (a symbolic hidden size): no such entry
+            return mod
+        self.bound = [s.name for s in symbols]
         one = copy_with_new_vars(one)  # a variable may be defined in one function only
         updated = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
         updated[ONE_TOKEN_ENTRY] = one.with_attr("global_symbol", ONE_TOKEN_ENTRY)

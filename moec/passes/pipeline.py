@@ -41,7 +41,9 @@ from moec.passes.fixed_routing import FixedRouting
 from moec.passes.fuse_tir_guarded import FuseTIRGuarded
 from moec.passes.inline_layers import InlineLayers
 from moec.passes.mask_experts import MaskExperts
+from moec.passes.nan_legalize import NAN_PROPAGATING_LEGALIZE
 from moec.passes.one_token_entry import OneTokenEntry
+from moec.passes.order_shape_functions import OrderShapeFunctions
 from moec.passes.pack_expert_weights import PackExpertWeights
 from moec.passes.prune_channels import PruneChannels
 from moec.passes.skip_experts import SkipExperts
@@ -134,12 +136,14 @@ def lowering_pipeline(target: tvm.target.Target, max_tokens: int | None = None) 
     targets, after TVM's legalisation and fusion, dlight schedules the functions that are not
     moec kernels with :func:`moec.kernels.ordinary_ops.ordinary_op_rules` (TVM's CPU pipeline
     leaves them as scalar loops on one thread; its CUDA legalisation applies dlight's GPU rules
-    itself); TVM's ``FuseTIR`` is :class:`~moec.passes.fuse_tir_guarded.FuseTIRGuarded`. The others run
+    itself); TVM's ``FuseTIR`` is :class:`~moec.passes.fuse_tir_guarded.FuseTIRGuarded` and its
+    ``LegalizeOps`` propagates NaN through min/max ops (:func:`_moec_pass`). The others run
     after TVM's dataflow lowering: by then the kernels' ``call_tir``s are plain calls
     outside any dataflow block, where TVM's dataflow passes (which expect schedulable TIR, not
     our hand-written kernels) no longer look, and before ``StaticPlanBlockMemory``:
     ``InlineLayers``; ``CanonicalizeBindings`` and ``DeadCodeElimination`` (the kernels' output
-    tuples the inlined layers left unused); ``BoundTokens(max_tokens)`` if given.
+    tuples the inlined layers left unused); ``BoundTokens(max_tokens)`` if given. Last,
+    ``OrderShapeFunctions`` writes the VM's shape functions in one order (reproducible builds).
     A target kind without an entry in :data:`LOWERING_BACKENDS` gets TVM's pipeline unchanged.
     """
     if target.kind.name not in LOWERING_BACKENDS:
@@ -162,14 +166,23 @@ def lowering_pipeline(target: tvm.target.Target, max_tokens: int | None = None) 
             return tvm.transform.Sequential(
                 [relax.transform.RemoveRedundantReshape()]
                 + backend.library_dispatch_passes(target)
-                + [
-                    FuseTIRGuarded() if p.info.name == "FuseTIR" else p
-                    for p in backend.legalize_passes(target)
-                ]
+                + [_moec_pass(p) for p in backend.legalize_passes(target)]
                 + ordinary_ops
                 + backend.dataflow_lower_passes(target)
                 + ours
                 + backend.finalize_passes(target)
+                + [OrderShapeFunctions()]
             )(mod)
 
     return lower
+
+
+def _moec_pass(tvm_pass: tvm.transform.Pass) -> tvm.transform.Pass:
+    """moec's replacement of one of TVM's legalisation passes, or the pass itself: ``LegalizeOps``
+    with NaN-propagating min/max ops (:mod:`moec.passes.nan_legalize`), and
+    :class:`~moec.passes.fuse_tir_guarded.FuseTIRGuarded` for ``FuseTIR``."""
+    if tvm_pass.info.name == "LegalizeOps":
+        return relax.transform.LegalizeOps(NAN_PROPAGATING_LEGALIZE)
+    if tvm_pass.info.name == "FuseTIR":
+        return FuseTIRGuarded()
+    return tvm_pass

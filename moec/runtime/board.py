@@ -7,8 +7,8 @@ runtime (:mod:`moec.runtime.wheels`), and started under the target file's emulat
 ``qemu-aarch64 -L /usr/aarch64-linux-gnu``) when the board's CPU is not this machine's. The
 runner finds the TVM libraries through its run path (``$ORIGIN/../lib``, the cache layout and
 the ``moec package`` layout alike) and the board's C and C++ libraries through the emulator's
-``-L`` prefix, so no ``LD_LIBRARY_PATH`` is needed. Everything needed comes from the manifest,
-which records the target file as it was at compile time.
+``-L`` prefix, so no ``LD_LIBRARY_PATH`` is needed. The board comes from the manifest; the
+compiler and emulator, which moec executes, from the target file (never from the manifest).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from moec.artifact import read_manifest
+from moec.artifact import check_files, read_manifest
 from moec.errors import MoecError
 from moec.runtime import native, wheels
 
@@ -46,19 +46,49 @@ class ArtifactTarget:
     runtime_wheels: str = ""
 
     @classmethod
-    def from_manifest(cls, manifest: dict[str, Any]) -> ArtifactTarget:
-        """The target recorded in ``manifest`` (a manifest without one was built for this machine)."""
-        target = manifest.get("target") or {}
-        toolchain = target.get("toolchain") or {}
+    def from_manifest(
+        cls, manifest: dict[str, Any], where: str | Path, target_file: str | None = None
+    ) -> ArtifactTarget:
+        """The target of the artifact at ``where`` whose manifest is ``manifest``.
+
+        The board (name, architecture, CUDA or not) is the manifest's; the toolchain and the
+        emulator, being commands moec runs, come from a target file: ``target_file`` (the user's
+        ``--target``, which must name the same target), else the bundled file of the manifest's
+        target name. An artifact for this machine's CPU needs neither (the native ``g++``);
+        one for a board moec does not bundle needs ``--target``.
+        """
+        from moec.targets import Toolchain, bundled_targets, target_toolchain
+
+        target = manifest["target"]
+        name = str(target["name"])
+        arch = str(target["hardware"]["arch"])
+        cuda = target.get("cuda") is not None
+        if target_file is not None:
+            named, toolchain = target_toolchain(target_file)
+            if named != name:
+                raise MoecError(
+                    f"{target_file}: is target '{named}' but {where} was compiled for '{name}'; pass "
+                    "the target file it was compiled with"
+                )
+        elif name in bundled_targets():
+            toolchain = target_toolchain(name)[1]
+        elif arch == platform.machine() and not cuda:
+            toolchain = Toolchain()
+        else:
+            raise MoecError(
+                f"{where}: compiled for target '{name}', which moec does not bundle; pass --target "
+                "FILE.toml, the target file it was compiled with (a compiler or emulator is never "
+                "taken from the manifest)"
+            )
         return cls(
-            name=str(target.get("name", "host")),
-            arch=str((target.get("hardware") or {}).get("arch", platform.machine())),
-            cuda=target.get("cuda") is not None,
-            cxx=toolchain.get("cxx", cls.cxx),
-            package=toolchain.get("package", cls.package),
-            emulator=tuple(toolchain.get("emulator", ())),
-            emulator_package=toolchain.get("emulator_package", ""),
-            runtime_wheels=toolchain.get("runtime_wheels", ""),
+            name=name,
+            arch=arch,
+            cuda=cuda,
+            cxx=toolchain.cxx,
+            package=toolchain.package,
+            emulator=toolchain.emulator,
+            emulator_package=toolchain.emulator_package,
+            runtime_wheels=toolchain.runtime_wheels,
         )
 
     @property
@@ -154,10 +184,13 @@ class RunnerSession:
     one runner process fed through ``.npy`` files, as on the board.
     """
 
-    def __init__(self, artifact_dir: str | Path) -> None:
+    def __init__(
+        self, artifact_dir: str | Path, check_hashes: bool = True, target_file: str | None = None
+    ) -> None:
         self.dir = Path(artifact_dir)
         self.manifest: dict[str, Any] = read_manifest(self.dir)
-        self.target = ArtifactTarget.from_manifest(self.manifest)
+        check_files(self.dir, self.manifest, check_hashes)  # once here; each runner call checks sizes
+        self.target = ArtifactTarget.from_manifest(self.manifest, self.dir, target_file)
         self.emulator = emulator_for(self.target)  # before building: a missing emulator is the news
         self.runner = ensure_runner(self.target)
 
@@ -186,7 +219,7 @@ class RunnerSession:
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Outputs by name for inputs by name."""
-        return native.run_native(self.runner, self.dir, feeds, emulator=self.emulator)[0]
+        return native.run_native(self.runner, self.dir, feeds, emulator=self.emulator, check_hashes=False)[0]
 
     def run_timed(
         self, feeds: dict[str, np.ndarray], repeats: int, warmup: int = 5
@@ -194,7 +227,13 @@ class RunnerSession:
         """Outputs by name, the runner's latency line over ``repeats`` timed calls, and its peak
         RSS line."""
         outputs, stdout = native.run_native(
-            self.runner, self.dir, feeds, repeat=repeats, warmup=warmup, emulator=self.emulator
+            self.runner,
+            self.dir,
+            feeds,
+            repeat=repeats,
+            warmup=warmup,
+            emulator=self.emulator,
+            check_hashes=False,
         )
         lines = []
         for pattern, what in ((LATENCY, "latency"), (PEAK_RSS, "peak RSS")):
@@ -205,11 +244,16 @@ class RunnerSession:
         return outputs, lines[0], lines[1]
 
 
-def open_session(artifact_dir: str | Path) -> Any:
-    """A session for ``artifact_dir``: in-process for this machine's artifacts, else the runner's."""
-    target = ArtifactTarget.from_manifest(read_manifest(Path(artifact_dir)))
+def open_session(artifact_dir: str | Path, check_hashes: bool = True, target_file: str | None = None) -> Any:
+    """A session for ``artifact_dir``: in-process for this machine's artifacts, else the runner's.
+
+    Either checks the artifact's files against the manifest first (sizes, and SHA-256 unless
+    ``check_hashes`` is off); ``target_file`` is the user's ``--target`` (see
+    :meth:`ArtifactTarget.from_manifest`)."""
+    manifest = read_manifest(Path(artifact_dir))
+    target = ArtifactTarget.from_manifest(manifest, artifact_dir, target_file)
     if target.runs_here:
         from moec.runtime.session import ArtifactSession
 
-        return ArtifactSession(artifact_dir)
-    return RunnerSession(artifact_dir)
+        return ArtifactSession(artifact_dir, check_hashes)
+    return RunnerSession(artifact_dir, check_hashes, target_file)

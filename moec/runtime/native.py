@@ -141,12 +141,14 @@ def run_native(
     warmup: int | None = None,
     emulator: tuple[str, ...] | list[str] = (),
     threads: int | None = None,
+    check_hashes: bool = True,
 ) -> tuple[dict[str, np.ndarray], str]:
     """Run ``artifact_dir`` with the native runner; return its outputs by name and its stdout.
 
     Feeds go through ``.npy`` files exactly as a user on a board would pass them. With
     ``repeat`` > 0 the runner also times that many calls and prints its latency line; ``threads``
-    is the runner's ``--threads``.
+    is the runner's ``--threads``; without ``check_hashes`` the runner checks only the sizes of
+    the artifact's files (``--skip-hash-check``: a caller that has hashed them already).
     ``emulator`` is a command prefix that runs a runner built for another architecture here
     (e.g. ``qemu-aarch64 -L /usr/aarch64-linux-gnu``). A failure raises :class:`MoecError`
     carrying the runner's one-line message.
@@ -166,6 +168,8 @@ def run_native(
             command += ["--warmup", str(warmup)]
         if threads is not None:
             command += ["--threads", str(threads)]
+        if not check_hashes:
+            command.append("--skip-hash-check")
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             lines = result.stderr.strip().splitlines() or [f"exit status {result.returncode}"]

@@ -24,7 +24,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from moec.artifact import LIBRARY, WEIGHTS, read_manifest
+from moec.artifact import (
+    LIBRARY,
+    MANIFEST,
+    WEIGHTS,
+    check_files,
+    check_writable,
+    output_lock,
+    read_manifest,
+)
 from moec.errors import MoecError
 from moec.runtime.board import RUNNER, ArtifactTarget, ensure_runner, runtime_library_dirs
 
@@ -138,37 +146,94 @@ Inputs (symbolic dimensions take any size, e.g. the number of tokens; `--tokens 
 """
 
 
+def is_package(path: Path) -> bool:
+    """Whether ``path`` is a tarball ``moec package`` wrote: its first member is ``NAME/README.md``
+    saying so (only the first few KiB are decompressed, however large the tarball)."""
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            first = tar.next()
+            if first is None or not first.isfile() or first.name.count("/") != 1:
+                return False
+            if not first.name.endswith("/README.md") or first.size > 1 << 16:
+                return False
+            text = tar.extractfile(first).read().decode()
+    except (OSError, EOFError, tarfile.TarError, UnicodeDecodeError, AttributeError):
+        return False
+    return "\nCompiled by moec " in text
+
+
+def check_output(out_file: Path, artifact_dir: Path, force: bool) -> None:
+    """Raise a one-line :class:`MoecError` unless the tarball may be written at ``out_file``: in an
+    existing, writable directory outside the artifact, under a name that makes a plain top
+    directory, and — if something is there already — only with ``force`` and only over a
+    tarball ``moec package`` wrote (:func:`is_package`)."""
+    if out_file.is_dir():
+        raise MoecError(
+            f"{out_file}: is a directory; pass the tarball's file name (e.g. {out_file}/model.tar.gz)"
+        )
+    check_writable(out_file, "--output")
+    if not out_file.parent.is_dir():
+        raise MoecError(f"{out_file.parent}: no such directory for the tarball")
+    name = bundle_name(out_file)
+    if name.startswith("."):
+        raise MoecError(
+            f"{out_file}: the tarball's top directory would be '{name}'; give it a plain name such as "
+            "model.tar.gz"
+        )
+    inside = Path(os.path.abspath(artifact_dir))
+    if inside in Path(os.path.abspath(out_file)).parents:
+        raise MoecError(f"{out_file}: is inside the artifact {artifact_dir}; write the tarball elsewhere")
+    if out_file.exists() or out_file.is_symlink():
+        if not force:
+            raise MoecError(f"{out_file}: exists; pass --force to replace it")
+        if out_file.is_symlink() or not is_package(out_file):
+            raise MoecError(
+                f"{out_file}: is not a tarball moec package wrote; --force replaces only those: pass "
+                "another --output"
+            )
+
+
 def package_artifact(
     artifact_dir: str | Path,
     out_file: str | Path | None = None,
     warn: Callable[[str], None] = lambda _: None,
+    force: bool = False,
+    check_hashes: bool = True,
+    target_file: str | None = None,
 ) -> Path:
     """Write the tarball for ``artifact_dir`` to ``out_file`` (default ``ARTIFACT.tar.gz``); return it.
 
     ``warn`` receives what may stop the bundle from running on the board (also in its README).
+    The artifact's files are checked against its manifest first (SHA-256 too unless
+    ``check_hashes`` is off); an existing ``out_file`` is replaced only with ``force`` and only
+    if moec wrote it (:func:`check_output`); ``target_file`` is the user's ``--target`` (the
+    target file, for an artifact of a board moec does not bundle).
 
     The tarball is written under a temporary name beside ``out_file`` and renamed into place,
     so a failure never leaves a partial one (nor replaces an existing one).
     """
     artifact_dir = Path(artifact_dir)
     manifest = read_manifest(artifact_dir)
-    files = [artifact_dir / "manifest.json"]
-    for key in ("library", "weights"):
-        path = artifact_dir / manifest.get(key, "")
-        if not manifest.get(key) or not path.is_file():
-            raise MoecError(
-                f"{artifact_dir}: damaged artifact (no {manifest.get(key, key)}); recompile the model"
-            )
-        files.append(path)
     out_file = default_output(artifact_dir) if out_file is None else Path(out_file)
-    if out_file.is_dir():
-        raise MoecError(
-            f"{out_file}: is a directory; pass the tarball's file name (e.g. {out_file}/model.tar.gz)"
-        )
-    if not out_file.parent.is_dir():
-        raise MoecError(f"{out_file.parent}: no such directory for the tarball")
+    check_output(out_file, artifact_dir, force)
+    with output_lock(out_file):
+        return _package_locked(artifact_dir, manifest, out_file, warn, force, check_hashes, target_file)
 
-    target = ArtifactTarget.from_manifest(manifest)
+
+def _package_locked(
+    artifact_dir: Path,
+    manifest: dict[str, Any],
+    out_file: Path,
+    warn: Callable[[str], None],
+    force: bool,
+    check_hashes: bool,
+    target_file: str | None,
+) -> Path:
+    """:func:`package_artifact` once it holds the tarball's lock."""
+    check_files(artifact_dir, manifest, check_hashes)
+    files = [artifact_dir / MANIFEST, artifact_dir / manifest["library"], artifact_dir / manifest["weights"]]
+
+    target = ArtifactTarget.from_manifest(manifest, artifact_dir, target_file)
     runner = ensure_runner(target)
     wanted = LIBRARIES + ((CUDA_LIBRARY,) if target.cuda else ())
     libraries = []
@@ -200,6 +265,7 @@ def package_artifact(
                 with open(path, "rb") as data:
                     tar.addfile(info, data)
         temp.chmod(0o644)
+        check_output(out_file, artifact_dir, force)  # what appeared meanwhile is not replaced either
         temp.replace(out_file)
     finally:
         temp.unlink(missing_ok=True)

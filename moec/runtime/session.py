@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ import numpy as np
 import tvm.runtime
 from tvm.runtime.vm import VirtualMachine
 
-from moec.artifact import read_manifest
+from moec.artifact import check_files, read_manifest
 from moec.errors import MoecError, first_line
 from moec.runtime.generate import cache_length_inputs
 from moec.weights_file import read_weights
@@ -21,11 +22,19 @@ class ArtifactSession:
 
     ``params`` are views into the memory-mapped weights file (:func:`moec.weights_file.read_weights`):
     no weight is copied, and each view keeps the mapping alive for as long as the session holds it.
+    The artifact's files are checked against the manifest before they are loaded (sizes, and
+    SHA-256 unless ``check_hashes`` is off: :func:`moec.artifact.check_files`).
+
+    A session may be shared between threads: TVM's Relax VM keeps each call's registers in the
+    VM object, so two calls at once on one VM would overwrite each other's; calls therefore take
+    turns (:attr:`_calls`), and the kernels of each call still use every core.
     """
 
-    def __init__(self, artifact_dir: str | Path) -> None:
+    def __init__(self, artifact_dir: str | Path, check_hashes: bool = True) -> None:
         self.dir = Path(artifact_dir)
         self.manifest: dict[str, Any] = read_manifest(self.dir)
+        check_files(self.dir, self.manifest, check_hashes)
+        self._calls = threading.Lock()
         try:  # a damaged artifact is the user's to fix (recompile), not an internal error
             library = tvm.runtime.load_module(str(self.dir / self.manifest["library"]))
             self.device = tvm.cpu()
@@ -88,22 +97,24 @@ class ArtifactSession:
         """Outputs by name for inputs by name."""
         self.check_token_bound(feeds)
         args = self.input_tensors(feeds)
-        result = self.vm[self.entry_for(feeds)](*args, *self.params)
-        values = list(result) if len(self.outputs) > 1 else [result]
-        return {s["name"]: v.numpy() for s, v in zip(self.outputs, values, strict=True)}
+        with self._calls:  # outputs copied out before the next call may reuse the VM
+            result = self.vm[self.entry_for(feeds)](*args, *self.params)
+            values = list(result) if len(self.outputs) > 1 else [result]
+            return {s["name"]: v.numpy() for s, v in zip(self.outputs, values, strict=True)}
 
     def time(self, feeds: dict[str, np.ndarray], repeats: int = 50, warmup: int = 5) -> np.ndarray:
         """Wall-clock seconds of ``repeats`` calls (after ``warmup`` calls), inputs pre-loaded."""
         self.check_token_bound(feeds)
         args = self.input_tensors(feeds)
         main = self.vm[self.entry_for(feeds)]
-        for _ in range(warmup):
-            main(*args, *self.params)
         times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            main(*args, *self.params)
-            times.append(time.perf_counter() - start)
+        with self._calls:
+            for _ in range(warmup):
+                main(*args, *self.params)
+            for _ in range(repeats):
+                start = time.perf_counter()
+                main(*args, *self.params)
+                times.append(time.perf_counter() - start)
         return np.array(times)
 
 
@@ -126,7 +137,8 @@ def check_feeds(inputs: list[dict[str, Any]], feeds: dict[str, np.ndarray], sour
 
 
 def random_inputs(inputs: list[dict[str, Any]], tokens: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random feeds; symbolic dimensions become ``tokens`` (other symbols become 1). A KV-cache
+    """Random feeds; symbolic dimensions become ``tokens`` (other symbols become 1). Integer inputs
+    span their manifest ``range`` (token ids: the whole vocabulary), else 0 and 1. A KV-cache
     decoder's step gets ``tokens`` new tokens after a cache of ``tokens`` positions, its mask and
     positions consistent with them."""
     rng = np.random.default_rng(seed)
@@ -142,8 +154,9 @@ def random_inputs(inputs: list[dict[str, Any]], tokens: int, seed: int = 0) -> d
         dtype = np.dtype(spec["dtype"])
         if dtype.kind == "f":
             feeds[spec["name"]] = rng.standard_normal(shape).astype(dtype)
-        else:
-            feeds[spec["name"]] = rng.integers(0, 2, size=shape).astype(dtype)
+        else:  # token ids over the whole vocabulary; other integers (masks) 0 or 1
+            low, high = spec.get("range", (0, 2))
+            feeds[spec["name"]] = rng.integers(low, high, size=shape).astype(dtype)
     names = [spec["name"] for spec in inputs]
     if cache_length_inputs(names) and "input_ids" in feeds:
         # A step of a KV-cache decoder: ``tokens`` new tokens after ``tokens`` cached ones, the mask

@@ -228,4 +228,4 @@ def test_cli_verifies_a_masked_capacity_layer_where_the_traced_graph_cannot_run(
         assert verified.exit_code == 0, verified.output
         assert verified.output.count("output: max abs") == 3
         if not extra:
-            assert "1 token(s)  note: the graph itself does not run at these shapes" in verified.output
+            assert "=1  note: the graph itself does not run at these shapes" in verified.output

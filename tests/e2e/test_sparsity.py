@@ -13,8 +13,8 @@ from onnx import numpy_helper
 from moec.artifact import WEIGHTS, read_manifest
 from moec.reference.ms_moe import ms_moe_routing
 from moec.runtime.session import ArtifactSession
-from moec.weights_file import read_weights, write_weights
-from tests.helpers import check_artifact, compile_to, tokens_input
+from moec.weights_file import read_weights
+from tests.helpers import check_artifact, compile_to, rewrite_weights, tokens_input
 from tests.zoo.ms_moe import build_ms_moe_model
 from tests.zoo.standard import build_dense_batched_moe
 
@@ -26,7 +26,7 @@ def _poison(artifact_dir, experts: set[int]) -> None:
     for name in read_manifest(artifact_dir)["layers"][0]["weights"].values():
         for expert in experts:
             params[name][expert] = np.nan
-    write_weights(path, params)
+    rewrite_weights(artifact_dir, params)
 
 
 def _selected(model, x: np.ndarray, k: int) -> set[int]:

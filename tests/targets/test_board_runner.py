@@ -10,6 +10,7 @@ tools come from ``scripts/setup.sh`` (root installs them); without them these te
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
@@ -21,7 +22,7 @@ import numpy as np
 import onnx
 import pytest
 
-from moec.artifact import MANIFEST
+from moec.artifact import MANIFEST, WEIGHTS
 from moec.compiler.compile import compile_model
 from moec.kernels.formats import REDUCED_ARITHMETIC_TOLERANCE
 from moec.options import CompileOptions
@@ -77,14 +78,14 @@ def model() -> onnx.ModelProto:
     return onnx.load(EXAMPLE_MODEL)
 
 
-def edited_copy(artifact: Path, directory: Path, **toolchain: object) -> Path:
-    """A copy of ``artifact`` whose manifest's target toolchain has ``toolchain``'s entries."""
-    copy = directory / "artifact"
-    shutil.copytree(artifact, copy)
-    manifest = json.loads((copy / MANIFEST).read_text())
-    manifest["target"]["toolchain"].update(toolchain)
-    (copy / MANIFEST).write_text(json.dumps(manifest))
-    return copy
+def edited_target(directory: Path, old: str, new: str, name: str = "cortex-a72") -> Path:
+    """A copy of the bundled cortex-a72 target file, still named ``name``, with ``old`` replaced by
+    ``new``: a board's toolchain comes from its target file, never from the manifest."""
+    text = bundled_target_file("cortex-a72").read_text()
+    assert old in text
+    path = directory / "my-board.toml"
+    path.write_text(text.replace(old, new).replace('name = "cortex-a72"', f'name = "{name}"'))
+    return path
 
 
 @pytest.mark.parametrize("tokens", [1, 5, 16])
@@ -149,11 +150,33 @@ def test_runner_and_runtime_are_aarch64_and_relocatable(session: RunnerSession) 
     assert "libtvm_runtime.so" in needed and not any("compiler" in lib for lib in needed), needed
 
 
+@pytest.mark.parametrize("version", ["hardware", "portable"])
+def test_sha256_check_under_qemu(
+    session: RunnerSession, artifact: Path, tmp_path: Path, version: str
+) -> None:
+    """The aarch64 runner's SHA-256 on the ARMv8 SHA2 instructions (qemu's ``-cpu max`` has them, as
+    Orin's A78AE does; "hardware" fails without them) and on the portable code (what a Raspberry
+    Pi 4's A72, which lacks them, runs): the recorded digest passes, one flipped bit is refused."""
+    copy = Path(shutil.copytree(artifact, tmp_path / "artifact"))
+    emulator = [session.emulator[0], "-cpu", "max", *session.emulator[1:]]
+    command = [*emulator, str(session.runner), str(copy), "--random-inputs"]
+    env = {**os.environ, "MOEC_RUNNER_SHA256": version}
+    passed = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert passed.returncode == 0, passed.stderr
+    weights = copy / WEIGHTS
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 1  # in the data region, after the index
+    weights.write_bytes(bytes(data))
+    refused = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert refused.returncode == 1, refused.stderr
+    assert f"{weights}: damaged artifact: its SHA-256 differs from the manifest's" in refused.stderr
+
+
 def test_verify_cli_passes_under_qemu(artifact: Path) -> None:
     result = invoke("verify", EXAMPLE_MODEL, artifact, "-n", "1", "-n", "5", "-n", "16")
     assert result.exit_code == 0, result.output
     assert "under qemu-aarch64" in result.stdout
-    assert len(re.findall(r"token\(s\)\s+y: .* ok", result.stdout)) == 3, result.stdout
+    assert len(re.findall(r"tokens=\d+\s+y: .* ok", result.stdout)) == 3, result.stdout
     assert "verified: max abs error" in result.stdout
 
 
@@ -193,7 +216,7 @@ def test_package_runs_with_its_readme_command(artifact: Path, tmp_path: Path) ->
     blocks = re.findall(r"```sh\n(.*?)```", readme, re.DOTALL)
     command = blocks[0].strip()
     assert "\n" not in command and command.startswith("bin/moec-runner"), command
-    emulator = ArtifactTarget.from_manifest(json.loads((artifact / MANIFEST).read_text())).emulator
+    emulator = ArtifactTarget.from_manifest(json.loads((artifact / MANIFEST).read_text()), artifact).emulator
     run = subprocess.run([*emulator, *shlex.split(command)], cwd=board, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert "output y: shape [1, 64] float32" in run.stdout, run.stdout
@@ -201,18 +224,56 @@ def test_package_runs_with_its_readme_command(artifact: Path, tmp_path: Path) ->
 
 
 def test_missing_emulator_names_its_package(artifact: Path, tmp_path: Path) -> None:
-    copy = edited_copy(artifact, tmp_path, emulator=["no-such-qemu-aarch64", "-L", "/usr/aarch64-linux-gnu"])
-    for command in (("run", copy), ("verify", EXAMPLE_MODEL, copy)):
-        assert_user_error(invoke(*command), "no-such-qemu-aarch64", "apt-get install qemu-user")
+    target = edited_target(tmp_path, 'emulator = ["qemu-aarch64"', 'emulator = ["no-such-qemu-aarch64"')
+    for command in (("run", artifact), ("verify", EXAMPLE_MODEL, artifact)):
+        result = invoke(*command, "--target", target)
+        assert_user_error(result, "no-such-qemu-aarch64", "apt-get install qemu-user")
 
 
 def test_missing_cross_compiler_names_its_package(artifact: Path, tmp_path: Path) -> None:
     """A runner for a compiler nobody has built yet needs that compiler: a one-line error."""
-    copy = edited_copy(artifact, tmp_path, cxx="no-such-aarch64-linux-gnu-g++")
+    target = edited_target(tmp_path, 'cxx = "aarch64-linux-gnu-g++"', 'cxx = "no-such-aarch64-linux-gnu-g++"')
     assert_user_error(
-        invoke("run", copy), "no-such-aarch64-linux-gnu-g++", "apt-get install g++-aarch64-linux-gnu"
+        invoke("run", artifact, "--target", target),
+        "no-such-aarch64-linux-gnu-g++",
+        "apt-get install g++-aarch64-linux-gnu",
     )
-    assert_user_error(invoke("package", copy), "no-such-aarch64-linux-gnu-g++")
+    assert_user_error(invoke("package", artifact, "--target", target), "no-such-aarch64-linux-gnu-g++")
+
+
+def test_nothing_in_the_manifest_is_executed(artifact: Path, tmp_path: Path) -> None:
+    """A manifest whose toolchain names a script: run and package use the bundled target file's
+    compiler and emulator, and the script never runs."""
+    sentinel = tmp_path / "executed"
+    script = tmp_path / "evil.sh"
+    script.write_text(f"#!/bin/sh\ntouch {sentinel}\nexit 1\n")
+    script.chmod(0o755)
+    copy = tmp_path / "artifact"
+    shutil.copytree(artifact, copy)
+    manifest = json.loads((copy / MANIFEST).read_text())
+    manifest["target"]["toolchain"].update(cxx=str(script), emulator=[str(script)])
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    result = invoke("run", copy, "--repeats", "1")
+    assert result.exit_code == 0, result.output
+    result = invoke("package", copy, "-o", tmp_path / "bundle.tar.gz")
+    assert result.exit_code == 0, result.output
+    assert not sentinel.exists(), "a command named by the manifest was executed"
+
+
+def test_unbundled_board_needs_its_target_file(artifact: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "artifact"
+    shutil.copytree(artifact, copy)
+    manifest = json.loads((copy / MANIFEST).read_text())
+    manifest["target"]["name"] = "my-board"
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    assert_user_error(invoke("run", copy), copy, "'my-board'", "--target")
+    other = edited_target(tmp_path, 'cxx = "aarch64-linux-gnu-g++"', 'cxx = "aarch64-linux-gnu-g++"', "other")
+    assert_user_error(invoke("run", copy, "--target", other), other, "'other'", "'my-board'")
+    own = edited_target(
+        tmp_path, 'cxx = "aarch64-linux-gnu-g++"', 'cxx = "aarch64-linux-gnu-g++"', "my-board"
+    )
+    result = invoke("run", copy, "--target", own, "--repeats", "1")
+    assert result.exit_code == 0, result.output
 
 
 def test_target_file_naming_a_missing_compiler_fails_compile(tmp_path: Path) -> None:

@@ -11,13 +11,17 @@ is concerned: it stays in the graph and TVM compiles it densely.
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
+
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from moec.canonical.layer import MoELayer
+from moec.canonical.layer import WEIGHT_ROLES, MoELayer
 from moec.canonical.semantics import moe_forward
+from moec.frontend.nonfinite import FLOAT_TYPES, poisoned
 from moec.frontend.standard.walks import GraphWalk
 from moec.onnx_fixes import FIXED_OPS
 
@@ -95,6 +99,44 @@ def _sampled_dims(walk: GraphWalk, feeds: dict[str, np.ndarray]) -> dict[str, in
     return sizes
 
 
+def _finite_tensor(tensor: onnx.TensorProto) -> onnx.TensorProto:
+    """``tensor``, or, when it is a weight holding NaN or Inf, a copy with those values replaced
+    by 0 (:func:`confirms`)."""
+    if tensor.data_type not in FLOAT_TYPES:
+        return tensor
+    value = numpy_helper.to_array(tensor)
+    return numpy_helper.from_array(_zero_nonfinite(value), tensor.name) if poisoned(value) else tensor
+
+
+def _finite_node(node: onnx.NodeProto) -> onnx.NodeProto:
+    """``node``, or for a ``Constant`` holding NaN or Inf a copy holding 0 in their place."""
+    tensors = [a.t for a in node.attribute if a.type == onnx.AttributeProto.TENSOR]
+    if node.op_type != "Constant" or all(_finite_tensor(t) is t for t in tensors):
+        return node
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    for attr in copy.attribute:
+        if attr.type == onnx.AttributeProto.TENSOR:
+            attr.t.CopyFrom(_finite_tensor(attr.t))
+    return copy
+
+
+def _finite_layer(layer: MoELayer) -> MoELayer:
+    """``layer``, or a copy whose weight arrays hold 0 where the layer's hold NaN or Inf."""
+    fields = {
+        role: _zero_nonfinite(value)
+        for role in (*WEIGHT_ROLES, "selection_bias")
+        if (value := getattr(layer, role)) is not None and poisoned(value)
+    }
+    return dataclasses.replace(layer, **fields) if fields else layer
+
+
+def _zero_nonfinite(value: np.ndarray) -> np.ndarray:
+    zeroed = value.copy()
+    zeroed[~np.isfinite(value)] = 0
+    return zeroed
+
+
 def confirms(
     walk: GraphWalk,
     prelude: list[onnx.NodeProto],
@@ -104,7 +146,14 @@ def confirms(
     logits: str,
     out: str,
 ) -> bool:
-    """Run the region (after the ``prelude`` computed from ``x``) alone; compare with the layer."""
+    """Run the region (after the ``prelude`` computed from ``x``) alone; compare with the layer.
+
+    NaN and Inf in the weights are replaced by 0 on both sides first: where a weight is, it is
+    what the layer reads, whatever its value, but ``NaN != NaN`` would fail the comparison (and
+    a graph that computes every expert for every token spreads one NaN expert over all tokens
+    where the layer's sparse semantics do not). Masks and fill values (``-inf`` among zeros:
+    :func:`moec.frontend.nonfinite.poisoned`) are the graph's arithmetic and stay.
+    """
     region = list(prelude) + list(region)
     produced = {o for n in region for o in n.output}
     outside_nodes: dict[int, onnx.NodeProto] = {}
@@ -120,10 +169,11 @@ def confirms(
     local = _local_equivalents(walk, shape_sources, region, (x, logits))
     shape_sources -= set(local)
     outside = [_reading(node, local) for node in walk.in_graph_order(list(outside_nodes.values()))]
-    computed = _topological(outside + region)
+    computed = [_finite_node(node) for node in _topological(outside + region)]
     initializers = walk.index.initializers
     read = dict.fromkeys(i for n in computed for i in n.input)
-    consts = [initializers[t] for t in read if t in initializers]
+    consts = [_finite_tensor(initializers[t]) for t in read if t in initializers]
+    layer = _finite_layer(layer)
     rng = np.random.default_rng(1234)
     # 6 tokens with unit-scale logits (routing weights far from 0/1, so e.g. renormalised and
     # raw top-k weights differ clearly), then one token per expert whose logit for it is
@@ -162,18 +212,25 @@ def confirms(
         {t.name: t for t in consts}.values(),
     )
     model = helper.make_model(graph, opset_imports=walk.opsets)
-    try:
-        (actual,) = ReferenceEvaluator(model, new_ops=FIXED_OPS).run(None, feeds)
-    except Exception:  # the candidate is not a runnable block on its own
-        return False
-    expected = moe_forward(
-        layer,
-        x_value.reshape(-1, layer.hidden),
-        logit_value.reshape(-1, layer.num_experts),
-        sequence=x_value.shape[-2] if x_value.ndim >= 3 else None,
-    )
-    actual = np.asarray(actual, dtype=np.float64)
-    if actual.size != expected.size:
-        return False
-    error = np.abs(actual.reshape(expected.shape) - expected).max()
-    return bool(error <= 1e-4 * (1.0 + np.abs(expected).max()))
+    # Overflow and the like on this random sample (huge weights) are the comparison's business,
+    # not the user's: numpy's warnings about them are not printed.
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            (actual,) = ReferenceEvaluator(model, new_ops=FIXED_OPS).run(None, feeds)
+        except Exception:  # the candidate is not a runnable block on its own
+            return False
+        try:
+            expected = moe_forward(
+                layer,
+                x_value.reshape(-1, layer.hidden),
+                logit_value.reshape(-1, layer.num_experts),
+                sequence=x_value.shape[-2] if x_value.ndim >= 3 else None,
+            )
+        except ValueError:  # the sample does not fit the layer (tokens not whole sequences)
+            return False
+        actual = np.asarray(actual, dtype=np.float64)
+        if actual.size != expected.size or not expected.size:  # an empty sample shows nothing
+            return False
+        error = np.abs(actual.reshape(expected.shape) - expected).max()
+        return bool(error <= 1e-4 * (1.0 + np.abs(expected).max()))

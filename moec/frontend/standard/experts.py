@@ -187,6 +187,8 @@ def _expert_fields(
     for role, values in roles.items():
         if not values or any(v is None for v in values):
             stacked[role] = None
+        elif len({v.shape[1:] for v in values}) > 1:  # experts of different shapes: not one layer
+            return None
         else:
             stacked[role] = np.concatenate(values, axis=0).astype(np.float32)
     if stacked["up"] is None or stacked["down"] is None or stacked["up"].shape[0] != experts:

@@ -117,3 +117,12 @@ def scalar(index: GraphIndex, tensor: str) -> float | None:
     if value is None or value.size != 1 or not np.issubdtype(value.dtype, np.floating):
         return None
     return float(value.reshape(-1)[0])
+
+
+def count(index: GraphIndex, tensor: str) -> int | None:
+    """An integer scalar constant's value (a TopK's k, a capacity), or None for anything else
+    (another type, no value, several values)."""
+    value = index.constant(tensor) if tensor else None
+    if value is None or value.size != 1 or not np.issubdtype(value.dtype, np.integer):
+        return None
+    return int(value.reshape(-1)[0])

@@ -22,7 +22,7 @@ from typing import Any
 import onnx
 
 from moec.frontend.graph import GraphIndex, attribute
-from moec.frontend.standard.operands import scalar, weight_of
+from moec.frontend.standard.operands import count, scalar, weight_of
 from moec.frontend.standard.walks import MATMUL_OPS, VIEW_OPS, GraphWalk
 
 
@@ -62,12 +62,12 @@ def find_router(walk: GraphWalk, node: onnx.NodeProto) -> Router | None:
         n
         for n in area
         if n.op_type == "TopK"
-        and index.constant(n.input[1]) is not None
-        and int(attribute(n, "largest", 1)) == 1
+        and count(index, n.input[1]) is not None
+        and attribute(n, "largest", 1) == 1
         and walk.shapes.get(n.input[0], [experts])[-1] in (experts, None)
     ]
     if topks:
-        k = int(index.constant(topks[-1].input[1]).reshape(-1)[0])
+        k = count(index, topks[-1].input[1])
     else:
         k = sum(1 for n in area if n.op_type == "ArgMax")
     if not 1 <= k <= experts:
@@ -95,19 +95,21 @@ def routing_choices(index: GraphIndex, router: Router) -> list[dict[str, Any]]:
         shape = index.constant(node.input[1])
         if (
             shape is not None
+            and shape.ndim == 1
+            and shape.dtype.kind in "iu"
             and shape.size >= 2
             and shape[-1] > 0
-            and shape[-2] * shape[-1] == router.experts
+            and int(shape[-2]) * int(shape[-1]) == router.experts  # Python ints: no int64 overflow
         ):
             groups = int(shape[-2])
             # the TopK over the group scores: a ReduceSum of each group's top two
             group_ks = [
-                index.constant(n.input[1])
+                count(index, n.input[1])
                 for n in router.ops("TopK")
                 if getattr(index.producer.get(n.input[0]), "op_type", None) == "ReduceSum"
             ]
             if groups > 1 and group_ks and group_ks[0] is not None:
-                fields |= {"groups": groups, "top_groups": int(group_ks[0].reshape(-1)[0])}
+                fields |= {"groups": groups, "top_groups": group_ks[0]}
     scales = [1.0]
     for node in router.ops("Mul"):
         value = next((v for v in (scalar(index, i) for i in node.input) if v is not None), None)

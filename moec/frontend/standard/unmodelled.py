@@ -21,6 +21,7 @@ import onnx
 from moec.canonical.layer import MoELayer
 from moec.errors import MoecError
 from moec.frontend.graph import GraphIndex, node_label
+from moec.frontend.standard.operands import count
 from moec.frontend.standard.router import Router
 from moec.frontend.standard.walks import GraphWalk
 
@@ -31,9 +32,9 @@ def expert_capacity(index: GraphIndex, region: list[onnx.NodeProto]) -> int | No
     counts = {n.output[0] for n in region if n.op_type == "CumSum"}
     for node in region:
         if node.op_type in ("LessOrEqual", "Less") and node.input[0] in counts:
-            limit = index.constant(node.input[1])
-            if limit is not None and limit.size == 1:
-                return int(limit.reshape(-1)[0]) - (node.op_type == "Less")
+            limit = count(index, node.input[1])
+            if limit is not None:
+                return limit - (node.op_type == "Less")
     return None
 
 

@@ -4,17 +4,21 @@
 // libtvm_runtime.so and libtvm_ffi.so:
 //
 //   moec-runner ARTIFACT_DIR [--input NAME=path.npy ...] [--random-inputs [--tokens T] [--seed S]]
-//               [--output-dir DIR] [--repeat N] [--warmup W] [--threads T]
+//               [--output-dir DIR] [--repeat N] [--warmup W] [--threads T] [--skip-hash-check]
 //
 // It reads manifest.json (input, output and weight names, and whether the target is a CUDA
-// GPU), maps weights.bin (moec/weights_file.py's layout: a header, a JSON index, 64-byte aligned
-// tensors) privately and read-only, advised MADV_HUGEPAGE, and makes each weight a tensor over
-// the mapping (nothing is copied on the CPU), loads the model library, creates the Relax VM
+// GPU), checks the library and weights.bin against the manifest's "files" (each one's size and
+// SHA-256, so that a truncated, changed or half-copied file is refused before anything is loaded;
+// hashing reads every byte once, which --skip-hash-check spares: sizes are always checked), maps
+// weights.bin (moec/weights_file.py's layout: a header, a JSON index, 64-byte aligned tensors)
+// privately and read-only, advised MADV_HUGEPAGE, and makes each weight a tensor over the
+// mapping (nothing is copied on the CPU), loads the model library, creates the Relax VM
 // ("vm_load_executable", "vm_initialization"), runs main(*inputs, *params) once (or the
 // manifest's "entries"."one_token" function when every symbolic input dimension is 1), prints each
 // output's shape and, with --output-dir, writes it as DIR/<output name>.npy ('/' in a name
 // becomes '_'). --random-inputs makes every input not given with --input from random numbers
-// (symbolic dimensions: T tokens, as `moec run --tokens` does), so that the model runs on a
+// (symbolic dimensions: T tokens, as `moec run --tokens` does; integers over the input's
+// manifest "range", token ids over the vocabulary, else 0 or 1), so that the model runs on a
 // board without any input files. With --repeat N it then times N further runs (after W
 // warmups, inputs already on the device). --threads T sets the CPU threads (TVM_NUM_THREADS).
 // Last it prints its peak resident memory ("peak RSS N MiB", VmHWM).
@@ -23,6 +27,10 @@
 // runner loads libtvm_runtime_cuda.so, creates the VM for the GPU with the CPU as host (for
 // shape computations), copies inputs and weights (from the mapping) to the GPU and outputs back,
 // and synchronises the GPU after each timed call.
+//
+// SHA-256 runs on the CPU's SHA-256 instructions where it has them (x86-64 SHA-NI, aarch64 SHA2),
+// else on portable C++. A test and debug switch: the environment variable MOEC_RUNNER_SHA256=portable
+// forces the portable code, =hardware the instructions (an error on a CPU without them).
 // Every failure is one line on stderr ("moec-runner: error: ...") and exit status 1; usage
 // errors (the line then ends with the usage) exit with status 2.
 
@@ -33,6 +41,13 @@
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#if defined(__x86_64__)
+#include <immintrin.h>  // SHA-NI
+#elif defined(__aarch64__)
+#include <arm_neon.h>  // ARMv8 SHA2
+#include <asm/hwcap.h>
+#include <sys/auxv.h>
+#endif
 #include <tvm/ffi/any.h>
 #include <tvm/ffi/container/array.h>
 #include <tvm/ffi/container/map.h>
@@ -72,8 +87,8 @@ namespace {
 
 const char* const kUsage =
     "usage: moec-runner ARTIFACT_DIR [--input NAME=path.npy ...] [--random-inputs [--tokens T] "
-    "[--seed S]] [--output-dir DIR] [--repeat N] [--warmup W] [--threads T]";
-const char* const kFormat = "moec-artifact/2";
+    "[--seed S]] [--output-dir DIR] [--repeat N] [--warmup W] [--threads T] [--skip-hash-check]";
+const char* const kFormat = "moec-artifact/3";
 const DLDevice kCPU = {kDLCPU, 0};
 const DLDevice kCUDA = {kDLCUDA, 0};
 
@@ -140,6 +155,17 @@ const DType* DTypeFromName(const std::string& name) {
 
 size_t ItemSize(const DType& t) { return (t.dl.bits + 7) / 8; }
 
+// The bytes of a `dtype` tensor of `shape`; nullopt when a dimension is negative or the size does
+// not fit in int64. Shapes come from files and manifests, so their products must not wrap.
+std::optional<int64_t> ByteSize(const std::vector<int64_t>& shape, const DType& dtype) {
+  int64_t bytes = static_cast<int64_t>(ItemSize(dtype));
+  for (int64_t d : shape) {
+    if (d < 0 || (d > 0 && bytes > std::numeric_limits<int64_t>::max() / d)) return std::nullopt;
+    bytes *= d;
+  }
+  return bytes;
+}
+
 // ---------------------------------------------------------------------------------------------
 // .npy files (format versions 1-3, C order, little-endian).
 
@@ -147,12 +173,6 @@ struct Array {
   const DType* dtype = nullptr;
   std::vector<int64_t> shape;
   std::string data;  // raw bytes, C order
-
-  int64_t Count() const {
-    int64_t n = 1;
-    for (int64_t d : shape) n *= d;
-    return n;
-  }
 };
 
 std::string ReadFile(const fs::path& path, const std::string& what) {
@@ -210,7 +230,8 @@ Array LoadNpy(const std::string& path) {
   std::string header = bytes.substr(offset, header_len);
 
   std::string descr = HeaderField(header, "descr", path);
-  if (descr.size() < 2 || (descr.front() != '\'' && descr.front() != '"')) {
+  const char quote = descr.empty() ? ' ' : descr.front();
+  if (descr.size() < 2 || (quote != '\'' && quote != '"') || descr.back() != quote) {
     throw Failure(path + ": unsupported npy dtype " + descr + " (structured arrays are not supported)");
   }
   descr = descr.substr(1, descr.size() - 2);
@@ -246,11 +267,12 @@ Array LoadNpy(const std::string& path) {
     }
     array.shape.push_back(dim);
   }
-  size_t expected = static_cast<size_t>(array.Count()) * ItemSize(*array.dtype);
+  std::optional<int64_t> expected = ByteSize(array.shape, *array.dtype);
+  if (!expected.has_value()) throw Failure(path + ": bad npy header (shape " + shape + " is too large)");
   size_t have = bytes.size() - offset - header_len;
-  if (have != expected) {
+  if (have != static_cast<uint64_t>(*expected)) {
     throw Failure(path + ": .npy data has " + std::to_string(have) + " bytes, its header says " +
-                  std::to_string(expected));
+                  std::to_string(*expected));
   }
   array.data = bytes.substr(offset + header_len);
   return array;
@@ -282,16 +304,54 @@ void SaveNpy(const fs::path& path, const DType& dtype, const std::vector<int64_t
 // ---------------------------------------------------------------------------------------------
 // manifest.json, parsed with tvm-ffi's JSON reader (part of libtvm_ffi, which we link anyway).
 
+// tvm-ffi's JSON reader recurses once per nesting level, so that a file of a million '[' would
+// overflow the stack; nesting deeper than any manifest or weights index has is refused first.
+const int kMaxJsonDepth = 64;
+
+// `text` parsed as JSON; on failure, why in `error` (else it is left empty).
+ffi::Any ParseJson(const std::string& text, std::string* error) {
+  int depth = 0;
+  bool in_string = false;
+  for (size_t i = 0; i < text.size(); ++i) {
+    const char c = text[i];
+    if (in_string) {
+      if (c == '\\') {
+        ++i;  // the escaped character cannot end the string
+      } else if (c == '"') {
+        in_string = false;
+      }
+    } else if (c == '"') {
+      in_string = true;
+    } else if ((c == '[' || c == '{') && ++depth > kMaxJsonDepth) {
+      *error = "nested deeper than " + std::to_string(kMaxJsonDepth) + " levels";
+      return ffi::Any();
+    } else if (c == ']' || c == '}') {
+      --depth;
+    }
+  }
+  ffi::String parse_error;
+  ffi::Any value = ffi::json::Parse(ffi::String(text), &parse_error);
+  *error = OneLine(std::string(parse_error));
+  return value;
+}
+
 struct TensorSpec {
   std::string name;
   std::string dtype;                  // numpy name
   std::vector<int64_t> shape;         // -1 for a symbolic dimension
   std::vector<std::string> symbols;   // the symbolic dimension's name, "" for a fixed one
+  int64_t low = 0, high = 2;          // an integer input's values: [low, high) ("range"; 0/1)
+};
+
+// What the manifest records of one file of the artifact ("files"."<name>").
+struct FileRecord {
+  int64_t bytes = 0;
+  std::string sha256;  // 64 lowercase hex digits
 };
 
 struct Manifest {
-  std::string library = "model.so";
-  std::string weights = "weights.bin";
+  std::string library, weights;  // file names in the artifact directory
+  std::map<std::string, FileRecord> files;  // the library's and the weights' records, by file name
   std::vector<TensorSpec> inputs, outputs;
   std::vector<std::string> params;
   bool cuda = false;  // the target is a CUDA GPU (manifest "target"."cuda" is an object)
@@ -329,12 +389,65 @@ std::vector<TensorSpec> ParseSpecs(const ffi::Map<ffi::Any, ffi::Any>& root, con
     for (const ffi::Any& dim : AsList(Field(*object, "shape", here), here + " shape")) {
       auto fixed = dim.as<int64_t>();  // exact ints only: symbolic dimensions are strings
       auto symbol = dim.try_cast<ffi::String>();
+      if (fixed.has_value() ? *fixed < 0 : !symbol.has_value()) {
+        throw Failure(here + " shape: expected non-negative integers and names; recompile the model");
+      }
       spec.shape.push_back(fixed.has_value() ? *fixed : -1);
-      spec.symbols.push_back(fixed.has_value() ? "" : symbol.has_value() ? std::string(*symbol) : "?");
+      spec.symbols.push_back(fixed.has_value() ? "" : std::string(*symbol));
+    }
+    if (object->count(ffi::String("range"))) {  // token ids: [0, vocabulary size)
+      ffi::Array<ffi::Any> range = AsList(Field(*object, "range", here), here + " range");
+      auto low = range.size() == 2 ? range[0].as<int64_t>() : std::nullopt;
+      auto high = range.size() == 2 ? range[1].as<int64_t>() : std::nullopt;
+      if (!low.has_value() || !high.has_value() || *low >= *high) {
+        throw Failure(here + " range: expected [low, high] integers; recompile the model");
+      }
+      spec.low = *low;
+      spec.high = *high;
     }
     specs.push_back(std::move(spec));
   }
   return specs;
+}
+
+// A manifest key that is missing or wrong, worded as moec's Python reader words it.
+Failure DamagedManifest(const std::string& where, const std::string& what) {
+  return Failure(where + ": damaged manifest: " + what + "; recompile the model");
+}
+
+// The value of `key` ("library", "weights"), `fallback` when absent: a file name in the artifact
+// directory, never a path that could lead out of it.
+std::string ParseFileName(const ffi::Map<ffi::Any, ffi::Any>& root, const char* key, const char* fallback,
+                          const std::string& where) {
+  if (!root.count(ffi::String(key))) return fallback;
+  std::string name = AsString(Field(root, key, where), where + " '" + key + "'");
+  const std::string separators("/\\\0", 3);  // and NUL, where the OS would cut the path short
+  if (name.empty() || name == "." || name == ".." || name.find_first_of(separators) != std::string::npos) {
+    throw DamagedManifest(where, std::string("'") + key +
+                                     "' must be a file name inside the artifact directory, got '" + name + "'");
+  }
+  return name;
+}
+
+// "files"."<name>": the size and SHA-256 the manifest records for the artifact's file `name`.
+FileRecord ParseFileRecord(const ffi::Map<ffi::Any, ffi::Any>& files, const std::string& name,
+                           const std::string& where) {
+  auto damaged = [&](const std::string& what) { return DamagedManifest(where, what); };
+  auto found = files.Get(ffi::String(name));
+  if (!found.has_value()) throw damaged("'files' has no '" + name + "'");
+  const std::string key = "files." + name;
+  auto object = found->try_cast<ffi::Map<ffi::Any, ffi::Any>>();
+  if (!object.has_value()) throw damaged("'" + key + "' must be an object");
+  auto bytes = object->Get(ffi::String("bytes"));
+  auto count = bytes.has_value() ? bytes->as<int64_t>() : std::nullopt;
+  if (!count.has_value() || *count < 0) throw damaged("'" + key + ".bytes' must be a non-negative integer");
+  auto sha256 = object->Get(ffi::String("sha256"));
+  auto text = sha256.has_value() ? sha256->try_cast<ffi::String>() : std::nullopt;
+  const std::string hex = text.has_value() ? std::string(*text) : "";
+  if (hex.size() != 64 || hex.find_first_not_of("0123456789abcdef") != std::string::npos) {
+    throw damaged("'" + key + ".sha256' must be a SHA-256 (64 lowercase hex digits)");
+  }
+  return {*count, hex};
 }
 
 Manifest LoadManifest(const fs::path& dir) {
@@ -344,9 +457,9 @@ Manifest LoadManifest(const fs::path& dir) {
     throw Failure(dir.string() + ": not a moec artifact directory (no manifest.json)");
   }
   std::string where = path.string();
-  ffi::String error;
-  ffi::Any root_value = ffi::json::Parse(ReadFile(path, "manifest"), &error);
-  if (!error.empty()) throw Failure(where + ": corrupt manifest (" + OneLine(error) + ")");
+  std::string error;
+  ffi::Any root_value = ParseJson(ReadFile(path, "manifest"), &error);
+  if (!error.empty()) throw Failure(where + ": corrupt manifest (" + error + ")");
   auto root = root_value.try_cast<ffi::Map<ffi::Any, ffi::Any>>();
   if (!root.has_value()) throw Failure(where + ": corrupt manifest (not an object)");
   std::string format = AsString(Field(*root, "format", where), where + " format");
@@ -354,11 +467,12 @@ Manifest LoadManifest(const fs::path& dir) {
     throw Failure(where + ": unknown artifact format '" + format + "'; this runner reads " + kFormat);
   }
   Manifest manifest;
-  if (root->count(ffi::String("library"))) {
-    manifest.library = AsString(Field(*root, "library", where), where + " library");
-  }
-  if (root->count(ffi::String("weights"))) {
-    manifest.weights = AsString(Field(*root, "weights", where), where + " weights");
+  manifest.library = ParseFileName(*root, "library", "model.so", where);
+  manifest.weights = ParseFileName(*root, "weights", "weights.bin", where);
+  auto files = Field(*root, "files", where).try_cast<ffi::Map<ffi::Any, ffi::Any>>();
+  if (!files.has_value()) throw DamagedManifest(where, "'files' must be an object");
+  for (const std::string& name : {manifest.library, manifest.weights}) {
+    manifest.files[name] = ParseFileRecord(*files, name, where);
   }
   manifest.inputs = ParseSpecs(*root, "inputs", where);
   manifest.outputs = ParseSpecs(*root, "outputs", where);
@@ -392,6 +506,244 @@ std::string EntryFor(const Manifest& manifest, const std::vector<Array>& arrays)
     }
   }
   return manifest.one_token;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Artifact integrity: each file's size and SHA-256 against the manifest's "files" record.
+
+// SHA-256 (FIPS 180-4). Only the block compression differs by CPU, chosen once per process: the
+// CPU's SHA-256 instructions where it has them (x86-64 SHA-NI; aarch64 ARMv8 SHA2, e.g. Orin's
+// A78AE but not a Raspberry Pi 4's A72), else the portable C++. SHA-NI hashes at hashlib's speed,
+// 5-6 times the portable code's (1.7 vs 0.3 GB/s, benchmarks/bench_integrity.py). Padding and
+// finalisation are shared (class Sha256). MOEC_RUNNER_SHA256 forces one (see the header comment).
+
+const uint32_t kSha256K[64] = {
+    0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
+    0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
+    0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
+    0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
+    0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
+    0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
+    0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+    0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2,
+};
+
+// Folds `count` 64-byte blocks at `data` into `state` (a..h).
+using Sha256Compress = void (*)(uint32_t state[8], const unsigned char* data, size_t count);
+
+uint32_t Rotr(uint32_t x, int n) { return (x >> n) | (x << (32 - n)); }
+
+void CompressPortable(uint32_t state[8], const unsigned char* data, size_t count) {
+  const uint32_t* const k = kSha256K;
+  for (; count > 0; --count, data += 64) {
+    uint32_t w[64];
+    for (int i = 0; i < 16; ++i) {  // big-endian words
+      w[i] = static_cast<uint32_t>(data[4 * i]) << 24 | static_cast<uint32_t>(data[4 * i + 1]) << 16 |
+             static_cast<uint32_t>(data[4 * i + 2]) << 8 | static_cast<uint32_t>(data[4 * i + 3]);
+    }
+    for (int i = 16; i < 64; ++i) {
+      uint32_t s0 = Rotr(w[i - 15], 7) ^ Rotr(w[i - 15], 18) ^ (w[i - 15] >> 3);
+      uint32_t s1 = Rotr(w[i - 2], 17) ^ Rotr(w[i - 2], 19) ^ (w[i - 2] >> 10);
+      w[i] = w[i - 16] + s0 + w[i - 7] + s1;
+    }
+    uint32_t a = state[0], b = state[1], c = state[2], d = state[3];
+    uint32_t e = state[4], f = state[5], g = state[6], h = state[7];
+    for (int i = 0; i < 64; ++i) {
+      uint32_t t1 = h + (Rotr(e, 6) ^ Rotr(e, 11) ^ Rotr(e, 25)) + ((e & f) ^ (~e & g)) + k[i] + w[i];
+      uint32_t t2 = (Rotr(a, 2) ^ Rotr(a, 13) ^ Rotr(a, 22)) + ((a & b) ^ (a & c) ^ (b & c));
+      h = g;
+      g = f;
+      f = e;
+      e = d + t1;
+      d = c;
+      c = b;
+      b = a;
+      a = t1 + t2;
+    }
+    const uint32_t sums[8] = {a, b, c, d, e, f, g, h};
+    for (int i = 0; i < 8; ++i) state[i] += sums[i];
+  }
+}
+
+// Both instruction sets work on groups of 4 rounds: w[j % 4] holds message words 4j..4j+3, the
+// next group's computed in place from the previous four (the schedule's W[t-16], W[t-15],
+// W[t-7] and W[t-2] terms), and the unrolled loop keeps w[] in registers.
+#if defined(__x86_64__)
+// SHA-NI keeps the state as two vectors, ABEF and CDGH (highest lane first); sha256rnds2 does two
+// rounds with the low two words of W+K, advancing ABEF into the CDGH operand's register.
+__attribute__((target("sha,sse4.1"))) void CompressHardware(uint32_t state[8], const unsigned char* data,
+                                                            size_t count) {
+  const __m128i big_endian = _mm_set_epi64x(0x0c0d0e0f08090a0bLL, 0x0405060700010203LL);
+  auto load = [](const void* from) { return _mm_loadu_si128(static_cast<const __m128i*>(from)); };
+  const __m128i cdab = _mm_shuffle_epi32(load(state), 0xB1);
+  __m128i cdgh = _mm_shuffle_epi32(load(state + 4), 0x1B);  // EFGH for now
+  __m128i abef = _mm_alignr_epi8(cdab, cdgh, 8);
+  cdgh = _mm_blend_epi16(cdgh, cdab, 0xF0);
+  for (; count > 0; --count, data += 64) {
+    const __m128i abef0 = abef, cdgh0 = cdgh;
+    __m128i w[4];
+    for (int i = 0; i < 4; ++i) w[i] = _mm_shuffle_epi8(load(data + 16 * i), big_endian);
+#pragma GCC unroll 16
+    for (int j = 0; j < 16; ++j) {
+      if (j >= 4) {
+        __m128i x = _mm_sha256msg1_epu32(w[j % 4], w[(j + 1) % 4]);
+        x = _mm_add_epi32(x, _mm_alignr_epi8(w[(j + 3) % 4], w[(j + 2) % 4], 4));
+        w[j % 4] = _mm_sha256msg2_epu32(x, w[(j + 3) % 4]);
+      }
+      const __m128i wk = _mm_add_epi32(w[j % 4], load(kSha256K + 4 * j));
+      cdgh = _mm_sha256rnds2_epu32(cdgh, abef, wk);  // rounds 4j, 4j+1: cdgh now holds ABEF
+      abef = _mm_sha256rnds2_epu32(abef, cdgh, _mm_shuffle_epi32(wk, 0x0E));  // 4j+2, 4j+3
+    }
+    abef = _mm_add_epi32(abef, abef0);
+    cdgh = _mm_add_epi32(cdgh, cdgh0);
+  }
+  const __m128i feba = _mm_shuffle_epi32(abef, 0x1B);
+  const __m128i dchg = _mm_shuffle_epi32(cdgh, 0xB1);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(state), _mm_blend_epi16(feba, dchg, 0xF0));  // DCBA
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(state + 4), _mm_alignr_epi8(dchg, feba, 8));  // HGFE
+}
+
+bool HasSha256Instructions() { return __builtin_cpu_supports("sha") && __builtin_cpu_supports("sse4.1"); }
+#elif defined(__aarch64__)
+// ARMv8's SHA2 instructions keep the state as ABCD and EFGH; sha256h/sha256h2 do four rounds.
+// "+crypto" (AES and SHA2) is what GCC 12's arm_neon.h guards these intrinsics with.
+__attribute__((target("+crypto"))) void CompressHardware(uint32_t state[8], const unsigned char* data,
+                                                        size_t count) {
+  uint32x4_t abcd = vld1q_u32(state), efgh = vld1q_u32(state + 4);
+  for (; count > 0; --count, data += 64) {
+    const uint32x4_t abcd0 = abcd, efgh0 = efgh;
+    uint32x4_t w[4];
+    for (int i = 0; i < 4; ++i) w[i] = vreinterpretq_u32_u8(vrev32q_u8(vld1q_u8(data + 16 * i)));
+#pragma GCC unroll 16
+    for (int j = 0; j < 16; ++j) {
+      if (j >= 4) {
+        const uint32x4_t x = vsha256su0q_u32(w[j % 4], w[(j + 1) % 4]);
+        w[j % 4] = vsha256su1q_u32(x, w[(j + 2) % 4], w[(j + 3) % 4]);
+      }
+      const uint32x4_t wk = vaddq_u32(w[j % 4], vld1q_u32(kSha256K + 4 * j));
+      const uint32x4_t before = abcd;
+      abcd = vsha256hq_u32(abcd, efgh, wk);
+      efgh = vsha256h2q_u32(efgh, before, wk);
+    }
+    abcd = vaddq_u32(abcd, abcd0);
+    efgh = vaddq_u32(efgh, efgh0);
+  }
+  vst1q_u32(state, abcd);
+  vst1q_u32(state + 4, efgh);
+}
+
+bool HasSha256Instructions() { return (getauxval(AT_HWCAP) & HWCAP_SHA2) != 0; }
+#else
+constexpr Sha256Compress CompressHardware = nullptr;
+bool HasSha256Instructions() { return false; }
+#endif
+
+// The compression this process uses, chosen on first use: the instructions when the CPU has them,
+// unless MOEC_RUNNER_SHA256 says otherwise ("portable", or "hardware" to fail without them: tests
+// and benchmarks use it to run each version on purpose).
+Sha256Compress ChosenCompress() {
+  static const Sha256Compress chosen = []() -> Sha256Compress {
+    const char* setting = std::getenv("MOEC_RUNNER_SHA256");
+    const std::string want = setting == nullptr ? "" : setting;
+    if (want == "portable") return CompressPortable;
+    if (want != "" && want != "hardware") {
+      throw Failure("MOEC_RUNNER_SHA256 must be 'portable' or 'hardware', got '" + want + "'");
+    }
+    if (HasSha256Instructions()) return CompressHardware;
+    if (want == "hardware") {
+      throw Failure("MOEC_RUNNER_SHA256=hardware: this CPU has no SHA-256 instructions");
+    }
+    return CompressPortable;
+  }();
+  return chosen;
+}
+
+// Fed in pieces, so that a file is hashed without holding it in memory.
+class Sha256 {
+ public:
+  void Update(const unsigned char* data, size_t size) {
+    length_ += size;
+    if (used_ > 0) {  // top up the pending partial block first
+      const size_t take = std::min(size, sizeof(block_) - used_);
+      std::memcpy(block_ + used_, data, take);
+      used_ += take;
+      data += take;
+      size -= take;
+      if (used_ < sizeof(block_)) return;
+      compress_(state_, block_, 1);
+      used_ = 0;
+    }
+    const size_t whole = size / sizeof(block_);  // then whole blocks straight from `data`
+    if (whole > 0) compress_(state_, data, whole);
+    std::memcpy(block_, data + whole * sizeof(block_), size % sizeof(block_));  // keep the rest
+    used_ = size % sizeof(block_);
+  }
+
+  // The digest as 64 lowercase hex digits; call once, after the last Update.
+  std::string HexDigest() {
+    const uint64_t bits = length_ * 8;
+    const unsigned char one = 0x80, zero = 0;
+    Update(&one, 1);  // padding: a 1 bit, zeros up to 8 bytes short of a block, the bit length
+    while (used_ != sizeof(block_) - 8) Update(&zero, 1);
+    unsigned char length[8];
+    for (int i = 0; i < 8; ++i) length[i] = static_cast<unsigned char>(bits >> (56 - 8 * i));
+    Update(length, 8);
+    const char* const digits = "0123456789abcdef";
+    std::string hex;
+    for (uint32_t word : state_) {
+      for (int shift = 28; shift >= 0; shift -= 4) hex += digits[(word >> shift) & 0xf];
+    }
+    return hex;
+  }
+
+ private:
+  const Sha256Compress compress_ = ChosenCompress();
+  uint32_t state_[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
+                        0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
+  unsigned char block_[64];
+  size_t used_ = 0;  // bytes of block_ filled
+  uint64_t length_ = 0;  // bytes hashed
+};
+
+// An open file descriptor, closed when it goes.
+struct Fd {
+  int fd;
+  ~Fd() {
+    if (fd >= 0) close(fd);
+  }
+};
+
+// Refuses `dir`/`name` unless it is a regular file of the recorded size and, with `check_hash`,
+// SHA-256: a truncated, changed or half-copied artifact fails here, before anything of it is loaded.
+void CheckFile(const fs::path& dir, const std::string& name, const FileRecord& record, bool check_hash) {
+  const fs::path path = dir / name;
+  const std::string advice = "; recompile the model or copy the artifact again";
+  std::error_code ignored;
+  if (!fs::is_regular_file(path, ignored)) {  // checked before open(), which a FIFO would block
+    throw Failure(path.string() + ": damaged artifact: the file is missing" + advice);
+  }
+  Fd file{open(path.c_str(), O_RDONLY | O_CLOEXEC)};
+  struct stat info;
+  if (file.fd < 0 || fstat(file.fd, &info) != 0) {
+    throw Failure(path.string() + ": cannot read (" + std::strerror(errno) + ")");
+  }
+  if (info.st_size != record.bytes) {
+    throw Failure(path.string() + ": damaged artifact: " + std::to_string(info.st_size) +
+                  " bytes, the manifest says " + std::to_string(record.bytes) + advice);
+  }
+  if (!check_hash) return;
+  Sha256 sha;
+  std::vector<unsigned char> chunk(1 << 20);
+  for (;;) {
+    ssize_t got = read(file.fd, chunk.data(), chunk.size());
+    if (got < 0 && errno == EINTR) continue;
+    if (got < 0) throw Failure(path.string() + ": cannot read (" + std::strerror(errno) + ")");
+    if (got == 0) break;
+    sha.Update(chunk.data(), static_cast<size_t>(got));
+  }
+  if (sha.HexDigest() != record.sha256) {
+    throw Failure(path.string() + ": damaged artifact: its SHA-256 differs from the manifest's" + advice);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -487,9 +839,9 @@ std::map<std::string, ffi::Tensor> LoadWeights(const fs::path& path) {
   if (kWeightsHeader + length > mapping->size()) throw fail("its index runs past the end of the file");
   size_t start = (kWeightsHeader + length + kWeightsPage - 1) / kWeightsPage * kWeightsPage;
 
-  ffi::String error;
-  ffi::Any index = ffi::json::Parse(ffi::String(std::string(bytes + kWeightsHeader, length)), &error);
-  if (!error.empty()) throw fail("unreadable index: " + OneLine(error));
+  std::string error;
+  ffi::Any index = ParseJson(std::string(bytes + kWeightsHeader, length), &error);
+  if (!error.empty()) throw fail("unreadable index: " + error);
   auto root = index.try_cast<ffi::Map<ffi::Any, ffi::Any>>();
   if (!root.has_value()) throw fail("unreadable index: not an object");
   auto tensors = root->Get(ffi::String("tensors"));
@@ -512,22 +864,18 @@ std::map<std::string, ffi::Tensor> LoadWeights(const fs::path& path) {
       throw fail("unreadable index: an entry with a mistyped name, dtype or shape");
     }
     const std::string name(*name_text);
-    std::vector<int64_t> shape;
-    int64_t count = 1;
-    for (const ffi::Any& dim : *dims) {
-      auto size = dim.as<int64_t>();
-      const int64_t most = std::numeric_limits<int64_t>::max();
-      if (!size.has_value() || *size < 0 || (*size > 0 && count > most / *size)) {
-        throw fail("tensor '" + name + "' has a bad shape");
-      }
-      shape.push_back(*size);
-      count *= *size;
-    }
     const std::string dtype_name(*dtype_text);
     const DType* dtype = DTypeFromName(dtype_name);
     if (dtype == nullptr) throw fail("tensor '" + name + "' has unknown dtype '" + dtype_name + "'");
-    if (!offset.has_value() || !nbytes.has_value() || *offset < 0 ||
-        *nbytes != count * static_cast<int64_t>(ItemSize(*dtype))) {
+    std::vector<int64_t> shape;
+    for (const ffi::Any& dim : *dims) {
+      auto size = dim.as<int64_t>();
+      if (!size.has_value()) throw fail("tensor '" + name + "' has a bad shape");
+      shape.push_back(*size);
+    }
+    std::optional<int64_t> expected = ByteSize(shape, *dtype);
+    if (!expected.has_value()) throw fail("tensor '" + name + "' has a bad shape");
+    if (!offset.has_value() || !nbytes.has_value() || *offset < 0 || *nbytes != *expected) {
       throw fail("tensor '" + name + "' has a bad offset or size");
     }
     if (*offset % static_cast<int64_t>(kWeightsAlignment) != 0) {
@@ -626,6 +974,7 @@ struct Options {
   int repeat = 0;
   int warmup = 5;
   int threads = 0;  // 0: the runtime's default (TVM_NUM_THREADS, else one per core)
+  bool hash_check = true;  // --skip-hash-check: check the files' sizes only
 };
 
 int ParseCount(const std::string& flag, const std::string& text) {
@@ -678,6 +1027,9 @@ Options ParseArgs(int argc, char** argv) {
     } else if (arg == "--random-inputs") {
       if (inline_value) throw UsageError("--random-inputs takes no value");
       options.random_inputs = true;
+    } else if (arg == "--skip-hash-check") {
+      if (inline_value) throw UsageError("--skip-hash-check takes no value");
+      options.hash_check = false;
     } else if (arg == "--tokens") {
       options.tokens = ParseCount(arg, next());
       if (options.tokens == 0) throw UsageError("--tokens must be at least 1");
@@ -727,18 +1079,29 @@ Array RandomInput(const TensorSpec& spec, int tokens, std::mt19937_64& rng) {
   for (size_t i = 0; i < spec.shape.size(); ++i) {
     array.shape.push_back(spec.shape[i] >= 0 ? spec.shape[i] : spec.symbols[i] == last_symbol ? tokens : 1);
   }
-  int64_t count = array.Count();
-  array.data.resize(static_cast<size_t>(count) * ItemSize(*array.dtype));
+  // The shape comes from the manifest: its size must fit in int64 and in this machine's memory.
+  std::optional<int64_t> bytes = ByteSize(array.shape, *array.dtype);
+  const long pages = sysconf(_SC_PHYS_PAGES), page_size = sysconf(_SC_PAGE_SIZE);  // <= 0: unknown
+  if (!bytes.has_value() || (pages > 0 && page_size > 0 && *bytes / page_size >= pages)) {
+    throw Failure("input '" + spec.name + "' of shape " + ShapeText(array.shape) +
+                  " is larger than this machine's memory");
+  }
+  array.data.resize(static_cast<size_t>(*bytes));
+  const int64_t count = *bytes / static_cast<int64_t>(ItemSize(*array.dtype));
   std::normal_distribution<double> normal;
-  std::uniform_int_distribution<int> bit(0, 1);
+  std::uniform_int_distribution<int64_t> integer(spec.low, spec.high - 1);
+  const size_t item = ItemSize(*array.dtype);
   char* out = array.data.data();
   for (int64_t i = 0; i < count; ++i) {
     if (spec.dtype == "float32") {
       reinterpret_cast<float*>(out)[i] = static_cast<float>(normal(rng));
     } else if (spec.dtype == "float64") {
       reinterpret_cast<double*>(out)[i] = normal(rng);
-    } else {  // little-endian integers and booleans: 0 or 1 in the lowest byte
-      out[static_cast<size_t>(i) * ItemSize(*array.dtype)] = static_cast<char>(bit(rng));
+    } else if (spec.dtype == "bool") {
+      out[i] = static_cast<char>(integer(rng) != 0);
+    } else {  // little-endian integers over the input's range (token ids: the vocabulary)
+      const int64_t value = integer(rng);
+      std::memcpy(out + static_cast<size_t>(i) * item, &value, item);
     }
   }
   return array;
@@ -834,11 +1197,8 @@ int Run(const Options& options) {
   Manifest manifest = LoadManifest(options.artifact);
   fs::path library = options.artifact / manifest.library;
   fs::path weights = options.artifact / manifest.weights;
-  for (const fs::path& path : {library, weights}) {
-    if (!fs::is_regular_file(path)) {
-      throw Failure(options.artifact.string() + ": damaged artifact (no " + path.filename().string() +
-                    "); recompile the model");
-    }
+  for (const std::string& name : {manifest.library, manifest.weights}) {
+    CheckFile(options.artifact, name, manifest.files.at(name), options.hash_check);
   }
   std::vector<Array> arrays = LoadInputs(manifest, options);
   const std::string entry = EntryFor(manifest, arrays);
