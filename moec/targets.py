@@ -28,6 +28,7 @@ if sys.version_info >= (3, 11):
 else:  # Python 3.10: the same parser, from PyPI
     import tomli as tomllib
 
+from moec.cuda_device import CudaDevice, detect_device
 from moec.errors import MoecError, first_line
 from moec.schedule import SCHEDULE_KINDS, CpuSchedule, GpuSchedule
 
@@ -299,6 +300,13 @@ def _read_target_file(name_or_path: str) -> tuple[Traversable, dict[str, Any]]:
         raise MoecError(f"{path}: cannot read target file ({err})") from err
 
 
+def target_description(name_or_path: str) -> str:
+    """A target file's ``description``, read without detecting anything (``moec targets`` on a
+    machine where a detecting target cannot load)."""
+    path, data = _read_target_file(name_or_path)
+    return _Table(data, str(path)).get("description", str, "")
+
+
 def target_toolchain(name_or_path: str) -> tuple[str, Toolchain]:
     """The target name and the toolchain (compiler, emulator) of a target file, read without
     loading TVM: what running and packaging an artifact need, taken from the target file and
@@ -320,12 +328,16 @@ def load_target(name_or_path: str) -> TargetSpec:
     tvm_config = _read_tvm_table(root.table("tvm"))
     host_table = root.table("host", required=False)
     host_config = _read_tvm_table(host_table) if host_table else None
-    hardware = _read_hardware(root.table("hardware"))
-    toolchain = _read_toolchain(root.table("toolchain", required=False), str(path))
     cuda_table = root.table("cuda", required=False)
+    # [cuda] arch = "detect": this machine's GPU, whose driver also gives the [hardware] sizes
+    gpu = detect_device() if cuda_table and cuda_table.data.get("arch") == "detect" else None
+    hardware = _read_hardware(root.table("hardware"), gpu, cuda_table is not None)
+    toolchain = _read_toolchain(root.table("toolchain", required=False), str(path))
     cuda = None
     if cuda_table:
-        cuda = CudaSpec(arch=cuda_table.get("arch", str), version=cuda_table.get("version", str))
+        arch = gpu.arch if gpu else cuda_table.get("arch", str)
+        cuda_table.read.add("arch")
+        cuda = CudaSpec(arch=arch, version=cuda_table.get("version", str))
         cuda_table.check_no_unknown_keys()
     root.check_no_unknown_keys()
 
@@ -370,7 +382,18 @@ def load_target(name_or_path: str) -> TargetSpec:
     )
 
 
-def _read_hardware(table: _Table) -> Hardware:
+def _read_hardware(table: _Table, gpu: CudaDevice | None = None, cuda: bool = False) -> Hardware:
+    """The ``[hardware]`` table; ``"detect"`` reads this machine's CPU, or for a ``cuda`` target its
+    GPU ``gpu`` (streaming multiprocessors as cores, a warp as the SIMD width, the shared memory
+    per block as L1); a CUDA target that names its GPU instead (``cuda`` without ``gpu``) must
+    give those sizes."""
+    if cuda and gpu is None:
+        for key in ("cores", "l1d_bytes", "l2_bytes", "memory_bandwidth_gbps"):
+            if table.data.get(key) == "detect":
+                raise MoecError(
+                    f"{table.where}: key '{key}' is \"detect\", but this target names its GPU's arch "
+                    "instead of detecting it: give the GPU's value"
+                )
     arch = table.get("arch", str, detect=platform.machine)
     if arch not in ARCHES:
         raise MoecError(f"{table.where}: key 'arch' must be one of {', '.join(ARCHES)}, got {arch!r}")
@@ -387,12 +410,24 @@ def _read_hardware(table: _Table) -> Hardware:
         raise MoecError(f"{table.where}: key 'compute_precisions' must include 'fp32'")
     hardware = Hardware(
         arch=arch,
-        cores=table.get("cores", int, detect=lambda: os.cpu_count() or 1),
-        simd_bits=table.get("simd_bits", int, detect=_host_simd_bits),
+        cores=table.get("cores", int, detect=lambda: gpu.multiprocessors if gpu else os.cpu_count() or 1),
+        simd_bits=table.get("simd_bits", int, detect=lambda: 32 * 32 if cuda else _host_simd_bits()),
         cache_line_bytes=table.get("cache_line_bytes", int),
-        l1d_bytes=table.get("l1d_bytes", int, detect=lambda: _host_cache_bytes(1, "Data")),
-        l2_bytes=table.get("l2_bytes", int, detect=lambda: _host_cache_bytes(2, "Unified")),
-        memory_bandwidth_gbps=float(table.get("memory_bandwidth_gbps", (int, float), detect=lambda: 0.0)),
+        l1d_bytes=table.get(
+            "l1d_bytes",
+            int,
+            detect=lambda: gpu.max_shared_memory_per_block if gpu else _host_cache_bytes(1, "Data"),
+        ),
+        l2_bytes=table.get(
+            "l2_bytes", int, detect=lambda: gpu.l2_bytes if gpu else _host_cache_bytes(2, "Unified")
+        ),
+        memory_bandwidth_gbps=float(
+            table.get(
+                "memory_bandwidth_gbps",
+                (int, float),
+                detect=lambda: gpu.memory_bandwidth_gbps if gpu else 0.0,
+            )
+        ),
         compute_precisions=precisions,
     )
     table.check_no_unknown_keys()

@@ -153,9 +153,9 @@ def _platform_matches(wheel: Path, platform: str) -> bool:
 
 def bundled_platforms() -> list[str]:
     """The wheel platforms the bundled target files name (their ``toolchain.runtime_wheels``)."""
-    from moec.targets import bundled_targets, load_target
+    from moec.targets import bundled_targets, target_toolchain
 
-    names = {load_target(name).toolchain.runtime_wheels for name in bundled_targets()}
+    names = {target_toolchain(name)[1].runtime_wheels for name in bundled_targets()}
     return sorted(name for name in names if name)
 
 

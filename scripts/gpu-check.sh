@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# moec's CUDA kernels on a real NVIDIA GPU (issue 16): run ON the GPU machine, after
+#   .venv/bin/python scripts/gpu_check.py prepare        # here: builds .gpu-check/ (git-ignored)
+# The device tool sends the checkout and the carried .gpu-check/ (64 MiB at most together; the
+# tracked fixtures/models, 88 MB, must be moved out of the tree for that call), e.g.
+#   mv fixtures/models /tmp/moec-fixtures      # then device run: command "bash scripts/gpu-check.sh",
+#                                              # carry [".gpu-check"], timeout_s 300
+#   mv /tmp/moec-fixtures fixtures/models
+# It needs only python3 and numpy there (the machine is offline: nothing is installed). Every case
+# is compared with the numpy reference; the benchmark block is timed at 1 and 16 tokens.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-.gpu-check}"
+python3 scripts/gpu_check.py run --dir .gpu-check 2>&1 | tee "$out/gpu-check.log"

@@ -1,0 +1,51 @@
+"""scripts/gpu_check.py end to end on the CPU: ``prepare`` for the host target, then ``run`` with a
+plain ``python3`` (numpy only, as on the GPU machine) checks every case against the numpy
+reference and times the benchmark block. On a GPU machine the same two steps run with the
+default H200 target (scripts/gpu-check.sh)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.helpers import REPO_ROOT
+
+SCRIPT = REPO_ROOT / "scripts" / "gpu_check.py"
+
+
+@pytest.mark.slow
+def test_prepare_then_run_checks_every_case(tmp_path: Path) -> None:
+    out = tmp_path / "gpu-check"
+    host = REPO_ROOT / "targets" / "host.toml"
+    prepare = [
+        sys.executable,
+        str(SCRIPT),
+        "prepare",
+        "--target",
+        str(host),
+        "--out",
+        str(out),
+        "--bench-ffn",
+        "128",
+    ]
+    subprocess.run(prepare, check=True, capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, str(SCRIPT), "run", "--dir", str(out)], capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    rows = [line for line in run.stdout.splitlines() if line.endswith(" ok")]
+    assert len(rows) == 10, run.stdout
+    assert run.stdout.count("latency over 500 runs") == 2, run.stdout
+    assert "every case matches the numpy reference" in run.stdout
+
+    # a wrong reference is caught: the check can fail
+    expected = next((out / "cases" / "mixtral-softmax-fp32" / "run0" / "expected").glob("*.npy"))
+    np.save(expected, np.load(expected) + np.float32(1e-3))
+    run = subprocess.run(
+        [sys.executable, str(SCRIPT), "run", "--dir", str(out)], capture_output=True, text=True
+    )
+    assert run.returncode == 1 and "mixtral-softmax-fp32         FAIL" in run.stdout, run.stdout
