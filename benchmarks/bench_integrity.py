@@ -99,7 +99,7 @@ def main() -> None:
     python_rate = size / warm_s["python check, SHA-256"] / 1e9
     runner_hash_s = warm_s["moec-runner, SHA-256"] - warm_s["moec-runner, sizes only (--skip-hash-check)"]
     lines = [
-        "## bench_integrity: checking an artifact before it runs",
+        "## Checking an artifact before it runs: SHA-256 vs sizes only (`benchmarks/bench_integrity.py`)",
         "",
         f"`.venv/bin/python benchmarks/bench_integrity.py --mb {args.mb}` on {cpu_model()}, "
         f"{os.cpu_count()} cores, moec {git_revision()}, Python {sys.version.split()[0]}. Weights file "

@@ -14,7 +14,7 @@ from typing import Any
 import click
 import numpy as np
 
-from moec.errors import MoecError, first_line
+from moec.errors import MoecError, first_line, warn
 from moec.options import (
     AUTO,
     DENSE_PRECISIONS,
@@ -894,10 +894,9 @@ def profile(model: Path, calib: Path | None, synthetic: int | None, output: Path
         for sample in samples:
             check_feeds(inputs, sample, str(calib))
     else:
-        click.echo(
-            f"moec: warning: profiling {synthetic} random tokens: real routers route real data "
-            "differently, so do not mask or prune from this profile",
-            err=True,
+        warn(
+            f"profiling {synthetic} random tokens: real routers route real data "
+            "differently, so do not mask or prune from this profile"
         )
         samples = [random_inputs(inputs, synthetic, seed=0)]
 
@@ -1020,7 +1019,7 @@ def _warn_caveats(layers: list[dict]) -> None:
     from its graph."""
     for layer in layers:
         for caveat in layer.get("caveats", []):
-            click.echo(f"moec: warning: {layer['name']}: {caveat}", err=True)
+            warn(f"{layer['name']}: {caveat}")
 
 
 def _router_summary(rule: dict) -> str:
@@ -1065,7 +1064,7 @@ def package(
     path = package_artifact(
         artifact,
         output,
-        warn=lambda line: click.echo(f"moec: warning: {line}", err=True),
+        warn=warn,
         force=force,
         check_hashes=not skip_hash_check,
         target_file=target_file,
