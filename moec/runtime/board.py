@@ -26,6 +26,7 @@ import numpy as np
 from moec.artifact import check_files, read_manifest
 from moec.errors import MoecError
 from moec.runtime import native, wheels
+from moec.targets import Toolchain, bundled_targets, target_toolchain
 
 RUNNER = "moec-runner"
 LATENCY = re.compile(r"^latency over \d+ runs: .*$", re.MULTILINE)
@@ -39,11 +40,7 @@ class ArtifactTarget:
     name: str
     arch: str
     cuda: bool
-    cxx: str = "g++"
-    package: str = "g++"
-    emulator: tuple[str, ...] = ()
-    emulator_package: str = ""
-    runtime_wheels: str = ""
+    toolchain: Toolchain
 
     @classmethod
     def from_manifest(
@@ -57,8 +54,6 @@ class ArtifactTarget:
         target name. An artifact for this machine's CPU needs neither (the native ``g++``);
         one for a board moec does not bundle needs ``--target``.
         """
-        from moec.targets import Toolchain, bundled_targets, target_toolchain
-
         target = manifest["target"]
         name = str(target["name"])
         arch = str(target["hardware"]["arch"])
@@ -80,16 +75,7 @@ class ArtifactTarget:
                 "FILE.toml, the target file it was compiled with (a compiler or emulator is never "
                 "taken from the manifest)"
             )
-        return cls(
-            name=name,
-            arch=arch,
-            cuda=cuda,
-            cxx=toolchain.cxx,
-            package=toolchain.package,
-            emulator=toolchain.emulator,
-            emulator_package=toolchain.emulator_package,
-            runtime_wheels=toolchain.runtime_wheels,
-        )
+        return cls(name=name, arch=arch, cuda=cuda, toolchain=toolchain)
 
     @property
     def same_arch(self) -> bool:
@@ -105,8 +91,8 @@ class ArtifactTarget:
 def runtime_library_dirs(target: ArtifactTarget) -> list[Path]:
     """Directories holding the TVM runtime libraries (``libtvm_runtime.so``, ``libtvm_ffi.so``) for
     ``target``: PyPI's wheels for its platform, or the installed wheels for this machine's."""
-    if target.runtime_wheels:
-        return [wheels.runtime_libraries(target.runtime_wheels)]
+    if target.toolchain.runtime_wheels:
+        return [wheels.runtime_libraries(target.toolchain.runtime_wheels)]
     if not target.same_arch:
         raise MoecError(
             f"target {target.name} is {target.arch} but names no toolchain.runtime_wheels (the PyPI "
@@ -125,14 +111,14 @@ def runner_path(target: ArtifactTarget) -> Path:
     runner's source, so an edit to any of them builds a new runner instead of reusing a stale one.
     """
     parts = [
-        target.cxx,
-        target.runtime_wheels,
+        target.toolchain.cxx,
+        target.toolchain.runtime_wheels,
         *wheels.installed_versions().values(),
         native.SOURCE.read_text(),
     ]
     key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:12]
-    if target.runtime_wheels:
-        return wheels.runtime_dir(target.runtime_wheels) / f"runner-{key}" / RUNNER
+    if target.toolchain.runtime_wheels:
+        return wheels.runtime_dir(target.toolchain.runtime_wheels) / f"runner-{key}" / RUNNER
     return wheels.cache_root() / "runner" / f"{target.arch}-installed-{key}" / RUNNER
 
 
@@ -140,10 +126,10 @@ def ensure_runner(target: ArtifactTarget) -> Path:
     """The runner built for ``target`` (built once with the target's compiler, then cached)."""
     return native.build_runner(
         runner_path(target),
-        target.cxx,
+        target.toolchain.cxx,
         runtime_library_dirs(target),
-        package=target.package,
-        relocatable=bool(target.runtime_wheels),
+        package=target.toolchain.package,
+        relocatable=bool(target.toolchain.runtime_wheels),
     )
 
 
@@ -161,19 +147,19 @@ def emulator_for(target: ArtifactTarget) -> list[str]:
             f"{target.name} artifacts run on the board's CUDA GPU, which cannot be emulated on this "
             f"{machine} machine; copy 'moec package' output to the board and run it there"
         )
-    if not target.emulator:
+    if not target.toolchain.emulator:
         raise MoecError(
             f"{target.name} artifacts are {target.arch} code and this machine is {machine}; the target "
             "names no toolchain.emulator to run them here; run it on the board ('moec package')"
         )
-    command = target.emulator[0]
+    command = target.toolchain.emulator[0]
     if shutil.which(command) is None:
-        package = target.emulator_package or command
+        package = target.toolchain.emulator_package or command
         raise MoecError(
             f"{command}: not installed; it runs {target.arch} code on this {machine} machine. Install it "
             f"with 'apt-get install {package}' (scripts/setup.sh does this)"
         )
-    return list(target.emulator)
+    return list(target.toolchain.emulator)
 
 
 class RunnerSession:

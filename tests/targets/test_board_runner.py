@@ -216,7 +216,8 @@ def test_package_runs_with_its_readme_command(artifact: Path, tmp_path: Path) ->
     blocks = re.findall(r"```sh\n(.*?)```", readme, re.DOTALL)
     command = blocks[0].strip()
     assert "\n" not in command and command.startswith("bin/moec-runner"), command
-    emulator = ArtifactTarget.from_manifest(json.loads((artifact / MANIFEST).read_text()), artifact).emulator
+    target = ArtifactTarget.from_manifest(json.loads((artifact / MANIFEST).read_text()), artifact)
+    emulator = target.toolchain.emulator
     run = subprocess.run([*emulator, *shlex.split(command)], cwd=board, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert "output y: shape [1, 64] float32" in run.stdout, run.stdout
