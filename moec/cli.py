@@ -562,7 +562,8 @@ def _budget_options(
     "--profile",
     is_flag=True,
     help="Also print the time per function (kernels, TVM operators, VM built-ins) per call, "
-    "measured with the VM's instrument hook (host artifacts only).",
+    "measured with the VM's instrument hook; for a CUDA artifact, each GPU kernel's time per call "
+    "from CUDA events, over as many more calls as --repeats.",
 )
 @artifact_options
 @user_errors
@@ -589,8 +590,11 @@ def run(
     if threads is not None:  # read when TVM's thread pool starts: at the first kernel call
         os.environ["TVM_NUM_THREADS"] = str(threads)
     session = open_session(artifact, not skip_hash_check, target_file)
-    if profile and isinstance(session, RunnerSession):
-        raise MoecError(f"{artifact}: --profile needs an artifact that runs here (a host target artifact)")
+    if profile and isinstance(session, RunnerSession) and not session.target.cuda:
+        raise MoecError(
+            f"{artifact}: --profile needs an artifact that runs here (a host target artifact) or on "
+            "this machine's GPU (a cuda target artifact)"
+        )
     if isinstance(session, RunnerSession):
         click.echo(session.how)
     if inputs and tokens is not None:
@@ -600,7 +604,7 @@ def run(
     warmup = min(5, repeats) if warmup is None else warmup
     click.echo(f"timing: {warmup} warm-up call(s), then {repeats} timed call(s)")
     if isinstance(session, RunnerSession):
-        outputs, latency, peak = session.run_timed(feeds, repeats, warmup)
+        outputs, (latency, peak, *kernel_times) = session.run_timed(feeds, repeats, warmup, profile)
         if session.emulator:
             latency += " (emulated: not the board's latency)"
             peak += " (emulated: includes the emulator)"
@@ -616,7 +620,9 @@ def run(
         peak = _peak_rss_line()
     click.echo(latency)
     click.echo(peak)
-    if profile:
+    if profile and isinstance(session, RunnerSession):
+        click.echo("\n".join(kernel_times))
+    elif profile:
         _print_profile(session, feeds)
 
 
@@ -1062,12 +1068,7 @@ def package(
     from moec.runtime.package import bundle_name, package_artifact, run_command
 
     path = package_artifact(
-        artifact,
-        output,
-        warn=warn,
-        force=force,
-        check_hashes=not skip_hash_check,
-        target_file=target_file,
+        artifact, output, force=force, check_hashes=not skip_hash_check, target_file=target_file
     )
     click.echo(f"wrote {path}")
     click.echo(f"on the board: tar xzf {path.name} && cd {bundle_name(path)} && {run_command()}")

@@ -28,6 +28,7 @@ ATTRIBUTES = {
     "minor": 76,
 }
 """``CUdevice_attribute`` values (cuda.h) of what the target needs."""
+CUDA_ERROR_NO_DEVICE = 100
 DETECTING = "the cuda target detects this machine's GPU, but"
 NAME_THE_GPU = (
     'name the GPU\'s architecture instead: copy targets/cuda.toml and set [cuda] arch = "sm_90" '
@@ -58,6 +59,8 @@ def detect_device(ordinal: int = 0) -> CudaDevice:
         raise MoecError(f"{DETECTING} there is no NVIDIA driver ({err}); {NAME_THE_GPU}") from err
 
     def check(status: int, call: str) -> None:
+        if status == CUDA_ERROR_NO_DEVICE:
+            raise MoecError(f"{DETECTING} the NVIDIA driver reports no GPU ({call}); {NAME_THE_GPU}")
         if status != 0:
             raise MoecError(
                 f"{DETECTING} the NVIDIA driver's {call} failed "

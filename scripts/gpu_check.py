@@ -15,12 +15,20 @@ top-k, sigmoid with selection bias and groups, sparsemixer, onnxruntime's fused 
 the transfer limit).
 
 ``run`` (there, with ``python3`` and numpy only: this part imports nothing of moec): runs each
-case with ``moec-runner`` on the GPU, compares every output with the reference under ``moec
-verify``'s default bounds (fp32: 1e-4, or 1e-5 of the output's largest value; reduced
-arithmetic: 1e-2 of it), times the benchmark block at 1 and 16 tokens (the runner's latency
-line), prints a table and exits 1 if a case fails. TVM's CUDA runtime needs
-``libcudart.so.13``: ``run`` looks for it in the Python packages there (PyTorch's CUDA 13
-wheels) and the usual CUDA folders.
+case with ``moec-runner`` on the GPU (which needs only the NVIDIA driver, ``libcuda.so.1``),
+compares every output with the reference under ``moec verify``'s default bounds (fp32: 1e-4, or
+1e-5 of the output's largest value; reduced arithmetic: 1e-2 of it), times the benchmark block
+at 1 and 16 tokens (the runner's latency line) with each kernel's GPU time (``--kernel-times``),
+prints a table and exits 1 if a case fails.
+
+The baseline. The issue names onnxruntime-gpu's CUDA ``com.microsoft::MoE``; the GPU machine has
+only the CPU onnxruntime and no network, and the CUDA wheel is far over the transfer limit, so
+``run`` says so and, where PyTorch with CUDA is installed there, times PyTorch instead: the
+block written as Hugging Face's Mixtral block runs it (softmax router, top-k, renormalise, a
+loop over the experts hit), in eager mode, on the same weights (read from the benchmark
+artifact's ``weights.bin``) and inputs, after checking that its output matches moec's. The two
+are timed interleaved, three rounds each of 500 calls, each call waited for (as the runner
+does), and the median round reported.
 
 Reproduce (see scripts/gpu-check.sh for the device command)::
 
@@ -31,11 +39,11 @@ Reproduce (see scripts/gpu-check.sh for the device command)::
 from __future__ import annotations
 
 import argparse
-import glob
+import functools
 import json
-import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import tarfile
@@ -67,24 +75,6 @@ FP32_ATOL, FP32_RELATIVE, REDUCED_RELATIVE = 1e-4, 1e-5, 1e-2
 # --------------------------------------------------------------------------------------------
 # prepare (here)
 # --------------------------------------------------------------------------------------------
-
-
-def default_target(directory: Path) -> Path:
-    """The bundled ``cuda`` target naming an H200 (``sm_90``, 132 SMs, 50 MiB L2, 4.8 TB/s)."""
-    from moec.targets import bundled_target_file
-
-    text = bundled_target_file("cuda").read_text()
-    for old, new in (
-        ('arch = "detect"    #', 'arch = "sm_90"    #'),
-        ('cores = "detect"', "cores = 132"),
-        ('l1d_bytes = "detect"', "l1d_bytes = 49152"),
-        ('l2_bytes = "detect"', "l2_bytes = 52428800"),
-        ('memory_bandwidth_gbps = "detect"', "memory_bandwidth_gbps = 4800"),
-    ):
-        text = text.replace(old, new)
-    path = directory / "h200.toml"
-    path.write_text(text)
-    return path
 
 
 def bench_model(directory: Path, ffn: int) -> Path:
@@ -130,14 +120,14 @@ def prepare(target: Path | None, out: Path, bench_ffn: int) -> None:
     from moec.runtime.package import package_artifact
     from moec.runtime.session import random_inputs
     from moec.verify import reduced_arithmetic
-    from tests.helpers import fixture_cases
+    from tests.helpers import fixture_cases, named_gpu_target
 
     if out.exists():
         shutil.rmtree(out)
     (out / "cases").mkdir(parents=True)
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as scratch:
         work = Path(scratch)
-        target = target or default_target(work)
+        target = target or named_gpu_target(work)  # an H200, sm_90
         shutil.copy(target, out / "target.toml")
 
         def build(name: str, model_path: Path, precision: str, feeds_list: list[dict] | None) -> Path:
@@ -183,18 +173,7 @@ def _stem(name: str) -> str:
     return "_" + stem if stem in ("", ".", "..") else stem
 
 
-def cudart_dirs() -> list[str]:
-    """Folders holding ``libcudart.so.13`` (TVM's CUDA runtime needs it): Python packages' CUDA
-    wheels (PyTorch's), then the usual CUDA install folders."""
-    patterns = [
-        f"{p}/nvidia/**/libcudart.so.13*" for p in sys.path if p.endswith(("site-packages", "dist-packages"))
-    ]
-    patterns += ["/usr/local/cuda*/lib64/libcudart.so.13*", "/usr/lib/x86_64-linux-gnu/libcudart.so.13*"]
-    found = {str(Path(f).parent) for pattern in patterns for f in glob.glob(pattern, recursive=True)}
-    return sorted(found)
-
-
-def run_case(runner: Path, env: dict, case_dir: Path) -> list[str]:
+def run_case(runner: Path, case_dir: Path) -> list[str]:
     """Failures of one case (empty: it passed), each one line."""
     spec = json.loads((case_dir / "case.json").read_text())
     failures = []
@@ -204,7 +183,7 @@ def run_case(runner: Path, env: dict, case_dir: Path) -> list[str]:
         command = [str(runner), str(case_dir / "artifact"), "--output-dir", str(out)]
         for name, file in run["inputs"].items():
             command += ["--input", f"{name}={run_dir / 'in' / file}"]
-        result = subprocess.run(command, capture_output=True, text=True, env=env)
+        result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             failures.append(f"{run['dir']}: runner failed: {result.stderr.strip().splitlines()[-1:]}")
             continue
@@ -223,22 +202,159 @@ def run_case(runner: Path, env: dict, case_dir: Path) -> list[str]:
     return failures
 
 
-def time_bench(runner: Path, env: dict, bench: Path) -> dict[int, str]:
-    """The runner's latency line for the benchmark block at each of :data:`BENCH_TOKENS`."""
-    lines = {}
+def runner_latency(runner: Path, bench: Path, feeds: Path, repeat: int) -> dict[str, float] | str:
+    """The runner's mean, p50 and p99 (ms) over ``repeat`` timed calls on the inputs ``feeds``
+    (an ``.npy``), or why it failed."""
+    command = [str(runner), str(bench), "--input", f"x={feeds}", "--repeat", str(repeat), "--warmup", "50"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    found = re.search(r"mean ([\d.]+) ms, p50 ([\d.]+) ms, p99 ([\d.]+) ms", result.stdout)
+    if not found:
+        return f"failed: {result.stderr.strip()[-200:]}"
+    return dict(zip(("mean", "p50", "p99"), map(float, found.groups()), strict=True))
+
+
+def read_weights(path: Path) -> dict[str, np.ndarray]:
+    """The tensors of an artifact's ``weights.bin`` (moec/weights_file.py's layout), by name."""
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    magic, _version, index_length = struct.unpack_from("<8sII", data, 0)
+    if magic != b"MOECWTS\0":
+        raise SystemExit(f"{path}: not a moec weights file")
+    index = json.loads(bytes(data[16 : 16 + index_length]))
+    start = -(-(16 + index_length) // 4096) * 4096
+    return {
+        t["name"]: np.frombuffer(data, t["dtype"], int(np.prod(t["shape"])), start + t["offset"]).reshape(
+            t["shape"]
+        )
+        for t in index["tensors"]
+    }
+
+
+def torch_block(bench: Path):
+    """The benchmark block as PyTorch eager code on the GPU (Hugging Face Mixtral's block: route,
+    top-k, renormalise, loop over the experts hit), on the artifact's weights; None without
+    PyTorch or CUDA there."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    manifest = json.loads((bench / "manifest.json").read_text())
+    (layer,) = manifest["layers"]
+    assert layer["activation"] == "swiglu" and layer["router"] == {"scoring": "softmax", "normalize": True}
+    stored = read_weights(bench / "weights.bin")
+    names = {**layer["weights"], "router": next(n for n in manifest["params"] if n.endswith("router_w"))}
+    w = {key: torch.from_numpy(np.array(stored[name])).cuda() for key, name in names.items() if name}
+    top_k = layer["top_k"]
+
+    def bias(name: str, expert: int):
+        return w[name][expert] if name in w else 0.0
+
+    @torch.inference_mode()
+    def block(x):
+        probs = torch.softmax(x @ w["router"], dim=-1)
+        weights, chosen = torch.topk(probs, top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        out = torch.zeros_like(x)
+        mask = torch.nn.functional.one_hot(chosen, probs.shape[-1]).permute(2, 1, 0)  # [E, k, T]
+        for expert in torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero().flatten().tolist():
+            slot, rows = torch.where(mask[expert])
+            xe = x[rows]
+            gate = torch.nn.functional.silu(xe @ w["w_gate"][expert].T + bias("b_gate", expert))
+            hidden = gate * (xe @ w["w_up"][expert].T + bias("b_up", expert))
+            down = hidden @ w["w_down"][expert].T + bias("b_down", expert)
+            out.index_add_(0, rows, down * weights[rows, slot, None])
+        return out
+
+    return block
+
+
+def torch_latency(block, x: np.ndarray, repeat: int) -> dict[str, float]:
+    """Mean, p50 and p99 (ms) of ``block`` over ``repeat`` calls, each waited for, after 50."""
+    import time
+
+    import torch
+
+    tensor = torch.from_numpy(x).cuda()
+    for _ in range(50):
+        block(tensor)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        block(tensor)
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return {
+        "mean": float(np.mean(times)),
+        "p50": float(np.median(times)),
+        "p99": float(np.percentile(times, 99)),
+    }
+
+
+def time_bench(runner: Path, bench: Path, work: Path) -> list[str]:
+    """Table rows: moec and (where PyTorch runs) PyTorch eager on the benchmark block at each of
+    :data:`BENCH_TOKENS`, timed interleaved; PyTorch's output is checked against moec's first."""
+    rows = ["onnxruntime-gpu: not installed on this machine (CPU onnxruntime only): no CUDA MoE op to time"]
+    block = torch_block(bench)
+    if block is None:
+        rows.append("PyTorch with CUDA: not installed on this machine: moec alone")
+    hidden = json.loads((bench / "manifest.json").read_text())["inputs"][0]["shape"][-1]
     for tokens in BENCH_TOKENS:
-        command = [str(runner), str(bench), "--random-inputs", "--tokens", str(tokens)]
-        command += ["--repeat", "500", "--warmup", "50"]
-        result = subprocess.run(command, capture_output=True, text=True, env=env)
-        found = re.search(r"latency over .*", result.stdout)
-        lines[tokens] = found.group(0) if found else f"failed: {result.stderr.strip()[-200:]}"
-    return lines
+        label = f"benchmark block, {tokens:>2} token(s)"
+        x = np.random.default_rng(tokens).standard_normal((tokens, hidden)).astype(np.float32)
+        feeds = work / f"x{tokens}.npy"
+        np.save(feeds, x)
+        systems = {"moec": functools.partial(runner_latency, runner, bench, feeds, 500)}
+        if block is not None:
+            difference = torch_difference(block, runner, bench, feeds, work / f"out{tokens}")
+            if difference is None:
+                systems["PyTorch eager"] = functools.partial(torch_latency, block, x, 500)
+            else:
+                rows.append(f"{label}: PyTorch differs from moec ({difference}): not timed")
+        rounds: dict[str, list] = {name: [] for name in systems}
+        for _ in range(3):  # interleaved: one round of each, three times
+            for name, measure in systems.items():
+                rounds[name].append(measure())
+        for name, results in rounds.items():
+            failed = [r for r in results if isinstance(r, str)]
+            median = sorted(results, key=lambda r: r["mean"])[len(results) // 2] if not failed else None
+            numbers = ", ".join(f"{k} {v:.4f} ms" for k, v in median.items()) if median else failed[0]
+            rows.append(f"{label}, {name}: {numbers}")
+        rows += [f"    {line}" for line in kernel_times(runner, bench, feeds)]
+    return rows
+
+
+def kernel_times(runner: Path, bench: Path, feeds: Path) -> list[str]:
+    """The runner's per-kernel GPU times (``--kernel-times``, CUDA events) on the inputs ``feeds``
+    (none for a CPU target's block: the host test of this script)."""
+    if json.loads((bench / "manifest.json").read_text())["target"].get("cuda") is None:
+        return []
+    command = [str(runner), str(bench), "--input", f"x={feeds}", "--repeat", "200", "--kernel-times"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        return [f"kernel times failed: {result.stderr.strip()[-200:]}"]
+    return [line for line in result.stdout.splitlines() if line.startswith("kernel")]
+
+
+def torch_difference(block, runner: Path, bench: Path, feeds: Path, out: Path) -> str | None:
+    """Why PyTorch's output for the inputs ``feeds`` differs from moec's, or None if it matches
+    under verify's fp32 bound."""
+    import torch
+
+    command = [str(runner), str(bench), "--input", f"x={feeds}", "--output-dir", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        return f"moec failed: {result.stderr.strip()[-200:]}"
+    ours = np.load(out / "y.npy")
+    theirs = block(torch.from_numpy(np.load(feeds)).cuda()).cpu().numpy()
+    error = float(np.abs(ours - theirs).max())
+    bound = max(FP32_ATOL, FP32_RELATIVE * float(np.abs(theirs).max()))
+    return None if error <= bound else f"max abs {error:.2e} > {bound:.2e}"
 
 
 def run(directory: Path) -> int:
     runner = directory / "bin" / "moec-runner"
-    env = dict(os.environ)
-    env["LD_LIBRARY_PATH"] = ":".join([*cudart_dirs(), env.get("LD_LIBRARY_PATH", "")])
     if shutil.which("nvidia-smi"):
         query = ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"]
         print(f"GPU: {subprocess.run(query, capture_output=True, text=True).stdout.strip()}")
@@ -246,13 +362,14 @@ def run(directory: Path) -> int:
         print("GPU: none (no nvidia-smi): the cases run wherever their target says")
     failed = 0
     for case_dir in sorted((directory / "cases").iterdir()):
-        failures = run_case(runner, env, case_dir)
+        failures = run_case(runner, case_dir)
         failed += bool(failures)
         print(f"{case_dir.name:<28} {'ok' if not failures else 'FAIL'}")
         for line in failures:
             print(f"    {line}")
-    for tokens, line in time_bench(runner, env, directory / "bench").items():
-        print(f"benchmark block, {tokens:>2} token(s): {line}")
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as work:
+        for row in time_bench(runner, directory / "bench", Path(work)):
+            print(row)
     print(f"{failed} case(s) failed" if failed else "every case matches the numpy reference")
     return 1 if failed else 0
 

@@ -262,3 +262,20 @@ def damage_weights(path: Path, case: str) -> None:
         "empty": b"",
     }
     path.write_bytes(broken[case])
+
+
+H200_SIZES = {"cores": 132, "l1d_bytes": 49152, "l2_bytes": 52428800, "memory_bandwidth_gbps": 4800}
+"""An H200's streaming multiprocessors, shared memory per block, L2 and memory bandwidth (GB/s)."""
+
+
+def named_gpu_target(directory: Path, arch: str = "sm_90", sizes: dict[str, int] | None = None) -> Path:
+    """A copy of the bundled ``cuda`` target naming its GPU (default: an H200) instead of
+    detecting it, as its header tells a user without a driver to write; returns its path."""
+    from moec.targets import bundled_target_file
+
+    text = bundled_target_file("cuda").read_text().replace('arch = "detect"    #', f'arch = "{arch}"    #')
+    for field, value in (sizes or H200_SIZES).items():
+        text = text.replace(f'{field} = "detect"', f"{field} = {value}")
+    path = Path(directory) / f"gpu-{arch}.toml"
+    path.write_text(text)
+    return path

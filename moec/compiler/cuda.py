@@ -12,14 +12,28 @@ Three things stand between ``tvm.compile`` and an ``.so`` with cubins here:
    artifact. (``MOEC_CUDA_STUB=0`` skips it, to reproduce the fallback in tests.)
 2. **The CUDA version.** The board runs the CUDA version in the target file's ``[cuda]``
    table (Orin, JetPack 6: 12.6); cubins from a newer major toolkit (CUDA 13 writes ELF ABI
-   version 8) do not load on older drivers. The CUDA C front end is the system ``nvcc``
-   (PyPI has no CUDA 12 ``nvcc``); the cubin is assembled by the ``ptxas`` of the board's
-   CUDA version when one is installed — the pinned ``nvidia-cuda-nvcc-cu12`` wheel (extra
-   ``moec[cuda12]``, installed by ``scripts/setup.sh``) ships ``ptxas`` 12.6. The PTX is
-   compiled for ``compute_XY`` and its ``.version`` lowered to what that ``ptxas`` reads;
-   PTX using newer instructions then fails in ``ptxas`` with an error, never silently.
-   Otherwise the system toolkit's ``ptxas`` is used, with a warning, and the manifest
-   records the version actually used.
+   version 8) do not load on older drivers. The kernels are compiled by NVRTC 12.6, NVIDIA's
+   runtime compilation library, from the PyPI wheels pinned by the extra ``moec[cuda12]``
+   (installed by ``scripts/setup.sh``): ``nvidia-cuda-nvrtc-cu12`` (``libnvrtc.so.12``, loaded
+   with ``ctypes``) and the CUDA 12.6 headers that TVM's generated code includes and NVRTC 12.6
+   does not have built in: libcu++'s ``<cuda/std/cstdint>`` and ``<cuda/std/type_traits>``
+   (``nvidia-cuda-cccl-cu12``), ``cuda_fp16.h`` and ``math_constants.h``
+   (``nvidia-cuda-runtime-cu12``). No system CUDA toolkit is used.
+
+   NVRTC compiles the CUDA C **straight to a cubin** for the real architecture
+   (``--gpu-architecture=sm_87``, then ``nvrtcGetCUBIN``): NVRTC 12.6 carries the PTX assembler
+   of its own release, so the cubin is a CUDA 12.6 one (ELF ABI version 7, ``e_version`` 126),
+   made by one supported compiler of one CUDA release from source to machine code. Going
+   through PTX and the pinned ``ptxas`` 12.6 (``nvidia-cuda-nvcc-cu12``) would assemble the same
+   PTX with the same release's assembler, for a second wheel, a subprocess and temporary files.
+   The options are those nvcc had: ``-U__CUDA_NO_HALF_OPERATORS__``,
+   ``-U__CUDA_NO_HALF_CONVERSIONS__`` as they were; nvcc's ``-O3`` is NVRTC's default (it has no
+   ``-O`` option: it optimizes fully unless asked for debug code, and its assembler's default is
+   ``-O3``); nvcc's ``--expt-relaxed-constexpr`` has no NVRTC spelling, and ``-default-device``
+   (TVM's own NVRTC path passes it too) makes functions without an execution space, constexpr
+   ones included, device functions; ``--device-int128`` gives the 128-bit integers nvcc has by
+   default on Linux. No fast math, as before. A compile error is one :class:`MoecError` quoting
+   the first error line of NVRTC's log.
 3. **The compiler callback.** TVM compiles generated CUDA through the global function
    ``tvm_callback_cuda_compile``; :func:`cuda_build` replaces it for the duration of the
    build with :func:`compile_cuda_source`, which returns a plain cubin for the target's arch.
@@ -30,6 +44,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import functools
+import importlib.metadata
 import os
 import re
 import shutil
@@ -45,23 +61,17 @@ import tvm_ffi
 from moec.compiler.inspect_library import EM_AARCH64, EM_X86_64, Cubin, check_cuda_library
 from moec.errors import MoecError, first_line
 from moec.kernels import kernel_kind
-from moec.targets import CudaSpec, TargetSpec
+from moec.targets import TargetSpec
 
-PTXAS_PACKAGE = "nvidia-cuda-nvcc-cu12==12.6.85"
-NVCC_FALLBACKS = ("/usr/local/cuda/bin/nvcc",)  # where the CUDA toolkit puts nvcc off PATH
-# Newest PTX ISA each CUDA release's ptxas reads (PTX ISA release notes).
-PTX_ISA = {
-    "12.0": "8.0",
-    "12.1": "8.1",
-    "12.2": "8.2",
-    "12.3": "8.3",
-    "12.4": "8.4",
-    "12.5": "8.5",
-    "12.6": "8.5",
-    "12.8": "8.7",
-    "12.9": "8.8",
-    "13.0": "9.0",
-}
+NVRTC_RELEASE = "12.6"
+"""The CUDA release of the pinned NVRTC (pyproject.toml's extra ``cuda12``)."""
+NVRTC_LIBRARY = ("nvidia-cuda-nvrtc-cu12", "nvidia/cuda_nvrtc/lib/libnvrtc.so.12")
+CUDA_HEADERS = (
+    ("nvidia-cuda-cccl-cu12", "nvidia/cuda_cccl/include", "cuda/std/cstdint"),
+    ("nvidia-cuda-runtime-cu12", "nvidia/cuda_runtime/include", "cuda_fp16.h"),
+)
+"""(distribution, include folder in it, a header it must hold) for each ``-I`` NVRTC gets."""
+CUDA12_INSTALL = "pip install 'moec[cuda12]' (scripts/setup.sh does this)"
 _CALLBACK = "tvm_callback_cuda_compile"
 _STUB_SYMBOLS = (
     "cuInit",
@@ -95,63 +105,145 @@ _STUB_SOURCE = (
 
 @dataclasses.dataclass(frozen=True)
 class CudaToolchain:
-    """The tools that turn TVM's CUDA source into a cubin, and their CUDA versions."""
+    """What turns TVM's CUDA source into a cubin: NVRTC and the header folders it is given."""
 
-    nvcc: str
-    nvcc_version: str
-    ptxas: str
-    ptxas_version: str
+    nvrtc: str
+    nvrtc_version: str
+    include_dirs: tuple[str, ...]
+    packages: dict[str, str]
+    """The exact version of each Python distribution the files come from."""
 
     def describe(self) -> dict[str, Any]:
-        """What the manifest records: the cubin's CUDA version is that of ``ptxas``."""
+        """What the manifest records: NVRTC assembles the cubin, so its CUDA version is NVRTC's."""
         return {
-            "nvcc": self.nvcc,
-            "nvcc_version": self.nvcc_version,
-            "ptxas": self.ptxas,
-            "ptxas_version": self.ptxas_version,
-            "cubin_cuda_version": self.ptxas_version,
+            "compiler": "nvrtc",
+            "nvrtc": self.nvrtc,
+            "nvrtc_version": self.nvrtc_version,
+            "include_dirs": list(self.include_dirs),
+            "packages": dict(self.packages),
+            "cubin_cuda_version": self.nvrtc_version,
         }
 
 
-def tool_version(path: str) -> str:
-    """The CUDA release (``"12.6"``) that a CUDA tool reports with ``--version``."""
-    out = subprocess.run([path, "--version"], capture_output=True, text=True, check=False).stdout
-    match = re.search(r"release (\d+\.\d+)", out)
-    if not match:
-        raise MoecError(f"{path}: cannot read its CUDA version from '{path} --version'")
-    return match.group(1)
-
-
-def pinned_ptxas() -> str | None:
-    """``ptxas`` from the ``nvidia-cuda-nvcc-cu12`` wheel, if that wheel is installed."""
+def installed_file(distribution: str, path: str) -> Path | None:
+    """``path`` inside the installed Python distribution ``distribution``; None if either is missing."""
     try:
-        import nvidia.cuda_nvcc  # type: ignore[import-not-found]  # noqa: PLC0415
-    except ImportError:
+        found = Path(str(importlib.metadata.distribution(distribution).locate_file(path)))
+    except importlib.metadata.PackageNotFoundError:
         return None
-    for root in getattr(nvidia.cuda_nvcc, "__path__", []):
-        path = Path(root) / "bin" / "ptxas"
-        if path.exists():
-            return str(path)
+    return found if found.exists() else None
+
+
+def missing_cuda12() -> str | None:
+    """The first distribution of the extra ``cuda12`` that is not installed, or None if all are."""
+    if installed_file(*NVRTC_LIBRARY) is None:
+        return NVRTC_LIBRARY[0]
+    for distribution, folder, header in CUDA_HEADERS:
+        if installed_file(distribution, f"{folder}/{header}") is None:
+            return distribution
     return None
 
 
-def find_toolchain(cuda: CudaSpec) -> CudaToolchain:
-    """nvcc (CUDA C → PTX) and the ptxas (PTX → cubin) closest to the board's CUDA version."""
-    nvcc = shutil.which("nvcc") or next((p for p in NVCC_FALLBACKS if os.access(p, os.X_OK)), None)
-    if nvcc is None:
+@functools.cache
+def _nvrtc(path: str) -> ctypes.CDLL:
+    """``libnvrtc`` at ``path``, loaded once, with the signatures moec calls."""
+    lib = ctypes.CDLL(path)
+    program, size = ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_size_t)
+    signatures = {
+        "nvrtcVersion": [ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int)],
+        "nvrtcCreateProgram": [
+            program,
+            ctypes.c_char_p,
+            ctypes.c_char_p,
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+        ],
+        "nvrtcCompileProgram": [ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)],
+        "nvrtcGetProgramLogSize": [ctypes.c_void_p, size],
+        "nvrtcGetProgramLog": [ctypes.c_void_p, ctypes.c_char_p],
+        "nvrtcGetCUBINSize": [ctypes.c_void_p, size],
+        "nvrtcGetCUBIN": [ctypes.c_void_p, ctypes.c_char_p],
+        "nvrtcDestroyProgram": [program],
+    }
+    for name, argtypes in signatures.items():
+        getattr(lib, name).argtypes = argtypes
+        getattr(lib, name).restype = ctypes.c_int  # nvrtcResult; 0 is NVRTC_SUCCESS
+    lib.nvrtcGetErrorString.argtypes = [ctypes.c_int]
+    lib.nvrtcGetErrorString.restype = ctypes.c_char_p
+    return lib
+
+
+def find_toolchain() -> CudaToolchain:
+    """The pinned NVRTC and CUDA headers (extra ``cuda12``); one clear error if any is missing."""
+    missing = missing_cuda12()
+    if missing is not None:
         raise MoecError(
-            "nvcc: not installed; it compiles the CUDA kernels of GPU targets. Install the CUDA toolkit "
-            "(e.g. 'apt-get install nvidia-cuda-toolkit' or NVIDIA's cuda-nvcc package) and put nvcc on PATH"
+            f"CUDA targets need NVRTC {NVRTC_RELEASE} and its CUDA headers ({missing} is not "
+            f"installed): {CUDA12_INSTALL}"
         )
-    nvcc_version = tool_version(nvcc)
-    candidates = [
-        p for p in (pinned_ptxas(), str(Path(nvcc).parent / "ptxas")) if p and os.access(p, os.X_OK)
+    library = installed_file(*NVRTC_LIBRARY)
+    try:
+        lib = _nvrtc(str(library))
+    except OSError as err:
+        raise MoecError(
+            f"{library}: does not load ({first_line(err)}); reinstall it: {CUDA12_INSTALL}"
+        ) from err
+    major, minor = ctypes.c_int(), ctypes.c_int()
+    lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor))
+    includes = tuple(str(installed_file(distribution, folder)) for distribution, folder, _ in CUDA_HEADERS)
+    distributions = [NVRTC_LIBRARY[0], *(distribution for distribution, _, _ in CUDA_HEADERS)]
+    packages = {name: importlib.metadata.version(name) for name in distributions}
+    return CudaToolchain(str(library), f"{major.value}.{minor.value}", includes, packages)
+
+
+def nvrtc_options(arch: str, toolchain: CudaToolchain) -> list[str]:
+    """NVRTC's options for a cubin of ``arch`` (``sm_87``): nvcc's of before, in NVRTC's terms
+    (see the module's docstring)."""
+    return [
+        f"--gpu-architecture={arch}",
+        "-default-device",
+        "--device-int128",
+        "-U__CUDA_NO_HALF_OPERATORS__",
+        "-U__CUDA_NO_HALF_CONVERSIONS__",
+        *(f"--include-path={folder}" for folder in toolchain.include_dirs),
     ]
-    if not candidates:
-        raise MoecError(f"ptxas: not found next to {nvcc}; reinstall the CUDA toolkit")
-    versions = {path: tool_version(path) for path in candidates}
-    ptxas = next((p for p in candidates if versions[p] == cuda.version), candidates[-1])
-    return CudaToolchain(nvcc, nvcc_version, ptxas, versions[ptxas])
+
+
+def first_error(log: str) -> str | None:
+    """The first error line of a compiler log (``kernels.cu(3): error: ...``), else its first line."""
+    lines = [line.strip() for line in log.splitlines() if line.strip()]
+    return next((line for line in lines if re.search(r"\berror\b", line)), lines[0] if lines else None)
+
+
+def compile_cuda_source(code: str, arch: str, toolchain: CudaToolchain) -> bytes:
+    """The cubin for ``arch`` (``sm_87``) of the CUDA C ``code`` TVM generated, by NVRTC."""
+    lib = _nvrtc(toolchain.nvrtc)
+    what = f"NVRTC {toolchain.nvrtc_version} (CUDA C to {arch} cubin)"
+
+    def check(result: int, step: str) -> None:
+        if result != 0:
+            raise MoecError(f"{what} failed in {step}: {lib.nvrtcGetErrorString(result).decode()}")
+
+    program = ctypes.c_void_p()
+    check(lib.nvrtcCreateProgram(ctypes.byref(program), code.encode(), b"kernels.cu", 0, None, None), "setup")
+    try:
+        options = [option.encode() for option in nvrtc_options(arch, toolchain)]
+        result = lib.nvrtcCompileProgram(program, len(options), (ctypes.c_char_p * len(options))(*options))
+        if result != 0:
+            size = ctypes.c_size_t()
+            check(lib.nvrtcGetProgramLogSize(program, ctypes.byref(size)), "reading the log")
+            log = ctypes.create_string_buffer(size.value)
+            check(lib.nvrtcGetProgramLog(program, log), "reading the log")
+            detail = first_error(log.value.decode(errors="replace"))
+            raise MoecError(f"{what} failed: {detail or lib.nvrtcGetErrorString(result).decode()}")
+        size = ctypes.c_size_t()
+        check(lib.nvrtcGetCUBINSize(program, ctypes.byref(size)), "reading the cubin")
+        cubin = ctypes.create_string_buffer(size.value)
+        check(lib.nvrtcGetCUBIN(program, cubin), "reading the cubin")
+        return cubin.raw
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(program))
 
 
 def _run(command: list[str], what: str) -> None:
@@ -159,47 +251,6 @@ def _run(command: list[str], what: str) -> None:
     if proc.returncode != 0:
         detail = first_line(proc.stderr or proc.stdout, f"exit code {proc.returncode}")
         raise MoecError(f"{what} failed: {detail}")
-
-
-def lower_ptx_version(ptx: str, isa: str) -> str:
-    """``ptx`` with its ``.version`` directive lowered to ``isa`` if it is newer."""
-
-    def lower(match: re.Match[str]) -> str:
-        found = tuple(int(x) for x in match.group(1).split("."))
-        return f".version {isa}" if found > tuple(int(x) for x in isa.split(".")) else match.group(0)
-
-    return re.sub(r"^\.version (\d+\.\d+)", lower, ptx, count=1, flags=re.MULTILINE)
-
-
-def compile_cuda_source(code: str, arch: str, toolchain: CudaToolchain) -> bytes:
-    """The cubin for ``arch`` (``sm_87``) of the CUDA C ``code`` TVM generated."""
-    sm = arch.removeprefix("sm_")
-    with tempfile.TemporaryDirectory(prefix="moec-cuda-") as tmp:
-        source, ptx, cubin = (Path(tmp) / f"kernels.{ext}" for ext in ("cu", "ptx", "cubin"))
-        source.write_text(code)
-        _run(
-            [
-                toolchain.nvcc,
-                "--ptx",
-                "-O3",
-                f"-arch=compute_{sm}",
-                "-U__CUDA_NO_HALF_OPERATORS__",
-                "-U__CUDA_NO_HALF_CONVERSIONS__",
-                "--expt-relaxed-constexpr",
-                "-o",
-                str(ptx),
-                str(source),
-            ],
-            f"nvcc {toolchain.nvcc_version} (CUDA C to PTX)",
-        )
-        isa = PTX_ISA.get(toolchain.ptxas_version)
-        if toolchain.ptxas_version != toolchain.nvcc_version and isa:
-            ptx.write_text(lower_ptx_version(ptx.read_text(), isa))
-        _run(
-            [toolchain.ptxas, f"-arch=sm_{sm}", "-O3", "-o", str(cubin), str(ptx)],
-            f"ptxas {toolchain.ptxas_version} (PTX to {arch} cubin)",
-        )
-        return cubin.read_bytes()
 
 
 def _build_stub(directory: Path) -> Path:
@@ -253,23 +304,34 @@ def cuda_build(target: TargetSpec, log: Callable[[str], None]) -> Iterator[dict[
     if target.cuda is None:
         yield None
         return
-    toolchain = find_toolchain(target.cuda)
-    if toolchain.ptxas_version != target.cuda.version:
+    toolchain = find_toolchain()
+    if toolchain.nvrtc_version != target.cuda.version:
         log(
-            f"warning: building {target.cuda.arch} cubins with CUDA {toolchain.ptxas_version}, but "
-            f"{target.name} runs CUDA {target.cuda.version}; they may not load there. Install the "
-            f"matching assembler: pip install '{PTXAS_PACKAGE}' (scripts/setup.sh does this)"
+            f"warning: building {target.cuda.arch} cubins with NVRTC {toolchain.nvrtc_version}, but "
+            f"{target.name} runs CUDA {target.cuda.version}; they may not load there. Install the pinned "
+            f"NVRTC {NVRTC_RELEASE}: {CUDA12_INSTALL}"
         )
     load_cuda_runtime()
     previous = tvm_ffi.get_global_func(_CALLBACK, allow_missing=True)
     arch = target.cuda.arch
 
+    failures: list[MoecError] = []
+
     def callback(code: str) -> bytes:
-        return compile_cuda_source(str(code), arch, toolchain)
+        try:
+            return compile_cuda_source(str(code), arch, toolchain)
+        except MoecError as err:
+            failures.append(err)
+            raise
 
     tvm_ffi.register_global_func(_CALLBACK, callback, override=True)
     try:
         yield {"board_cuda_version": target.cuda.version, **toolchain.describe()}
+    except Exception as err:
+        # TVM hands an error raised in the callback back as a RuntimeError: raise moec's own again
+        if failures and not isinstance(err, MoecError):
+            raise MoecError(str(failures[0])) from err
+        raise
     finally:
         if previous is not None:
             tvm_ffi.register_global_func(_CALLBACK, previous, override=True)

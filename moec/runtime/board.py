@@ -31,6 +31,7 @@ from moec.targets import Toolchain, bundled_targets, target_toolchain
 RUNNER = "moec-runner"
 LATENCY = re.compile(r"^latency over \d+ runs: .*$", re.MULTILINE)
 PEAK_RSS = re.compile(r"^peak RSS .*$", re.MULTILINE)
+KERNEL_TIMES = re.compile(r"^kernels?[ :].*$", re.MULTILINE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +115,7 @@ def runner_path(target: ArtifactTarget) -> Path:
         target.toolchain.cxx,
         target.toolchain.runtime_wheels,
         *wheels.installed_versions().values(),
-        native.SOURCE.read_text(),
+        native.source_text(),
     ]
     key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:12]
     if target.toolchain.runtime_wheels:
@@ -208,10 +209,11 @@ class RunnerSession:
         return native.run_native(self.runner, self.dir, feeds, emulator=self.emulator, check_hashes=False)[0]
 
     def run_timed(
-        self, feeds: dict[str, np.ndarray], repeats: int, warmup: int = 5
-    ) -> tuple[dict[str, np.ndarray], str, str]:
-        """Outputs by name, the runner's latency line over ``repeats`` timed calls, and its peak
-        RSS line."""
+        self, feeds: dict[str, np.ndarray], repeats: int, warmup: int = 5, kernel_times: bool = False
+    ) -> tuple[dict[str, np.ndarray], list[str]]:
+        """Outputs by name, and the runner's report lines: its latency over ``repeats`` timed
+        calls, its peak RSS and, with ``kernel_times`` (CUDA artifacts), each kernel's GPU time
+        per call over as many more calls (``kernel NAME: ...``, then ``kernels: ...``)."""
         outputs, stdout = native.run_native(
             self.runner,
             self.dir,
@@ -220,6 +222,7 @@ class RunnerSession:
             warmup=warmup,
             emulator=self.emulator,
             check_hashes=False,
+            kernel_times=kernel_times,
         )
         lines = []
         for pattern, what in ((LATENCY, "latency"), (PEAK_RSS, "peak RSS")):
@@ -227,7 +230,7 @@ class RunnerSession:
             if found is None:
                 raise MoecError(f"{self.dir}: {RUNNER} printed no {what} line (got {stdout.strip()!r})")
             lines.append(found.group(0))
-        return outputs, lines[0], lines[1]
+        return outputs, [*lines, *KERNEL_TIMES.findall(stdout)]
 
 
 def open_session(artifact_dir: str | Path, check_hashes: bool = True, target_file: str | None = None) -> Any:

@@ -2,6 +2,9 @@
 
 The runner (``native/runner.cc``) links only TVM's runtime libraries (``libtvm_runtime.so`` and
 ``libtvm_ffi.so``), never the compiler, so what it computes is what a deployed board computes.
+For CUDA artifacts it opens the NVIDIA driver (``libcuda.so.1``) itself, at run time, and runs
+TVM's CUDA device and the model's kernels on the driver API (``native/cuda_driver.cc``): no CUDA
+runtime library of any version is linked or shipped.
 This module compiles it against the installed wheels and runs it on numpy feeds, for tests and
 for ``moec`` commands that want the deployed path rather than the Python one.
 """
@@ -20,7 +23,14 @@ import numpy as np
 from moec.artifact import read_manifest
 from moec.errors import MoecError, first_line
 
-SOURCE = Path(__file__).parent / "native" / "runner.cc"
+NATIVE_DIR = Path(__file__).parent / "native"
+SOURCES = (NATIVE_DIR / "runner.cc", NATIVE_DIR / "cuda_driver.cc")
+HEADERS = (NATIVE_DIR / "cuda_driver.h",)
+
+
+def source_text() -> str:
+    """Every source and header of the runner, concatenated: what a cached build is keyed on."""
+    return "\0".join(path.read_text() for path in (*SOURCES, *HEADERS))
 
 
 def package_dir(name: str) -> Path:
@@ -31,23 +41,26 @@ def package_dir(name: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def runtime_paths() -> tuple[Path, list[Path]]:
-    """The tvm-ffi include directory and the directories holding libtvm_runtime.so and libtvm_ffi.so.
+def runtime_paths() -> tuple[list[Path], list[Path]]:
+    """The include directories (tvm-ffi's, tvm's) and the directories holding libtvm_runtime.so
+    and libtvm_ffi.so.
 
-    The tvm-ffi headers suffice: the runner uses only tvm-ffi types and runtime functions found
-    by name, and the tvm wheel's own ``tvm/runtime/tensor.h`` includes a header it does not ship.
+    The runner uses tvm-ffi types, runtime functions found by name and, for CUDA, the
+    ``DeviceAPI`` class of ``tvm/runtime/device_api.h`` (which includes only tvm-ffi headers;
+    the wheel's ``tvm/runtime/tensor.h`` would not do: it includes a header the wheel lacks).
     """
     ffi_dir, tvm_dir = package_dir("tvm_ffi"), package_dir("tvm")
-    include = ffi_dir / "include"
+    includes = [ffi_dir / "include", tvm_dir / "include"]
     lib_dirs = [tvm_dir / "lib", ffi_dir / "lib"]
     for path in [
-        include / "tvm" / "ffi" / "function.h",
+        includes[0] / "tvm" / "ffi" / "function.h",
+        includes[1] / "tvm" / "runtime" / "device_api.h",
         lib_dirs[0] / "libtvm_runtime.so",
         lib_dirs[1] / "libtvm_ffi.so",
     ]:
         if not path.exists():
             raise MoecError(f"{path}: missing from the installed TVM wheels; reinstall apache-tvm(-ffi)")
-    return include, lib_dirs
+    return includes, lib_dirs
 
 
 def build_command(
@@ -65,20 +78,12 @@ def build_command(
     unless ``relocatable``, ``lib_dirs`` themselves (here). A relocatable runner names no path
     of this machine: it is built where ``../lib`` holds the libraries, and shipped as it is.
     """
-    include, host_lib_dirs = runtime_paths()
+    includes, host_lib_dirs = runtime_paths()
     lib_dirs = host_lib_dirs if lib_dirs is None else lib_dirs
-    command = [
-        cxx,
-        "-std=c++17",
-        "-O2",
-        "-Wall",
-        "-Wextra",
-        "-isystem",
-        str(include),
-        str(SOURCE),
-        "-o",
-        str(out_path),
-    ]
+    command = [cxx, "-std=c++17", "-O2", "-Wall", "-Wextra"]
+    for include in includes:
+        command += ["-isystem", str(include)]
+    command += [*(str(source) for source in SOURCES), "-o", str(out_path)]
     command += [f"-L{d}" for d in lib_dirs]
     command += ["-Wl,--no-as-needed", "-ltvm_runtime", "-ltvm_ffi", "-Wl,--as-needed", "-ldl"]
     command += ["-Wl,-rpath,$ORIGIN", "-Wl,-rpath,$ORIGIN/../lib"]
@@ -93,7 +98,7 @@ def build_runner(
     package: str = "g++",
     relocatable: bool = False,
 ) -> Path:
-    """Compile ``runner.cc`` into ``out_path`` unless a build at least as new as the source is there.
+    """Compile the runner into ``out_path`` unless a build at least as new as its sources is there.
 
     ``cxx``, ``lib_dirs`` and ``relocatable`` as for :func:`build_command`; ``package`` is the
     Debian package that provides ``cxx``, named in the error when it is missing. The binary is
@@ -101,7 +106,8 @@ def build_runner(
     leaves a half-written runner.
     """
     out_path = Path(out_path)
-    if out_path.exists() and out_path.stat().st_mtime >= SOURCE.stat().st_mtime:
+    newest = max(path.stat().st_mtime for path in (*SOURCES, *HEADERS))
+    if out_path.exists() and out_path.stat().st_mtime >= newest:
         return out_path
     if shutil.which(cxx) is None:
         raise MoecError(
@@ -119,7 +125,7 @@ def build_runner(
         if result.returncode != 0:
             error = next((line for line in result.stderr.splitlines() if "error" in line), result.stderr)
             detail = first_line(error)
-            raise MoecError(f"{SOURCE}: building the native runner with {cxx} failed: {detail}")
+            raise MoecError(f"{NATIVE_DIR}: building the native runner with {cxx} failed: {detail}")
         temp.chmod(0o755)
         temp.replace(out_path)
     finally:
@@ -142,13 +148,15 @@ def run_native(
     emulator: tuple[str, ...] | list[str] = (),
     threads: int | None = None,
     check_hashes: bool = True,
+    kernel_times: bool = False,
 ) -> tuple[dict[str, np.ndarray], str]:
     """Run ``artifact_dir`` with the native runner; return its outputs by name and its stdout.
 
     Feeds go through ``.npy`` files exactly as a user on a board would pass them. With
     ``repeat`` > 0 the runner also times that many calls and prints its latency line; ``threads``
     is the runner's ``--threads``; without ``check_hashes`` the runner checks only the sizes of
-    the artifact's files (``--skip-hash-check``: a caller that has hashed them already).
+    the artifact's files (``--skip-hash-check``: a caller that has hashed them already);
+    ``kernel_times`` (CUDA artifacts, with ``repeat``) adds each kernel's GPU time per call.
     ``emulator`` is a command prefix that runs a runner built for another architecture here
     (e.g. ``qemu-aarch64 -L /usr/aarch64-linux-gnu``). A failure raises :class:`MoecError`
     carrying the runner's one-line message.
@@ -170,6 +178,8 @@ def run_native(
             command += ["--threads", str(threads)]
         if not check_hashes:
             command.append("--skip-hash-check")
+        if kernel_times:
+            command.append("--kernel-times")
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             lines = result.stderr.strip().splitlines() or [f"exit status {result.returncode}"]

@@ -20,7 +20,6 @@ import re
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,6 @@ from moec.errors import MoecError
 from moec.runtime.board import RUNNER, ArtifactTarget, ensure_runner, runtime_library_dirs
 
 LIBRARIES = ("libtvm_runtime.so", "libtvm_ffi.so")
-CUDA_LIBRARY = "libtvm_runtime_cuda.so"
 DEFAULT_TOKENS = 1
 DEFAULT_REPEAT = 100
 
@@ -72,31 +70,11 @@ def required_versions(binaries: list[Path]) -> dict[str, str]:
     return {key: ".".join(map(str, parts)) for key, parts in newest.items()}
 
 
-def cuda_runtime_mismatch(manifest: dict[str, Any], cuda_library: Path) -> str | None:
-    """Why TVM's CUDA runtime library cannot load on the board, if the CUDA versions differ.
-
-    PyPI's ``libtvm_runtime_cuda.so`` links one CUDA runtime (``libcudart.so.<major>``); a board
-    whose CUDA (the target's ``[cuda] version``) has another major version lacks that library.
-    """
-    linked = re.findall(rb"libcudart\.so\.(\d+)", cuda_library.read_bytes())
-    board = str((manifest.get("target", {}).get("cuda") or {}).get("version", ""))
-    if not linked or not board or board.split(".")[0] == linked[0].decode():
-        return None
-    major = linked[0].decode()
-    return (
-        f"TVM's CUDA runtime from PyPI ({cuda_library.name}) links libcudart.so.{major} (CUDA {major}) "
-        f"but the target's board runs CUDA {board}: the runner cannot load it there unless CUDA "
-        f"{major}'s runtime is installed, or lib/{cuda_library.name} is replaced by one built for "
-        f"CUDA {board.split('.')[0]}"
-    )
-
-
 def readme(
     manifest: dict[str, Any],
     target: ArtifactTarget,
     name: str,
     needs: dict[str, str],
-    caveat: str | None = None,
 ) -> str:
     """The bundle's README: the one command, the inputs it takes, what the board needs."""
     described = manifest.get("target", {}).get("description", "")
@@ -105,14 +83,18 @@ def readme(
         f"- `{spec['name']}`: {spec['dtype']} of shape {spec['shape']}" for spec in manifest["inputs"]
     )
     own_inputs = " ".join(f"--input {spec['name']}={spec['name']}.npy" for spec in manifest["inputs"])
-    device = "CUDA GPU (with the NVIDIA driver and CUDA runtime installed)" if target.cuda else "CPU"
-    note = f"\n\n**Caveat**: {caveat}." if caveat else ""
+    device = (
+        "CUDA GPU: the runner needs only the NVIDIA driver's libcuda.so.1 (JetPack provides it), no "
+        "CUDA toolkit or runtime library"
+        if target.cuda
+        else "CPU"
+    )
     libc = ", ".join(f"{key} >= {version}" for key, version in sorted(needs.items())) or "any glibc"
     return f"""# {model} for {target.name}
 
 Compiled by moec {manifest.get("moec_version", "")} with TVM {manifest.get("tvm_version", "")} for
 {target.name} ({described}). It runs on the board's {device}; the board needs {target.arch}
-Linux with {libc}.{note}
+Linux with {libc}.
 
 ## Run it
 
@@ -196,14 +178,12 @@ def check_output(out_file: Path, artifact_dir: Path, force: bool) -> None:
 def package_artifact(
     artifact_dir: str | Path,
     out_file: str | Path | None = None,
-    warn: Callable[[str], None] = lambda _: None,
     force: bool = False,
     check_hashes: bool = True,
     target_file: str | None = None,
 ) -> Path:
     """Write the tarball for ``artifact_dir`` to ``out_file`` (default ``ARTIFACT.tar.gz``); return it.
 
-    ``warn`` receives what may stop the bundle from running on the board (also in its README).
     The artifact's files are checked against its manifest first (SHA-256 too unless
     ``check_hashes`` is off); an existing ``out_file`` is replaced only with ``force`` and only
     if moec wrote it (:func:`check_output`); ``target_file`` is the user's ``--target`` (the
@@ -217,14 +197,13 @@ def package_artifact(
     out_file = default_output(artifact_dir) if out_file is None else Path(out_file)
     check_output(out_file, artifact_dir, force)
     with output_lock(out_file):
-        return _package_locked(artifact_dir, manifest, out_file, warn, force, check_hashes, target_file)
+        return _package_locked(artifact_dir, manifest, out_file, force, check_hashes, target_file)
 
 
 def _package_locked(
     artifact_dir: Path,
     manifest: dict[str, Any],
     out_file: Path,
-    warn: Callable[[str], None],
     force: bool,
     check_hashes: bool,
     target_file: str | None,
@@ -235,9 +214,8 @@ def _package_locked(
 
     target = ArtifactTarget.from_manifest(manifest, artifact_dir, target_file)
     runner = ensure_runner(target)
-    wanted = LIBRARIES + ((CUDA_LIBRARY,) if target.cuda else ())
     libraries = []
-    for library in wanted:
+    for library in LIBRARIES:
         found = [d / library for d in runtime_library_dirs(target) if (d / library).exists()]
         if not found:
             raise MoecError(
@@ -249,10 +227,7 @@ def _package_locked(
     entries: list[tuple[Path, str, int]] = [(path, f"{name}/artifact/{path.name}", 0o644) for path in files]
     entries.append((runner, f"{name}/bin/{RUNNER}", 0o755))
     entries += [(path, f"{name}/lib/{path.name}", 0o755) for path in libraries]
-    caveat = cuda_runtime_mismatch(manifest, libraries[-1]) if target.cuda else None
-    if caveat:
-        warn(caveat)
-    text = readme(manifest, target, name, required_versions([runner, *libraries]), caveat).encode()
+    text = readme(manifest, target, name, required_versions([runner, *libraries])).encode()
 
     fd, temp_name = tempfile.mkstemp(prefix=f".{out_file.name}.", suffix=".tmp", dir=out_file.parent)
     temp = Path(temp_name)

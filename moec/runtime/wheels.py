@@ -1,10 +1,11 @@
 """TVM's runtime libraries for a board's architecture, taken from PyPI's wheels and cached.
 
 An artifact cross-compiled for a board runs with the TVM runtime built for that board's
-architecture (``libtvm_runtime.so`` and ``libtvm_ffi.so``; ``libtvm_runtime_cuda.so`` too when
-the wheel has it, for CUDA boards). PyPI ships the ``apache-tvm`` and ``apache-tvm-ffi`` wheels
-per platform, so moec downloads the pair whose versions equal the installed ones (the runtime
-must match the compiler that built the artifact), keeps only those libraries, and reuses them:
+architecture: ``libtvm_runtime.so`` and ``libtvm_ffi.so``. CUDA boards need nothing more: the
+runner drives the GPU through the NVIDIA driver itself (``runtime/native/cuda_driver.cc``).
+PyPI ships the ``apache-tvm`` and ``apache-tvm-ffi`` wheels per platform, so moec downloads the
+pair whose versions equal the installed ones (the runtime must match the compiler that built the
+artifact), keeps only those libraries, and reuses them:
 
     <cache>/runtime/<platform tag>/tvm-<version>_ffi-<version>/lib/
 
@@ -29,13 +30,12 @@ from moec.errors import MoecError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
-# distribution -> the libraries it contributes (all required unless listed in OPTIONAL_LIBRARIES)
+# distribution -> the libraries it contributes
 DISTRIBUTIONS = {
-    "apache-tvm": ("libtvm_runtime.so", "libtvm_runtime_cuda.so"),
+    "apache-tvm": ("libtvm_runtime.so",),
     "apache-tvm-ffi": ("libtvm_ffi.so",),
 }
 REQUIRED_LIBRARIES = ("libtvm_runtime.so", "libtvm_ffi.so")
-OPTIONAL_LIBRARIES = ("libtvm_runtime_cuda.so",)
 
 
 def cache_root() -> Path:
@@ -136,8 +136,6 @@ def _unpack(platform: str, wheels: Path, dest: Path) -> None:
                 members = {Path(n).name: n for n in wheel.namelist() if "/lib/" in n}
                 for name in libraries:
                     if name not in members:
-                        if name in OPTIONAL_LIBRARIES:
-                            continue
                         raise MoecError(f"{found[0]}: has no {name}; is it a TVM wheel?")
                     with wheel.open(members[name]) as src, open(dest / name, "wb") as out:
                         shutil.copyfileobj(src, out)

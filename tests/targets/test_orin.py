@@ -33,9 +33,8 @@ from moec.targets import load_target
 from tests.helpers import EXAMPLE_MODEL, REPO_ROOT
 
 KERNELS = ["moe0_route", "moe0_group", "moe0_expert_up", "moe0_expert_down"]
-needs_nvcc = pytest.mark.skipif(
-    shutil.which("nvcc") is None and not any(os.access(p, os.X_OK) for p in cuda.NVCC_FALLBACKS),
-    reason="no nvcc (CUDA toolkit) on this machine",
+needs_nvrtc = pytest.mark.skipif(
+    cuda.missing_cuda12() is not None, reason="NVRTC 12.6 and its CUDA headers (extra 'cuda12') not installed"
 )
 
 
@@ -57,7 +56,7 @@ def orin_artifact(tmp_path_factory) -> Path:
     return out
 
 
-@needs_nvcc
+@needs_nvrtc
 def test_orin_library_is_aarch64_with_sm87_cubin_holding_the_moe_kernels(orin_artifact):
     assert sorted(p.name for p in orin_artifact.iterdir()) == sorted([MANIFEST, LIBRARY, WEIGHTS])
     data = (orin_artifact / "model.so").read_bytes()
@@ -83,17 +82,19 @@ def test_orin_library_is_aarch64_with_sm87_cubin_holding_the_moe_kernels(orin_ar
     assert found[0].toolkit == build["cubin_cuda_version"]  # the manifest tells the truth
 
 
-@needs_nvcc
-def test_orin_cubin_is_cuda_12_6_when_the_pinned_ptxas_is_installed(orin_artifact):
-    if cuda.pinned_ptxas() is None:
-        pytest.skip("nvidia-cuda-nvcc-cu12 (extra 'cuda12') not installed")
+@needs_nvrtc
+def test_orin_cubin_is_cuda_12_6_built_by_the_pinned_nvrtc(orin_artifact):
     data = (orin_artifact / "model.so").read_bytes()
     offset, _ = _elf_images(data, 190)[0]
     assert data[offset + 8] == 7  # ELF ABI version of CUDA 12 cubins
     assert struct.unpack_from("<I", data, offset + 20)[0] == 126  # e_version: CUDA 12.6
+    build = json.loads((orin_artifact / "manifest.json").read_text())["cuda_build"]
+    assert build["compiler"] == "nvrtc" and build["nvrtc_version"] == "12.6"
+    assert build["packages"]["nvidia-cuda-nvrtc-cu12"].startswith("12.6.")
+    assert "nvcc" not in json.dumps(build) and "ptxas" not in json.dumps(build)  # no CUDA toolkit used
 
 
-@needs_nvcc
+@needs_nvrtc
 def test_build_that_falls_back_to_cuda_source_fails_cleanly(tmp_path):
     """Without the stub driver, TVM embeds CUDA source; the build must refuse it."""
     out = tmp_path / "artifact"
@@ -123,17 +124,58 @@ def test_build_that_falls_back_to_cuda_source_fails_cleanly(tmp_path):
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
-def test_missing_cuda_compiler_is_a_one_line_error(tmp_path, monkeypatch):
-    which = shutil.which
+@pytest.mark.parametrize(
+    "package",
+    [
+        "nvidia-cuda-nvrtc-cu12",
+        pytest.param("nvidia-cuda-cccl-cu12", marks=needs_nvrtc),  # else the message names NVRTC
+        pytest.param("nvidia-cuda-runtime-cu12", marks=needs_nvrtc),
+    ],
+)
+def test_missing_nvrtc_is_a_one_line_error(package, tmp_path, monkeypatch):
+    installed = cuda.installed_file
     monkeypatch.setattr(
-        cuda.shutil, "which", lambda name, *a, **k: None if name == "nvcc" else which(name, *a, **k)
+        cuda, "installed_file", lambda dist, path: None if dist == package else installed(dist, path)
     )
-    monkeypatch.setattr(cuda, "NVCC_FALLBACKS", ())
     out = tmp_path / "artifact"
-    with pytest.raises(MoecError, match=r"nvcc: not installed.*Install the CUDA toolkit") as err:
+    with pytest.raises(MoecError, match=r"CUDA targets need NVRTC 12\.6") as err:
         compile_model(EXAMPLE_MODEL, out, CompileOptions(target="orin"))
-    assert "\n" not in str(err.value)
+    assert f"({package} is not installed)" in str(err.value)
+    assert "pip install 'moec[cuda12]'" in str(err.value) and "\n" not in str(err.value)
     assert not out.exists()
+
+
+@needs_nvrtc
+def test_bad_cuda_source_is_a_one_line_error_quoting_nvrtc():
+    code = 'extern "C" __global__ void broken(float* x) {\n  int unused = 0;\n  x[0] = undefined_thing;\n}\n'
+    with pytest.raises(MoecError) as err:
+        cuda.compile_cuda_source(code, "sm_87", cuda.find_toolchain())
+    assert str(err.value) == (
+        'NVRTC 12.6 (CUDA C to sm_87 cubin) failed: kernels.cu(3): error: identifier "undefined_thing" '
+        "is undefined"
+    )
+    with pytest.raises(MoecError, match=r"sm_100 cubin\) failed: nvrtc: error: invalid value for --gpu-arch"):
+        cuda.compile_cuda_source(code, "sm_100", cuda.find_toolchain())  # newer than CUDA 12.6 knows
+    log = 'kernels.cu(2): warning #177-D: variable "unused" was declared\n\nkernels.cu(3): error: oops\n'
+    assert cuda.first_error(log) == "kernels.cu(3): error: oops"
+
+
+@needs_nvrtc
+def test_bad_generated_cuda_fails_the_build_with_one_moec_error(tmp_path, monkeypatch):
+    """An NVRTC error inside TVM's compiler callback comes out of the build as moec's own error
+    (TVM would hand it back as a RuntimeError), and nothing is written."""
+    compile_source = cuda.compile_cuda_source
+    monkeypatch.setattr(
+        cuda,
+        "compile_cuda_source",
+        lambda code, arch, toolchain: compile_source(
+            code + "\n__device__ int bad = missing;\n", arch, toolchain
+        ),
+    )
+    out = tmp_path / "artifact"
+    with pytest.raises(MoecError, match=r'NVRTC 12\.6 .* error: identifier "missing" is undefined$'):
+        compile_model(EXAMPLE_MODEL, out, CompileOptions(target="orin"))
+    assert not out.exists() and not list(tmp_path.iterdir())
 
 
 def test_checker_rejects_a_library_without_cubin(tmp_path):
@@ -148,12 +190,6 @@ def test_checker_rejects_a_library_without_cubin(tmp_path):
     library.write_bytes(bytes(header))
     with pytest.raises(MoecError, match="built for x86_64, expected aarch64"):
         check_cuda_library(library, "sm_87", [])
-
-
-def test_ptx_version_is_lowered_only_when_newer():
-    ptx = "//\n.version 9.0\n.target sm_87\n"
-    assert cuda.lower_ptx_version(ptx, "8.5") == "//\n.version 8.5\n.target sm_87\n"
-    assert cuda.lower_ptx_version(ptx.replace("9.0", "8.0"), "8.5") == ptx.replace("9.0", "8.0")
 
 
 # --- the CUDA kernels on their own -------------------------------------------------------------
@@ -204,7 +240,7 @@ def _build(kind: str, config: dict, schedule: GpuSchedule, orin) -> tuple[str, l
     return lib.mod.imports[0].inspect_source(), [c for b in produced for c in embedded_cubins(b"\0" + b)]
 
 
-@needs_nvcc
+@needs_nvrtc
 @pytest.mark.parametrize("kind", list(CASES))
 def test_gpu_kernel_compiles_for_sm87_with_thread_binding(kind, orin):
     source, cubins = _build(kind, CASES[kind], GpuSchedule(), orin)
@@ -218,7 +254,7 @@ def test_gpu_kernel_compiles_for_sm87_with_thread_binding(kind, orin):
         assert "threadIdx.x" in source
 
 
-@needs_nvcc
+@needs_nvrtc
 @pytest.mark.parametrize("group", [0, 32], ids=["per-channel", "groups-of-32"])
 @pytest.mark.parametrize("kind", ["expert_up", "expert_down"])
 def test_gpu_int8_dot_kernels_use_dp4a_on_sm87(kind, group, orin):
@@ -232,7 +268,7 @@ def test_gpu_int8_dot_kernels_use_dp4a_on_sm87(kind, group, orin):
     assert len(kernels) == 2, cubins[0].functions
 
 
-@needs_nvcc
+@needs_nvrtc
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "schedule", [GpuSchedule(16, 4, 1), GpuSchedule(8, 3, 3), GpuSchedule(1, 32, 2)], ids=str
@@ -271,7 +307,7 @@ def test_gpu_expert_kernels_compile_across_schedules_and_tails(schedule, config,
         assert "int8_t" in source or "signed char" in source
 
 
-@needs_nvcc
+@needs_nvrtc
 @pytest.mark.parametrize(
     "rule",
     [

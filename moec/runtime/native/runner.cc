@@ -5,6 +5,7 @@
 //
 //   moec-runner ARTIFACT_DIR [--input NAME=path.npy ...] [--random-inputs [--tokens T] [--seed S]]
 //               [--output-dir DIR] [--repeat N] [--warmup W] [--threads T] [--skip-hash-check]
+//               [--kernel-times]
 //
 // It reads manifest.json (input, output and weight names, and whether the target is a CUDA
 // GPU), checks the library and weights.bin against the manifest's "files" (each one's size and
@@ -21,12 +22,16 @@
 // manifest "range", token ids over the vocabulary, else 0 or 1), so that the model runs on a
 // board without any input files. With --repeat N it then times N further runs (after W
 // warmups, inputs already on the device). --threads T sets the CPU threads (TVM_NUM_THREADS).
+// --kernel-times (CUDA artifacts, with --repeat N) then makes N more calls with each kernel launch
+// timed by CUDA events and prints each kernel's launches and GPU time per call, most time first
+// ("kernel NAME: L launches, X ms per call, P% of kernel time"); the latency line is unaffected.
 // Last it prints its peak resident memory ("peak RSS N MiB", VmHWM).
 //
 // Device: CPU for llvm targets. For a CUDA target (manifest "target"."cuda" not null) the
-// runner loads libtvm_runtime_cuda.so, creates the VM for the GPU with the CPU as host (for
-// shape computations), copies inputs and weights (from the mapping) to the GPU and outputs back,
-// and synchronises the GPU after each timed call.
+// runner opens the NVIDIA driver (libcuda.so.1, and no other CUDA library: cuda_driver.cc),
+// prints the GPU ("device: ..."), creates the VM for the GPU with the CPU as host (for shape
+// computations), copies inputs and weights (from the mapping) to the GPU and outputs back, and
+// synchronises the GPU after each timed call.
 //
 // SHA-256 runs on the CPU's SHA-256 instructions where it has them (x86-64 SHA-NI, aarch64 SHA2),
 // else on portable C++. A test and debug switch: the environment variable MOEC_RUNNER_SHA256=portable
@@ -34,7 +39,6 @@
 // Every failure is one line on stderr ("moec-runner: error: ...") and exit status 1; usage
 // errors (the line then ends with the usage) exit with status 2.
 
-#include <dlfcn.h>
 #include <dlpack/dlpack.h>
 #include <fcntl.h>
 #include <sys/mman.h>
@@ -80,6 +84,8 @@
 #include <utility>
 #include <vector>
 
+#include "cuda_driver.h"
+
 namespace ffi = tvm::ffi;
 namespace fs = std::filesystem;
 
@@ -87,7 +93,8 @@ namespace {
 
 const char* const kUsage =
     "usage: moec-runner ARTIFACT_DIR [--input NAME=path.npy ...] [--random-inputs [--tokens T] "
-    "[--seed S]] [--output-dir DIR] [--repeat N] [--warmup W] [--threads T] [--skip-hash-check]";
+    "[--seed S]] [--output-dir DIR] [--repeat N] [--warmup W] [--threads T] [--skip-hash-check] "
+    "[--kernel-times]";
 const char* const kFormat = "moec-artifact/3";
 const DLDevice kCPU = {kDLCPU, 0};
 const DLDevice kCUDA = {kDLCUDA, 0};
@@ -927,18 +934,6 @@ void Synchronize(DLDevice device) {
   ffi::Function::GetGlobalRequired("runtime.Device_StreamSync")(device, static_cast<int64_t>(0));
 }
 
-// Registers the CUDA device API and the CUDA module loader (libtvm_runtime_cuda.so, found next
-// to libtvm_runtime.so through this program's run path, like the other TVM libraries).
-void LoadCudaRuntime() {
-  const char* const kLib = "libtvm_runtime_cuda.so";
-  if (dlopen(kLib, RTLD_NOW | RTLD_GLOBAL) == nullptr) {
-    const char* why = dlerror();
-    throw Failure(std::string("this artifact runs on a CUDA GPU but ") + kLib + " cannot be loaded (" +
-                  (why ? OneLine(why) : "unknown reason") +
-                  "); it needs the NVIDIA driver (libcuda.so.1) and the CUDA runtime (libcudart)");
-  }
-}
-
 void WriteOutput(const ffi::Tensor& tensor, const fs::path& path) {
   ffi::Function copy = ffi::Function::GetGlobalRequired("runtime.TVMTensorCopyToBytes");
   const DType* dtype = DTypeFromDL(tensor.dtype());
@@ -975,6 +970,7 @@ struct Options {
   int warmup = 5;
   int threads = 0;  // 0: the runtime's default (TVM_NUM_THREADS, else one per core)
   bool hash_check = true;  // --skip-hash-check: check the files' sizes only
+  bool kernel_times = false;  // --kernel-times: per-kernel GPU time over --repeat more calls
 };
 
 int ParseCount(const std::string& flag, const std::string& text) {
@@ -1027,6 +1023,9 @@ Options ParseArgs(int argc, char** argv) {
     } else if (arg == "--random-inputs") {
       if (inline_value) throw UsageError("--random-inputs takes no value");
       options.random_inputs = true;
+    } else if (arg == "--kernel-times") {
+      if (inline_value) throw UsageError("--kernel-times takes no value");
+      options.kernel_times = true;
     } else if (arg == "--skip-hash-check") {
       if (inline_value) throw UsageError("--skip-hash-check takes no value");
       options.hash_check = false;
@@ -1048,6 +1047,7 @@ Options ParseArgs(int argc, char** argv) {
     }
   }
   if (!have_artifact) throw UsageError("missing ARTIFACT_DIR");
+  if (options.kernel_times && options.repeat == 0) throw UsageError("--kernel-times needs --repeat N");
   return options;
 }
 
@@ -1184,6 +1184,27 @@ std::string PeakRss() {
   return "peak RSS " + std::to_string((kib + 512) / 1024) + " MiB";
 }
 
+// Makes `calls` more calls with every kernel launch timed (cuda_driver.cc) and prints each
+// kernel's launches and GPU time per call, most time first.
+template <typename Call>
+void PrintKernelTimes(const Call& call, int calls) {
+  moec::SetKernelTiming(true);
+  for (int i = 0; i < calls; ++i) {
+    call();
+    moec::KernelTimes();  // reads this call's events, so that they are reused
+  }
+  moec::SetKernelTiming(false);
+  std::vector<moec::KernelTime> times = moec::KernelTimes();
+  double total = 0;
+  for (const moec::KernelTime& time : times) total += time.milliseconds;
+  for (const moec::KernelTime& time : times) {
+    std::printf("kernel %s: %g launches, %.4f ms per call, %.1f%% of kernel time\n", time.kernel.c_str(),
+                static_cast<double>(time.launches) / calls, time.milliseconds / calls,
+                total > 0 ? 100.0 * time.milliseconds / total : 0.0);
+  }
+  std::printf("kernels: %.4f ms per call in all, over %d calls\n", total / calls, calls);
+}
+
 double Percentile(std::vector<double> sorted, double q) {  // numpy's default (linear) method
   double at = q / 100.0 * static_cast<double>(sorted.size() - 1);
   size_t low = static_cast<size_t>(at);
@@ -1203,7 +1224,11 @@ int Run(const Options& options) {
   std::vector<Array> arrays = LoadInputs(manifest, options);
   const std::string entry = EntryFor(manifest, arrays);
   const DLDevice device = manifest.cuda ? kCUDA : kCPU;
-  if (manifest.cuda) LoadCudaRuntime();
+  if (options.kernel_times && !manifest.cuda) {
+    throw Failure("--kernel-times times CUDA kernels and this artifact runs on the CPU; 'moec run --profile' "
+                  "times its functions");
+  }
+  if (manifest.cuda) std::printf("device: %s\n", moec::InstallCudaDriverRuntime(device.device_id).c_str());
 
   // Weights: tensors over the mapped file, used in place on the CPU and copied to a GPU; the
   // mapping goes with the last tensor over it (on a GPU, when `stored` does).
@@ -1287,6 +1312,7 @@ int Run(const Options& options) {
     std::printf("latency over %d runs: mean %.4f ms, p50 %.4f ms, p99 %.4f ms\n", options.repeat, mean,
                 Percentile(ms, 50), Percentile(ms, 99));
   }
+  if (options.kernel_times) PrintKernelTimes(call, options.repeat);
   std::printf("%s\n", PeakRss().c_str());
   return 0;
 }
