@@ -11,15 +11,17 @@ outputs (``moec.verify.reference_outputs``: the same reference ``moec verify`` u
 ``.npy`` files, with the tolerance in ``case.json``. The cases cover every router rule (softmax
 top-k, sigmoid with selection bias and groups, sparsemixer, onnxruntime's fused ``MoE`` and
 ``QMoE``), expert capacity, GPT-OSS's clamped SwiGLU with biases, and every weight format
-(fp32, fp16, int8, int8-dot); and the Mixtral-style benchmark block (``--bench-ffn`` wide, to fit
-the transfer limit).
+(fp32, fp16, int8, int8-dot); and the benchmark blocks (:data:`BENCH_BLOCKS`): their weights are
+a formula (:func:`synthetic_tensor`), rebuilt there and checked by the runner's SHA-256, so that
+blocks larger than the GPU's L2 fit the transfer limit.
 
 ``run`` (there, with ``python3`` and numpy only: this part imports nothing of moec): runs each
 case with ``moec-runner`` on the GPU (which needs only the NVIDIA driver, ``libcuda.so.1``),
 compares every output with the reference under ``moec verify``'s default bounds (fp32: 1e-4, or
-1e-5 of the output's largest value; reduced arithmetic: 1e-2 of it), times the benchmark block
-at 1 and 16 tokens (the runner's latency line) with each kernel's GPU time (``--kernel-times``),
-prints a table and exits 1 if a case fails.
+1e-5 of the output's largest value; reduced arithmetic: 1e-2 of it), times each benchmark block
+at 1 and 16 tokens (the runner's latency line), with the bytes of the experts a call routes to
+and the bandwidth that makes, and each kernel's GPU time (``--kernel-times``), prints a table and
+exits 1 if a case fails.
 
 The baseline. The issue names onnxruntime-gpu's CUDA ``com.microsoft::MoE``; the GPU machine has
 only the CPU onnxruntime and no network, and the CUDA wheel is far over the transfer limit, so
@@ -68,6 +70,13 @@ EXAMPLE_CASES = {
     "ort-qmoe": ("qmoe_tiny.onnx", "auto"),
 }
 BENCH_TOKENS = (1, 16)
+BENCH_BLOCKS = {"mixtral-block": (512, 1024), "large-block": (1024, 3584), "tiny-block": (64, 128)}
+"""Benchmark blocks (8 SwiGLU experts, top-2 of a softmax router) by name: (hidden, FFN). The
+first is benchmarks/bench_mixtral_block.py's (48 MiB of fp32 weights: it fits an H200's L2); the
+second reads 84 MiB from DRAM at one token and 336 MiB at 16 (two and eight experts); the third
+is for testing this script. Their weights travel as a formula (:func:`synthetic_tensor`)."""
+WEIGHTS_HEAD = "weights.head"
+"""A benchmark artifact's ``weights.bin`` without its data: header, index and padding."""
 FP32_ATOL, FP32_RELATIVE, REDUCED_RELATIVE = 1e-4, 1e-5, 1e-2
 """``moec verify``'s defaults: atol, rtol, and the reduced-arithmetic (fp16, int8) relative bound."""
 
@@ -77,18 +86,40 @@ FP32_ATOL, FP32_RELATIVE, REDUCED_RELATIVE = 1e-4, 1e-5, 1e-2
 # --------------------------------------------------------------------------------------------
 
 
-def bench_model(directory: Path, ffn: int) -> Path:
-    """The benchmark block (benchmarks/bench_mixtral_block.py's: hidden 512, 8 experts, top-2,
-    SwiGLU) with ``ffn`` intermediate channels."""
+def bench_model(directory: Path, hidden: int, ffn: int) -> Path:
+    """A benchmark block: ``hidden`` wide, ``ffn`` intermediate channels, 8 SwiGLU experts, top-2."""
     sys.path.insert(0, str(REPO))
     import onnx
 
     from tests.zoo.standard import build_dense_batched_moe
 
-    model = build_dense_batched_moe(hidden=512, inter=ffn, experts=8, k=2, activation="swiglu", seed=0)
-    path = directory / "bench.onnx"
+    model = build_dense_batched_moe(hidden=hidden, inter=ffn, experts=8, k=2, activation="swiglu", seed=0)
+    path = directory / f"bench-{hidden}x{ffn}.onnx"
     onnx.save(model, path)
     return path
+
+
+def synthesize_bench(artifact: Path, out: Path) -> None:
+    """Give the benchmark ``artifact`` the weights of :func:`synthetic_tensor` (their values do not
+    matter for timing) and copy it to ``out`` without their bytes: ``weights.head`` instead of
+    ``weights.bin``, rebuilt on the GPU machine by :func:`restore_weights` and checked there by
+    the runner against the manifest's SHA-256. Checked here first: the rebuilt file is the same."""
+    from moec.weights_file import read_weights as moec_read_weights
+    from tests.helpers import rewrite_weights
+
+    stored = moec_read_weights(artifact / "weights.bin")
+    synthetic = {name: synthetic_tensor(n, a.shape, a.dtype) for n, (name, a) in enumerate(stored.items())}
+    del stored
+    rewrite_weights(artifact, synthetic)
+    shutil.copytree(artifact, out, ignore=shutil.ignore_patterns("weights.bin"))
+    with open(artifact / "weights.bin", "rb") as weights:
+        (index_length,) = struct.unpack("<8sII", weights.read(16))[2:]
+        weights.seek(0)
+        (out / WEIGHTS_HEAD).write_bytes(weights.read(data_start(index_length)))
+    restore_weights(out)
+    if (out / "weights.bin").read_bytes() != (artifact / "weights.bin").read_bytes():
+        raise SystemExit(f"{out}: the rebuilt weights differ from the compiled ones")
+    (out / "weights.bin").unlink()
 
 
 def save_case(case_dir: Path, artifact: Path, feeds_list: list[dict], model, tolerance: dict) -> None:
@@ -111,7 +142,7 @@ def save_case(case_dir: Path, artifact: Path, feeds_list: list[dict], model, tol
     (case_dir / "case.json").write_text(json.dumps({"runs": runs, **tolerance}, indent=1))
 
 
-def prepare(target: Path | None, out: Path, bench_ffn: int) -> None:
+def prepare(target: Path | None, out: Path, benches: list[str]) -> None:
     sys.path.insert(0, str(REPO))
     from moec.artifact import read_manifest
     from moec.compiler.compile import compile_model
@@ -147,11 +178,13 @@ def prepare(target: Path | None, out: Path, bench_ffn: int) -> None:
         for name, fixture in FIXTURE_CASES.items():
             feeds = [feeds for feeds, _ in fixture_cases(fixture).values()]
             build(name, REPO / "fixtures" / "models" / f"{fixture}.onnx", "auto", feeds)
-        print("prepare: benchmark block", flush=True)
-        bench = compile_model(
-            bench_model(work, bench_ffn), work / "bench", CompileOptions(target=str(target))
-        )
-        shutil.copytree(bench, out / "bench")
+        for name in benches:
+            print(f"prepare: {name}", flush=True)
+            model = bench_model(work, *BENCH_BLOCKS[name])
+            bench = compile_model(model, work / name, CompileOptions(target=str(target)))
+            synthesize_bench(bench, out / "bench" / name)
+            shutil.rmtree(bench)
+            model.unlink()
         # the runner and TVM's runtime, as `moec package` bundles them for this target
         tarball = package_artifact(example, work / "bundle.tar.gz", target_file=str(target))
         with tarfile.open(tarball) as tar:
@@ -202,6 +235,45 @@ def run_case(runner: Path, case_dir: Path) -> list[str]:
     return failures
 
 
+def data_start(index_length: int) -> int:
+    """Where a weights file's data begins: after its 16-byte header and index, at a page."""
+    return -(-(16 + index_length) // 4096) * 4096
+
+
+def synthetic_tensor(number: int, shape: tuple[int, ...], dtype) -> np.ndarray:
+    """Tensor ``number`` of a benchmark block: splitmix64 of each element's index (and of
+    ``number``), its top 24 bits spread evenly over (-0.5, 0.5) and scaled to variance
+    ``1 / fan_in``. Plain integer arithmetic, so every numpy makes the same bytes (which the
+    runner then checks by SHA-256)."""
+    count = int(np.prod(shape))
+    out = np.empty(count, dtype=dtype)
+    scale = np.sqrt(12.0 / (shape[-1] if len(shape) > 1 else 1))
+    step = 1 << 22
+    with np.errstate(over="ignore"):
+        for start in range(0, count, step):
+            z = np.arange(start, min(start + step, count), dtype=np.uint64)
+            z = z + np.uint64((number + 1) * 0x9E3779B97F4A7C15 % 2**64)
+            z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+            z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+            z = z ^ (z >> np.uint64(31))
+            unit = (z >> np.uint64(40)).astype(np.float64) / 2.0**24 - 0.5
+            out[start : start + len(z)] = unit * scale
+    return out.reshape(shape)
+
+
+def restore_weights(bench: Path) -> None:
+    """Rebuild ``bench/weights.bin`` from its ``weights.head`` and :func:`synthetic_tensor`."""
+    head = (bench / WEIGHTS_HEAD).read_bytes()
+    (index_length,) = struct.unpack_from("<I", head, 12)
+    index = json.loads(head[16 : 16 + index_length])
+    with open(bench / "weights.bin", "wb") as out:
+        out.write(head)
+        for number, t in enumerate(index["tensors"]):
+            out.seek(len(head) + t["offset"])
+            out.write(synthetic_tensor(number, tuple(t["shape"]), np.dtype(t["dtype"])).tobytes())
+        out.truncate(len(head) + max((t["offset"] + t["nbytes"] for t in index["tensors"]), default=0))
+
+
 def runner_latency(runner: Path, bench: Path, feeds: Path, repeat: int) -> dict[str, float] | str:
     """The runner's mean, p50 and p99 (ms) over ``repeat`` timed calls on the inputs ``feeds``
     (an ``.npy``), or why it failed."""
@@ -220,7 +292,7 @@ def read_weights(path: Path) -> dict[str, np.ndarray]:
     if magic != b"MOECWTS\0":
         raise SystemExit(f"{path}: not a moec weights file")
     index = json.loads(bytes(data[16 : 16 + index_length]))
-    start = -(-(16 + index_length) // 4096) * 4096
+    start = data_start(index_length)
     return {
         t["name"]: np.frombuffer(data, t["dtype"], int(np.prod(t["shape"])), start + t["offset"]).reshape(
             t["shape"]
@@ -229,22 +301,30 @@ def read_weights(path: Path) -> dict[str, np.ndarray]:
     }
 
 
+def torch_available() -> bool:
+    """Whether PyTorch with a CUDA device is installed here (the baseline)."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
 def torch_block(bench: Path):
     """The benchmark block as PyTorch eager code on the GPU (Hugging Face Mixtral's block: route,
     top-k, renormalise, loop over the experts hit), on the artifact's weights; None without
     PyTorch or CUDA there."""
-    try:
-        import torch
-    except ImportError:
+    if not torch_available():
         return None
-    if not torch.cuda.is_available():
-        return None
+    import torch
+
     manifest = json.loads((bench / "manifest.json").read_text())
     (layer,) = manifest["layers"]
     assert layer["activation"] == "swiglu" and layer["router"] == {"scoring": "softmax", "normalize": True}
     stored = read_weights(bench / "weights.bin")
-    names = {**layer["weights"], "router": next(n for n in manifest["params"] if n.endswith("router_w"))}
+    names = {**layer["weights"], "router": router_name(manifest)}
     w = {key: torch.from_numpy(np.array(stored[name])).cuda() for key, name in names.items() if name}
+    w["router"] = w["router"].reshape(manifest["inputs"][0]["shape"][-1], -1)
     top_k = layer["top_k"]
 
     def bias(name: str, expert: int):
@@ -292,22 +372,41 @@ def torch_latency(block, x: np.ndarray, repeat: int) -> dict[str, float]:
     }
 
 
+def router_name(manifest: dict) -> str:
+    """The benchmark block's router weight (a standard-ops export's ``<layer>/router_w``)."""
+    return next(n for n in manifest["params"] if n.endswith("router_w"))
+
+
+def routed_bytes(bench: Path, x: np.ndarray) -> tuple[int, int]:
+    """The distinct experts the inputs ``x`` route to (softmax top-k of the stored router, in
+    numpy) and their weights' bytes: what one call must read."""
+    manifest = json.loads((bench / "manifest.json").read_text())
+    (layer,) = manifest["layers"]
+    router = read_weights(bench / "weights.bin")[router_name(manifest)]
+    logits = x @ router.reshape(x.shape[-1], -1)  # [hidden, experts], maybe stored with a batch axis
+    chosen = np.unique(np.argsort(-logits, axis=-1, kind="stable")[:, : layer["top_k"]])
+    sizes = {entry["expert"]: entry["bytes"] for entry in layer["plan"]}
+    return len(chosen), sum(sizes[int(e)] for e in chosen)
+
+
 def time_bench(runner: Path, bench: Path, work: Path) -> list[str]:
-    """Table rows: moec and (where PyTorch runs) PyTorch eager on the benchmark block at each of
-    :data:`BENCH_TOKENS`, timed interleaved; PyTorch's output is checked against moec's first."""
-    rows = ["onnxruntime-gpu: not installed on this machine (CPU onnxruntime only): no CUDA MoE op to time"]
+    """Table rows for one benchmark block: moec and (where PyTorch runs) PyTorch eager at each of
+    :data:`BENCH_TOKENS`, timed interleaved (PyTorch's output is checked against moec's first),
+    with the bytes a call reads and the bandwidth that makes, and moec's time per kernel."""
+    if not (bench / "weights.bin").exists():
+        restore_weights(bench)
+    rows = []
     block = torch_block(bench)
-    if block is None:
-        rows.append("PyTorch with CUDA: not installed on this machine: moec alone")
     hidden = json.loads((bench / "manifest.json").read_text())["inputs"][0]["shape"][-1]
     for tokens in BENCH_TOKENS:
-        label = f"benchmark block, {tokens:>2} token(s)"
         x = np.random.default_rng(tokens).standard_normal((tokens, hidden)).astype(np.float32)
-        feeds = work / f"x{tokens}.npy"
+        experts, nbytes = routed_bytes(bench, x)
+        label = f"{bench.name}, {tokens:>2} token(s) ({experts} experts, {nbytes / 2**20:.1f} MiB)"
+        feeds = work / f"{bench.name}-x{tokens}.npy"
         np.save(feeds, x)
         systems = {"moec": functools.partial(runner_latency, runner, bench, feeds, 500)}
         if block is not None:
-            difference = torch_difference(block, runner, bench, feeds, work / f"out{tokens}")
+            difference = torch_difference(block, runner, bench, feeds, work / f"{bench.name}-out{tokens}")
             if difference is None:
                 systems["PyTorch eager"] = functools.partial(torch_latency, block, x, 500)
             else:
@@ -318,9 +417,12 @@ def time_bench(runner: Path, bench: Path, work: Path) -> list[str]:
                 rounds[name].append(measure())
         for name, results in rounds.items():
             failed = [r for r in results if isinstance(r, str)]
-            median = sorted(results, key=lambda r: r["mean"])[len(results) // 2] if not failed else None
-            numbers = ", ".join(f"{k} {v:.4f} ms" for k, v in median.items()) if median else failed[0]
-            rows.append(f"{label}, {name}: {numbers}")
+            if failed:
+                rows.append(f"{label}, {name}: {failed[0]}")
+                continue
+            median = sorted(results, key=lambda r: r["mean"])[len(results) // 2]
+            numbers = ", ".join(f"{k} {v:.4f} ms" for k, v in median.items())
+            rows.append(f"{label}, {name}: {numbers}; {nbytes / median['p50'] / 1e6:.0f} GB/s at p50")
         rows += [f"    {line}" for line in kernel_times(runner, bench, feeds)]
     return rows
 
@@ -347,7 +449,10 @@ def torch_difference(block, runner: Path, bench: Path, feeds: Path, out: Path) -
     if result.returncode != 0:
         return f"moec failed: {result.stderr.strip()[-200:]}"
     ours = np.load(out / "y.npy")
-    theirs = block(torch.from_numpy(np.load(feeds)).cuda()).cpu().numpy()
+    try:
+        theirs = block(torch.from_numpy(np.load(feeds)).cuda()).cpu().numpy()
+    except Exception as err:  # e.g. weights stored in a layout this baseline does not read
+        return f"PyTorch failed: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
     error = float(np.abs(ours - theirs).max())
     bound = max(FP32_ATOL, FP32_RELATIVE * float(np.abs(theirs).max()))
     return None if error <= bound else f"max abs {error:.2e} > {bound:.2e}"
@@ -367,9 +472,13 @@ def run(directory: Path) -> int:
         print(f"{case_dir.name:<28} {'ok' if not failures else 'FAIL'}")
         for line in failures:
             print(f"    {line}")
+    print("onnxruntime-gpu: not installed on this machine (CPU onnxruntime only): no CUDA MoE op to time")
+    if not torch_available():
+        print("PyTorch with CUDA: not installed on this machine: moec alone")
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as work:
-        for row in time_bench(runner, directory / "bench", Path(work)):
-            print(row)
+        for bench in sorted((directory / "bench").iterdir()):
+            for row in time_bench(runner, bench, Path(work)):
+                print(row)
     print(f"{failed} case(s) failed" if failed else "every case matches the numpy reference")
     return 1 if failed else 0
 
@@ -380,12 +489,18 @@ def main() -> int:
     prep = commands.add_parser("prepare", help="build everything here")
     prep.add_argument("--target", type=Path, help="GPU target file (default: an H200, sm_90)")
     prep.add_argument("--out", type=Path, default=REPO / ".gpu-check")
-    prep.add_argument("--bench-ffn", type=int, default=768, help="the benchmark block's intermediate width")
+    prep.add_argument(
+        "--bench",
+        nargs="+",
+        choices=sorted(BENCH_BLOCKS),
+        default=["mixtral-block", "large-block"],
+        help="benchmark blocks to time there (default: mixtral-block large-block)",
+    )
     go = commands.add_parser("run", help="run and check everything on the GPU machine")
     go.add_argument("--dir", type=Path, default=REPO / ".gpu-check")
     args = parser.parse_args()
     if args.command == "prepare":
-        prepare(args.target, args.out, args.bench_ffn)
+        prepare(args.target, args.out, args.bench)
         return 0
     return run(args.dir)
 

@@ -31,8 +31,8 @@ def test_prepare_then_run_checks_every_case(tmp_path: Path) -> None:
         str(host),
         "--out",
         str(out),
-        "--bench-ffn",
-        "128",
+        "--bench",
+        "tiny-block",
     ]
     subprocess.run(prepare, check=True, capture_output=True, text=True)
     run = subprocess.run(
@@ -42,6 +42,7 @@ def test_prepare_then_run_checks_every_case(tmp_path: Path) -> None:
     rows = [line for line in run.stdout.splitlines() if line.endswith(" ok")]
     assert len(rows) == 10, run.stdout
     assert run.stdout.count(", moec: mean ") == 2, run.stdout  # the benchmark block at 1 and 16 tokens
+    assert "tiny-block,  1 token(s) (2 experts" in run.stdout, run.stdout
     assert "onnxruntime-gpu: not installed" in run.stdout and "PyTorch with CUDA: not installed" in run.stdout
     assert "every case matches the numpy reference" in run.stdout
 
