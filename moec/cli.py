@@ -175,6 +175,16 @@ def _random_token_count(
     return 1 if tokens is None else tokens
 
 
+def _fixed_token_count(inputs: list[dict]) -> int | None:
+    """Tokens in one sample of a model whose inputs have fixed shapes (the first input's rows:
+    every dimension but a float input's last, which is its width); None if any is symbolic."""
+    if _has_symbolic(inputs):
+        return None
+    shape = inputs[0]["shape"]
+    rows = shape[:-1] if np.dtype(inputs[0]["dtype"]).kind == "f" else shape
+    return max(1, int(np.prod(rows, dtype=np.int64)))
+
+
 def _shape_label(inputs: list[dict], feeds: dict[str, np.ndarray]) -> str:
     """What a case ran, by the sizes its symbolic dimensions took (``tokens=7``; ``batch=1 seq=7``),
     or ``fixed shapes`` for an artifact whose inputs have none."""
@@ -900,11 +910,17 @@ def profile(model: Path, calib: Path | None, synthetic: int | None, output: Path
         for sample in samples:
             check_feeds(inputs, sample, str(calib))
     else:
+        per_sample = _fixed_token_count(inputs)
+        count = 1 if per_sample is None else -(-synthetic // per_sample)
+        shaped = "" if per_sample is None else f" ({count} samples of the model's fixed {per_sample} tokens)"
         warn(
-            f"profiling {synthetic} random tokens: real routers route real data "
+            f"profiling {synthetic} random tokens{shaped}: real routers route real data "
             "differently, so do not mask or prune from this profile"
         )
-        samples = [random_inputs(inputs, synthetic, seed=0)]
+        if per_sample is None:
+            samples = [random_inputs(inputs, synthetic, seed=0)]
+        else:
+            samples = [random_inputs(inputs, 1, seed=seed) for seed in range(count)]
 
     def progress(done: int, total: int) -> None:
         if total > 1:

@@ -523,6 +523,25 @@ def test_tokens_on_a_fixed_shape_model(tmp_path: Path) -> None:
     assert len(rows) == 1 and "fixed shapes" in rows[0] and "token" not in rows[0], rows
 
 
+def test_synthetic_profile_of_a_fixed_shape_model_counts_its_tokens(tmp_path: Path) -> None:
+    """--synthetic N on a model whose inputs have fixed shapes profiles samples of that shape until
+    N tokens are covered (and says so), instead of one sample whatever N is."""
+    model = onnx.load(EXAMPLE_MODEL)
+    (dim, *_) = model.graph.input[0].type.tensor_type.shape.dim
+    dim.dim_value = 5  # [tokens, 64] -> [5, 64]
+    path = tmp_path / "fixed.onnx"
+    onnx.save(model, path)
+    result = invoke("profile", path, "--synthetic", "12", "-o", tmp_path / "p.json")
+    assert result.exit_code == 0, result.output
+    assert "profiling 12 random tokens (3 samples of the model's fixed 5 tokens)" in result.stderr
+    profile = json.loads((tmp_path / "p.json").read_text())
+    assert profile["samples"] == 3 and {layer["tokens"] for layer in profile["layers"]} == {15}
+    dynamic = invoke("profile", EXAMPLE_MODEL, "--synthetic", "12", "-o", tmp_path / "q.json")
+    assert dynamic.exit_code == 0, dynamic.output
+    profile = json.loads((tmp_path / "q.json").read_text())
+    assert profile["samples"] == 1 and {layer["tokens"] for layer in profile["layers"]} == {12}
+
+
 def test_verify_labels_cases_by_their_shapes(tree: Tree) -> None:
     result = invoke("verify", tree.model, tree.artifact, "-n", "3", "-n", "7")
     assert result.exit_code == 0, result.output
