@@ -14,7 +14,7 @@ from typing import Any
 import click
 import numpy as np
 
-from moec.errors import MoecError, first_line, warn
+from moec.errors import MoecError, each_warning_once, first_line, warn
 from moec.options import (
     AUTO,
     DENSE_PRECISIONS,
@@ -235,9 +235,14 @@ def artifact_options(command):
 
 class MoecGroup(click.Group):
     """moec's command group: a mistyped option or value (click's usage errors) is one line too,
-    ``moec: error: ...`` naming the option and the ``--help`` to read, with exit code 2."""
+    ``moec: error: ...`` naming the option and the ``--help`` to read, with exit code 2; and a
+    command prints each distinct warning once (:func:`moec.errors.each_warning_once`)."""
 
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        with each_warning_once():
+            return self._main(*args, standalone_mode=standalone_mode, **kwargs)
+
+    def _main(self, *args: Any, standalone_mode: bool, **kwargs: Any) -> Any:
         if not standalone_mode:
             return super().main(*args, standalone_mode=False, **kwargs)
         try:

@@ -3,7 +3,9 @@ error, the fix)."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 
 
 class MoecError(Exception):
@@ -23,8 +25,29 @@ def first_line(error: BaseException | str, default: str = "no output") -> str:
     return type(error).__name__ if isinstance(error, BaseException) else default
 
 
+_said: set[str] | None = None
+"""The warnings printed so far by the current command (None outside :func:`each_warning_once`)."""
+
+
 def warn(message: str) -> None:
     """Print ``moec: warning: MESSAGE`` on stderr: something about the user's input that does not
     stop moec but that they should know (the stream is looked up at each call, so the command
-    line's test runner and the fuzzer's worker capture it like the error lines)."""
+    line's test runner and the fuzzer's worker capture it like the error lines). Within
+    :func:`each_warning_once`, a message already printed is not printed again."""
+    if _said is not None:
+        if message in _said:
+            return
+        _said.add(message)
     print(f"moec: warning: {message}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def each_warning_once() -> Iterator[None]:
+    """One command's scope, in which :func:`warn` prints each distinct message once: a command
+    that reads a model twice (``compile --accuracy-budget``) warns about it once."""
+    global _said
+    outer, _said = _said, set()
+    try:
+        yield
+    finally:
+        _said = outer

@@ -109,3 +109,20 @@ def test_nonfinite_weights_counts_weights_but_not_masks() -> None:
     )
     found = list(nonfinite_weights(helper.make_model(graph)))
     assert found == [("initializer 'w'", 1, 2), ("initializer 'w16'", 0, 1), ("node 'c0' (Constant)", 1, 0)]
+
+
+def test_a_command_that_reads_the_model_twice_warns_once(poisoned: Path, tmp_path: Path) -> None:
+    """``compile --accuracy-budget`` loads the model for the budget search and again to compile;
+    the NaN weight is still named once (each command prints each distinct warning once)."""
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=tokens_input(16, 64))
+    profiled = invoke("profile", poisoned, "--calib", calib, "-o", tmp_path / "profile.json")
+    assert profiled.exit_code == 0, profiled.output
+    result = invoke(
+        "compile", poisoned, "--profile", tmp_path / "profile.json", "--calib", calib,
+        "--accuracy-budget", "0.5", "-o", tmp_path / "artifact",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert len(warnings_of(result.stderr)) == 1, result.stderr
+    again = invoke("inspect", poisoned)  # the next command in this process warns again
+    assert len(warnings_of(again.stderr)) == 1, again.stderr
