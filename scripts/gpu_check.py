@@ -10,8 +10,9 @@ dependencies) and takes at most 64 MiB of files. So everything is built here and
 outputs (``moec.verify.reference_outputs``: the same reference ``moec verify`` uses) as
 ``.npy`` files, with the tolerance in ``case.json``. The cases cover every router rule (softmax
 top-k, sigmoid with selection bias and groups, sparsemixer, onnxruntime's fused ``MoE`` and
-``QMoE``), expert capacity, GPT-OSS's clamped SwiGLU with biases, and every weight format
-(fp32, fp16, int8, int8-dot); and the benchmark blocks (:data:`BENCH_BLOCKS`): their weights are
+``QMoE``), expert capacity, GPT-OSS's clamped SwiGLU with biases, every weight format (fp32,
+fp16, int8, int8-dot), and a whole decoder step with a KV cache (attention, norms and the rest on
+TVM's default GPU schedules); and the benchmark blocks (:data:`BENCH_BLOCKS`): their weights are
 a formula (:func:`synthetic_tensor`), rebuilt there and checked by the runner's SHA-256, so that
 blocks larger than the GPU's L2 fit the transfer limit.
 
@@ -60,6 +61,7 @@ FIXTURE_CASES = {
     "phimoe-sparsemixer": "phimoe-block-dynamo-batched_mm",
     "switch-capacity": "switch_transformers-block-torchscript-na",
     "gpt-oss-clamped-bias": "gpt_oss-block-dynamo-batched_mm",
+    "mixtral-decoder-kv-cache": "mixtral-decoder-cache-dynamo-batched_mm",
 }
 EXAMPLE_CASES = {
     "mixtral-softmax-fp32": ("mixtral_tiny.onnx", "fp32"),

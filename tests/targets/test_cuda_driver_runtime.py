@@ -31,7 +31,7 @@ from moec.compiler.compile import compile_model
 from moec.compiler.inspect_library import embedded_cubins
 from moec.options import CompileOptions
 from moec.runtime.board import RUNNER, RunnerSession
-from tests.helpers import EXAMPLE_MODEL, invoke, named_gpu_target
+from tests.helpers import EXAMPLE_MODEL, REPO_ROOT, invoke, named_gpu_target
 from tests.targets.fake_driver import build_fake_driver
 
 AARCH64_SYSROOT = "/usr/aarch64-linux-gnu"
@@ -179,6 +179,23 @@ def test_run_profile_prints_the_kernels_gpu_times(
     assert set(kernels) <= cubin_kernels(gpu_artifact / "model.so") and len(kernels) >= 4, result.stdout
     total = re.search(r"^kernels: [\d.]+ ms per call in all, over 3 calls$", result.stdout, re.M)
     assert total, result.stdout
+
+
+@pytest.mark.slow
+def test_a_whole_decoder_step_runs_through_the_driver(
+    fake_driver: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Mixtral-style decoder with a KV cache: attention, norms and the rest on TVM's default GPU
+    schedules (tens of kernels, integer arguments) besides moec's, every launch checked."""
+    target = named_gpu_target(tmp_path)
+    model = REPO_ROOT / "fixtures" / "models" / "mixtral-decoder-cache-dynamo-batched_mm.onnx"
+    artifact = compile_model(model, tmp_path / "artifact", CompileOptions(target=str(target)))
+    log = tmp_path / "launches.log"
+    driver_env(monkeypatch, fake_driver, log)
+    result = invoke("run", artifact, "--tokens", "3", "--repeats", "2", "--target", target)
+    assert result.exit_code == 0, result.output
+    check_launches(log, artifact / "model.so")
+    assert len({name for name, *_ in launches(log)}) > 20
 
 
 @pytest.mark.parametrize("driver", ["without a device", "absent"])

@@ -40,7 +40,7 @@ def test_prepare_then_run_checks_every_case(tmp_path: Path) -> None:
     )
     assert run.returncode == 0, run.stdout + run.stderr
     rows = [line for line in run.stdout.splitlines() if line.endswith(" ok")]
-    assert len(rows) == 10, run.stdout
+    assert len(rows) == 11, run.stdout
     assert run.stdout.count(", moec: mean ") == 2, run.stdout  # the benchmark block at 1 and 16 tokens
     assert "tiny-block,  1 token(s) (2 experts" in run.stdout, run.stdout
     assert "onnxruntime-gpu: not installed" in run.stdout and "PyTorch with CUDA: not installed" in run.stdout
