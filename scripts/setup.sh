@@ -2,7 +2,7 @@
 # Sets up everything moec needs on a fresh Debian/Ubuntu machine with CPython 3.10 to 3.14:
 # the Debian packages below (installed with apt-get when run as root), then a virtual environment
 # in .venv with moec and its pinned dependencies (and the dev extras: pytest, ruff, onnxruntime;
-# cuda12: NVRTC 12.6 and its CUDA headers, for Jetson cubins), then TVM's aarch64 runtime in
+# cuda: NVRTC 12.6 and its CUDA headers, for Jetson cubins), then TVM's aarch64 runtime in
 # .cache/.
 # Debian packages: python3.X-venv (for the Python used, if its venv module is missing), g++ (TVM
 # links compiled libraries with it), g++-aarch64-linux-gnu and qemu-user (cross-compiling for the
@@ -83,9 +83,9 @@ stamp=.venv/.moec-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   begin "installing moec (editable) and its pinned dependencies into .venv with pip"
   .venv/bin/python -m pip install --quiet --upgrade pip
-  # cuda12: NVRTC 12.6 and the CUDA 12.6 headers: CUDA targets' cubins, with no CUDA toolkit.
+  # cuda: NVRTC 12.6, the CUDA 12.6 headers and TVM's CUDA 13 runtime: CUDA targets, no CUDA toolkit.
   # setuptools warns at length that folders named like the package may shadow it; moec/ is it.
-  PYTHONWARNINGS="ignore:Editable installation" .venv/bin/python -m pip install --quiet -e '.[dev,cuda12]'
+  PYTHONWARNINGS="ignore:Editable installation" .venv/bin/python -m pip install --quiet -e '.[dev,cuda]'
   touch "$stamp"
   end
 else

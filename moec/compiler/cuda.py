@@ -13,7 +13,7 @@ Three things stand between ``tvm.compile`` and an ``.so`` with cubins here:
 2. **The CUDA version.** The board runs the CUDA version in the target file's ``[cuda]``
    table (Orin, JetPack 6: 12.6); cubins from a newer major toolkit (CUDA 13 writes ELF ABI
    version 8) do not load on older drivers. The kernels are compiled by NVRTC 12.6, NVIDIA's
-   runtime compilation library, from the PyPI wheels pinned by the extra ``moec[cuda12]``
+   runtime compilation library, from the PyPI wheels pinned by the extra ``moec[cuda]``
    (installed by ``scripts/setup.sh``): ``nvidia-cuda-nvrtc-cu12`` (``libnvrtc.so.12``, loaded
    with ``ctypes``) and the CUDA 12.6 headers that TVM's generated code includes and NVRTC 12.6
    does not have built in: libcu++'s ``<cuda/std/cstdint>`` and ``<cuda/std/type_traits>``
@@ -64,14 +64,18 @@ from moec.kernels import kernel_kind
 from moec.targets import TargetSpec
 
 NVRTC_RELEASE = "12.6"
-"""The CUDA release of the pinned NVRTC (pyproject.toml's extra ``cuda12``)."""
+"""The CUDA release of the pinned NVRTC (pyproject.toml's extra ``cuda``)."""
 NVRTC_LIBRARY = ("nvidia-cuda-nvrtc-cu12", "nvidia/cuda_nvrtc/lib/libnvrtc.so.12")
 CUDA_HEADERS = (
     ("nvidia-cuda-cccl-cu12", "nvidia/cuda_cccl/include", "cuda/std/cstdint"),
     ("nvidia-cuda-runtime-cu12", "nvidia/cuda_runtime/include", "cuda_fp16.h"),
 )
 """(distribution, include folder in it, a header it must hold) for each ``-I`` NVRTC gets."""
-CUDA12_INSTALL = "pip install 'moec[cuda12]' (scripts/setup.sh does this)"
+TVM_CUDA_RUNTIME = ("nvidia-cuda-runtime", "nvidia/cu13/lib/libcudart.so.13")
+"""The CUDA runtime that TVM's CUDA library from PyPI links (CUDA 13), pinned so that a build
+needs no CUDA installation: loaded by :func:`load_cuda_runtime` in the build process only, never
+shipped (moec-runner drives a GPU through the driver alone)."""
+CUDA_INSTALL = "pip install 'moec[cuda]' (scripts/setup.sh does this)"
 _CALLBACK = "tvm_callback_cuda_compile"
 _STUB_SYMBOLS = (
     "cuInit",
@@ -134,10 +138,11 @@ def installed_file(distribution: str, path: str) -> Path | None:
     return found if found.exists() else None
 
 
-def missing_cuda12() -> str | None:
-    """The first distribution of the extra ``cuda12`` that is not installed, or None if all are."""
-    if installed_file(*NVRTC_LIBRARY) is None:
-        return NVRTC_LIBRARY[0]
+def missing_cuda_packages() -> str | None:
+    """The first distribution of the extra ``cuda`` that is not installed, or None if all are."""
+    for distribution, path in (NVRTC_LIBRARY, TVM_CUDA_RUNTIME):
+        if installed_file(distribution, path) is None:
+            return distribution
     for distribution, folder, header in CUDA_HEADERS:
         if installed_file(distribution, f"{folder}/{header}") is None:
             return distribution
@@ -175,19 +180,19 @@ def _nvrtc(path: str) -> ctypes.CDLL:
 
 
 def find_toolchain() -> CudaToolchain:
-    """The pinned NVRTC and CUDA headers (extra ``cuda12``); one clear error if any is missing."""
-    missing = missing_cuda12()
+    """The pinned NVRTC and CUDA headers (extra ``cuda``); one clear error if any is missing."""
+    missing = missing_cuda_packages()
     if missing is not None:
         raise MoecError(
-            f"CUDA targets need NVRTC {NVRTC_RELEASE} and its CUDA headers ({missing} is not "
-            f"installed): {CUDA12_INSTALL}"
+            f"CUDA targets need NVRTC {NVRTC_RELEASE}, its CUDA headers and the CUDA runtime TVM's "
+            f"CUDA library links ({missing} is not installed): {CUDA_INSTALL}"
         )
     library = installed_file(*NVRTC_LIBRARY)
     try:
         lib = _nvrtc(str(library))
     except OSError as err:
         raise MoecError(
-            f"{library}: does not load ({first_line(err)}); reinstall it: {CUDA12_INSTALL}"
+            f"{library}: does not load ({first_line(err)}); reinstall it: {CUDA_INSTALL}"
         ) from err
     major, minor = ctypes.c_int(), ctypes.c_int()
     lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor))
@@ -265,7 +270,8 @@ def _build_stub(directory: Path) -> Path:
 
 
 def load_cuda_runtime() -> None:
-    """Make sure TVM's CUDA runtime library is loaded, via the stub driver if there is no driver.
+    """Make sure TVM's CUDA runtime library is loaded, via the stub driver if there is no driver,
+    and with the pinned CUDA runtime it links (:data:`TVM_CUDA_RUNTIME`) if that is installed.
 
     Without it TVM embeds CUDA source instead of cubins. Once loaded it stays loaded (the
     process cannot unload it); that only affects this build process.
@@ -282,6 +288,9 @@ def load_cuda_runtime() -> None:
             package="tvm", target_name="tvm_runtime_cuda", extra_lib_paths=[runtime_dir], mode="RTLD_LOCAL"
         )
 
+    cudart = installed_file(*TVM_CUDA_RUNTIME)
+    if cudart is not None:  # the pinned copy, loaded first: the library's NEEDED soname then resolves to it
+        ctypes.CDLL(str(cudart), mode=ctypes.RTLD_GLOBAL)
     with contextlib.suppress(OSError, RuntimeError):
         load()  # a real driver appeared since tvm was imported
         return
@@ -292,7 +301,7 @@ def load_cuda_runtime() -> None:
         except (OSError, RuntimeError) as err:
             raise MoecError(
                 f"TVM's CUDA runtime library does not load ({first_line(err)}); it needs the CUDA runtime "
-                "(libcudart) of the CUDA version TVM was built with"
+                f"(libcudart) of the CUDA version TVM was built with: {CUDA_INSTALL}"
             ) from err
 
 
@@ -309,7 +318,7 @@ def cuda_build(target: TargetSpec, log: Callable[[str], None]) -> Iterator[dict[
         log(
             f"warning: building {target.cuda.arch} cubins with NVRTC {toolchain.nvrtc_version}, but "
             f"{target.name} runs CUDA {target.cuda.version}; they may not load there. Install the pinned "
-            f"NVRTC {NVRTC_RELEASE}: {CUDA12_INSTALL}"
+            f"NVRTC {NVRTC_RELEASE}: {CUDA_INSTALL}"
         )
     load_cuda_runtime()
     previous = tvm_ffi.get_global_func(_CALLBACK, allow_missing=True)

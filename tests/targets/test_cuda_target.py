@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from moec.compiler.cuda import missing_cuda12
+from moec.compiler.cuda import missing_cuda_packages
 from moec.compiler.inspect_library import EM_X86_64, check_cuda_library
 from moec.targets import bundled_target_file
 from tests.helpers import EXAMPLE_MODEL, assert_nothing_written, assert_user_error, invoke
@@ -26,7 +26,7 @@ from tests.targets.fake_driver import build_fake_driver
 KERNELS = ["moe0_route", "moe0_group", "moe0_expert_up", "moe0_expert_down"]
 MOEC = Path(sys.executable).with_name("moec")
 needs_nvrtc = pytest.mark.skipif(
-    missing_cuda12() is not None, reason="NVRTC 12.6 and its CUDA headers (extra 'cuda12') not installed"
+    missing_cuda_packages() is not None, reason="the CUDA packages (extra 'cuda') are not installed"
 )
 
 

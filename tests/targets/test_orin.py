@@ -34,7 +34,7 @@ from tests.helpers import EXAMPLE_MODEL, REPO_ROOT
 
 KERNELS = ["moe0_route", "moe0_group", "moe0_expert_up", "moe0_expert_down"]
 needs_nvrtc = pytest.mark.skipif(
-    cuda.missing_cuda12() is not None, reason="NVRTC 12.6 and its CUDA headers (extra 'cuda12') not installed"
+    cuda.missing_cuda_packages() is not None, reason="the CUDA packages (extra 'cuda') are not installed"
 )
 
 
@@ -130,6 +130,7 @@ def test_build_that_falls_back_to_cuda_source_fails_cleanly(tmp_path):
         "nvidia-cuda-nvrtc-cu12",
         pytest.param("nvidia-cuda-cccl-cu12", marks=needs_nvrtc),  # else the message names NVRTC
         pytest.param("nvidia-cuda-runtime-cu12", marks=needs_nvrtc),
+        pytest.param("nvidia-cuda-runtime", marks=needs_nvrtc),
     ],
 )
 def test_missing_nvrtc_is_a_one_line_error(package, tmp_path, monkeypatch):
@@ -141,8 +142,26 @@ def test_missing_nvrtc_is_a_one_line_error(package, tmp_path, monkeypatch):
     with pytest.raises(MoecError, match=r"CUDA targets need NVRTC 12\.6") as err:
         compile_model(EXAMPLE_MODEL, out, CompileOptions(target="orin"))
     assert f"({package} is not installed)" in str(err.value)
-    assert "pip install 'moec[cuda12]'" in str(err.value) and "\n" not in str(err.value)
+    assert "pip install 'moec[cuda]'" in str(err.value) and "\n" not in str(err.value)
     assert not out.exists()
+
+
+@needs_nvrtc
+def test_the_build_loads_the_pinned_cuda_runtime_not_a_system_one():
+    """TVM's CUDA codegen library links libcudart.so.13: a build (in a fresh process, as with no
+    CUDA installed) loads the pinned wheel's copy, whatever the machine has in its library path."""
+    code = (
+        "from moec.compiler.cuda import load_cuda_runtime\n"
+        "load_cuda_runtime()\n"
+        "print(*{line.split()[-1] for line in open('/proc/self/maps') if 'libcudart.so' in line})\n"
+    )
+    env = {**os.environ, "MOEC_DEBUG": ""}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    if run.returncode == 0 and "/nvidia/cu13/lib/" not in run.stdout and shutil.which("nvidia-smi"):
+        pytest.skip("this machine has an NVIDIA driver: TVM loaded its CUDA library when imported")
+    assert run.returncode == 0, run.stderr
+    (loaded,) = run.stdout.split()
+    assert loaded == str(cuda.installed_file(*cuda.TVM_CUDA_RUNTIME)), loaded
 
 
 @needs_nvrtc
