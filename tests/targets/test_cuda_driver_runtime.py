@@ -149,19 +149,22 @@ def test_kernel_times_are_the_gpus_event_times(gpu_artifact: Path, fake_driver: 
     ]
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr
+    line = r"^kernel (\S+): ([\d.]+) launches, ([\d.]+) ms per call, .* \(grid (\S+), block (\S+)\)$"
     printed = {
-        m.group(1): (float(m.group(2)), float(m.group(3)))
-        for m in re.finditer(r"^kernel (\S+): ([\d.]+) launches, ([\d.]+) ms per call", result.stdout, re.M)
+        m.group(1): (float(m.group(2)), float(m.group(3)), m.group(4), m.group(5))
+        for m in re.finditer(line, result.stdout, re.M)
     }
-    timed = round(4 * sum(per_call for per_call, _ in printed.values()))  # the last launches logged
-    expected: dict[str, list[int]] = {}
+    timed = round(4 * sum(per_call for per_call, *_ in printed.values()))  # the last launches logged
+    expected: dict[str, list[tuple[int, ...]]] = {}
     for name, dims, _, _ in launches(log)[-timed:]:
-        expected.setdefault(name, []).append(dims[0] * dims[1] * dims[2])  # blocks = microseconds
+        expected.setdefault(name, []).append(dims)
     assert set(printed) == set(expected), (printed, expected)
-    for name, blocks in expected.items():
-        launches_per_call, ms = printed[name]
-        assert launches_per_call == len(blocks) / 4, name
-        assert ms == pytest.approx(sum(blocks) / 4 / 1000, abs=1e-4), name
+    for name, shapes in expected.items():
+        launches_per_call, ms, grid, block = printed[name]
+        assert launches_per_call == len(shapes) / 4, name
+        blocks = sum(d[0] * d[1] * d[2] for d in shapes)  # the fake's microseconds
+        assert ms == pytest.approx(blocks / 4 / 1000, abs=1e-4), name
+        assert (grid, block) == ("x".join(map(str, shapes[-1][:3])), "x".join(map(str, shapes[-1][3:]))), name
     assert "kernels: " in result.stdout and "latency over 4 runs" in result.stdout
 
     cpu = subprocess.run([str(runner), str(gpu_artifact), "--kernel-times"], capture_output=True, text=True)

@@ -400,7 +400,11 @@ struct KernelTimer {
   std::mutex mutex;
   bool on = false;
   std::vector<CUevent> free_events;                            // recorded and read: reusable
-  std::vector<std::pair<std::string, std::array<CUevent, 2>>> pending;  // launches not yet read
+  struct Pending {
+    std::string kernel, shape;
+    std::array<CUevent, 2> events;
+  };
+  std::vector<Pending> pending;                                // launches not yet read
   std::vector<KernelTime> totals;                              // by first launch
 
   CUevent Event() {
@@ -639,7 +643,10 @@ class DriverCudaModule final : public ffi::ModuleObj {
     if (events[0] != nullptr) {
       std::lock_guard<std::mutex> lock(timer.mutex);
       Check(g_driver->cuEventRecord(events[1], stream), "cuEventRecord");
-      timer.pending.emplace_back(kernel.name, events);
+      const std::string shape = "grid " + std::to_string(dims[0]) + "x" + std::to_string(dims[1]) + "x" +
+                                std::to_string(dims[2]) + ", block " + std::to_string(dims[3]) + "x" +
+                                std::to_string(dims[4]) + "x" + std::to_string(dims[5]);
+      timer.pending.push_back({kernel.name, shape, events});
     }
     if (result != kSuccess && result != kErrorDeinitialized) {
       TVM_FFI_THROW(CUDAError) << "CUDA kernel " << kernel.name << " did not launch (grid " << dims[0] << "x"
@@ -690,14 +697,15 @@ void SetKernelTiming(bool on) {
 std::vector<KernelTime> KernelTimes() {
   KernelTimer& timer = Timer();
   std::lock_guard<std::mutex> lock(timer.mutex);
-  for (auto& [name, events] : timer.pending) {
+  for (auto& [name, shape, events] : timer.pending) {
     Check(g_driver->cuEventSynchronize(events[1]), "cuEventSynchronize");
     float milliseconds = 0;
     Check(g_driver->cuEventElapsedTime(&milliseconds, events[0], events[1]), "cuEventElapsedTime");
     auto found = std::find_if(timer.totals.begin(), timer.totals.end(),
                               [&](const KernelTime& t) { return t.kernel == name; });
-    if (found == timer.totals.end()) found = timer.totals.insert(timer.totals.end(), KernelTime{name, 0, 0});
+    if (found == timer.totals.end()) found = timer.totals.insert(timer.totals.end(), KernelTime{name, 0, 0, {}});
     found->launches += 1;
+    found->shape = shape;
     found->milliseconds += milliseconds;
     timer.free_events.insert(timer.free_events.end(), events.begin(), events.end());
   }

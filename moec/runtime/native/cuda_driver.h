@@ -19,11 +19,13 @@ std::string InstallCudaDriverRuntime(int device_id);
 // serialises nothing, but adds two event records per launch). Off by default.
 void SetKernelTiming(bool on);
 
-// One kernel's share of the timed calls: its launches and their summed GPU time (milliseconds).
+// One kernel's share of the timed calls: its launches, their summed GPU time (milliseconds) and
+// the launch shape of the last one ("grid 96x1x1, block 32x8x1").
 struct KernelTime {
   std::string kernel;
   long launches = 0;
   double milliseconds = 0;
+  std::string shape;
 };
 
 // The GPU time of every kernel launched since kernel timing was turned on, most time first. Waits

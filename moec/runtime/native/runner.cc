@@ -24,7 +24,8 @@
 // warmups, inputs already on the device). --threads T sets the CPU threads (TVM_NUM_THREADS).
 // --kernel-times (CUDA artifacts, with --repeat N) then makes N more calls with each kernel launch
 // timed by CUDA events and prints each kernel's launches and GPU time per call, most time first
-// ("kernel NAME: L launches, X ms per call, P% of kernel time"); the latency line is unaffected.
+// ("kernel NAME: L launches, X ms per call, P% of kernel time (grid XxYxZ, block XxYxZ)", the
+// last launch's shape); the latency line is unaffected.
 // Last it prints its peak resident memory ("peak RSS N MiB", VmHWM).
 //
 // Device: CPU for llvm targets. For a CUDA target (manifest "target"."cuda" not null) the
@@ -1198,9 +1199,9 @@ void PrintKernelTimes(const Call& call, int calls) {
   double total = 0;
   for (const moec::KernelTime& time : times) total += time.milliseconds;
   for (const moec::KernelTime& time : times) {
-    std::printf("kernel %s: %g launches, %.4f ms per call, %.1f%% of kernel time\n", time.kernel.c_str(),
+    std::printf("kernel %s: %g launches, %.4f ms per call, %.1f%% of kernel time (%s)\n", time.kernel.c_str(),
                 static_cast<double>(time.launches) / calls, time.milliseconds / calls,
-                total > 0 ? 100.0 * time.milliseconds / total : 0.0);
+                total > 0 ? 100.0 * time.milliseconds / total : 0.0, time.shape.c_str());
   }
   std::printf("kernels: %.4f ms per call in all, over %d calls\n", total / calls, calls);
 }
