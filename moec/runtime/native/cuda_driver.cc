@@ -590,9 +590,12 @@ class DriverCudaModule final : public ffi::ModuleObj {
                                   << " arguments, expected " << expected << "; recompile the model";
     }
     const TVMFFIAny* raw = reinterpret_cast<const TVMFFIAny*>(args.data());
-    // Arguments: 64-bit values in place, 32-bit ones converted into `narrow` (pack_args.h).
-    std::vector<void*> addresses(arg_count);
-    std::vector<uint32_t> narrow(arg_count);
+    // Arguments: 64-bit values in place, 32-bit ones converted into `narrow` (pack_args.h). The
+    // buffers are this thread's, reused by every launch: no allocation on the launch path.
+    thread_local std::vector<void*> addresses;
+    thread_local std::vector<uint32_t> narrow;
+    addresses.resize(arg_count);
+    narrow.resize(arg_count);
     for (size_t i = 0; i < arg_count; ++i) {
       switch (kernel.args[i]) {
         case ArgKind::kPointerSized:
