@@ -238,7 +238,8 @@ def run_case(runner: Path, case_dir: Path) -> list[str]:
 
 
 def data_start(index_length: int) -> int:
-    """Where a weights file's data begins: after its 16-byte header and index, at a page."""
+    """Where a weights file's data begins: after its 16-byte header and index, at a page (a copy of
+    ``moec.weights_file.data_start``, as :func:`_stem` is: ``run`` imports nothing of moec)."""
     return -(-(16 + index_length) // 4096) * 4096
 
 
@@ -288,7 +289,8 @@ def runner_latency(runner: Path, bench: Path, feeds: Path, repeat: int) -> dict[
 
 
 def read_weights(path: Path) -> dict[str, np.ndarray]:
-    """The tensors of an artifact's ``weights.bin`` (moec/weights_file.py's layout), by name."""
+    """The tensors of an artifact's ``weights.bin`` (moec/weights_file.py's layout), by name: the
+    numpy-only counterpart of ``moec.weights_file.read_weights``, for ``run``."""
     data = np.memmap(path, dtype=np.uint8, mode="r")
     magic, _version, index_length = struct.unpack_from("<8sII", data, 0)
     if magic != b"MOECWTS\0":
