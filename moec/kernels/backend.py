@@ -10,6 +10,12 @@ fills them in for one kind of target:
   tasks of ``rows_per_task`` contiguous rows, each computed whole by one thread. CUDA: a block
   owns ``rows_per_block`` rows (``threadIdx.y``) and ``threads_per_row`` lanes
   (``threadIdx.x``) share each row's dot product; lane 0 writes the result (the lane-0 guard).
+- **Expert slots** (``expert_up``, ``expert_down``): the expert groups a kernel visits, one
+  slot each (:class:`ExpertSlots`). CPU: a serial loop inside each row task. CUDA: the up
+  kernel's slots are ``blockIdx.y``, so each selected expert's rows are spread over their own
+  blocks; the down kernel's stay serial (its threads own output rows that every expert adds to).
+- **Group workers** (``group``): one on a CPU (the whole counting sort in one pass); on CUDA one
+  thread per expert, each sorting its own expert's pairs.
 - **Dot**: the dot product of a weight row with ``count`` source rows. CPU: ``lanes``-wide
   vector accumulators (``accumulators`` chains) folded by halving. CUDA: lanes stride over the
   row (coalesced loads) and their partial sums are folded with warp shuffles.
@@ -216,6 +222,49 @@ class Rows:
 
 
 @dataclasses.dataclass(frozen=True)
+class ExpertSlots:
+    """The expert groups (:mod:`moec.kernels.group`) a kernel visits, as ``min(pairs, E)`` slots.
+
+    With more pairs than experts, slot ``s`` is expert ``s``, visited when its group is not
+    empty. With at most ``E`` pairs (few tokens: at one token ``k`` pairs), slot ``s`` is the
+    ``s``-th sorted pair, visited when it starts its expert's group: then the slots are exactly
+    the selected experts' groups (no slot per idle expert), and the expert is found by a binary
+    search of ``offset``. Either way the groups are visited in expert order.
+
+    A kernel writes ``visit = slots.visitor(run)`` and ``visit(ctx, offset, pairs)`` to call
+    ``run(ctx, e)`` for each expert ``e`` with pairs.
+    """
+
+    num_experts: int
+    kind: str  # "serial" or "blockIdx.y"
+    scratch_scope: str
+
+    def visitor(self, run):
+        """The TIR macro ``visit(ctx, offset, pairs)``."""
+        E = self.num_experts
+        steps = E.bit_length()  # binary-search steps: 2 ** (steps - 1) <= E < 2 ** steps
+
+        @T.macro
+        def visit(ctx, offset, pairs):
+            for s in loop(self.kind, T.min(pairs, T.int64(E))):
+                e = T.alloc_buffer((1,), "int32", scope=self.scratch_scope)
+                if pairs > E:
+                    e[0] = T.Cast("int32", s)
+                else:  # the last expert whose group starts at or before pair s
+                    e[0] = 0
+                    for i in T.unroll(steps):
+                        if e[0] + T.shift_left(1, steps - 1 - i) <= E:
+                            if offset[e[0] + T.shift_left(1, steps - 1 - i)] <= T.Cast("int32", s):
+                                e[0] = e[0] + T.shift_left(1, steps - 1 - i)
+                if e[0] < E:
+                    if offset[e[0] + 1] > offset[e[0]]:
+                        if pairs > E or offset[e[0]] == T.Cast("int32", s):
+                            run(ctx, e[0])
+
+        return visit
+
+
+@dataclasses.dataclass(frozen=True)
 class CpuBackend:
     """Parallel row tasks and vector accumulators (:class:`moec.schedule.CpuSchedule`)."""
 
@@ -234,6 +283,14 @@ class CpuBackend:
 
     def items(self, parallel: bool = True) -> Items:
         return Items(1, "parallel" if parallel else "serial", "serial")
+
+    def expert_slots(self, num_experts: int, spread: bool) -> ExpertSlots:
+        """Serial slots, inside each row task (``spread`` is for the GPU)."""
+        return ExpertSlots(num_experts, "serial", self.scratch_scope)
+
+    def group_workers(self, slots: int) -> int:
+        """One: a single pass of the counting sort, too small to be worth a parallel launch."""
+        return 1
 
     def rows(self, count: int) -> Rows:
         rows_per_task = _largest_divisor_at_most(count, self.schedule.rows_per_task)
@@ -314,6 +371,16 @@ class CudaBackend:
     def items(self, parallel: bool = True) -> Items:
         threads = self.schedule.threads_per_row * self.schedule.rows_per_block if parallel else 1
         return Items(threads, "blockIdx.x", "threadIdx.x")
+
+    def expert_slots(self, num_experts: int, spread: bool) -> ExpertSlots:
+        """``blockIdx.y`` when ``spread`` (each selected expert's rows get blocks of their own,
+        so one token's ``k`` experts run side by side), else serial in each thread."""
+        return ExpertSlots(num_experts, "blockIdx.y" if spread else "serial", self.scratch_scope)
+
+    def group_workers(self, slots: int) -> int:
+        """A thread per expert slot: each counts and places only its own expert's pairs, so no
+        thread walks the ``E``-long count and prefix arrays alone."""
+        return slots
 
     def rows(self, count: int) -> Rows:
         s = self.schedule

@@ -75,17 +75,25 @@ def activation_epilogue(name: str, gated: bool, alpha: float, beta: float, limit
 
 
 def expert_rows_macro(
-    backend: Backend, count: int, config: ExpertConfig, matrices: int, width: int, step_for, zero=None
+    backend: Backend,
+    count: int,
+    config: ExpertConfig,
+    matrices: int,
+    width: int,
+    step_for,
+    spread: bool = False,
 ):
     """The loop nest both expert kernels share, as a TIR macro ``nest(buffers, quantized, offset, n)``.
 
-    The backend tiles the ``count`` output rows over threads; each thread walks the expert
-    groups (``offset``) in order and, for each expert with tokens and each of its rows, calls
+    The backend tiles the ``count`` output rows over threads; each thread visits the expert
+    groups (``offset``) through the backend's expert slots (:class:`~moec.kernels.backend.ExpertSlots`;
+    ``spread``: on a GPU each slot gets blocks of its own, for kernels whose threads write only
+    their own expert's outputs) in expert order and, for each expert with tokens and each of its rows, calls
     ``step(acc, (buffers, quantized), e, slot, j, p0, count, lane, owner)`` of the expert's format
     (``step_for(fmt)``; ``slot``: the expert's entry in its format's buffers) on the group's
     tokens ``token_block`` at a time, then one by one for the tail. ``acc`` is the thread's
     accumulators, one ``[token_block, width]`` buffer per matrix; ``owner`` says whether this
-    thread writes row ``j``. ``zero(buffers, n, j)``, if given, first clears each owned output row.
+    thread writes row ``j``.
     """
     rows, PB = backend.rows(count), backend.token_block
     second = (PB, width) if matrices == 2 else (1,)
@@ -111,6 +119,7 @@ def expert_rows_macro(
         return body
 
     run = config.expert_formats.dispatch(body_for)
+    visit = backend.expert_slots(config.num_experts, spread).visitor(run)
 
     @T.macro
     def nest(buffers, quantized, offset, n):
@@ -121,13 +130,7 @@ def expert_rows_macro(
                     acc_first = T.alloc_buffer((PB, width), "float32", scope=backend.scratch_scope)
                     acc_second = T.alloc_buffer(second, "float32", scope=backend.scratch_scope)
                     acc = (acc_first, acc_second)
-                    if zero is not None:
-                        for r in rows.per_thread():
-                            if rows.owns(task, thread, r, lane):
-                                zero(buffers, n, rows.row(task, thread, r))
-                    for e in range(config.num_experts):
-                        if offset[e + 1] > offset[e]:
-                            run((acc, (buffers, quantized), offset, task, thread, lane), e)
+                    visit((acc, (buffers, quantized), offset, task, thread, lane), offset, n * config.top_k)
 
     return nest
 
@@ -172,46 +175,77 @@ def make_expert_up_kernel(config: ExpertUpConfig, backend: Backend) -> tirx.Prim
 
         return step
 
-    nest = expert_rows_macro(backend, F, c, 2 if gated else 1, width, step_for)
+    nest = expert_rows_macro(backend, F, c, 2 if gated else 1, width, step_for, spread=True)
     return expert_up_func(c, backend, nest)
 
 
 def make_expert_down_kernel(config: ExpertDownConfig, backend: Backend) -> tirx.PrimFunc:
-    """PrimFunc ``y[token[p]] += gain[p] * (w_down_e @ inter[p] + b_down_e)`` over all groups.
+    """PrimFunc ``y[t] = sum of gain[p] * (w_down_e @ inter[p] + b_down_e)`` over token ``t``'s pairs.
 
     Signature: :meth:`ExpertDownConfig.signature` (``inter``, the ``w_down`` buffers, ``b_down``,
-    ``offset``, ``token``, ``gain`` → ``y``); ``y`` is zeroed first, so the result is the full MoE
-    output. The thread owning row ``j`` visits the experts in order, so a token's k contributions
-    are added by one thread in a fixed order.
+    ``offset``, ``token``, ``gain`` → ``y``); every row of ``y`` is written, so the result is the
+    full MoE output. Three steps, so that the experts' rows spread like ``expert_up``'s while
+    each output stays written by one thread in a fixed order (no atomics):
+
+    1. ``pos[t, r]``: where token ``t``'s ``r``-th pair sits in the grouped order (its pairs in
+       that order, so by expert);
+    2. ``partial[p] = gain[p] * (w_down_e @ inter[p] + b_down_e)`` for every routed pair ``p``,
+       over the backend's row tiles and spread expert slots;
+    3. ``y[t, j]``: the sum, from 0, of ``partial[pos[t, r], j]`` over ``r`` (skipped slots,
+       past ``offset[E]``, add nothing).
     """
     c = config
-    H, F = c.hidden, c.ffn
+    E, H, F, K = c.num_experts, c.hidden, c.ffn, c.top_k
     if c.panel is not None:
         return make_expert_down_panels(c, backend)
     width = backend.dot(F, indirect=False, fmt=WeightFormat("fp32"))[1]
-
-    @T.macro
-    def zero(buffers, n, j):
-        y = buffers[-2]
-        for t in range(n):
-            y[t, j] = T.float32(0)
 
     def step_for(fmt: WeightFormat):
         dot = backend.dot(F, indirect=False, fmt=fmt)[0]
 
         @T.macro
         def step(acc, inputs, e, slot, j, p0, count, lane, owner):
-            """Row ``j`` of expert ``e`` for the ``count`` pairs from ``p0``, added into ``y``."""
-            (inter, b_down, token, gain, y, by_format), quantized = inputs
+            """Row ``j`` of expert ``e`` for the ``count`` pairs from ``p0``, into ``partial``."""
+            (inter, b_down, token, gain, partial, by_format), quantized = inputs
             w_down, s_down = fmt.of(by_format)
             dot(acc, 0, w_down, s_down, slot, j, quantized if fmt.dot else inter, token, p0, count, lane)
             if owner:
                 for pi in range(count):
-                    y[token[p0 + pi], j] = y[token[p0 + pi], j] + gain[p0 + pi] * (
+                    partial[p0 + pi, j] = gain[p0 + pi] * (
                         fmt.finish(acc[0][pi, 0], s_down, slot, j) + b_down[e, j]
                     )
 
         return step
 
-    nest = expert_rows_macro(backend, H, c, 1, width, step_for, zero)
-    return expert_down_func(c, backend, nest)
+    nest = expert_rows_macro(backend, H, c, 1, width, step_for, spread=True)
+    items = backend.items()
+
+    @T.macro
+    def body(buffers, quantized, offset, n):
+        inter, b_down, token, gain, y, by_format = buffers
+        partial = T.alloc_buffer((n * K, H), "float32")
+        pos = T.alloc_buffer((n, K), "int32")
+        for o in items.outer(n * K):
+            for i in items.inner():
+                if items.valid(o, i, n * K):
+                    rank = T.alloc_buffer((1,), "int32", scope=backend.scratch_scope)
+                    rank[0] = 0
+                    for q in range(items.index(o, i)):
+                        if token[q] == token[items.index(o, i)]:
+                            rank[0] = rank[0] + 1
+                    if rank[0] < K:  # always (a token has K pairs); guards a corrupt token table
+                        pos[token[items.index(o, i)], rank[0]] = T.Cast("int32", items.index(o, i))
+        nest((inter, b_down, token, gain, partial, by_format), quantized, offset, n)
+        for o in items.outer(n * H):
+            for i in items.inner():
+                if items.valid(o, i, n * H):
+                    t = items.index(o, i) // H
+                    j = items.index(o, i) % H
+                    total = T.alloc_buffer((1,), "float32", scope=backend.scratch_scope)
+                    total[0] = T.float32(0)
+                    for r in range(K):
+                        if pos[t, r] < offset[E]:
+                            total[0] = total[0] + partial[pos[t, r], j]
+                    y[t, j] = total[0]
+
+    return expert_down_func(c, backend, body)

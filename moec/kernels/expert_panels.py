@@ -113,8 +113,11 @@ def _panels_per_task(backend: CpuBackend, panel: int, panels: int) -> int:
     return max(1, min(panels, backend.schedule.rows_per_task // panel))
 
 
-def _groups_macro(config: ExpertConfig, token_block: int, panels: int, per_task: int, block_for):
-    """A TIR macro ``groups(buffers, quantized, acc, offset, task)``: for every expert with tokens,
+def _groups_macro(
+    config: ExpertConfig, backend: CpuBackend, token_block: int, panels: int, per_task: int, block_for
+):
+    """A TIR macro ``groups(buffers, quantized, acc, offset, task, pairs)``: for every expert with
+    tokens (of the ``pairs`` grouped, through the backend's expert slots), in expert order,
     each of the task's ``per_task`` panels (of ``panels``) and the expert group's pairs through
     ``block((buffers, quantized, acc, e, slot, p), p0, count)`` of the expert's format
     (``block_for(fmt)``; ``slot``: the expert's entry in its format's buffers), ``token_block``
@@ -133,12 +136,17 @@ def _groups_macro(config: ExpertConfig, token_block: int, panels: int, per_task:
     run = config.expert_formats.dispatch(body_for)
 
     @T.macro
-    def groups(buffers, quantized, acc, offset, task):
-        for e in range(config.num_experts):
-            for q in range(per_task):
-                if panels % per_task == 0 or task * per_task + q < panels:
-                    if offset[e + 1] > offset[e]:
-                        run((buffers, quantized, acc, offset, task * per_task + q), e)
+    def panels_of(ctx, e):
+        buffers, quantized, acc, offset, task = ctx
+        for q in range(per_task):
+            if panels % per_task == 0 or task * per_task + q < panels:
+                run((buffers, quantized, acc, offset, task * per_task + q), e)
+
+    visit = backend.expert_slots(config.num_experts, spread=False).visitor(panels_of)
+
+    @T.macro
+    def groups(buffers, quantized, acc, offset, task, pairs):
+        visit((buffers, quantized, acc, offset, task), offset, pairs)
 
     return groups
 
@@ -231,7 +239,7 @@ def make_expert_up_panels(config: ExpertUpConfig, backend: Backend, act) -> tirx
         return block
 
     PT = _panels_per_task(backend, NB, P)
-    groups = _groups_macro(c, TB, P, PT, block_for)
+    groups = _groups_macro(c, backend, TB, P, PT, block_for)
     second = (TB, NB) if gated else (1, 1)
     half = (TB, NB) if c.fp16_arithmetic else (1, 1)  # FP16 chunk sums, for fp16 experts
     half_second = (TB, NB) if c.fp16_arithmetic and gated else (1, 1)
@@ -249,7 +257,7 @@ def make_expert_up_panels(config: ExpertUpConfig, backend: Backend, act) -> tirx
             int_up = T.alloc_buffer(whole, "int32", scope=backend.scratch_scope)
             int_gate = T.alloc_buffer(whole_second, "int32", scope=backend.scratch_scope)
             accs = (acc_up, acc_gate, half_up, half_gate, int_up, int_gate)
-            groups(buffers, quantized, accs, offset, task)
+            groups(buffers, quantized, accs, offset, task, n * c.top_k)
 
     return expert_up_func(c, backend, body)
 
@@ -324,7 +332,7 @@ def make_expert_down_panels(config: ExpertDownConfig, backend: Backend) -> tirx.
         return block
 
     PT = _panels_per_task(backend, NB, P)
-    groups = _groups_macro(c, TB, P, PT, block_for)
+    groups = _groups_macro(c, backend, TB, P, PT, block_for)
     half_shape = (TB, NB) if c.fp16_arithmetic else (1, 1)  # FP16 chunk sums, for fp16 experts
     whole_shape = (TB, NB) if dot else (1, 1)  # INT32 sums, for int8-dot experts
 
@@ -339,6 +347,6 @@ def make_expert_down_panels(config: ExpertDownConfig, backend: Backend) -> tirx.
                 for v in range(min(PT * NB, H)):
                     if task * PT * NB + v < H:
                         y[t, task * PT * NB + v] = T.float32(0)
-            groups(buffers, quantized, (acc, half, whole), offset, task)
+            groups(buffers, quantized, (acc, half, whole), offset, task, n * c.top_k)
 
     return expert_down_func(c, backend, body)

@@ -17,7 +17,8 @@
  *   - copies stay inside live allocations, frees name live allocations.
  * A failed check returns CUDA_ERROR_INVALID_VALUE and says why on stderr. Events read a clock that
  * each launch advances by one microsecond per thread block, so timed kernels have a known time. Each launch appends
- * "NAME grid=X,Y,Z block=X,Y,Z params=N pointers=P" to $MOEC_FAKE_CUDA_LOG when that is set.
+ * "NAME grid=X,Y,Z block=X,Y,Z params=N pointers=P" to $MOEC_FAKE_CUDA_LOG when that is set, and each
+ * cuMemAlloc / cuMemFree appends "alloc SIZE" / "free" to $MOEC_FAKE_CUDA_MEMORY_LOG.
  * MOEC_FAKE_CUDA_DEVICES=0 makes it a driver without a device (cuInit: CUDA_ERROR_NO_DEVICE).
  * It is built for the machine (cc) and for aarch64 (aarch64-linux-gnu-gcc, run under qemu).
  */
@@ -125,6 +126,14 @@ static long find(uintptr_t address, size_t size) { /* the allocation holding [ad
   return -1;
 }
 
+static void log_memory(const char *what, size_t size) {
+  const char *log = getenv("MOEC_FAKE_CUDA_MEMORY_LOG");
+  FILE *out = log ? fopen(log, "a") : NULL;
+  if (out == NULL) return;
+  if (size) fprintf(out, "%s %zu\n", what, size); else fprintf(out, "%s\n", what);
+  fclose(out);
+}
+
 CUresult cuMemAlloc_v2(uintptr_t *pointer, size_t size) {
   if (current_context == NULL) return complain("cuMemAlloc without a current context", NULL);
   if (allocation_count == allocation_capacity) {
@@ -136,6 +145,7 @@ CUresult cuMemAlloc_v2(uintptr_t *pointer, size_t size) {
   allocations[allocation_count].base = base;
   allocations[allocation_count++].size = size;
   *pointer = (uintptr_t)base;
+  log_memory("alloc", size ? size : 1);
   return OK;
 }
 CUresult cuMemFree_v2(uintptr_t pointer) {
@@ -143,6 +153,7 @@ CUresult cuMemFree_v2(uintptr_t pointer) {
     if ((uintptr_t)allocations[i].base == pointer) {
       free(allocations[i].base);
       allocations[i] = allocations[--allocation_count];
+      log_memory("free", 0);
       return OK;
     }
   }

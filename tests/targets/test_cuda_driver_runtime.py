@@ -56,10 +56,10 @@ def launches(log: Path) -> list[tuple[str, tuple[int, ...], int, int]]:
 
 
 def cubin_kernels(library: Path) -> set[str]:
-    """The kernels (``*_kernel``) of the cubins embedded in ``library``."""
-    return {
-        f for cubin in embedded_cubins(library.read_bytes()) for f in cubin.functions if f.endswith("_kernel")
-    }
+    """The kernels (``*_kernel``, or ``*_kernel_N`` for a function's further kernels) of the cubins
+    embedded in ``library``."""
+    cubins = embedded_cubins(library.read_bytes())
+    return {f for cubin in cubins for f in cubin.functions if re.fullmatch(r".+_kernel(_\d+)?", f)}
 
 
 def check_launches(log: Path, library: Path) -> None:
@@ -169,6 +169,24 @@ def test_kernel_times_are_the_gpus_event_times(gpu_artifact: Path, fake_driver: 
 
     cpu = subprocess.run([str(runner), str(gpu_artifact), "--kernel-times"], capture_output=True, text=True)
     assert cpu.returncode == 2 and "--kernel-times needs --repeat N" in cpu.stderr, cpu.stderr
+
+
+def test_kernel_scratch_is_allocated_once_not_per_call(
+    gpu_artifact: Path, fake_driver: Path, tmp_path: Path
+) -> None:
+    """The kernels' scratch (``expert_down``'s per-pair partial rows, TVM workspaces) is kept by the
+    runner's thread for its next calls: six calls allocate exactly what one call does (a
+    ``cuMemFree`` would stall the whole GPU on every call)."""
+    runner = RunnerSession(gpu_artifact, target_file=str(gpu_artifact.parent / "gpu-sm_90.toml")).runner
+    allocations = {}
+    for repeat in (1, 6):
+        log = tmp_path / f"memory-{repeat}.log"
+        env = {"LD_LIBRARY_PATH": str(fake_driver), "MOEC_FAKE_CUDA_MEMORY_LOG": str(log)}
+        command = [str(runner), str(gpu_artifact), "--random-inputs", "--tokens", "3", "--repeat", str(repeat)]
+        result = subprocess.run(command, capture_output=True, text=True, env=env)
+        assert result.returncode == 0, result.stderr
+        allocations[repeat] = [line for line in log.read_text().splitlines() if line.startswith("alloc")]
+    assert allocations[6] == allocations[1], (len(allocations[1]), len(allocations[6]))
 
 
 def test_run_profile_prints_the_kernels_gpu_times(

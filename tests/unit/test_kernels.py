@@ -14,6 +14,7 @@ import tvm
 from moec.canonical.layer import MoELayer
 from moec.canonical.semantics import LayerPlan, drop_past_capacity, expert_ffn, expert_hidden, route
 from moec.kernels import kernel_spec, make_kernel
+from moec.kernels.backend import CpuBackend
 from moec.kernels.config import (
     CapacityConfig,
     ExpertDownConfig,
@@ -24,6 +25,7 @@ from moec.kernels.config import (
     RouteConfig,
     config_from_json,
 )
+from moec.kernels.group import make_group_kernel
 from moec.schedule import CpuSchedule, GpuSchedule
 from tests.helpers import FP32_ATOL, assert_close
 
@@ -172,24 +174,28 @@ def test_capacity_drops_what_numpy_drops(sequences, tokens, k, capacity):
         )
 
 
-@pytest.mark.parametrize("tokens", [1, 4, 7])
-def test_group_is_a_stable_counting_sort(tokens):
+@pytest.mark.parametrize("workers", [None, 2, 6], ids=["one-worker", "two-workers", "a-worker-per-slot"])
+@pytest.mark.parametrize("tokens", [0, 1, 4, 7])
+def test_group_is_a_stable_counting_sort(tokens, workers):
+    """Any number of workers sorts alike: one (a CPU's), or one per expert slot (CUDA's ``E + 1``),
+    here as parallel CPU tasks. Skipped slots (index ``E``) sort last."""
+    E, K = 5, 2
     rng = np.random.default_rng(tokens)
-    index = np.stack([rng.choice(5, 2, replace=False) for _ in range(tokens)]).astype(np.int32)
-    weight = rng.random((tokens, 2)).astype(np.float32)
-    offset, token, gain = _run(
-        "group",
-        {"num_experts": 5, "top_k": 2},
-        CpuSchedule(),
-        index,
-        weight,
-        outputs=[((6,), "int32"), ((tokens * 2,), "int32"), ((tokens * 2,), "float32")],
+    index = np.array([rng.choice(E + 1, K, replace=False) for _ in range(tokens)], np.int32).reshape(
+        tokens, K
     )
+    weight = rng.random((tokens, K)).astype(np.float32)
+    kernel = make_group_kernel(GroupConfig(num_experts=E, top_k=K), CpuBackend(CpuSchedule()), workers)
+    lib = tvm.compile(kernel.with_attr("global_symbol", "group"), target=TARGET)
+    outputs = [np.full(shape, -1, dtype) for shape, dtype in [((E + 1,), "int32"), ((tokens * K,), "int32")]]
+    outputs.append(np.full(tokens * K, np.nan, np.float32))
+    held = [tvm.runtime.tensor(a) for a in (index, weight, *outputs)]
+    lib(*held)
+    offset, token, gain = (h.numpy() for h in held[2:])
     order = np.argsort(index.reshape(-1), kind="stable")
-    assert_close(
-        offset, np.concatenate([[0], np.cumsum(np.bincount(index.ravel(), minlength=5))]).astype(np.int32), 0
-    )
-    assert_close(token, (order // 2).astype(np.int32), 0)
+    counts = np.bincount(index.ravel(), minlength=E + 1)
+    assert_close(offset, np.concatenate([[0], np.cumsum(counts[:E])]).astype(np.int32), 0)
+    assert_close(token, (order // K).astype(np.int32), 0)
     assert_close(gain, weight.reshape(-1)[order], 0)
 
 
@@ -288,6 +294,47 @@ def test_expert_kernels_match_numpy(schedule, activation, gated, extra, tokens, 
         outputs=[((tokens, H), "float32")],
     )
     expected = _moe_reference(layer, x, index, gain_in)
+    assert_close(y, expected.astype(np.float32), 1e-5)
+
+
+@pytest.mark.parametrize("panel", [None, 8], ids=["rows", "panels-of-8"])
+@pytest.mark.parametrize(("experts", "k", "tokens"), [(37, 3, 1), (37, 3, 5), (37, 3, 20), (4, 3, 6)])
+def test_expert_kernels_visit_only_the_routed_experts(experts, k, tokens, panel):
+    """The expert slots: with at most ``E`` pairs each slot is a pair, visited when it starts its
+    expert's group (a binary search of ``offset``; 37 experts: six steps), else each slot is an
+    expert. A quarter of the slots are skipped (index ``E``, as a capacity drops them): they
+    sort past ``offset[E]`` and add nothing."""
+    layer = _layer(experts=experts, k=k, gated=True)
+    E, H, F, K = layer.num_experts, layer.hidden, layer.ffn, layer.top_k
+    rng = np.random.default_rng(experts + tokens)
+    x = rng.standard_normal((tokens, H)).astype(np.float32)
+    index = np.stack([rng.choice(E, K, replace=False) for _ in range(tokens)])
+    index[rng.random(index.shape) < 0.25] = E
+    gain_in = rng.random((tokens, K))
+    order = np.argsort(index.reshape(-1), kind="stable")
+    token = (order // K).astype(np.int32)
+    gain = gain_in.reshape(-1)[order].astype(np.float32)
+    offset = np.concatenate([[0], np.cumsum(np.bincount(index.ravel(), minlength=E + 1)[:E])]).astype(
+        np.int32
+    )
+    common = {"num_experts": E, "hidden": H, "ffn": F, "top_k": K, "panel": panel}
+    up_config = common | {"activation": "silu", "gated": True}
+    pack = (lambda w: w) if panel is None else (lambda w: pack_expert_panels(w, panel))
+    first = [pack(layer.w_up), layer.b_up, pack(layer.w_gate), layer.b_gate]
+    (inter,) = _run(
+        "expert_up",
+        up_config,
+        CpuSchedule(),
+        x,
+        *first,
+        offset,
+        token,
+        outputs=[((tokens * K, F), "float32")],
+    )
+    down = [pack(layer.w_down), layer.b_down, offset, token, gain]
+    (y,) = _run("expert_down", common, CpuSchedule(), inter, *down, outputs=[((tokens, H), "float32")])
+    routed = np.where(index < E, gain_in, 0.0)
+    expected = _moe_reference(layer, x, np.where(index < E, index, 0), routed)
     assert_close(y, expected.astype(np.float32), 1e-5)
 
 

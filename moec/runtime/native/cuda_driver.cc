@@ -10,7 +10,8 @@
 // without any NVIDIA library), and registers them under the names TVM's runtime looks up:
 //
 //   "device_api.cuda"                  the device API for kDLCUDA (a DeviceAPI subclass):
-//                                      cuMemAlloc/cuMemFree, cuMemcpy*Async, cuStreamSynchronize
+//                                      cuMemAlloc/cuMemFree, cuMemcpy*Async, cuStreamSynchronize,
+//                                      kernels' scratch (workspaces) kept per thread for reuse
 //   "ffi.Module.load_from_bytes.cuda"  the loader of the CUDA module a model library embeds:
 //                                      cuModuleLoadData, cuModuleGetFunction, cuLaunchKernel
 //
@@ -45,6 +46,7 @@
 #include <climits>
 #include <cstdint>
 #include <cstring>
+#include <map>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -231,6 +233,13 @@ void Bind(int device_id) {
   }
 }
 
+// cuMemFree; after the driver has shut down (at process exit) there is nothing left to free.
+void FreeDeviceMemory(int device_id, void* pointer) {
+  Bind(device_id);
+  CUresult result = g_driver->cuMemFree(reinterpret_cast<CUdeviceptr>(pointer));
+  if (result != kErrorDeinitialized) Check(result, "cuMemFree");
+}
+
 int Attribute(int attribute, int device_id) {
   int value = 0;
   Check(g_driver->cuDeviceGetAttribute(&value, attribute, DeviceHandle(device_id)), "cuDeviceGetAttribute");
@@ -247,6 +256,56 @@ std::string ComputeArch(int device_id) {  // "sm_90"
   return "sm_" + std::to_string(Attribute(kAttrComputeCapabilityMajor, device_id)) +
          std::to_string(Attribute(kAttrComputeCapabilityMinor, device_id));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Workspaces: the scratch a model function allocates for one call of its kernels
+// (TVMBackendAllocWorkspace; e.g. expert_down's per-pair partial rows). A freed workspace is kept
+// for the thread's next calls instead of being returned to the driver: cuMemFree waits for the
+// whole device and cuMemAlloc costs microseconds, and both would come on every call of the model.
+// Reuse is safe because one thread's kernels and copies run in order on one stream. TVM's own CUDA
+// runtime pools workspaces per thread in the same way.
+
+class WorkspacePool {
+ public:
+  ~WorkspacePool() {  // at thread exit; never throws (a driver error here has no one to tell)
+    for (auto& [device_id, blocks] : free_) {
+      for (auto& block : blocks) {
+        try {
+          FreeDeviceMemory(device_id, block.second);
+        } catch (...) {
+        }
+      }
+    }
+  }
+
+  // A kept workspace of at least `nbytes` on `device_id` (the smallest), or nullptr.
+  void* Take(int device_id, size_t nbytes) {
+    auto& blocks = free_[device_id];
+    auto found = blocks.lower_bound(nbytes);
+    if (found == blocks.end()) return nullptr;
+    void* pointer = found->second;
+    sizes_[pointer] = found->first;
+    blocks.erase(found);
+    return pointer;
+  }
+
+  void Lent(void* pointer, size_t nbytes) { sizes_[pointer] = nbytes; }
+
+  // Keeps a workspace this pool lent; false for any other pointer.
+  bool Keep(int device_id, void* pointer) {
+    auto lent = sizes_.find(pointer);
+    if (lent == sizes_.end()) return false;
+    free_[device_id].emplace(lent->second, pointer);
+    sizes_.erase(lent);
+    return true;
+  }
+
+ private:
+  std::map<int, std::multimap<size_t, void*>> free_;  // by device: size -> workspace
+  std::map<void*, size_t> sizes_;                     // lent: workspace -> size
+};
+
+thread_local WorkspacePool t_workspaces;
 
 // ---------------------------------------------------------------------------------------------
 // The device API TVM's runtime (the VM's allocator, tensor copies, stream syncs) calls for kDLCUDA.
@@ -339,10 +398,17 @@ class DriverDeviceAPI final : public tvm::runtime::DeviceAPI {
     return reinterpret_cast<void*>(pointer);
   }
 
-  void FreeDataSpace(DLDevice dev, void* pointer) final {
-    Bind(dev.device_id);
-    CUresult result = g_driver->cuMemFree(reinterpret_cast<CUdeviceptr>(pointer));
-    if (result != kErrorDeinitialized) Check(result, "cuMemFree");
+  void FreeDataSpace(DLDevice dev, void* pointer) final { FreeDeviceMemory(dev.device_id, pointer); }
+
+  void* AllocWorkspace(DLDevice dev, size_t nbytes, DLDataType type_hint) final {
+    if (void* kept = t_workspaces.Take(dev.device_id, nbytes)) return kept;
+    void* pointer = AllocDataSpace(dev, nbytes, tvm::runtime::kTempAllocaAlignment, type_hint);
+    t_workspaces.Lent(pointer, nbytes);
+    return pointer;
+  }
+
+  void FreeWorkspace(DLDevice dev, void* pointer) final {
+    if (!t_workspaces.Keep(dev.device_id, pointer)) FreeDataSpace(dev, pointer);
   }
 
   TVMStreamHandle CreateStream(DLDevice dev) final {
