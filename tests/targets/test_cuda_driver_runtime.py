@@ -182,7 +182,15 @@ def test_kernel_scratch_is_allocated_once_not_per_call(
     for repeat in (1, 6):
         log = tmp_path / f"memory-{repeat}.log"
         env = {"LD_LIBRARY_PATH": str(fake_driver), "MOEC_FAKE_CUDA_MEMORY_LOG": str(log)}
-        command = [str(runner), str(gpu_artifact), "--random-inputs", "--tokens", "3", "--repeat", str(repeat)]
+        command = [
+            str(runner),
+            str(gpu_artifact),
+            "--random-inputs",
+            "--tokens",
+            "3",
+            "--repeat",
+            str(repeat),
+        ]
         result = subprocess.run(command, capture_output=True, text=True, env=env)
         assert result.returncode == 0, result.stderr
         allocations[repeat] = [line for line in log.read_text().splitlines() if line.startswith("alloc")]
