@@ -1,4 +1,8 @@
-"""Each TIR kernel, compiled alone, against numpy — across schedules, tails and ties."""
+"""Each TIR kernel, compiled alone, against numpy — across schedules, tails and ties.
+
+The CUDA kernels are checked here too, on this CPU: with one thread per row (no warp shuffles)
+their threads never talk to each other, so running the thread-bound loops in turn computes what
+the GPU computes (:func:`_compiled`); the GPU itself runs them in ``scripts/gpu-check.sh``."""
 
 from __future__ import annotations
 
@@ -6,15 +10,18 @@ import dataclasses
 import functools
 import itertools
 import json
+import unittest.mock
 
 import numpy as np
 import pytest
 import tvm
+from tvm.script import tirx as T
 
+import moec.kernels.backend as backend_module
 from moec.canonical.layer import MoELayer
 from moec.canonical.semantics import LayerPlan, drop_past_capacity, expert_ffn, expert_hidden, route
-from moec.kernels import kernel_spec, make_kernel
-from moec.kernels.backend import CpuBackend
+from moec.kernels import KERNEL_MAKERS, kernel_spec, make_kernel
+from moec.kernels.backend import CpuBackend, CudaBackend
 from moec.kernels.config import (
     CapacityConfig,
     ExpertDownConfig,
@@ -34,19 +41,42 @@ SCHEDULES = [
     CpuSchedule(lanes=4, rows_per_task=3, token_block=3, accumulators=2),
     CpuSchedule(lanes=8, rows_per_task=1, token_block=1, accumulators=1),
 ]
+CUDA_IN_TURN = [GpuSchedule(1, 32, 2), GpuSchedule(1, 8, 3)]
+"""CUDA schedules whose kernels run on this CPU with their threads in turn (one thread per row:
+no warp shuffles); the second has tail blocks of rows and of tokens."""
+
+
 TARGET = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
 
 
+def _threads_in_turn(kind: str, extent):
+    """A loop of the CUDA backend's kernels as this CPU runs it: a thread-bound loop is serial."""
+    if kind.startswith(("blockIdx.", "threadIdx.")):
+        return T.serial(extent)
+    return _backend_loop(kind, extent)
+
+
+_backend_loop = backend_module.loop
+
+
 @functools.cache
-def _compiled(kind: str, config: str, schedule: CpuSchedule):
-    kernel = make_kernel(config_from_json(kind, config), schedule).with_attr("global_symbol", kind)
-    return tvm.compile(kernel, target=TARGET)
+def _compiled(kind: str, config: str, schedule: CpuSchedule | GpuSchedule):
+    """The kernel compiled for this CPU. A CUDA schedule's kernel is the CUDA backend's, with its
+    threads run in turn (:func:`_threads_in_turn`): exact for kernels whose threads never talk to
+    each other, which with one thread per row (no warp shuffles) are all but int8-dot ones."""
+    parsed = config_from_json(kind, config)
+    if isinstance(schedule, GpuSchedule):
+        with unittest.mock.patch.object(backend_module, "loop", _threads_in_turn):
+            kernel = KERNEL_MAKERS[kind](parsed, CudaBackend(schedule))  # not make_kernel's cache
+    else:
+        kernel = make_kernel(parsed, schedule)
+    return tvm.compile(kernel.with_attr("global_symbol", kind), target=TARGET)
 
 
 def _run(
     kind: str,
     config: dict,
-    schedule: CpuSchedule,
+    schedule: CpuSchedule | GpuSchedule,
     *arrays: np.ndarray,
     outputs: list[tuple[tuple[int, ...], str]],
 ) -> list[np.ndarray]:
@@ -115,9 +145,10 @@ ROUTING_RULES = {
 }
 
 
+@pytest.mark.parametrize("schedule", [CpuSchedule(), CUDA_IN_TURN[0]], ids=["cpu", "cuda"])
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("rule", sorted(ROUTING_RULES))
-def test_route_rules_match_numpy(rule, masked):
+def test_route_rules_match_numpy(rule, masked, schedule):
     experts, k = 8, 2
     rng = np.random.default_rng(7)
     rule = dict(ROUTING_RULES[rule])
@@ -133,7 +164,7 @@ def test_route_rules_match_numpy(rule, masked):
     if kept:
         config["kept"] = kept
     index, weight = _run(
-        "route", config, CpuSchedule(), logits, outputs=[((11, k), "int32"), ((11, k), "float32")]
+        "route", config, schedule, logits, outputs=[((11, k), "int32"), ((11, k), "float32")]
     )
     plan = LayerPlan(kept=kept)
     expected_index, expected_weight = route(layer, logits, plan)
@@ -143,8 +174,9 @@ def test_route_rules_match_numpy(rule, masked):
     assert_close(weight, expected_weight.astype(np.float32), 1e-6)
 
 
+@pytest.mark.parametrize("schedule", [CpuSchedule(), CUDA_IN_TURN[0]], ids=["cpu", "cuda"])
 @pytest.mark.parametrize(("sequences", "tokens", "k", "capacity"), [(1, 1, 1, 1), (3, 9, 1, 2), (2, 7, 2, 3)])
-def test_capacity_drops_what_numpy_drops(sequences, tokens, k, capacity):
+def test_capacity_drops_what_numpy_drops(sequences, tokens, k, capacity, schedule):
     """Per sequence, each expert keeps its first ``capacity`` selections; slots already skipped
     (index E in the kernels, -1 in numpy) stay skipped and take no room."""
     experts = 4
@@ -157,7 +189,7 @@ def test_capacity_drops_what_numpy_drops(sequences, tokens, k, capacity):
     kept_index, kept_weight = _run(
         "capacity",
         {"num_experts": experts, "top_k": k, "capacity": capacity},
-        CpuSchedule(),
+        schedule,
         kernel_index,
         weight.reshape(shape),
         outputs=[(shape, "int32"), (shape, "float32")],
@@ -174,24 +206,33 @@ def test_capacity_drops_what_numpy_drops(sequences, tokens, k, capacity):
         )
 
 
-@pytest.mark.parametrize("workers", [None, 2, 6], ids=["one-worker", "two-workers", "a-worker-per-slot"])
+@pytest.mark.parametrize(
+    "form", [None, 2, 6, CUDA_IN_TURN[0]], ids=["one-worker", "two-workers", "a-worker-per-slot", "cuda"]
+)
 @pytest.mark.parametrize("tokens", [0, 1, 4, 7])
-def test_group_is_a_stable_counting_sort(tokens, workers):
-    """Any number of workers sorts alike: one (a CPU's), or one per expert slot (CUDA's ``E + 1``),
-    here as parallel CPU tasks. Skipped slots (index ``E``) sort last."""
+def test_group_is_a_stable_counting_sort(tokens, form):
+    """Any number of workers sorts alike: one (a CPU's), two, or one per expert slot (``E + 1``) as
+    parallel CPU tasks, and the CUDA kernel (a thread per slot). Skipped slots (index ``E``) sort
+    last."""
     E, K = 5, 2
     rng = np.random.default_rng(tokens)
     index = np.array([rng.choice(E + 1, K, replace=False) for _ in range(tokens)], np.int32).reshape(
         tokens, K
     )
     weight = rng.random((tokens, K)).astype(np.float32)
-    kernel = make_group_kernel(GroupConfig(num_experts=E, top_k=K), CpuBackend(CpuSchedule()), workers)
-    lib = tvm.compile(kernel.with_attr("global_symbol", "group"), target=TARGET)
-    outputs = [np.full(shape, -1, dtype) for shape, dtype in [((E + 1,), "int32"), ((tokens * K,), "int32")]]
-    outputs.append(np.full(tokens * K, np.nan, np.float32))
-    held = [tvm.runtime.tensor(a) for a in (index, weight, *outputs)]
-    lib(*held)
-    offset, token, gain = (h.numpy() for h in held[2:])
+    outputs = [((E + 1,), "int32"), ((tokens * K,), "int32"), ((tokens * K,), "float32")]
+    if isinstance(form, GpuSchedule):
+        offset, token, gain = _run(
+            "group", {"num_experts": E, "top_k": K}, form, index, weight, outputs=outputs
+        )
+    else:
+        kernel = make_group_kernel(GroupConfig(num_experts=E, top_k=K), CpuBackend(CpuSchedule()), form)
+        lib = tvm.compile(kernel.with_attr("global_symbol", "group"), target=TARGET)
+        held = [tvm.runtime.tensor(a) for a in (index, weight)] + [
+            tvm.runtime.tensor(np.full(shape, -1, dtype)) for shape, dtype in outputs
+        ]
+        lib(*held)
+        offset, token, gain = (h.numpy() for h in held[2:])
     order = np.argsort(index.reshape(-1), kind="stable")
     counts = np.bincount(index.ravel(), minlength=E + 1)
     assert_close(offset, np.concatenate([[0], np.cumsum(counts[:E])]).astype(np.int32), 0)
@@ -297,17 +338,10 @@ def test_expert_kernels_match_numpy(schedule, activation, gated, extra, tokens, 
     assert_close(y, expected.astype(np.float32), 1e-5)
 
 
-@pytest.mark.parametrize("panel", [None, 8], ids=["rows", "panels-of-8"])
-@pytest.mark.parametrize(("experts", "k", "tokens"), [(37, 3, 1), (37, 3, 5), (37, 3, 20), (4, 3, 6)])
-def test_expert_kernels_visit_only_the_routed_experts(experts, k, tokens, panel):
-    """The expert slots: with at most ``E`` pairs each slot is a pair, visited when it starts its
-    expert's group (a binary search of ``offset``; 37 experts: six steps), else each slot is an
-    expert. A quarter of the slots are skipped (index ``E``, as a capacity drops them): they
-    sort past ``offset[E]`` and add nothing."""
-    layer = _layer(experts=experts, k=k, gated=True)
-    E, H, F, K = layer.num_experts, layer.hidden, layer.ffn, layer.top_k
-    rng = np.random.default_rng(experts + tokens)
-    x = rng.standard_normal((tokens, H)).astype(np.float32)
+def _routing_with_skips(rng, tokens: int, E: int, K: int):
+    """:func:`_routed_pairs` with about a quarter of the slots skipped (index ``E``, as a capacity
+    drops them), and the reference's view of it: ``(index, gains, token, gain, offset, expert,
+    weight)``, where ``expert``/``weight`` give a skipped slot expert 0 with weight 0."""
     index = np.stack([rng.choice(E, K, replace=False) for _ in range(tokens)])
     index[rng.random(index.shape) < 0.25] = E
     gain_in = rng.random((tokens, K))
@@ -317,6 +351,28 @@ def test_expert_kernels_visit_only_the_routed_experts(experts, k, tokens, panel)
     offset = np.concatenate([[0], np.cumsum(np.bincount(index.ravel(), minlength=E + 1)[:E])]).astype(
         np.int32
     )
+    return (
+        index,
+        gain_in,
+        token,
+        gain,
+        offset,
+        np.where(index < E, index, 0),
+        np.where(index < E, gain_in, 0.0),
+    )
+
+
+@pytest.mark.parametrize("panel", [None, 8], ids=["rows", "panels-of-8"])
+@pytest.mark.parametrize(("experts", "k", "tokens"), [(37, 3, 1), (37, 3, 5), (37, 3, 20), (4, 3, 6)])
+def test_expert_kernels_visit_only_the_routed_experts(experts, k, tokens, panel):
+    """The expert slots: with at most ``E`` pairs each slot is a pair, visited when it starts its
+    expert's group (a binary search of ``offset``; 37 experts: six steps), else each slot is an
+    expert. Skipped slots sort past ``offset[E]`` and add nothing."""
+    layer = _layer(experts=experts, k=k, gated=True)
+    E, H, F, K = layer.num_experts, layer.hidden, layer.ffn, layer.top_k
+    rng = np.random.default_rng(experts + tokens)
+    x = rng.standard_normal((tokens, H)).astype(np.float32)
+    _, _, token, gain, offset, expert, weight = _routing_with_skips(rng, tokens, E, K)
     common = {"num_experts": E, "hidden": H, "ffn": F, "top_k": K, "panel": panel}
     up_config = common | {"activation": "silu", "gated": True}
     pack = (lambda w: w) if panel is None else (lambda w: pack_expert_panels(w, panel))
@@ -333,9 +389,7 @@ def test_expert_kernels_visit_only_the_routed_experts(experts, k, tokens, panel)
     )
     down = [pack(layer.w_down), layer.b_down, offset, token, gain]
     (y,) = _run("expert_down", common, CpuSchedule(), inter, *down, outputs=[((tokens, H), "float32")])
-    routed = np.where(index < E, gain_in, 0.0)
-    expected = _moe_reference(layer, x, np.where(index < E, index, 0), routed)
-    assert_close(y, expected.astype(np.float32), 1e-5)
+    assert_close(y, _moe_reference(layer, x, expert, weight).astype(np.float32), 1e-5)
 
 
 MIXED = ("int8", "fp32", "fp16", "int8", "fp16")
@@ -413,6 +467,40 @@ def test_mixed_format_expert_kernels_match_numpy(schedule, panel, group, gated, 
     )  # fmt: skip
     expected = _moe_reference(layer, x, index, gain_in)
     assert_close(y, expected.astype(np.float32), 1e-5)
+
+
+@pytest.mark.parametrize("schedule", CUDA_IN_TURN, ids=["rows-of-32-tokens-by-2", "rows-of-8-tokens-by-3"])
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "ungated"])
+@pytest.mark.parametrize("tokens", [1, 3, 10])
+def test_cuda_expert_kernels_match_numpy(schedule, gated, tokens):
+    """The CUDA expert kernels with their threads in turn: expert slots on ``blockIdx.y`` (pairs at
+    1 token, experts at 3 and 10), ``expert_down``'s pair positions, partial rows and ordered sum,
+    fp32, fp16 and int8 experts in one call, skipped slots."""
+    layer = _layer(gated=gated, activation="silu" if gated else "relu")
+    E, H, F, K = layer.num_experts, layer.hidden, layer.ffn, layer.top_k
+    rng = np.random.default_rng(tokens + 100)
+    stored, held = {}, {}
+    for role in ("w_up", "w_gate", "w_down") if gated else ("w_up", "w_down"):
+        stored[role], held[role] = _stored_formats(getattr(layer, role), MIXED, 0, rng)
+    layer = dataclasses.replace(layer, **held)
+    x = rng.standard_normal((tokens, H)).astype(np.float32)
+    _, _, token, gain, offset, expert, weight = _routing_with_skips(rng, tokens, E, K)
+
+    def buffers(role: str) -> list[np.ndarray]:
+        return [stored[role][name] for name in ("fp32", "fp16", "int8", "scale")]
+
+    common = {"num_experts": E, "hidden": H, "ffn": F, "top_k": K, "formats": MIXED}
+    up_config = {**common, "activation": layer.activation, "gated": gated}
+    gate = [*buffers("w_gate"), layer.b_gate] if gated else []
+    (inter,) = _run(
+        "expert_up", up_config, schedule, x, *buffers("w_up"), layer.b_up, *gate, offset, token,
+        outputs=[((tokens * K, F), "float32")],
+    )  # fmt: skip
+    (y,) = _run(
+        "expert_down", common, schedule, inter, *buffers("w_down"), layer.b_down, offset, token, gain,
+        outputs=[((tokens, H), "float32")],
+    )  # fmt: skip
+    assert_close(y, _moe_reference(layer, x, expert, weight).astype(np.float32), 1e-5)
 
 
 HOST_INT8_DOT = "vnni" if tvm.target.codegen.llvm_cpu_has_features(["avx512vnni"], TARGET) else None
