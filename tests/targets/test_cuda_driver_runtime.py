@@ -98,6 +98,19 @@ def driver_env(
         monkeypatch.setenv(f"MOEC_FAKE_CUDA_{name.upper()}", value)
 
 
+def run_on_fake_gpu(
+    artifact: Path, driver: Path, arguments: list[str], **fake: Path
+) -> subprocess.CompletedProcess[str]:
+    """The artifact's runner on random inputs with ``arguments``, on the fake driver in ``driver``
+    (``fake``: its ``MOEC_FAKE_CUDA_*`` settings); asserts that it succeeded."""
+    runner = RunnerSession(artifact, target_file=str(artifact.parent / "gpu-sm_90.toml")).runner
+    env = {"LD_LIBRARY_PATH": str(driver)} | {f"MOEC_FAKE_CUDA_{k}": str(v) for k, v in fake.items()}
+    command = [str(runner), str(artifact), "--random-inputs", *arguments]
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
 def test_gpu_artifact_runs_every_kernel_through_the_driver(
     gpu_artifact: Path, fake_driver: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -134,21 +147,10 @@ def test_a_cubin_for_another_gpu_is_refused_in_one_line(
 def test_kernel_times_are_the_gpus_event_times(gpu_artifact: Path, fake_driver: Path, tmp_path: Path) -> None:
     """``--kernel-times``: each kernel's GPU time per call, from CUDA events. The fake GPU's clock
     advances one microsecond per thread block, so each kernel's time is known from its launches."""
-    runner = RunnerSession(gpu_artifact, target_file=str(gpu_artifact.parent / "gpu-sm_90.toml")).runner
     log = tmp_path / "launches.log"
-    env = {"LD_LIBRARY_PATH": str(fake_driver), "MOEC_FAKE_CUDA_LOG": str(log)}
-    command = [
-        str(runner),
-        str(gpu_artifact),
-        "--random-inputs",
-        "--tokens",
-        "5",
-        "--repeat",
-        "4",
-        "--kernel-times",
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, env=env)
-    assert result.returncode == 0, result.stderr
+    result = run_on_fake_gpu(
+        gpu_artifact, fake_driver, ["--tokens", "5", "--repeat", "4", "--kernel-times"], LOG=log
+    )
     line = r"^kernel (\S+): ([\d.]+) launches, ([\d.]+) ms per call, .* \(grid (\S+), block (\S+)\)$"
     printed = {
         m.group(1): (float(m.group(2)), float(m.group(3)), m.group(4), m.group(5))
@@ -167,6 +169,7 @@ def test_kernel_times_are_the_gpus_event_times(gpu_artifact: Path, fake_driver: 
         assert (grid, block) == ("x".join(map(str, shapes[-1][:3])), "x".join(map(str, shapes[-1][3:]))), name
     assert "kernels: " in result.stdout and "latency over 4 runs" in result.stdout
 
+    runner = RunnerSession(gpu_artifact, target_file=str(gpu_artifact.parent / "gpu-sm_90.toml")).runner
     cpu = subprocess.run([str(runner), str(gpu_artifact), "--kernel-times"], capture_output=True, text=True)
     assert cpu.returncode == 2 and "--kernel-times needs --repeat N" in cpu.stderr, cpu.stderr
 
@@ -177,22 +180,10 @@ def test_kernel_scratch_is_allocated_once_not_per_call(
     """The kernels' scratch (``expert_down``'s per-pair partial rows, TVM workspaces) is kept by the
     runner's thread for its next calls: six calls allocate exactly what one call does (a
     ``cuMemFree`` would stall the whole GPU on every call)."""
-    runner = RunnerSession(gpu_artifact, target_file=str(gpu_artifact.parent / "gpu-sm_90.toml")).runner
     allocations = {}
     for repeat in (1, 6):
         log = tmp_path / f"memory-{repeat}.log"
-        env = {"LD_LIBRARY_PATH": str(fake_driver), "MOEC_FAKE_CUDA_MEMORY_LOG": str(log)}
-        command = [
-            str(runner),
-            str(gpu_artifact),
-            "--random-inputs",
-            "--tokens",
-            "3",
-            "--repeat",
-            str(repeat),
-        ]
-        result = subprocess.run(command, capture_output=True, text=True, env=env)
-        assert result.returncode == 0, result.stderr
+        run_on_fake_gpu(gpu_artifact, fake_driver, ["--tokens", "3", "--repeat", str(repeat)], MEMORY_LOG=log)
         allocations[repeat] = [line for line in log.read_text().splitlines() if line.startswith("alloc")]
     assert allocations[6] == allocations[1], (len(allocations[1]), len(allocations[6]))
 

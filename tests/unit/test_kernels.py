@@ -423,14 +423,20 @@ def _stored_formats(weight: np.ndarray, formats: tuple[str, ...], group: int, rn
     return {k: np.stack(v) for k, v in stored.items() if v}, held
 
 
-@pytest.mark.parametrize("schedule", [SCHEDULES[0], SCHEDULES[1]], ids=["default", "l4r3b3a2"])
-@pytest.mark.parametrize("panel", [None, 8], ids=["rows", "panels-of-8"])
+@pytest.mark.parametrize(
+    ("schedule", "panel"),
+    [(SCHEDULES[0], None), (SCHEDULES[0], 8), (SCHEDULES[1], None), (SCHEDULES[1], 8)]
+    + [(schedule, None) for schedule in CUDA_IN_TURN],
+    ids=["rows", "panels-of-8", "l4r3b3a2-rows", "l4r3b3a2-panels-of-8", "cuda", "cuda-r8b3"],
+)
 @pytest.mark.parametrize("group", [0, 4], ids=["int8-per-channel", "int8-groups-of-4"])
 @pytest.mark.parametrize("gated", [True, False], ids=["gated", "ungated"])
 @pytest.mark.parametrize("tokens", [1, 7])
 def test_mixed_format_expert_kernels_match_numpy(schedule, panel, group, gated, tokens):
-    """One layer with fp32, fp16 and int8 experts in one call: each expert's weights are read in
-    its own format, and the result is the FFN over the weights those formats hold."""
+    """One layer with fp32, fp16 and int8 experts in one call, some slots skipped: each expert's
+    weights are read in its own format, and the result is the FFN over the weights those formats
+    hold. On CUDA (threads in turn): the expert slots on ``blockIdx.y`` (pairs at 1 token, experts
+    at 7) and ``expert_down``'s pair positions, partial rows and ordered sum."""
     layer = _layer(gated=gated, activation="silu" if gated else "relu")
     E, H, F, K = layer.num_experts, layer.hidden, layer.ffn, layer.top_k
     rng = np.random.default_rng(tokens + 10 * group)
@@ -439,7 +445,7 @@ def test_mixed_format_expert_kernels_match_numpy(schedule, panel, group, gated, 
         stored[role], held[role] = _stored_formats(getattr(layer, role), MIXED, group, rng)
     layer = dataclasses.replace(layer, **held)
     x = rng.standard_normal((tokens, H)).astype(np.float32)
-    index, gain_in, token, gain, offset = _routed_pairs(rng, tokens, E, K)
+    _, _, token, gain, offset, expert, weight = _routing_with_skips(rng, tokens, E, K)
     pack = (lambda w: w) if panel is None else (lambda w: pack_expert_panels(w, panel))
 
     def buffers(role: str) -> list[np.ndarray]:
@@ -455,41 +461,6 @@ def test_mixed_format_expert_kernels_match_numpy(schedule, panel, group, gated, 
 
     common = {"num_experts": E, "hidden": H, "ffn": F, "top_k": K, "panel": panel, "formats": MIXED}
     common["int8_group"] = group
-    up_config = {**common, "activation": layer.activation, "gated": gated}
-    gate = [*buffers("w_gate"), layer.b_gate] if gated else []
-    (inter,) = _run(
-        "expert_up", up_config, schedule, x, *buffers("w_up"), layer.b_up, *gate, offset, token,
-        outputs=[((tokens * K, F), "float32")],
-    )  # fmt: skip
-    (y,) = _run(
-        "expert_down", common, schedule, inter, *buffers("w_down"), layer.b_down, offset, token, gain,
-        outputs=[((tokens, H), "float32")],
-    )  # fmt: skip
-    expected = _moe_reference(layer, x, index, gain_in)
-    assert_close(y, expected.astype(np.float32), 1e-5)
-
-
-@pytest.mark.parametrize("schedule", CUDA_IN_TURN, ids=["rows-of-32-tokens-by-2", "rows-of-8-tokens-by-3"])
-@pytest.mark.parametrize("gated", [True, False], ids=["gated", "ungated"])
-@pytest.mark.parametrize("tokens", [1, 3, 10])
-def test_cuda_expert_kernels_match_numpy(schedule, gated, tokens):
-    """The CUDA expert kernels with their threads in turn: expert slots on ``blockIdx.y`` (pairs at
-    1 token, experts at 3 and 10), ``expert_down``'s pair positions, partial rows and ordered sum,
-    fp32, fp16 and int8 experts in one call, skipped slots."""
-    layer = _layer(gated=gated, activation="silu" if gated else "relu")
-    E, H, F, K = layer.num_experts, layer.hidden, layer.ffn, layer.top_k
-    rng = np.random.default_rng(tokens + 100)
-    stored, held = {}, {}
-    for role in ("w_up", "w_gate", "w_down") if gated else ("w_up", "w_down"):
-        stored[role], held[role] = _stored_formats(getattr(layer, role), MIXED, 0, rng)
-    layer = dataclasses.replace(layer, **held)
-    x = rng.standard_normal((tokens, H)).astype(np.float32)
-    _, _, token, gain, offset, expert, weight = _routing_with_skips(rng, tokens, E, K)
-
-    def buffers(role: str) -> list[np.ndarray]:
-        return [stored[role][name] for name in ("fp32", "fp16", "int8", "scale")]
-
-    common = {"num_experts": E, "hidden": H, "ffn": F, "top_k": K, "formats": MIXED}
     up_config = {**common, "activation": layer.activation, "gated": gated}
     gate = [*buffers("w_gate"), layer.b_gate] if gated else []
     (inter,) = _run(
