@@ -118,12 +118,14 @@ class CudaToolchain:
     """The exact version of each Python distribution the files come from."""
 
     def describe(self) -> dict[str, Any]:
-        """What the manifest records: NVRTC assembles the cubin, so its CUDA version is NVRTC's."""
+        """What the manifest records: NVRTC assembles the cubin, so its CUDA version is NVRTC's.
+        Files are named by their package (``distribution:path``), not by where this machine
+        installed it, so the same build on another machine writes the same record."""
         return {
             "compiler": "nvrtc",
-            "nvrtc": self.nvrtc,
+            "nvrtc": ":".join(NVRTC_LIBRARY),
             "nvrtc_version": self.nvrtc_version,
-            "include_dirs": list(self.include_dirs),
+            "include_dirs": [f"{distribution}:{folder}" for distribution, folder, _ in CUDA_HEADERS],
             "packages": dict(self.packages),
             "cubin_cuda_version": self.nvrtc_version,
         }

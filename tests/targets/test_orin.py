@@ -92,6 +92,9 @@ def test_orin_cubin_is_cuda_12_6_built_by_the_pinned_nvrtc(orin_artifact):
     assert build["compiler"] == "nvrtc" and build["nvrtc_version"] == "12.6"
     assert build["packages"]["nvidia-cuda-nvrtc-cu12"].startswith("12.6.")
     assert "nvcc" not in json.dumps(build) and "ptxas" not in json.dumps(build)  # no CUDA toolkit used
+    # files named by package, not by this machine's paths: another machine records the same
+    assert build["nvrtc"] == "nvidia-cuda-nvrtc-cu12:nvidia/cuda_nvrtc/lib/libnvrtc.so.12"
+    assert not any(name.startswith("/") for name in build["include_dirs"]), build["include_dirs"]
 
 
 @needs_nvrtc
