@@ -50,43 +50,21 @@ from bench_mixtral_block import (
     numpy_block,
     time_interleaved,
 )
-from common import REPO, MoecModel, cpu_model, git_revision, log, write_markdown
+from common import (
+    REPO,
+    MoecModel,
+    compile_at,
+    cpu_model,
+    git,
+    git_revision,
+    log,
+    revision_tree,
+    write_markdown,
+)
 
 HEAD = "head"
 BASE = "base"
 MODES = ("cold", "warm")
-COMPILE_SCRIPT = "import sys; from moec.cli import main; sys.argv[0] = 'moec'; main()"
-"""Runs a revision's own CLI (its ``moec compile`` options have been stable since the start)."""
-
-
-def git(*args: str) -> str:
-    """Output of a git command in this repository; a failure ends the benchmark with git's message."""
-    done = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True)
-    if done.returncode:
-        raise SystemExit(f"git {' '.join(args)}: {done.stderr.strip()}")
-    return done.stdout.strip()
-
-
-BUNDLED = {"bundled_targets": "targets", "bundled_schedules": "schedules"}
-"""The packages a wheel maps onto top-level folders (pyproject.toml's package-dir)."""
-
-
-def link_bundled(tree: Path) -> None:
-    """Make ``tree``'s own target and schedule files the ones its moec reads: an editable install
-    maps ``moec.bundled_*`` onto this repository's folders, which ``PYTHONPATH`` alone would not
-    override (the base would read the head's schedules)."""
-    for package, folder in BUNDLED.items():
-        if (tree / folder).is_dir() and not (tree / "moec" / package).exists():
-            (tree / "moec" / package).symlink_to(tree / folder, target_is_directory=True)
-
-
-def compile_at(tree: Path, model: Path, out: Path) -> None:
-    """Compile ``model`` for ``host`` into ``out`` with the moec sources in ``tree``."""
-    env = dict(os.environ, PYTHONPATH=str(tree))
-    cmd = [sys.executable, "-c", COMPILE_SCRIPT, "compile", str(model), "--target", "host", "-o", str(out)]
-    done = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
-    if done.returncode:
-        raise SystemExit(f"moec at {tree} failed to compile the block:\n{done.stderr.strip()[-2000:]}")
 
 
 def run_child(args: argparse.Namespace) -> None:
@@ -159,15 +137,10 @@ def run_parent(args: argparse.Namespace, argv: Sequence[str]) -> None:
     with tempfile.TemporaryDirectory(prefix="moec-revisions-") as tmp:
         workdir = Path(tmp)
         build_models(workdir)
-        tree = workdir / "base-tree"
-        git("worktree", "add", "--detach", str(tree), base_commit)
-        link_bundled(tree)
-        try:
+        with revision_tree(base_commit, workdir / "base-tree") as tree:
             log(f"compiling the block at base {base_commit} and at head {git_revision()}")
             compile_at(tree, workdir / "standard.onnx", workdir / BASE)
             compile_at(REPO, workdir / "standard.onnx", workdir / HEAD)
-        finally:
-            git("worktree", "remove", "--force", str(tree))
         for proc in range(args.procs):
             for threads in (int(n) for n in args.threads.split(",")):
                 json_out = workdir / f"threads{threads}_proc{proc}.json"

@@ -5,13 +5,14 @@ build their models with the tests' synthetic builders, ``tests.zoo``)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,47 @@ def git_revision() -> str:
         return head.stdout.strip() + (" + uncommitted changes" if dirty.stdout.strip() else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def git(*args: str) -> str:
+    """Output of a git command in this repository; a failure ends the benchmark with git's message."""
+    done = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"git {' '.join(args)}: {done.stderr.strip()}")
+    return done.stdout.strip()
+
+
+BUNDLED = {"bundled_targets": "targets", "bundled_schedules": "schedules"}
+"""The packages a wheel maps onto top-level folders (pyproject.toml's package-dir)."""
+
+
+@contextlib.contextmanager
+def revision_tree(revision: str, tree: Path) -> Iterator[Path]:
+    """This repository at ``revision``, checked out (a detached git worktree) at ``tree`` for the
+    ``with`` block, with its own target and schedule files as the ones its moec reads: an editable
+    install maps ``moec.bundled_*`` onto this repository's folders, which ``PYTHONPATH`` alone
+    would not override (the old revision would read the new one's schedules)."""
+    git("worktree", "add", "--detach", str(tree), revision)
+    try:
+        for package, folder in BUNDLED.items():
+            if (tree / folder).is_dir() and not (tree / "moec" / package).exists():
+                (tree / "moec" / package).symlink_to(tree / folder, target_is_directory=True)
+        yield tree
+    finally:
+        git("worktree", "remove", "--force", str(tree))
+
+
+COMPILE_SCRIPT = "import sys; from moec.cli import main; sys.argv[0] = 'moec'; main()"
+"""Runs a revision's own CLI (its ``moec compile`` options have been stable since the start)."""
+
+
+def compile_at(tree: Path, model: Path, out: Path, target: str = "host") -> None:
+    """Compile ``model`` for ``target`` into ``out`` with the moec sources in ``tree``."""
+    env = dict(os.environ, PYTHONPATH=str(tree))
+    cmd = [sys.executable, "-c", COMPILE_SCRIPT, "compile", str(model), "--target", target, "-o", str(out)]
+    done = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"moec at {tree} failed to compile {model.name}:\n{done.stderr.strip()[-2000:]}")
 
 
 def publish(section: str, markdown: str | Path | None, name: str) -> None:

@@ -16,11 +16,16 @@ TVM's default GPU schedules); and the benchmark blocks (:data:`BENCH_BLOCKS`): t
 a formula (:func:`synthetic_tensor`), rebuilt there and checked by the runner's SHA-256, so that
 blocks larger than the GPU's L2 fit the transfer limit.
 
+``prepare --base REV`` also compiles each benchmark block with moec at git revision ``REV`` (a
+checkout of it), so that a kernel change is judged on the GPU against the kernels it replaces,
+side by side.
+
 ``run`` (there, with ``python3`` and numpy only: this part imports nothing of moec): runs each
 case with ``moec-runner`` on the GPU (which needs only the NVIDIA driver, ``libcuda.so.1``),
 compares every output with the reference under ``moec verify``'s default bounds (fp32: 1e-4, or
 1e-5 of the output's largest value; reduced arithmetic: 1e-2 of it), times each benchmark block
-at 1 and 16 tokens (the runner's latency line), with the bytes of the experts a call routes to
+at 1 and 16 tokens (the runner's latency line; beside it the ``--base`` builds, their outputs
+checked against this build's first), with the bytes of the experts a call routes to
 and the bandwidth that makes, and each kernel's GPU time (``--kernel-times``), prints a table and
 exits 1 if a case fails.
 
@@ -144,8 +149,11 @@ def save_case(case_dir: Path, artifact: Path, feeds_list: list[dict], model, tol
     (case_dir / "case.json").write_text(json.dumps({"runs": runs, **tolerance}, indent=1))
 
 
-def prepare(target: Path | None, out: Path, benches: list[str]) -> None:
+def prepare(target: Path | None, out: Path, benches: list[str], base: str | None) -> None:
     sys.path.insert(0, str(REPO))
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from common import compile_at, git, revision_tree
+
     from moec.artifact import read_manifest
     from moec.compiler.compile import compile_model
     from moec.frontend.loader import load_model
@@ -186,6 +194,13 @@ def prepare(target: Path | None, out: Path, benches: list[str]) -> None:
             bench = compile_model(model, work / name, CompileOptions(target=str(target)))
             synthesize_bench(bench, out / "bench" / name)
             shutil.rmtree(bench)
+            if base:  # the same block by moec at `base`, timed beside this one there
+                commit = git("rev-parse", "--short", base)
+                print(f"prepare: {name} at {commit}", flush=True)
+                with revision_tree(commit, work / "base-tree") as tree:
+                    compile_at(tree, model, work / f"{name}@{commit}", str(target))
+                synthesize_bench(work / f"{name}@{commit}", out / "bench" / f"{name}@{commit}")
+                shutil.rmtree(work / f"{name}@{commit}")
             model.unlink()
         # the runner and TVM's runtime, as `moec package` bundles them for this target
         tarball = package_artifact(example, work / "bundle.tar.gz", target_file=str(target))
@@ -393,12 +408,16 @@ def routed_bytes(bench: Path, x: np.ndarray) -> tuple[int, int]:
     return len(chosen), sum(sizes[int(e)] for e in chosen)
 
 
-def time_bench(runner: Path, bench: Path, work: Path) -> list[str]:
-    """Table rows for one benchmark block: moec and (where PyTorch runs) PyTorch eager at each of
-    :data:`BENCH_TOKENS`, timed interleaved (PyTorch's output is checked against moec's first),
-    with the bytes a call reads and the bandwidth that makes, and moec's time per kernel."""
-    if not (bench / "weights.bin").exists():
-        restore_weights(bench)
+def time_bench(runner: Path, bench: Path, work: Path, bases: list[Path]) -> list[str]:
+    """Table rows for one benchmark block: moec, the same block compiled by moec at earlier
+    revisions (``bases``: ``NAME@REV``, from ``prepare --base``) and (where PyTorch runs) PyTorch
+    eager at each of :data:`BENCH_TOKENS`, timed interleaved (every other output is checked
+    against moec's first), with the bytes a call reads and the bandwidth that makes, and each
+    moec build's time per kernel."""
+    builds = {"moec": bench} | {f"moec @ {b.name.split('@')[1]}": b for b in bases}
+    for build in builds.values():
+        if not (build / "weights.bin").exists():
+            restore_weights(build)
     rows = []
     block = torch_block(bench)
     hidden = json.loads((bench / "manifest.json").read_text())["inputs"][0]["shape"][-1]
@@ -408,9 +427,20 @@ def time_bench(runner: Path, bench: Path, work: Path) -> list[str]:
         label = f"{bench.name}, {tokens:>2} token(s) ({experts} experts, {nbytes / 2**20:.1f} MiB)"
         feeds = work / f"{bench.name}-x{tokens}.npy"
         np.save(feeds, x)
-        systems = {"moec": functools.partial(runner_latency, runner, bench, feeds, 500)}
+        ours = runner_output(runner, bench, feeds, work / f"{bench.name}-out{tokens}")
+        if isinstance(ours, str):
+            rows.append(f"{label}: {ours}")
+            continue
+        systems = {}
+        for name, build in builds.items():
+            theirs = runner_output(runner, build, feeds, work / f"{build.name}-out{tokens}")
+            difference = output_difference(ours, theirs)
+            if difference is None:
+                systems[name] = functools.partial(runner_latency, runner, build, feeds, 500)
+            else:
+                rows.append(f"{label}: {name} differs from moec ({difference}): not timed")
         if block is not None:
-            difference = torch_difference(block, runner, bench, feeds, work / f"{bench.name}-out{tokens}")
+            difference = output_difference(ours, torch_output(block, feeds))
             if difference is None:
                 systems["PyTorch eager"] = functools.partial(torch_latency, block, x, 500)
             else:
@@ -427,7 +457,8 @@ def time_bench(runner: Path, bench: Path, work: Path) -> list[str]:
             median = sorted(results, key=lambda r: r["mean"])[len(results) // 2]
             numbers = ", ".join(f"{k} {v:.4f} ms" for k, v in median.items())
             rows.append(f"{label}, {name}: {numbers}; {nbytes / median['p50'] / 1e6:.0f} GB/s at p50")
-        rows += [f"    {line}" for line in kernel_times(runner, bench, feeds)]
+        for name, build in builds.items():
+            rows += [f"    {name}: {line}" for line in kernel_times(runner, build, feeds)]
     return rows
 
 
@@ -443,20 +474,31 @@ def kernel_times(runner: Path, bench: Path, feeds: Path) -> list[str]:
     return [line for line in result.stdout.splitlines() if line.startswith("kernel")]
 
 
-def torch_difference(block, runner: Path, bench: Path, feeds: Path, out: Path) -> str | None:
-    """Why PyTorch's output for the inputs ``feeds`` differs from moec's, or None if it matches
-    under verify's fp32 bound."""
-    import torch
-
+def runner_output(runner: Path, bench: Path, feeds: Path, out: Path) -> np.ndarray | str:
+    """The block's output ``y`` for the inputs ``feeds``, or why the runner failed."""
     command = [str(runner), str(bench), "--input", f"x={feeds}", "--output-dir", str(out)]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         return f"moec failed: {result.stderr.strip()[-200:]}"
-    ours = np.load(out / "y.npy")
+    return np.load(out / "y.npy")
+
+
+def torch_output(block, feeds: Path) -> np.ndarray | str:
+    """PyTorch's output for the inputs ``feeds``, or why it failed."""
+    import torch
+
     try:
-        theirs = block(torch.from_numpy(np.load(feeds)).cuda()).cpu().numpy()
+        return block(torch.from_numpy(np.load(feeds)).cuda()).cpu().numpy()
     except Exception as err:  # e.g. weights stored in a layout this baseline does not read
         return f"PyTorch failed: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+
+
+def output_difference(ours: np.ndarray | str, theirs: np.ndarray | str) -> str | None:
+    """Why ``theirs`` differs from moec's output ``ours`` (or either failed), or None if they match
+    under verify's fp32 bound."""
+    for output in (ours, theirs):
+        if isinstance(output, str):
+            return output
     error = float(np.abs(ours - theirs).max())
     bound = max(FP32_ATOL, FP32_RELATIVE * float(np.abs(theirs).max()))
     return None if error <= bound else f"max abs {error:.2e} > {bound:.2e}"
@@ -480,8 +522,9 @@ def run(directory: Path) -> int:
     if not torch_available():
         print("PyTorch with CUDA: not installed on this machine: moec alone")
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as work:
-        for bench in sorted((directory / "bench").iterdir()):
-            for row in time_bench(runner, bench, Path(work)):
+        for bench in sorted(b for b in (directory / "bench").iterdir() if "@" not in b.name):
+            bases = sorted((directory / "bench").glob(f"{bench.name}@*"))
+            for row in time_bench(runner, bench, Path(work), bases):
                 print(row)
     print(f"{failed} case(s) failed" if failed else "every case matches the numpy reference")
     return 1 if failed else 0
@@ -500,11 +543,17 @@ def main() -> int:
         default=["mixtral-block", "large-block"],
         help="benchmark blocks to time there (default: mixtral-block large-block)",
     )
+    prep.add_argument(
+        "--base",
+        metavar="REV",
+        help="also compile each benchmark block with moec at this git revision, to time it beside "
+        "this one there (a kernel change judged on the GPU against the kernels it replaces)",
+    )
     go = commands.add_parser("run", help="run and check everything on the GPU machine")
     go.add_argument("--dir", type=Path, default=REPO / ".gpu-check")
     args = parser.parse_args()
     if args.command == "prepare":
-        prepare(args.target, args.out, args.bench)
+        prepare(args.target, args.out, args.bench, args.base)
         return 0
     return run(args.dir)
 

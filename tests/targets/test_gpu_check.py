@@ -1,6 +1,7 @@
 """scripts/gpu_check.py end to end on the CPU: ``prepare`` for the host target, then ``run`` with a
 plain ``python3`` (numpy only, as on the GPU machine) checks every case against the numpy
-reference and times the benchmark block. On a GPU machine the same two steps run with the
+reference and times the benchmark block, beside its build by the committed moec (``--base
+HEAD``). On a GPU machine the same two steps run with the
 default H200 target (scripts/gpu-check.sh)."""
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ def test_prepare_then_run_checks_every_case(tmp_path: Path) -> None:
         str(out),
         "--bench",
         "tiny-block",
+        "--base",
+        "HEAD",
     ]
     subprocess.run(prepare, check=True, capture_output=True, text=True)
     run = subprocess.run(
@@ -42,6 +45,10 @@ def test_prepare_then_run_checks_every_case(tmp_path: Path) -> None:
     rows = [line for line in run.stdout.splitlines() if line.endswith(" ok")]
     assert len(rows) == 11, run.stdout
     assert run.stdout.count(", moec: mean ") == 2, run.stdout  # the benchmark block at 1 and 16 tokens
+    head = subprocess.run(
+        ["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    )
+    assert run.stdout.count(f", moec @ {head.stdout.strip()}: mean ") == 2, run.stdout  # and at --base
     assert "tiny-block,  1 token(s) (2 experts" in run.stdout, run.stdout
     assert "onnxruntime-gpu: not installed" in run.stdout and "PyTorch with CUDA: not installed" in run.stdout
     assert "every case matches the numpy reference" in run.stdout
