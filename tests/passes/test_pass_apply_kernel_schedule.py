@@ -55,21 +55,27 @@ class Expected:
         weight = T.match_buffer(weight_h, (n, 1), "float32")
         token = T.match_buffer(token_h, (n,), "int32")
         gain = T.match_buffer(gain_h, (n,), "float32")
-        # one serial stable counting sort of the (token, slot) pairs by expert
-        for _block, _thread in T.grid(1, 1):
+        # one worker (a CPU's) owning all three expert slots (the experts and the skipped slot 2):
+        # the serial stable counting sort of the (token, slot) pairs by expert
+        for o, i in T.grid(1, 1):
             cursor = T.alloc_buffer((4,), "int32")  # CPU scratch: global scope, on the stack
-            for e in range(4):
-                cursor[e] = 0
+            for r in range(4):
+                cursor[r] = 0
             for t, j in T.grid(n, 1):
-                cursor[index[t, j] + 1] = cursor[index[t, j] + 1] + 1
-            for e in range(3):
-                cursor[e + 1] = cursor[e + 1] + cursor[e]
-            for e in range(3):
-                offset[e] = cursor[e]
+                if index[t, j] < o * 3:  # before the worker's first slot (none, for one worker)
+                    cursor[0] = cursor[0] + 1
+                elif index[t, j] < o * 3 + 3:
+                    cursor[index[t, j] - o * 3 + 1] = cursor[index[t, j] - o * 3 + 1] + 1
+            for r in range(3):
+                cursor[r + 1] = cursor[r + 1] + cursor[r]
+            for r in range(3):
+                if o * 3 + r <= 2:
+                    offset[o * 3 + r] = cursor[r]
             for t, j in T.grid(n, 1):
-                token[cursor[index[t, j]]] = T.Cast("int32", t)
-                gain[cursor[index[t, j]]] = weight[t, j]
-                cursor[index[t, j]] = cursor[index[t, j]] + 1
+                if o * 3 <= index[t, j] and index[t, j] < o * 3 + 3:
+                    token[cursor[index[t, j] - o * 3]] = T.Cast("int32", t)
+                    gain[cursor[index[t, j] - o * 3]] = weight[t, j]
+                    cursor[index[t, j] - o * 3] = cursor[index[t, j] - o * 3] + 1
 
     @T.prim_func(private=True)
     def moe0_expert_down(inter_h: T.handle, w_down: T.Buffer((2, 2, 4), "float32"), b_down: T.Buffer((2, 2), "float32"), offset: T.Buffer((3,), "int32"), token_h: T.handle, gain_h: T.handle, y_h: T.handle):
@@ -79,49 +85,81 @@ class Expected:
         token = T.match_buffer(token_h, (n,), "int32")
         gain = T.match_buffer(gain_h, (n,), "float32")
         y = T.match_buffer(y_h, (n, 2), "float32")
+        partial = T.alloc_buffer((n, 2))  # each pair's weighted output row
+        pos = T.alloc_buffer((n, 1), "int32")  # where each token's pairs sit in the grouped order
+        for o in T.parallel(n):
+            for i in range(1):
+                rank = T.alloc_buffer((1,), "int32")
+                rank[0] = 0
+                for q in range(o):  # the token's pairs before this one
+                    if token[q] == token[o]:
+                        rank[0] = rank[0] + 1
+                if rank[0] < 1:
+                    pos[token[o], rank[0]] = T.Cast("int32", o)
         # rows_per_task=2: both output rows in one parallel task; one thread, one lane per row
         for task in T.parallel(1):
             for thread, lane in T.grid(1, 1):
                 # one accumulator buffer per matrix (one here), global scope: on the stack
                 acc = T.alloc_buffer((1, 4))
                 acc_unused = T.alloc_buffer((1,))
-                for r, t in T.grid(2, n):
-                    y[t, (task + thread) * 2 + r] = T.float32(0)
-                for e in range(2):
-                    if offset[e + 1] > offset[e]:  # only experts with tokens
-                        for r in range(2):
-                            # token_block=1: every pair of the group in a full block, no tail
-                            for pb in range(offset[e + 1] - offset[e]):
-                                for pi, v in T.grid(1, 4):
-                                    acc[pi, v] = T.float32(0)
-                                for ho in range(1):
-                                    for a in T.unroll(1):
+                # expert slots: min(pairs, experts) of them
+                for s in range(T.min(n, T.int64(2))):
+                    e = T.alloc_buffer((1,), "int32")
+                    if n > T.int64(2):  # more pairs than experts: slot s is expert s
+                        e[0] = T.Cast("int32", s)
+                    else:  # slot s is pair s: binary search for the last group starting at or before it
+                        e[0] = 0
+                        for i in T.unroll(2):
+                            if e[0] + T.shift_left(1, 1 - i) <= 2:
+                                if offset[e[0] + T.shift_left(1, 1 - i)] <= T.Cast("int32", s):
+                                    e[0] = e[0] + T.shift_left(1, 1 - i)
+                    if e[0] < 2:  # an expert, not the skipped slot
+                        if offset[e[0] + 1] > offset[e[0]]:  # only experts with tokens
+                            if n > T.int64(2) or offset[e[0]] == T.Cast("int32", s):  # visited once
+                                for r in range(2):
+                                    # token_block=1: every pair of the group in a full block, no tail
+                                    for pb in range(offset[e[0] + 1] - offset[e[0]]):
+                                        for pi, v in T.grid(1, 4):
+                                            acc[pi, v] = T.float32(0)
+                                        for ho in range(1):
+                                            for a in T.unroll(1):
+                                                for pi in T.unroll(1):
+                                                    # lanes=4: one 4-wide vector accumulator per token
+                                                    for v in T.vectorized(4):
+                                                        acc[pi, a * 4 + v] = acc[pi, a * 4 + v] + w_down[e[0], (task + thread) * 2 + r, ho * 4 + a * 4 + v] * inter[offset[e[0]] + pb + pi, ho * 4 + a * 4 + v]
+                                        for pi in T.unroll(1):  # fold the 4 lanes by halving
+                                            for v in T.vectorized(2):
+                                                acc[pi, v] = acc[pi, v] + acc[pi, v + 2]
+                                            for v in T.vectorized(1):
+                                                acc[pi, v] = acc[pi, v] + acc[pi, v + 1]
+                                        for pi in range(1):
+                                            partial[offset[e[0]] + pb + pi, (task + thread) * 2 + r] = gain[offset[e[0]] + pb + pi] * (acc[pi, 0] + b_down[e[0], (task + thread) * 2 + r])
+                                    for pt in range(0):
+                                        for pi, v in T.grid(1, 4):
+                                            acc[pi, v] = T.float32(0)
+                                        for ho in range(1):
+                                            for a in T.unroll(1):
+                                                for pi in T.unroll(1):
+                                                    for v in T.vectorized(4):
+                                                        acc[pi, a * 4 + v] = acc[pi, a * 4 + v] + w_down[e[0], (task + thread) * 2 + r, ho * 4 + a * 4 + v] * inter[offset[e[0] + 1] - pt - 1 + pi, ho * 4 + a * 4 + v]
                                         for pi in T.unroll(1):
-                                            # lanes=4: one 4-wide vector accumulator per token
-                                            for v in T.vectorized(4):
-                                                acc[pi, a * 4 + v] = acc[pi, a * 4 + v] + w_down[e, (task + thread) * 2 + r, ho * 4 + a * 4 + v] * inter[offset[e] + pb + pi, ho * 4 + a * 4 + v]
-                                for pi in T.unroll(1):  # fold the 4 lanes by halving
-                                    for v in T.vectorized(2):
-                                        acc[pi, v] = acc[pi, v] + acc[pi, v + 2]
-                                    for v in T.vectorized(1):
-                                        acc[pi, v] = acc[pi, v] + acc[pi, v + 1]
-                                for pi in range(1):
-                                    y[token[offset[e] + pb + pi], (task + thread) * 2 + r] = y[token[offset[e] + pb + pi], (task + thread) * 2 + r] + gain[offset[e] + pb + pi] * (acc[pi, 0] + b_down[e, (task + thread) * 2 + r])
-                            for pt in range(0):
-                                for pi, v in T.grid(1, 4):
-                                    acc[pi, v] = T.float32(0)
-                                for ho in range(1):
-                                    for a in T.unroll(1):
-                                        for pi in T.unroll(1):
-                                            for v in T.vectorized(4):
-                                                acc[pi, a * 4 + v] = acc[pi, a * 4 + v] + w_down[e, (task + thread) * 2 + r, ho * 4 + a * 4 + v] * inter[offset[e + 1] - pt - 1 + pi, ho * 4 + a * 4 + v]
-                                for pi in T.unroll(1):
-                                    for v in T.vectorized(2):
-                                        acc[pi, v] = acc[pi, v] + acc[pi, v + 2]
-                                    for v in T.vectorized(1):
-                                        acc[pi, v] = acc[pi, v] + acc[pi, v + 1]
-                                for pi in range(1):
-                                    y[token[offset[e + 1] - pt - 1 + pi], (task + thread) * 2 + r] = y[token[offset[e + 1] - pt - 1 + pi], (task + thread) * 2 + r] + gain[offset[e + 1] - pt - 1 + pi] * (acc[pi, 0] + b_down[e, (task + thread) * 2 + r])
+                                            for v in T.vectorized(2):
+                                                acc[pi, v] = acc[pi, v] + acc[pi, v + 2]
+                                            for v in T.vectorized(1):
+                                                acc[pi, v] = acc[pi, v] + acc[pi, v + 1]
+                                        for pi in range(1):
+                                            partial[offset[e[0] + 1] - pt - 1 + pi, (task + thread) * 2 + r] = gain[offset[e[0] + 1] - pt - 1 + pi] * (acc[pi, 0] + b_down[e[0], (task + thread) * 2 + r])
+        # each output element: its token's partial rows summed from 0 in expert order
+        for o in T.parallel(n * T.int64(2)):
+            for i in range(1):
+                t = o // T.int64(2)
+                j = o % T.int64(2)
+                total = T.alloc_buffer((1,))
+                total[0] = T.float32(0)
+                for r in range(1):
+                    if pos[t, r] < offset[2]:  # not a skipped slot
+                        total[0] = total[0] + partial[pos[t, r], j]
+                y[t, j] = total[0]
 
     @T.prim_func(private=True)
     def unrelated(a: T.Buffer((4,), "float32")):
