@@ -11,9 +11,9 @@ fills them in for one kind of target:
   owns ``rows_per_block`` rows (``threadIdx.y``) and ``threads_per_row`` lanes
   (``threadIdx.x``) share each row's dot product; lane 0 writes the result (the lane-0 guard).
 - **Expert slots** (``expert_up``, ``expert_down``): the expert groups a kernel visits, one
-  slot each (:class:`ExpertSlots`). CPU: a serial loop inside each row task. CUDA: the up
-  kernel's slots are ``blockIdx.y``, so each selected expert's rows are spread over their own
-  blocks; the down kernel's stay serial (its threads own output rows that every expert adds to).
+  slot each (:class:`ExpertSlots`). CPU: a serial loop inside each row task. CUDA: ``blockIdx.y``,
+  so each selected expert's rows get blocks of their own (``expert_down`` then writes per-pair
+  partial rows, summed afterwards, so that no two blocks write one output).
 - **Group workers** (``group``): one on a CPU (the whole counting sort in one pass); on CUDA one
   thread per expert, each sorting its own expert's pairs.
 - **Dot**: the dot product of a weight row with ``count`` source rows. CPU: ``lanes``-wide
@@ -232,7 +232,9 @@ class ExpertSlots:
     search of ``offset``. Either way the groups are visited in expert order.
 
     A kernel writes ``visit = slots.visitor(run)`` and ``visit(ctx, offset, pairs)`` to call
-    ``run(ctx, e)`` for each expert ``e`` with pairs.
+    ``run(ctx, e)`` for each expert ``e`` with pairs. Whether a slot is visited depends only on
+    the slot and ``offset``, so on CUDA every thread of a block takes the same branch: the warp
+    shuffles of ``run`` always have all their lanes.
     """
 
     num_experts: int
@@ -284,8 +286,8 @@ class CpuBackend:
     def items(self, parallel: bool = True) -> Items:
         return Items(1, "parallel" if parallel else "serial", "serial")
 
-    def expert_slots(self, num_experts: int, spread: bool) -> ExpertSlots:
-        """Serial slots, inside each row task (``spread`` is for the GPU)."""
+    def expert_slots(self, num_experts: int) -> ExpertSlots:
+        """Serial slots, inside each row task."""
         return ExpertSlots(num_experts, "serial", self.scratch_scope)
 
     def group_workers(self, slots: int) -> int:
@@ -372,10 +374,10 @@ class CudaBackend:
         threads = self.schedule.threads_per_row * self.schedule.rows_per_block if parallel else 1
         return Items(threads, "blockIdx.x", "threadIdx.x")
 
-    def expert_slots(self, num_experts: int, spread: bool) -> ExpertSlots:
-        """``blockIdx.y`` when ``spread`` (each selected expert's rows get blocks of their own,
-        so one token's ``k`` experts run side by side), else serial in each thread."""
-        return ExpertSlots(num_experts, "blockIdx.y" if spread else "serial", self.scratch_scope)
+    def expert_slots(self, num_experts: int) -> ExpertSlots:
+        """``blockIdx.y``: each selected expert's rows get blocks of their own, so one token's
+        ``k`` experts run side by side."""
+        return ExpertSlots(num_experts, "blockIdx.y", self.scratch_scope)
 
     def group_workers(self, slots: int) -> int:
         """A thread per expert slot: each counts and places only its own expert's pairs, so no

@@ -7,12 +7,13 @@ this is a gather-GEMV over the k selected experts). Experts with no tokens cost 
 weights are never touched.
 
 One algorithm per kernel, for every target: the output rows are tiled by the backend
-(:mod:`moec.kernels.backend`: parallel row tasks on a CPU, thread blocks on CUDA); for each
-expert group, tokens are taken ``token_block`` at a time so one weight load feeds several
-FMAs (then the tail one by one); the backend's dot leaves each row's sums in ``acc[m][pi, 0]``
-and the thread that owns the row applies the epilogue (the activation, or the weighted
-accumulation into the output). Each output element is written by one thread only, experts in
-a fixed order, so there are no atomics and results are deterministic.
+(:mod:`moec.kernels.backend`: parallel row tasks on a CPU, thread blocks on CUDA) and the
+expert groups are visited through its expert slots (on CUDA a block's own); for each expert
+group, tokens are taken ``token_block`` at a time so one weight load feeds several FMAs (then
+the tail one by one); the backend's dot leaves each row's sums in ``acc[m][pi, 0]`` and the
+thread that owns the row applies the epilogue (the activation, or the pair's weighted partial
+row, which ``expert_down`` then sums per token in expert order). Each output element is written
+by one thread only, so there are no atomics and results are deterministic.
 
 A config with a ``panel`` (weights packed in panels of output rows, CPU targets) gets the
 output-stationary form of the same two kernels instead: :mod:`moec.kernels.expert_panels`.
@@ -81,14 +82,13 @@ def expert_rows_macro(
     matrices: int,
     width: int,
     step_for,
-    spread: bool = False,
 ):
     """The loop nest both expert kernels share, as a TIR macro ``nest(buffers, quantized, offset, n)``.
 
     The backend tiles the ``count`` output rows over threads; each thread visits the expert
-    groups (``offset``) through the backend's expert slots (:class:`~moec.kernels.backend.ExpertSlots`;
-    ``spread``: on a GPU each slot gets blocks of its own, for kernels whose threads write only
-    their own expert's outputs) in expert order and, for each expert with tokens and each of its rows, calls
+    groups (``offset``) through the backend's expert slots (:class:`~moec.kernels.backend.ExpertSlots`:
+    on a GPU each slot gets blocks of its own, so a kernel's threads must write only their own
+    expert's outputs) in expert order and, for each expert with tokens and each of its rows, calls
     ``step(acc, (buffers, quantized), e, slot, j, p0, count, lane, owner)`` of the expert's format
     (``step_for(fmt)``; ``slot``: the expert's entry in its format's buffers) on the group's
     tokens ``token_block`` at a time, then one by one for the tail. ``acc`` is the thread's
@@ -119,7 +119,7 @@ def expert_rows_macro(
         return body
 
     run = config.expert_formats.dispatch(body_for)
-    visit = backend.expert_slots(config.num_experts, spread).visitor(run)
+    visit = backend.expert_slots(config.num_experts).visitor(run)
 
     @T.macro
     def nest(buffers, quantized, offset, n):
@@ -175,7 +175,7 @@ def make_expert_up_kernel(config: ExpertUpConfig, backend: Backend) -> tirx.Prim
 
         return step
 
-    nest = expert_rows_macro(backend, F, c, 2 if gated else 1, width, step_for, spread=True)
+    nest = expert_rows_macro(backend, F, c, 2 if gated else 1, width, step_for)
     return expert_up_func(c, backend, nest)
 
 
@@ -217,7 +217,7 @@ def make_expert_down_kernel(config: ExpertDownConfig, backend: Backend) -> tirx.
 
         return step
 
-    nest = expert_rows_macro(backend, H, c, 1, width, step_for, spread=True)
+    nest = expert_rows_macro(backend, H, c, 1, width, step_for)
     items = backend.items()
 
     @T.macro

@@ -142,7 +142,7 @@ def _groups_macro(
             if panels % per_task == 0 or task * per_task + q < panels:
                 run((buffers, quantized, acc, offset, task * per_task + q), e)
 
-    visit = backend.expert_slots(config.num_experts, spread=False).visitor(panels_of)
+    visit = backend.expert_slots(config.num_experts).visitor(panels_of)
 
     @T.macro
     def groups(buffers, quantized, acc, offset, task, pairs):
