@@ -18,7 +18,8 @@ blocks larger than the GPU's L2 fit the transfer limit.
 
 ``prepare --base REV`` also compiles each benchmark block with moec at git revision ``REV`` (a
 checkout of it), so that a kernel change is judged on the GPU against the kernels it replaces,
-side by side.
+side by side; ``prepare --schedules T,R,B ...`` compiles it with other CUDA kernel schedules
+(threads per row, rows per block, token block), so that one GPU run shows which to bundle.
 
 ``run`` (there, with ``python3`` and numpy only: this part imports nothing of moec): runs each
 case with ``moec-runner`` on the GPU (which needs only the NVIDIA driver, ``libcuda.so.1``),
@@ -149,7 +150,34 @@ def save_case(case_dir: Path, artifact: Path, feeds_list: list[dict], model, tol
     (case_dir / "case.json").write_text(json.dumps({"runs": runs, **tolerance}, indent=1))
 
 
-def prepare(target: Path | None, out: Path, benches: list[str], base: str | None) -> None:
+def schedule_target(target: Path, spec: str, directory: Path) -> tuple[str, Path]:
+    """A copy of the GPU ``target`` file in ``directory`` whose kernel schedule is ``spec``
+    (``THREADS_PER_ROW,ROWS_PER_BLOCK,TOKEN_BLOCK``, :class:`moec.schedule.GpuSchedule`'s fields):
+    ``(label, path)``."""
+    try:
+        threads_per_row, rows_per_block, token_block = (int(value) for value in spec.split(","))
+    except ValueError:
+        raise SystemExit(
+            f"--schedules {spec!r}: want THREADS_PER_ROW,ROWS_PER_BLOCK,TOKEN_BLOCK, e.g. 32,4,4"
+        ) from None
+    label = f"tpr{threads_per_row}-rpb{rows_per_block}-tb{token_block}"
+    (directory / f"schedule-{label}.toml").write_text(
+        f'kind = "cuda"\nthreads_per_row = {threads_per_row}\nrows_per_block = {rows_per_block}\n'
+        f"token_block = {token_block}\n"
+    )
+    text, found = re.subn(
+        r'^schedule = ".*"$', f'schedule = "schedule-{label}.toml"', target.read_text(), count=1, flags=re.M
+    )
+    if not found:
+        raise SystemExit(f"{target}: names no schedule, so --schedules has nothing to replace")
+    path = directory / f"target-{label}.toml"
+    path.write_text(text)
+    return label, path
+
+
+def prepare(
+    target: Path | None, out: Path, benches: list[str], base: str | None, schedules: list[str]
+) -> None:
     sys.path.insert(0, str(REPO))
     sys.path.insert(0, str(REPO / "benchmarks"))
     from common import compile_at, git, revision_tree
@@ -194,6 +222,12 @@ def prepare(target: Path | None, out: Path, benches: list[str], base: str | None
             bench = compile_model(model, work / name, CompileOptions(target=str(target)))
             synthesize_bench(bench, out / "bench" / name)
             shutil.rmtree(bench)
+            for spec in schedules:  # the same block with other kernel schedules, timed beside
+                label, variant = schedule_target(target, spec, work)
+                print(f"prepare: {name} with {label}", flush=True)
+                built = compile_model(model, work / f"{name}+{label}", CompileOptions(target=str(variant)))
+                synthesize_bench(built, out / "bench" / f"{name}+{label}")
+                shutil.rmtree(built)
             if base:  # the same block by moec at `base`, timed beside this one there
                 commit = git("rev-parse", "--short", base)
                 print(f"prepare: {name} at {commit}", flush=True)
@@ -408,13 +442,22 @@ def routed_bytes(bench: Path, x: np.ndarray) -> tuple[int, int]:
     return len(chosen), sum(sizes[int(e)] for e in chosen)
 
 
+def build_label(build: Path) -> str:
+    """A benchmark block's other build as the table names it: ``moec @ REV`` (``NAME@REV``) or
+    ``moec LABEL`` (``NAME+LABEL``)."""
+    if "@" in build.name:
+        return f"moec @ {build.name.split('@', 1)[1]}"
+    return f"moec {build.name.split('+', 1)[1]}"
+
+
 def time_bench(runner: Path, bench: Path, work: Path, bases: list[Path]) -> list[str]:
-    """Table rows for one benchmark block: moec, the same block compiled by moec at earlier
-    revisions (``bases``: ``NAME@REV``, from ``prepare --base``) and (where PyTorch runs) PyTorch
+    """Table rows for one benchmark block: moec, the same block's other builds (``bases``:
+    ``NAME@REV`` by moec at an earlier revision, from ``prepare --base``; ``NAME+LABEL`` with
+    another kernel schedule, from ``prepare --schedules``) and (where PyTorch runs) PyTorch
     eager at each of :data:`BENCH_TOKENS`, timed interleaved (every other output is checked
     against moec's first), with the bytes a call reads and the bandwidth that makes, and each
     moec build's time per kernel."""
-    builds = {"moec": bench} | {f"moec @ {b.name.split('@')[1]}": b for b in bases}
+    builds = {"moec": bench} | {build_label(other): other for other in bases}
     for build in builds.values():
         if not (build / "weights.bin").exists():
             restore_weights(build)
@@ -522,8 +565,10 @@ def run(directory: Path) -> int:
     if not torch_available():
         print("PyTorch with CUDA: not installed on this machine: moec alone")
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as work:
-        for bench in sorted(b for b in (directory / "bench").iterdir() if "@" not in b.name):
-            bases = sorted((directory / "bench").glob(f"{bench.name}@*"))
+        for bench in sorted(b for b in (directory / "bench").iterdir() if not re.search(r"[@+]", b.name)):
+            bases = sorted((directory / "bench").glob(f"{bench.name}+*")) + sorted(
+                (directory / "bench").glob(f"{bench.name}@*")
+            )
             for row in time_bench(runner, bench, Path(work), bases):
                 print(row)
     print(f"{failed} case(s) failed" if failed else "every case matches the numpy reference")
@@ -549,11 +594,19 @@ def main() -> int:
         help="also compile each benchmark block with moec at this git revision, to time it beside "
         "this one there (a kernel change judged on the GPU against the kernels it replaces)",
     )
+    prep.add_argument(
+        "--schedules",
+        nargs="+",
+        default=[],
+        metavar="T,R,B",
+        help="also compile each benchmark block with these CUDA kernel schedules (threads per row, "
+        "rows per block, token block; the bundled one is 32,8,4), to time them beside it there",
+    )
     go = commands.add_parser("run", help="run and check everything on the GPU machine")
     go.add_argument("--dir", type=Path, default=REPO / ".gpu-check")
     args = parser.parse_args()
     if args.command == "prepare":
-        prepare(args.target, args.out, args.bench, args.base)
+        prepare(args.target, args.out, args.bench, args.base, args.schedules)
         return 0
     return run(args.dir)
 

@@ -6,6 +6,7 @@ default H200 target (scripts/gpu-check.sh)."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import subprocess
 import sys
@@ -14,8 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from moec.schedule import GpuSchedule
+from moec.targets import load_target
 from moec.weights_file import write_weights
-from tests.helpers import REPO_ROOT
+from tests.helpers import REPO_ROOT, named_gpu_target
 
 SCRIPT = REPO_ROOT / "scripts" / "gpu_check.py"
 
@@ -62,11 +65,30 @@ def test_prepare_then_run_checks_every_case(tmp_path: Path) -> None:
     assert run.returncode == 1 and "mixtral-softmax-fp32         FAIL" in run.stdout, run.stdout
 
 
+def gpu_check_module():
+    """scripts/gpu_check.py as a module."""
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_schedule_variant_is_the_target_with_only_its_schedule_changed(tmp_path: Path) -> None:
+    """``prepare --schedules 16,4,2``: the benchmark blocks are also built for a copy of the GPU
+    target whose kernel schedule is that one, and nothing else differs."""
+    target = named_gpu_target(tmp_path)
+    label, variant = gpu_check_module().schedule_target(target, "16,4,2", tmp_path)
+    assert label == "tpr16-rpb4-tb2"
+    built, original = load_target(str(variant)), load_target(str(target))
+    assert built.schedule == GpuSchedule(threads_per_row=16, rows_per_block=4, token_block=2)
+    assert dataclasses.replace(built, schedule=original.schedule, path=original.path) == original
+    with pytest.raises(SystemExit, match="want THREADS_PER_ROW,ROWS_PER_BLOCK,TOKEN_BLOCK"):
+        gpu_check_module().schedule_target(target, "16,4", tmp_path)
+
+
 def test_the_scripts_weights_reader_reads_moecs_weights_file(tmp_path: Path) -> None:
     """``run`` reads the benchmark artifact's weights for the PyTorch baseline with numpy alone."""
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
+    gpu_check = gpu_check_module()
     rng = np.random.default_rng(0)
     tensors = {
         "moe0/router_w": rng.standard_normal((16, 4)).astype(np.float32),
