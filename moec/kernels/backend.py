@@ -249,18 +249,20 @@ class ExpertSlots:
         @T.macro
         def visit(ctx, offset, pairs):
             for s in loop(self.kind, T.min(pairs, T.int64(E))):
+                slot = T.Cast("int32", s)
                 e = T.alloc_buffer((1,), "int32", scope=self.scratch_scope)
                 if pairs > E:
-                    e[0] = T.Cast("int32", s)
+                    e[0] = slot
                 else:  # the last expert whose group starts at or before pair s
                     e[0] = 0
                     for i in T.unroll(steps):
-                        if e[0] + T.shift_left(1, steps - 1 - i) <= E:
-                            if offset[e[0] + T.shift_left(1, steps - 1 - i)] <= T.Cast("int32", s):
-                                e[0] = e[0] + T.shift_left(1, steps - 1 - i)
+                        jump = T.shift_left(1, steps - 1 - i)
+                        if e[0] + jump <= E:
+                            if offset[e[0] + jump] <= slot:
+                                e[0] = e[0] + jump
                 if e[0] < E:
                     if offset[e[0] + 1] > offset[e[0]]:
-                        if pairs > E or offset[e[0]] == T.Cast("int32", s):
+                        if pairs > E or offset[e[0]] == slot:
                             run(ctx, e[0])
 
         return visit

@@ -76,12 +76,7 @@ def activation_epilogue(name: str, gated: bool, alpha: float, beta: float, limit
 
 
 def expert_rows_macro(
-    backend: Backend,
-    count: int,
-    config: ExpertConfig,
-    matrices: int,
-    width: int,
-    step_for,
+    backend: Backend, count: int, config: ExpertConfig, matrices: int, width: int, step_for
 ):
     """The loop nest both expert kernels share, as a TIR macro ``nest(buffers, quantized, offset, n)``.
 
@@ -228,13 +223,14 @@ def make_expert_down_kernel(config: ExpertDownConfig, backend: Backend) -> tirx.
         for o in items.outer(n * K):
             for i in items.inner():
                 if items.valid(o, i, n * K):
+                    p = items.index(o, i)
                     rank = T.alloc_buffer((1,), "int32", scope=backend.scratch_scope)
                     rank[0] = 0
-                    for q in range(items.index(o, i)):
-                        if token[q] == token[items.index(o, i)]:
+                    for q in range(p):
+                        if token[q] == token[p]:
                             rank[0] = rank[0] + 1
                     if rank[0] < K:  # always (a token has K pairs); guards a corrupt token table
-                        pos[token[items.index(o, i)], rank[0]] = T.Cast("int32", items.index(o, i))
+                        pos[token[p], rank[0]] = T.Cast("int32", p)
         nest((inter, b_down, token, gain, partial, by_format), quantized, offset, n)
         for o in items.outer(n * H):
             for i in items.inner():

@@ -44,28 +44,25 @@ def make_group_kernel(config: GroupConfig, backend: Backend, workers: int | None
         for o in items.outer(W):
             for i in items.inner():
                 if items.valid(o, i, W):
+                    first = items.index(o, i) * R  # the worker's first slot
                     # cursor[0]: pairs before the worker's first slot; cursor[1 + r]: pairs in slot r
                     cursor = T.alloc_buffer((R + 1,), "int32", scope=backend.scratch_scope)
                     for r in range(R + 1):
                         cursor[r] = 0
                     for t, j in T.grid(n, K):
-                        if index[t, j] < items.index(o, i) * R:
+                        if index[t, j] < first:
                             cursor[0] = cursor[0] + 1
-                        elif index[t, j] < items.index(o, i) * R + R:
-                            cursor[index[t, j] - items.index(o, i) * R + 1] = (
-                                cursor[index[t, j] - items.index(o, i) * R + 1] + 1
-                            )
+                        elif index[t, j] < first + R:
+                            cursor[index[t, j] - first + 1] = cursor[index[t, j] - first + 1] + 1
                     for r in range(R):  # then cursor[r]: where slot r's pairs start
                         cursor[r + 1] = cursor[r + 1] + cursor[r]
                     for r in range(R):
-                        if items.index(o, i) * R + r <= E:
-                            offset[items.index(o, i) * R + r] = cursor[r]
+                        if first + r <= E:
+                            offset[first + r] = cursor[r]
                     for t, j in T.grid(n, K):
-                        if items.index(o, i) * R <= index[t, j] and index[t, j] < items.index(o, i) * R + R:
-                            token[cursor[index[t, j] - items.index(o, i) * R]] = T.Cast("int32", t)
-                            gain[cursor[index[t, j] - items.index(o, i) * R]] = weight[t, j]
-                            cursor[index[t, j] - items.index(o, i) * R] = (
-                                cursor[index[t, j] - items.index(o, i) * R] + 1
-                            )
+                        if first <= index[t, j] and index[t, j] < first + R:
+                            token[cursor[index[t, j] - first]] = T.Cast("int32", t)
+                            gain[cursor[index[t, j] - first]] = weight[t, j]
+                            cursor[index[t, j] - first] = cursor[index[t, j] - first] + 1
 
     return group

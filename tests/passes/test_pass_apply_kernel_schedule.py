@@ -58,24 +58,25 @@ class Expected:
         # one worker (a CPU's) owning all three expert slots (the experts and the skipped slot 2):
         # the serial stable counting sort of the (token, slot) pairs by expert
         for o, i in T.grid(1, 1):
+            first = o * 3  # the worker's first slot
             cursor = T.alloc_buffer((4,), "int32")  # CPU scratch: global scope, on the stack
             for r in range(4):
                 cursor[r] = 0
             for t, j in T.grid(n, 1):
-                if index[t, j] < o * 3:  # before the worker's first slot (none, for one worker)
+                if index[t, j] < first:  # before the worker's first slot (none, for one worker)
                     cursor[0] = cursor[0] + 1
-                elif index[t, j] < o * 3 + 3:
-                    cursor[index[t, j] - o * 3 + 1] = cursor[index[t, j] - o * 3 + 1] + 1
+                elif index[t, j] < first + 3:
+                    cursor[index[t, j] - first + 1] = cursor[index[t, j] - first + 1] + 1
             for r in range(3):
                 cursor[r + 1] = cursor[r + 1] + cursor[r]
             for r in range(3):
-                if o * 3 + r <= 2:
-                    offset[o * 3 + r] = cursor[r]
+                if first + r <= 2:
+                    offset[first + r] = cursor[r]
             for t, j in T.grid(n, 1):
-                if o * 3 <= index[t, j] and index[t, j] < o * 3 + 3:
-                    token[cursor[index[t, j] - o * 3]] = T.Cast("int32", t)
-                    gain[cursor[index[t, j] - o * 3]] = weight[t, j]
-                    cursor[index[t, j] - o * 3] = cursor[index[t, j] - o * 3] + 1
+                if first <= index[t, j] and index[t, j] < first + 3:
+                    token[cursor[index[t, j] - first]] = T.Cast("int32", t)
+                    gain[cursor[index[t, j] - first]] = weight[t, j]
+                    cursor[index[t, j] - first] = cursor[index[t, j] - first] + 1
 
     @T.prim_func(private=True)
     def moe0_expert_down(inter_h: T.handle, w_down: T.Buffer((2, 2, 4), "float32"), b_down: T.Buffer((2, 2), "float32"), offset: T.Buffer((3,), "int32"), token_h: T.handle, gain_h: T.handle, y_h: T.handle):
@@ -89,13 +90,14 @@ class Expected:
         pos = T.alloc_buffer((n, 1), "int32")  # where each token's pairs sit in the grouped order
         for o in T.parallel(n):
             for i in range(1):
+                p = o
                 rank = T.alloc_buffer((1,), "int32")
                 rank[0] = 0
-                for q in range(o):  # the token's pairs before this one
-                    if token[q] == token[o]:
+                for q in range(p):  # the token's pairs before this one
+                    if token[q] == token[p]:
                         rank[0] = rank[0] + 1
                 if rank[0] < 1:
-                    pos[token[o], rank[0]] = T.Cast("int32", o)
+                    pos[token[p], rank[0]] = T.Cast("int32", p)
         # rows_per_task=2: both output rows in one parallel task; one thread, one lane per row
         for task in T.parallel(1):
             for thread, lane in T.grid(1, 1):
@@ -104,18 +106,20 @@ class Expected:
                 acc_unused = T.alloc_buffer((1,))
                 # expert slots: min(pairs, experts) of them
                 for s in range(T.min(n, T.int64(2))):
+                    slot = T.Cast("int32", s)
                     e = T.alloc_buffer((1,), "int32")
                     if n > T.int64(2):  # more pairs than experts: slot s is expert s
-                        e[0] = T.Cast("int32", s)
+                        e[0] = slot
                     else:  # slot s is pair s: binary search for the last group starting at or before it
                         e[0] = 0
                         for i in T.unroll(2):
-                            if e[0] + T.shift_left(1, 1 - i) <= 2:
-                                if offset[e[0] + T.shift_left(1, 1 - i)] <= T.Cast("int32", s):
-                                    e[0] = e[0] + T.shift_left(1, 1 - i)
+                            jump = T.shift_left(1, 1 - i)
+                            if e[0] + jump <= 2:
+                                if offset[e[0] + jump] <= slot:
+                                    e[0] = e[0] + jump
                     if e[0] < 2:  # an expert, not the skipped slot
                         if offset[e[0] + 1] > offset[e[0]]:  # only experts with tokens
-                            if n > T.int64(2) or offset[e[0]] == T.Cast("int32", s):  # visited once
+                            if n > T.int64(2) or offset[e[0]] == slot:  # visited once
                                 for r in range(2):
                                     # token_block=1: every pair of the group in a full block, no tail
                                     for pb in range(offset[e[0] + 1] - offset[e[0]]):
