@@ -462,12 +462,22 @@ class DriverDeviceAPI final : public tvm::runtime::DeviceAPI {
 // ---------------------------------------------------------------------------------------------
 // Kernel timing (SetKernelTiming): a start and an end event per launch, resolved in KernelTimes.
 
+// A launch's grid and block extents (x, y, z each).
+using LaunchDims = std::array<unsigned, 6>;
+
+// "grid 96x1x1, block 32x8x1".
+std::string LaunchShape(const LaunchDims& dims) {
+  return "grid " + std::to_string(dims[0]) + "x" + std::to_string(dims[1]) + "x" + std::to_string(dims[2]) +
+         ", block " + std::to_string(dims[3]) + "x" + std::to_string(dims[4]) + "x" + std::to_string(dims[5]);
+}
+
 struct KernelTimer {
   std::mutex mutex;
   bool on = false;
   std::vector<CUevent> free_events;                            // recorded and read: reusable
   struct Pending {
-    std::string kernel, shape;
+    std::string kernel;
+    LaunchDims dims;                                           // formatted when read, not per launch
     std::array<CUevent, 2> events;
   };
   std::vector<Pending> pending;                                // launches not yet read
@@ -685,7 +695,7 @@ class DriverCudaModule final : public ffi::ModuleObj {
     }
     // Launch shape: extents not tagged are 1, and so are zero extents (a dynamic size of 0:
     // the kernel's own bounds checks then do nothing), as TVM's LaunchParamConfig does.
-    std::array<unsigned, 6> dims = {1, 1, 1, 1, 1, 1};
+    LaunchDims dims = {1, 1, 1, 1, 1, 1};
     for (size_t j = 0; j < tag_count; ++j) {
       const int64_t extent = raw[arg_count + j].v_int64;
       if (extent > static_cast<int64_t>(UINT_MAX)) {
@@ -712,16 +722,11 @@ class DriverCudaModule final : public ffi::ModuleObj {
     if (events[0] != nullptr) {
       std::lock_guard<std::mutex> lock(timer.mutex);
       Check(g_driver->cuEventRecord(events[1], stream), "cuEventRecord");
-      const std::string shape = "grid " + std::to_string(dims[0]) + "x" + std::to_string(dims[1]) + "x" +
-                                std::to_string(dims[2]) + ", block " + std::to_string(dims[3]) + "x" +
-                                std::to_string(dims[4]) + "x" + std::to_string(dims[5]);
-      timer.pending.push_back({kernel.name, shape, events});
+      timer.pending.push_back({kernel.name, dims, events});
     }
     if (result != kSuccess && result != kErrorDeinitialized) {
-      TVM_FFI_THROW(CUDAError) << "CUDA kernel " << kernel.name << " did not launch (grid " << dims[0] << "x"
-                               << dims[1] << "x" << dims[2] << ", block " << dims[3] << "x" << dims[4] << "x"
-                               << dims[5] << ", " << shared_memory << " bytes of shared memory): "
-                               << ErrorName(result);
+      TVM_FFI_THROW(CUDAError) << "CUDA kernel " << kernel.name << " did not launch (" << LaunchShape(dims) << ", "
+                               << shared_memory << " bytes of shared memory): " << ErrorName(result);
     }
   }
 
@@ -766,7 +771,7 @@ void SetKernelTiming(bool on) {
 std::vector<KernelTime> KernelTimes() {
   KernelTimer& timer = Timer();
   std::lock_guard<std::mutex> lock(timer.mutex);
-  for (auto& [name, shape, events] : timer.pending) {
+  for (auto& [name, dims, events] : timer.pending) {
     Check(g_driver->cuEventSynchronize(events[1]), "cuEventSynchronize");
     float milliseconds = 0;
     Check(g_driver->cuEventElapsedTime(&milliseconds, events[0], events[1]), "cuEventElapsedTime");
@@ -774,7 +779,7 @@ std::vector<KernelTime> KernelTimes() {
                               [&](const KernelTime& t) { return t.kernel == name; });
     if (found == timer.totals.end()) found = timer.totals.insert(timer.totals.end(), KernelTime{name, 0, 0, {}});
     found->launches += 1;
-    found->shape = shape;
+    found->shape = LaunchShape(dims);
     found->milliseconds += milliseconds;
     timer.free_events.insert(timer.free_events.end(), events.begin(), events.end());
   }
