@@ -48,6 +48,7 @@ Reproduce (see scripts/gpu-check.sh for the device command)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import re
@@ -57,6 +58,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -216,26 +218,29 @@ def prepare(
         for name, fixture in FIXTURE_CASES.items():
             feeds = [feeds for feeds, _ in fixture_cases(fixture).values()]
             build(name, REPO / "fixtures" / "models" / f"{fixture}.onnx", "auto", feeds)
-        for name in benches:
-            print(f"prepare: {name}", flush=True)
-            model = bench_model(work, *BENCH_BLOCKS[name])
-            bench = compile_model(model, work / name, CompileOptions(target=str(target)))
-            synthesize_bench(bench, out / "bench" / name)
-            shutil.rmtree(bench)
-            for spec in schedules:  # the same block with other kernel schedules, timed beside
-                label, variant = schedule_target(target, spec, work)
-                print(f"prepare: {name} with {label}", flush=True)
-                built = compile_model(model, work / f"{name}+{label}", CompileOptions(target=str(variant)))
-                synthesize_bench(built, out / "bench" / f"{name}+{label}")
-                shutil.rmtree(built)
-            if base:  # the same block by moec at `base`, timed beside this one there
+
+        def compile_for(target_file: Path) -> Callable[[Path, Path], object]:
+            return lambda model, folder: compile_model(model, folder, CompileOptions(target=str(target_file)))
+
+        # each benchmark block's builds: (name suffix, compile(model, folder)) for this moec and
+        # target, each --schedules variant ("+LABEL") and moec at --base ("@REV")
+        variants = [schedule_target(target, spec, work) for spec in schedules]
+        builds = [("", compile_for(target))] + [(f"+{label}", compile_for(file)) for label, file in variants]
+        with contextlib.ExitStack() as stack:
+            if base:  # one checkout of it for every block
                 commit = git("rev-parse", "--short", base)
-                print(f"prepare: {name} at {commit}", flush=True)
-                with revision_tree(commit, work / "base-tree") as tree:
-                    compile_at(tree, model, work / f"{name}@{commit}", str(target))
-                synthesize_bench(work / f"{name}@{commit}", out / "bench" / f"{name}@{commit}")
-                shutil.rmtree(work / f"{name}@{commit}")
-            model.unlink()
+                tree = stack.enter_context(revision_tree(commit, work / "base-tree"))
+                builds.append(
+                    (f"@{commit}", lambda model, folder: compile_at(tree, model, folder, str(target)))
+                )
+            for name in benches:
+                model = bench_model(work, *BENCH_BLOCKS[name])
+                for suffix, compile_to in builds:
+                    print(f"prepare: {name}{suffix}", flush=True)
+                    compile_to(model, work / f"{name}{suffix}")
+                    synthesize_bench(work / f"{name}{suffix}", out / "bench" / f"{name}{suffix}")
+                    shutil.rmtree(work / f"{name}{suffix}")
+                model.unlink()
         # the runner and TVM's runtime, as `moec package` bundles them for this target
         tarball = package_artifact(example, work / "bundle.tar.gz", target_file=str(target))
         with tarfile.open(tarball) as tar:
@@ -476,7 +481,11 @@ def time_bench(runner: Path, bench: Path, work: Path, bases: list[Path]) -> list
             continue
         systems = {}
         for name, build in builds.items():
-            theirs = runner_output(runner, build, feeds, work / f"{build.name}-out{tokens}")
+            theirs = (
+                ours
+                if build == bench
+                else runner_output(runner, build, feeds, work / f"{build.name}-out{tokens}")
+            )
             difference = output_difference(ours, theirs)
             if difference is None:
                 systems[name] = functools.partial(runner_latency, runner, build, feeds, 500)
