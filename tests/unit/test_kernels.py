@@ -251,25 +251,31 @@ EXPERT_CASES = [
 ]
 
 
-def _routed_pairs(rng, tokens: int, E: int, K: int):
-    """Random routing of ``tokens`` tokens to ``K`` distinct of ``E`` experts with random gains,
-    and the pairs grouped by expert as the group kernel leaves them: ``(index [tokens, K], gains
+def _routed_pairs(rng, tokens: int, E: int, K: int, skipped: float = 0.0):
+    """Random routing of ``tokens`` tokens to ``K`` distinct of ``E`` experts with random gains
+    (about a ``skipped`` share of the slots skipped: index ``E``, as a capacity drops them), and
+    the pairs grouped by expert as the group kernel leaves them: ``(index [tokens, K], gains
     [tokens, K], token per pair, gain per pair, offset [E + 1])``."""
     index = np.stack([rng.choice(E, K, replace=False) for _ in range(tokens)])
+    if skipped:
+        index[rng.random(index.shape) < skipped] = E
     gain_in = rng.random((tokens, K))
     order = np.argsort(index.reshape(-1), kind="stable")
     token = (order // K).astype(np.int32)
     gain = gain_in.reshape(-1)[order].astype(np.float32)
-    offset = np.concatenate([[0], np.cumsum(np.bincount(index.ravel(), minlength=E))]).astype(np.int32)
+    counts = np.bincount(index.ravel(), minlength=E + 1)[:E]  # skipped pairs sort past offset[E]
+    offset = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
     return index, gain_in, token, gain, offset
 
 
 def _moe_reference(layer: MoELayer, x: np.ndarray, index: np.ndarray, gains: np.ndarray) -> np.ndarray:
     """The layer's output for ``x`` routed as ``index`` with ``gains``, in float64 from the numpy
-    expert FFN."""
+    expert FFN; a skipped slot (index ``E``) adds nothing."""
     expected = np.zeros((x.shape[0], layer.hidden))
     for t in range(x.shape[0]):
         for slot in range(index.shape[1]):
+            if index[t, slot] == layer.num_experts:
+                continue
             row = x[t : t + 1].astype(np.float64)
             expected[t] += gains[t, slot] * expert_ffn(layer, int(index[t, slot]), row)[0]
     return expected
@@ -338,30 +344,6 @@ def test_expert_kernels_match_numpy(schedule, activation, gated, extra, tokens, 
     assert_close(y, expected.astype(np.float32), 1e-5)
 
 
-def _routing_with_skips(rng, tokens: int, E: int, K: int):
-    """:func:`_routed_pairs` with about a quarter of the slots skipped (index ``E``, as a capacity
-    drops them), and the reference's view of it: ``(index, gains, token, gain, offset, expert,
-    weight)``, where ``expert``/``weight`` give a skipped slot expert 0 with weight 0."""
-    index = np.stack([rng.choice(E, K, replace=False) for _ in range(tokens)])
-    index[rng.random(index.shape) < 0.25] = E
-    gain_in = rng.random((tokens, K))
-    order = np.argsort(index.reshape(-1), kind="stable")
-    token = (order // K).astype(np.int32)
-    gain = gain_in.reshape(-1)[order].astype(np.float32)
-    offset = np.concatenate([[0], np.cumsum(np.bincount(index.ravel(), minlength=E + 1)[:E])]).astype(
-        np.int32
-    )
-    return (
-        index,
-        gain_in,
-        token,
-        gain,
-        offset,
-        np.where(index < E, index, 0),
-        np.where(index < E, gain_in, 0.0),
-    )
-
-
 @pytest.mark.parametrize("panel", [None, 8], ids=["rows", "panels-of-8"])
 @pytest.mark.parametrize(("experts", "k", "tokens"), [(37, 3, 1), (37, 3, 5), (37, 3, 20), (4, 3, 6)])
 def test_expert_kernels_visit_only_the_routed_experts(experts, k, tokens, panel):
@@ -372,7 +354,7 @@ def test_expert_kernels_visit_only_the_routed_experts(experts, k, tokens, panel)
     E, H, F, K = layer.num_experts, layer.hidden, layer.ffn, layer.top_k
     rng = np.random.default_rng(experts + tokens)
     x = rng.standard_normal((tokens, H)).astype(np.float32)
-    _, _, token, gain, offset, expert, weight = _routing_with_skips(rng, tokens, E, K)
+    index, gain_in, token, gain, offset = _routed_pairs(rng, tokens, E, K, skipped=0.25)
     common = {"num_experts": E, "hidden": H, "ffn": F, "top_k": K, "panel": panel}
     up_config = common | {"activation": "silu", "gated": True}
     pack = (lambda w: w) if panel is None else (lambda w: pack_expert_panels(w, panel))
@@ -389,7 +371,7 @@ def test_expert_kernels_visit_only_the_routed_experts(experts, k, tokens, panel)
     )
     down = [pack(layer.w_down), layer.b_down, offset, token, gain]
     (y,) = _run("expert_down", common, CpuSchedule(), inter, *down, outputs=[((tokens, H), "float32")])
-    assert_close(y, _moe_reference(layer, x, expert, weight).astype(np.float32), 1e-5)
+    assert_close(y, _moe_reference(layer, x, index, gain_in).astype(np.float32), 1e-5)
 
 
 MIXED = ("int8", "fp32", "fp16", "int8", "fp16")
@@ -445,7 +427,7 @@ def test_mixed_format_expert_kernels_match_numpy(schedule, panel, group, gated, 
         stored[role], held[role] = _stored_formats(getattr(layer, role), MIXED, group, rng)
     layer = dataclasses.replace(layer, **held)
     x = rng.standard_normal((tokens, H)).astype(np.float32)
-    _, _, token, gain, offset, expert, weight = _routing_with_skips(rng, tokens, E, K)
+    index, gain_in, token, gain, offset = _routed_pairs(rng, tokens, E, K, skipped=0.25)
     pack = (lambda w: w) if panel is None else (lambda w: pack_expert_panels(w, panel))
 
     def buffers(role: str) -> list[np.ndarray]:
@@ -471,7 +453,7 @@ def test_mixed_format_expert_kernels_match_numpy(schedule, panel, group, gated, 
         "expert_down", common, schedule, inter, *buffers("w_down"), layer.b_down, offset, token, gain,
         outputs=[((tokens, H), "float32")],
     )  # fmt: skip
-    assert_close(y, _moe_reference(layer, x, expert, weight).astype(np.float32), 1e-5)
+    assert_close(y, _moe_reference(layer, x, index, gain_in).astype(np.float32), 1e-5)
 
 
 HOST_INT8_DOT = "vnni" if tvm.target.codegen.llvm_cpu_has_features(["avx512vnni"], TARGET) else None
